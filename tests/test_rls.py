@@ -23,11 +23,13 @@ BOB = uuid.UUID("00000000-0000-4000-8000-00000000000b")
 
 @pytest.fixture
 def tenants(target_url: str) -> dict[uuid.UUID, dict[str, Any]]:
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         return {ALICE: insert_tree(conn, ALICE), BOB: insert_tree(conn, BOB)}
 
 
-def _count(conn: psycopg.Connection[Any], table: str, where: str = "true", params: tuple[Any, ...] = ()) -> int:
+def _count(
+    conn: psycopg.Connection[Any], table: str, where: str = "true", params: tuple[Any, ...] = ()
+) -> int:
     query = sql.SQL("select count(*) from public.{} where " + where).format(sql.Identifier(table))
     row = conn.execute(query, params).fetchone()
     assert row is not None
@@ -35,7 +37,7 @@ def _count(conn: psycopg.Connection[Any], table: str, where: str = "true", param
 
 
 def test_rls_enabled_on_every_user_owned_table(target_url: str) -> None:
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         rows = conn.execute(
             "select relname, relrowsecurity from pg_class "
             "where relnamespace = 'public'::regnamespace and relkind = 'r'"
@@ -49,7 +51,7 @@ def test_rls_enabled_on_every_user_owned_table(target_url: str) -> None:
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_user_cannot_read_another_users_rows(target_url: str, tenants: Any, table: str) -> None:
-    with psycopg.connect(target_url) as conn, scoped_transaction(conn, user_claims(ALICE)):
+    with psycopg.connect(target_url, autocommit=True) as conn, scoped_transaction(conn, user_claims(ALICE)):
         assert _count(conn, table) == 1
         assert _count(conn, table, "user_id = %s", (BOB,)) == 0
         assert _count(conn, table, "id = %s", (tenants[BOB][table],)) == 0
@@ -57,7 +59,7 @@ def test_user_cannot_read_another_users_rows(target_url: str, tenants: Any, tabl
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_user_cannot_insert_rows_for_another_user(target_url: str, tenants: Any, table: str) -> None:
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         with scoped_transaction(conn, user_claims(ALICE)):  # positive control
             insert_row(conn, table, row_values(table, ALICE, tenants[ALICE]))
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
@@ -68,7 +70,7 @@ def test_user_cannot_insert_rows_for_another_user(target_url: str, tenants: Any,
 @pytest.mark.parametrize("table", [t for t in USER_OWNED_TABLES if PARENT_OF[t]])
 def test_user_cannot_attach_rows_to_another_users_parent(target_url: str, tenants: Any, table: str) -> None:
     """Foreign keys ignore RLS; the policies must still stop a row pointing into another tenant."""
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         for column, parent in PARENT_OF[table].items():
             parents = dict(tenants[ALICE])
             parents[parent] = tenants[BOB][parent]
@@ -87,9 +89,11 @@ def test_user_cannot_attach_rows_to_another_users_parent(target_url: str, tenant
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_user_cannot_update_or_delete_another_users_rows(target_url: str, tenants: Any, table: str) -> None:
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         with scoped_transaction(conn, user_claims(ALICE)):
-            touch = sql.SQL("update public.{} set user_id = user_id where id = %s").format(sql.Identifier(table))
+            touch = sql.SQL("update public.{} set user_id = user_id where id = %s").format(
+                sql.Identifier(table)
+            )
             assert conn.execute(touch, (tenants[BOB][table],)).rowcount == 0
             assert conn.execute(touch, (tenants[ALICE][table],)).rowcount == 1  # positive control
             steal = sql.SQL("update public.{} set user_id = %s where id = %s").format(sql.Identifier(table))
@@ -108,7 +112,7 @@ def test_user_cannot_update_or_delete_another_users_rows(target_url: str, tenant
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_anon_sees_and_writes_nothing(target_url: str, tenants: Any, table: str) -> None:
-    with psycopg.connect(target_url) as conn:
+    with psycopg.connect(target_url, autocommit=True) as conn:
         with scoped_transaction(conn, anon_claims()):
             assert _count(conn, table) == 0
             delete = sql.SQL("delete from public.{}").format(sql.Identifier(table))
@@ -121,14 +125,32 @@ def test_anon_sees_and_writes_nothing(target_url: str, tenants: Any, table: str)
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_service_role_sees_every_tenant(target_url: str, tenants: Any, table: str) -> None:
-    with psycopg.connect(target_url) as conn, scoped_transaction(conn, service_role_claims()):
+    with (
+        psycopg.connect(target_url, autocommit=True) as conn,
+        scoped_transaction(conn, service_role_claims()),
+    ):
         assert _count(conn, table) == 2
         assert _count(conn, table, "user_id = %s", (BOB,)) == 1
+
+
+def test_scoped_transaction_refuses_to_nest_inside_an_open_transaction(target_url: str) -> None:
+    """A savepoint would let SET LOCAL ROLE outlive the block; the helper must refuse instead."""
+    from pgferry.db.rls import ClaimsError
+
+    with psycopg.connect(target_url) as conn:
+        conn.execute("select 1")  # psycopg opened a transaction implicitly
+        with pytest.raises(ClaimsError, match="already in a transaction"):
+            with scoped_transaction(conn, user_claims(ALICE)):
+                pass
+        conn.rollback()
+        with scoped_transaction(conn, user_claims(ALICE)):
+            assert conn.execute("select current_user").fetchone() == ("authenticated",)
+        assert conn.execute("select current_user").fetchone() == ("postgres",)
 
 
 def test_claims_with_unknown_role_are_refused(target_url: str) -> None:
     from pgferry.db.rls import ClaimsError
 
-    with psycopg.connect(target_url) as conn, pytest.raises(ClaimsError):
+    with psycopg.connect(target_url, autocommit=True) as conn, pytest.raises(ClaimsError):
         with scoped_transaction(conn, {"role": "postgres", "sub": str(ALICE)}):
             pass

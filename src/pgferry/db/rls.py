@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from pgferry.errors import PgferryError
 
@@ -28,8 +29,13 @@ class ClaimsError(PgferryError):
     """Claims that cannot be turned into a database role."""
 
 
-def user_claims(user_id: uuid.UUID | str, *, email: str | None = None, ttl_seconds: int = 3600,
-                issuer: str = "http://127.0.0.1:54321/auth/v1") -> dict[str, Any]:
+def user_claims(
+    user_id: uuid.UUID | str,
+    *,
+    email: str | None = None,
+    ttl_seconds: int = 3600,
+    issuer: str = "http://127.0.0.1:54321/auth/v1",
+) -> dict[str, Any]:
     """Claims shaped like a Supabase Auth access token for ``user_id``."""
     now = int(time.time())
     return {
@@ -69,8 +75,19 @@ def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> No
 
 
 @contextmanager
-def scoped_transaction(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> Iterator[psycopg.Connection[Any]]:
-    """A transaction in which every statement runs as the user the claims describe."""
+def scoped_transaction(
+    conn: psycopg.Connection[Any], claims: Mapping[str, Any]
+) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction in which every statement runs as the user the claims describe.
+
+    It must be a real transaction, not a savepoint: ``SET LOCAL`` inside a savepoint survives its release
+    and would keep the user's role (or worse, service_role) for whatever the caller runs next.
+    """
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise ClaimsError(
+            "an RLS-scoped transaction needs a connection that is not already in a transaction "
+            "(commit or roll back first, or use autocommit=True)"
+        )
     with conn.transaction():
         apply_claims(conn, claims)
         yield conn

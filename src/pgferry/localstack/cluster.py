@@ -45,7 +45,9 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port``; like PostgreSQL, ignore connections in TIME_WAIT."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -203,13 +205,18 @@ class PostgresCluster:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _run(self, args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        kwargs: dict[str, int] = {}
-        if self.user is not None:
-            kwargs = {"user": self.user.uid, "group": self.user.gid}
         env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
         env.pop("PGDATA", None)
         return subprocess.run(
-            args, capture_output=True, text=True, timeout=timeout, env=env, check=False, cwd="/", **kwargs
+            args,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+            cwd="/",
+            user=None if self.user is None else self.user.uid,
+            group=None if self.user is None else self.user.gid,
         )
 
     def init(self, settings: ClusterSettings) -> None:
@@ -242,6 +249,11 @@ class PostgresCluster:
             raise ClusterError(f"initdb failed for {self.datadir}: {result.stderr.strip() or result.stdout}")
         with (self.datadir / "postgresql.conf").open("a") as conf:
             conf.write(settings.render())
+
+    def set_port(self, port: int) -> None:
+        """Move the server to another port (takes effect at the next start; the last setting wins)."""
+        with (self.datadir / "postgresql.conf").open("a") as conf:
+            conf.write(f"port = {port}\n")
 
     def start(self, *, timeout: float = 60) -> None:
         """Start the server; a no-op when it already runs."""

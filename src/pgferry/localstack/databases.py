@@ -37,7 +37,7 @@ def drop_database(cluster: PostgresCluster, name: str) -> None:
         conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 
-def ensure_template(cluster: PostgresCluster, name: str, prepare: Callable[[str], None]) -> None:
+def ensure_template(cluster: PostgresCluster, name: str, prepare: Callable[[str], object]) -> None:
     """Create template ``name`` by running ``prepare(url)`` on a new database, unless it already exists.
 
     A half-prepared template from an interrupted run is dropped and rebuilt, never reused.
@@ -51,4 +51,3 @@ def ensure_template(cluster: PostgresCluster, name: str, prepare: Callable[[str]
     prepare(cluster.url(name))
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
         conn.execute(sql.SQL("alter database {} with is_template true").format(sql.Identifier(name)))
-

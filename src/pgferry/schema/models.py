@@ -121,11 +121,10 @@ class Task(Base):
     description: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'pending'"))
     priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
-    tags: Mapped[list[str]] = mapped_column(
-        ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")
+    tags: Mapped[list[str]] = mapped_column(ARRAY(Text), nullable=False, server_default=text("'{}'::text[]"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, nullable=False,
-                                                       server_default=text("'{}'::jsonb"))
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIMENSIONS))
     due_at: Mapped[dt.datetime | None] = mapped_column()
     completed_at: Mapped[dt.datetime | None] = mapped_column()
@@ -219,8 +218,9 @@ class AgentMemory(Base):
     agent_name: Mapped[str] = mapped_column(Text, nullable=False)
     memory_type: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'episodic'"))
     content: Mapped[str] = mapped_column(Text, nullable=False)
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, nullable=False,
-                                                       server_default=text("'{}'::jsonb"))
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
     importance: Mapped[float] = mapped_column(Float, nullable=False, server_default=text("0.5"))
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIMENSIONS))
     access_count: Mapped[int] = mapped_column(Integer, nullable=False, server_default=text("0"))
@@ -230,7 +230,9 @@ class AgentMemory(Base):
     updated_at: Mapped[dt.datetime] = _updated_at()
 
     __table_args__ = (
-        CheckConstraint("memory_type in ('episodic', 'semantic', 'procedural', 'working')", name="memory_type"),
+        CheckConstraint(
+            "memory_type in ('episodic', 'semantic', 'procedural', 'working')", name="memory_type"
+        ),
         CheckConstraint("importance >= 0 and importance <= 1", name="importance"),
         CheckConstraint("access_count >= 0", name="access_count"),
         Index("ix_agent_memory_user_id_agent_name", "user_id", "agent_name"),

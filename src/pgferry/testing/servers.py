@@ -18,6 +18,7 @@ from pathlib import Path
 from pgferry.localstack.binaries import PostgresInstall
 from pgferry.localstack.cluster import (
     ClusterSettings,
+    PortInUseError,
     PostgresCluster,
     free_port,
     runnable_install,
@@ -62,7 +63,15 @@ class ServerPair:
     def start(self) -> None:
         for cluster in (self.source, self.target):
             cluster.init(ClusterSettings(port=free_port(), fast=True))
-            cluster.start()
+            # Another process may take the free port before the server binds it (parallel test workers).
+            for attempt in range(5):
+                try:
+                    cluster.start()
+                    break
+                except PortInUseError:
+                    if attempt == 4:
+                        raise
+                    cluster.set_port(free_port())
         ensure_template(self.source, NEON_TEMPLATE, prepare_source_database)
         ensure_template(self.target, SUPABASE_TEMPLATE, prepare_target_database)
         ensure_template(self.target, BASELINE_TEMPLATE, apply_local_baseline)

@@ -22,7 +22,12 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 FULL_IDENTITY = (
-    "environments", "tasks", "agent_executions", "agent_memory", "workflows", "workflow_executions",
+    "environments",
+    "tasks",
+    "agent_executions",
+    "agent_memory",
+    "workflows",
+    "workflow_executions",
 )
 PUBLISHED = (*FULL_IDENTITY, "observability_events")
 

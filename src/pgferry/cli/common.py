@@ -1,0 +1,28 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pgferry.config import DatabaseUrl, Settings, load_settings, parse_database_url
+from pgferry.errors import ConfigError
+from pgferry.localstack.stack import LocalStack
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def stack(home: Path | None = None) -> LocalStack:
+    return LocalStack(home or settings().home)
+
+
+def database_url(option: str | None, *, env_name: str, fallback: DatabaseUrl | None) -> DatabaseUrl:
+    """The URL from ``--database-url``, else from the environment; a clear error when neither is set."""
+    if option:
+        return parse_database_url(option, "--database-url")
+    if fallback is not None:
+        return fallback
+    raise ConfigError(
+        "--database-url", f"is required (or set {env_name}), e.g. postgresql://postgres:…@host:5432/postgres"
+    )

@@ -1,0 +1,89 @@
+"""``pgferry dev``: the local stack of two real PostgreSQL servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgferry.cli.common import settings, stack
+from pgferry.errors import PgferryError
+from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT, ServerStatus, StackState
+
+app = typer.Typer(
+    help="Local stack: `source` stands in for Neon, `target` for Supabase.", no_args_is_help=True
+)
+console = Console()
+
+
+def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
+    if as_json:
+        payload: dict[str, object] = {server.name: server.url for server in servers}
+        payload["servers"] = [asdict(server) for server in servers]
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    table = Table(title="pgferry local stack")
+    for column in ("server", "stands in for", "url", "version", "state"):
+        table.add_column(column)
+    role = {"source": "Neon", "target": "Supabase"}
+    for server in servers:
+        state = "up" if server.reachable else ("starting" if server.running else "stopped")
+        table.add_row(server.name, role[server.name], server.url, server.version or "-", state)
+    console.print(table)
+
+
+@app.command()
+def up(
+    source_port: Annotated[
+        int, typer.Option(help="TCP port of the source (Neon) server.")
+    ] = DEFAULT_SOURCE_PORT,
+    target_port: Annotated[
+        int, typer.Option(help="TCP port of the target (Supabase) server.")
+    ] = DEFAULT_TARGET_PORT,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Create (first run) and start both servers, then apply the Neon schema and the Supabase migrations."""
+    cfg = settings()
+    bindir = str(cfg.pg_bindir) if cfg.pg_bindir else None
+    servers = stack(cfg.home).up(source_port=source_port, target_port=target_port, bindir=bindir)
+    print_status(servers, as_json=as_json)
+
+
+@app.command()
+def down(
+    destroy: Annotated[bool, typer.Option(help="Also delete the servers' data.")] = False,
+) -> None:
+    """Stop both servers (their data stays unless --destroy)."""
+    stack().down(destroy=destroy)
+    typer.echo("local stack destroyed" if destroy else "local stack stopped")
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Show the servers, their URLs and whether they answer."""
+    print_status(stack().status(), as_json=as_json)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def psql(
+    ctx: typer.Context,
+    server: Annotated[str, typer.Argument(help="source or target")] = "target",
+) -> None:
+    """Open psql on a server of the stack; extra arguments go to psql."""
+    local = stack()
+    url = local.url(server)
+    state = StackState.load(local.state_file)
+    candidates = [os.path.join(state.bindir, "psql")] if state else []
+    found = shutil.which("psql")
+    if found:
+        candidates.append(found)
+    for program in candidates:
+        if os.path.exists(program):
+            os.execv(program, [program, url, *ctx.args])  # noqa: S606 - replace this process with psql
+    raise PgferryError("psql not found: install the PostgreSQL client (apt install postgresql-client)")

@@ -1,0 +1,29 @@
+"""Entry point: ``pgferry dev …``, ``pgferry db …``, ``pgferry demo``."""
+
+from __future__ import annotations
+
+import typer
+
+from pgferry.cli import db as db_commands
+from pgferry.cli import demo as demo_commands
+from pgferry.cli import dev as dev_commands
+from pgferry.cli.errors import run_reporting_errors
+
+app = typer.Typer(
+    name="pgferry",
+    help="Move the agent platform's database from Neon to Supabase and run its data layer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(dev_commands.app, name="dev")
+app.add_typer(db_commands.app, name="db")
+app.command("demo")(demo_commands.demo)
+
+
+def run() -> None:
+    run_reporting_errors(app)
+
+
+if __name__ == "__main__":
+    run()

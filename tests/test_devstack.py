@@ -1,0 +1,87 @@
+"""``pgferry dev``: two real servers from one command, harmless to repeat, clear about busy ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgferry.localstack.cluster import free_port
+from pgferry.testing.servers import ServerPair
+from tests.cli_helpers import run_pgferry
+
+
+@pytest.fixture
+def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
+    home = Path(tempfile.mkdtemp(prefix="pgferry-home-"))
+    home.chmod(0o755)
+    env = {"PGFERRY_HOME": str(home), "PGFERRY_PG_BINDIR": str(server_pair.install.bindir)}
+    yield env
+    run_pgferry("dev", "down", "--destroy", env=env)
+
+
+def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
+    ports = [str(free_port()), str(free_port())]
+    up = run_pgferry(
+        "dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--json", env=stack_env
+    )
+    assert up.returncode == 0, up.stderr
+    status = run_pgferry("dev", "status", "--json", env=stack_env)
+    assert status.returncode == 0, status.stderr
+    urls = json.loads(status.stdout)
+    assert set(urls) >= {"source", "target"}
+    with psycopg.connect(urls["source"]) as conn:
+        version = conn.execute("show server_version_num").fetchone()
+        assert version is not None and int(str(version[0])) // 10000 == server_pair.install.major_version
+        assert conn.execute("show wal_level").fetchone() == ("logical",)
+        assert conn.execute("select to_regclass('public.tasks')").fetchone() == ("tasks",)
+        assert conn.execute("select to_regnamespace('auth')").fetchone() == (None,)
+    with psycopg.connect(urls["target"]) as conn:
+        assert conn.execute("show wal_level").fetchone() == ("logical",)
+        rls = conn.execute(
+            "select bool_and(relrowsecurity) from pg_class where relnamespace = 'public'::regnamespace "
+            "and relkind = 'r'"
+        ).fetchone()
+        assert rls == (True,)
+        assert conn.execute(
+            "select extversion is not null from pg_extension where extname = 'vector'"
+        ).fetchone()
+
+    again = run_pgferry("dev", "up", "--json", env=stack_env)  # harmless, keeps the original ports
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["target"] == urls["target"]
+
+    human = run_pgferry("dev", "status", env=stack_env)
+    assert urls["source"] in human.stdout.replace("\n", "") or "source" in human.stdout
+
+    down = run_pgferry("dev", "down", env=stack_env)
+    assert down.returncode == 0
+    stopped = json.loads(run_pgferry("dev", "status", "--json", env=stack_env).stdout)
+    assert not any(server["running"] for server in stopped["servers"])
+    restarted = run_pgferry("dev", "up", "--json", env=stack_env)  # data survives down/up
+    assert restarted.returncode == 0, restarted.stderr
+
+
+def test_dev_up_on_a_busy_port_fails_clearly(stack_env: dict[str, str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_pgferry(
+            "dev", "up", "--source-port", str(port), "--target-port", str(free_port()), env=stack_env
+        )
+    assert result.returncode == 2
+    assert f"port {port}" in result.stderr and "in use" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_dev_status_before_up_says_what_to_do(stack_env: dict[str, str]) -> None:
+    result = run_pgferry("dev", "status", env=stack_env)
+    assert result.returncode == 2
+    assert "pgferry dev up" in result.stderr
