@@ -29,7 +29,7 @@ from pgferry.schema.migrator import upgrade
 from pgferry.schema.neon import create_neon_schema
 from pgferry.supabase.baseline import apply_local_baseline
 
-DEFAULT_SOURCE_PORT = 54320
+DEFAULT_SOURCE_PORT = 54330
 DEFAULT_TARGET_PORT = 54322
 SOURCE_DBNAME = "neondb"
 TARGET_DBNAME = "postgres"
