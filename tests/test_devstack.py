@@ -56,6 +56,10 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["target"] == urls["target"]
 
+    via_psql = run_pgferry("dev", "psql", "target", "-At", "-c", "select current_database()", env=stack_env)
+    assert via_psql.returncode == 0, via_psql.stderr
+    assert via_psql.stdout.strip() == "postgres"
+
     human = run_pgferry("dev", "status", env=stack_env)
     assert urls["source"] in human.stdout.replace("\n", "") or "source" in human.stdout
 
