@@ -1,0 +1,4 @@
+"""Database access: connections, retry policy, server-side checksums.
+
+Owns how pgferry talks to PostgreSQL; knows nothing about the platform's tables.
+"""
