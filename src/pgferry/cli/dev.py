@@ -30,7 +30,8 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
         return
     table = Table(title="pgferry local stack")
     for column in ("server", "stands in for", "url", "version", "state"):
-        table.add_column(column)
+        # URLs are meant to be copied: wrap them rather than cut them with an ellipsis.
+        table.add_column(column, overflow="fold", no_wrap=False)
     role = {"source": "Neon", "target": "Supabase"}
     for server in servers:
         state = "up" if server.reachable else ("starting" if server.running else "stopped")
