@@ -51,9 +51,7 @@ def test_auth_helpers_read_claims_as_supabase_does(baseline_url: str) -> None:
         with conn.transaction():
             conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(claims),))
             conn.execute("set local role authenticated")
-            row = conn.execute(
-                "select auth.uid(), auth.role(), auth.email(), auth.jwt() ->> 'aal'"
-            ).fetchone()
+            row = conn.execute("select auth.uid(), auth.role(), auth.email(), auth.jwt() ->> 'aal'").fetchone()
             assert row == (user, "authenticated", "ada@example.test", "aal1")
         # The older per-claim setting still works, as on Supabase.
         with conn.transaction():
@@ -82,9 +80,7 @@ def test_realtime_publication_and_replica_identity(target_url: str) -> None:
     with psycopg.connect(target_url) as conn:
         published = {
             r[0]
-            for r in conn.execute(
-                "select tablename from pg_publication_tables where pubname = 'supabase_realtime'"
-            )
+            for r in conn.execute("select tablename from pg_publication_tables where pubname = 'supabase_realtime'")
         }
         identity = dict(
             conn.execute(
@@ -108,8 +104,7 @@ def test_updated_at_is_maintained_by_the_database(target_url: str) -> None:
         assert task is not None
         conn.commit()
         after = conn.execute(
-            "update public.tasks set title = 'y', updated_at = '1999-01-01' where id = %s "
-            "returning updated_at",
+            "update public.tasks set title = 'y', updated_at = '1999-01-01' where id = %s returning updated_at",
             (task[0],),
         ).fetchone()
         assert after is not None and after[0].year >= 2026

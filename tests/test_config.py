@@ -48,9 +48,7 @@ def set_prod_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUPABASE_URL", "https://abcdefgh.supabase.co")
     monkeypatch.setenv("SUPABASE_ANON_KEY", ANON_KEY)
     monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", SERVICE_KEY)
-    monkeypatch.setenv(
-        "SUPABASE_DB_URL", f"postgresql://postgres:{PASSWORD}@db.abcdefgh.supabase.co:5432/postgres"
-    )
+    monkeypatch.setenv("SUPABASE_DB_URL", f"postgresql://postgres:{PASSWORD}@db.abcdefgh.supabase.co:5432/postgres")
     monkeypatch.setenv("SUPABASE_JWT_SECRET", JWT_SECRET)
 
 
@@ -78,9 +76,7 @@ def test_defaults_load_without_any_configuration() -> None:
 
 def test_valid_prod_settings_load_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     set_prod_env(monkeypatch)
-    monkeypatch.setenv(
-        "SUPABASE_POOLER_URL", f"postgres://postgres.abc:{PASSWORD}@pooler.example.com:6543/postgres"
-    )
+    monkeypatch.setenv("SUPABASE_POOLER_URL", f"postgres://postgres.abc:{PASSWORD}@pooler.example.com:6543/postgres")
     monkeypatch.setenv("NEON_DATABASE_URL", f"postgresql://neondb_owner:{PASSWORD}@ep-x.neon.tech/neondb")
     monkeypatch.setenv("ELECTRIC_URL", "http://localhost:3000/")
     monkeypatch.setenv("SUPABASE_JWKS_URL", "https://abcdefgh.supabase.co/auth/v1/.well-known/jwks.json")
@@ -355,9 +351,7 @@ def test_with_dbname() -> None:
     assert isinstance(other, DatabaseUrl)
     assert other.dbname == "postgres"
     assert (other.host, other.port, other.user) == ("db.example.com", 6543, "app")
-    assert other.get_secret_value() == (
-        f"postgresql://app:{PASSWORD}@db.example.com:6543/postgres?sslmode=require"
-    )
+    assert other.get_secret_value() == (f"postgresql://app:{PASSWORD}@db.example.com:6543/postgres?sslmode=require")
     assert url.dbname == "appdb"  # the original is unchanged
     assert url.with_dbname("test db").dbname == "test db"
 

@@ -79,20 +79,27 @@ def test_seed_fills_every_table_with_owner_consistent_rows(source_url: str) -> N
 
     with psycopg.connect(source_url) as conn:
         for child, column, parent in FOREIGN_KEYS:
-            broken = _scalar(conn, sql.SQL(
-                "select count(*) from {child} c left join {parent} p on p.id = c.{column}"
-                " where c.{column} is not null and (p.id is null or p.user_id <> c.user_id)"
-            ).format(
-                child=sql.Identifier("public", child), parent=sql.Identifier("public", parent),
-                column=sql.Identifier(column),
-            ))
+            broken = _scalar(
+                conn,
+                sql.SQL(
+                    "select count(*) from {child} c left join {parent} p on p.id = c.{column}"
+                    " where c.{column} is not null and (p.id is null or p.user_id <> c.user_id)"
+                ).format(
+                    child=sql.Identifier("public", child),
+                    parent=sql.Identifier("public", parent),
+                    column=sql.Identifier(column),
+                ),
+            )
             assert broken == 0, f"{child}.{column} -> {parent}: {broken} rows with a missing or foreign owner"
 
         owners: set[uuid.UUID] = set()
         for table in PLATFORM_TABLES:
-            owners |= {r[0] for r in conn.execute(
-                sql.SQL("select distinct user_id from {}").format(sql.Identifier("public", table))
-            )}
+            owners |= {
+                r[0]
+                for r in conn.execute(
+                    sql.SQL("select distinct user_id from {}").format(sql.Identifier("public", table))
+                )
+            }
         assert owners <= set(manager.user_ids(report.users))
 
         for table in ("agent_executions", "workflow_executions"):
@@ -103,11 +110,13 @@ def test_seed_fills_every_table_with_owner_consistent_rows(source_url: str) -> N
                 stale = _scalar(conn, f"select count(*) from public.{table} where updated_at < created_at")
                 assert stale == 0, table
         assert _scalar(conn, "select bool_and(scale(cost_usd) = 6) from public.agent_executions")
-        assert _scalar(
-            conn,
-            "select count(*) from public.agent_executions"
-            " where total_tokens <> prompt_tokens + completion_tokens",
-        ) == 0
+        assert (
+            _scalar(
+                conn,
+                "select count(*) from public.agent_executions where total_tokens <> prompt_tokens + completion_tokens",
+            )
+            == 0
+        )
 
         # Embeddings: unit length, some NULL, similarity search meaningful (a vector's nearest neighbour
         # among the other tasks is much closer than a random pair).
@@ -188,8 +197,12 @@ def test_chunked_checksums_cover_the_table_and_localise_a_change(source_url: str
 
         def chunks() -> list[Any]:
             return [
-                table_checksum(conn, "observability_events",
-                               lower=None if lo is None else (lo,), upper=None if hi is None else (hi,))
+                table_checksum(
+                    conn,
+                    "observability_events",
+                    lower=None if lo is None else (lo,),
+                    upper=None if hi is None else (hi,),
+                )
                 for lo, hi in ranges
             ]
 
@@ -197,8 +210,9 @@ def test_chunked_checksums_cover_the_table_and_localise_a_change(source_url: str
         assert sum(c.row_count for c in before) == n
         assert len({c.digest for c in before}) == len(before)
 
-        conn.execute("update public.observability_events set message = message || ' (edited)' where id = %s",
-                     (n // 4 + 1,))
+        conn.execute(
+            "update public.observability_events set message = message || ' (edited)' where id = %s", (n // 4 + 1,)
+        )
         after = chunks()
         changed = [i for i, (b, a) in enumerate(zip(before, after, strict=True)) if b != a]
         assert changed == [1]
@@ -219,12 +233,13 @@ def test_checksum_ignores_row_order_column_order_and_session_settings(source_url
     with psycopg.connect(source_url, autocommit=True) as conn:
         conn.execute("create table public.a (k int, t timestamptz, x float8, j jsonb, b bytea)")
         conn.execute("create table public.b (b bytea, j jsonb, x float8, t timestamptz, k int)")
-        rows = [(i, f"2026-0{1 + i % 9}-01 12:00:00+02", 0.1 * i, f'{{"i": {i}, "s": "é✅"}}', b"\x00\xff")
-                for i in range(50)]
+        rows = [
+            (i, f"2026-0{1 + i % 9}-01 12:00:00+02", 0.1 * i, f'{{"i": {i}, "s": "é✅"}}', b"\x00\xff")
+            for i in range(50)
+        ]
         with conn.cursor() as cur:
             cur.executemany("insert into public.a (k, t, x, j, b) values (%s, %s, %s, %s, %s)", rows)
-            cur.executemany("insert into public.b (k, t, x, j, b) values (%s, %s, %s, %s, %s)",
-                            list(reversed(rows)))
+            cur.executemany("insert into public.b (k, t, x, j, b) values (%s, %s, %s, %s, %s)", list(reversed(rows)))
             cur.execute("insert into public.a (k) values (null), (null)")  # duplicates must not cancel
             cur.execute("insert into public.b (k) values (null), (null)")
         a = table_checksum(conn, "a")
@@ -241,9 +256,7 @@ def test_checksum_ignores_row_order_column_order_and_session_settings(source_url
             assert _scalar(conn, "select current_setting('TimeZone')") == "Asia/Tokyo"
         assert _scalar(conn, "select current_setting('bytea_output')") == "escape"
 
-        conn.execute(
-            "delete from public.b where ctid = (select min(ctid) from public.b where k is null)"
-        )
+        conn.execute("delete from public.b where ctid = (select min(ctid) from public.b where k is null)")
         assert table_checksum(conn, "b").digest != a.digest
 
         with pytest.raises(ChecksumError, match="no primary key"):
@@ -261,9 +274,9 @@ def test_insert_users_into_auth(source_url: str, target_url: str) -> None:
     manager.insert_users_into_auth()
     manager.insert_users_into_auth()  # idempotent
     with psycopg.connect(target_url) as conn:
-        users: dict[uuid.UUID, str] = dict(conn.execute(
-            "select id, email from auth.users where email like 'user%@example.test'"
-        ).fetchall())
+        users: dict[uuid.UUID, str] = dict(
+            conn.execute("select id, email from auth.users where email like 'user%@example.test'").fetchall()
+        )
         assert users == {uid: manager.user_email(i) for i, uid in enumerate(manager.user_ids(report.users))}
         assert _scalar(
             conn,
@@ -309,7 +322,7 @@ def test_full_scale_has_multi_megabyte_rows(source_url: str) -> None:
     assert report.total_bytes > 80_000_000
     with psycopg.connect(source_url) as conn:
         biggest = _scalar(
-            conn, "select max(octet_length(state::text) + coalesce(octet_length(blob), 0))"
-            " from public.execution_snapshots"
+            conn,
+            "select max(octet_length(state::text) + coalesce(octet_length(blob), 0)) from public.execution_snapshots",
         )
         assert biggest >= 2 * 1024 * 1024

@@ -27,9 +27,7 @@ def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
 
 def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
     ports = [str(free_port()), str(free_port())]
-    up = run_pgferry(
-        "dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--json", env=stack_env
-    )
+    up = run_pgferry("dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--json", env=stack_env)
     assert up.returncode == 0, up.stderr
     status = run_pgferry("dev", "status", "--json", env=stack_env)
     assert status.returncode == 0, status.stderr
@@ -48,9 +46,7 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
             "and relkind = 'r'"
         ).fetchone()
         assert rls == (True,)
-        assert conn.execute(
-            "select extversion is not null from pg_extension where extname = 'vector'"
-        ).fetchone()
+        assert conn.execute("select extversion is not null from pg_extension where extname = 'vector'").fetchone()
 
     again = run_pgferry("dev", "up", "--json", env=stack_env)  # harmless, keeps the original ports
     assert again.returncode == 0, again.stderr
@@ -76,9 +72,7 @@ def test_dev_up_on_a_busy_port_fails_clearly(stack_env: dict[str, str]) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_pgferry(
-            "dev", "up", "--source-port", str(port), "--target-port", str(free_port()), env=stack_env
-        )
+        result = run_pgferry("dev", "up", "--source-port", str(port), "--target-port", str(free_port()), env=stack_env)
     assert result.returncode == 2
     assert f"port {port}" in result.stderr and "in use" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

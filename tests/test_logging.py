@@ -9,10 +9,7 @@ import structlog
 
 from pgferry.observability.logging import configure_logging, redact_text
 
-TOKEN = (
-    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwicm9sZSI6InNlcnZpY2Vfcm9sZSJ9"
-    ".c2lnbmF0dXJlc2lnbmF0dXJl"
-)
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwicm9sZSI6InNlcnZpY2Vfcm9sZSJ9.c2lnbmF0dXJlc2lnbmF0dXJl"
 
 
 def test_redact_text_hides_passwords_and_tokens() -> None:

@@ -37,9 +37,7 @@ def test_emit_sql_check_command_detects_a_hand_edit(tmp_path: Path) -> None:
     assert run_pgferry("db", "emit-sql", "--out", str(out)).returncode == 0
     assert run_pgferry("db", "emit-sql", "--out", str(out), "--check").returncode == 0
     victim = sorted(out.glob("*.sql"))[1]
-    victim.write_text(
-        victim.read_text().replace("enable row level security", "disable row level security", 1)
-    )
+    victim.write_text(victim.read_text().replace("enable row level security", "disable row level security", 1))
     result = run_pgferry("db", "emit-sql", "--out", str(out), "--check")
     assert result.returncode == 1
     assert victim.name in result.stderr
@@ -60,11 +58,7 @@ def _schema_dump(pair: ServerPair, url: str) -> str:
         check=True,
     ).stdout
     # Comments and session settings differ between runs; the objects must not.
-    lines = [
-        line
-        for line in dump.splitlines()
-        if line and not line.startswith(("--", "\\restrict", "\\unrestrict"))
-    ]
+    lines = [line for line in dump.splitlines() if line and not line.startswith(("--", "\\restrict", "\\unrestrict"))]
     return "\n".join(lines)
 
 
@@ -73,8 +67,7 @@ def _catalog_facts(url: str) -> dict[str, Any]:
         return {
             "publication": sorted(
                 conn.execute(
-                    "select schemaname, tablename from pg_publication_tables "
-                    "where pubname = 'supabase_realtime'"
+                    "select schemaname, tablename from pg_publication_tables where pubname = 'supabase_realtime'"
                 ).fetchall()
             ),
             "replica_identity": sorted(
@@ -168,9 +161,7 @@ def test_db_upgrade_command_enables_rls_everywhere(baseline_url: str) -> None:
         )
         published = {
             r[0]
-            for r in conn.execute(
-                "select tablename from pg_publication_tables where pubname = 'supabase_realtime'"
-            )
+            for r in conn.execute("select tablename from pg_publication_tables where pubname = 'supabase_realtime'")
         }
     assert {t: flags.get(t) for t in USER_OWNED_TABLES} == dict.fromkeys(USER_OWNED_TABLES, True)
     assert published == set(REALTIME_TABLES)

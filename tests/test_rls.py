@@ -27,9 +27,7 @@ def tenants(target_url: str) -> dict[uuid.UUID, dict[str, Any]]:
         return {ALICE: insert_tree(conn, ALICE), BOB: insert_tree(conn, BOB)}
 
 
-def _count(
-    conn: psycopg.Connection[Any], table: str, where: str = "true", params: tuple[Any, ...] = ()
-) -> int:
+def _count(conn: psycopg.Connection[Any], table: str, where: str = "true", params: tuple[Any, ...] = ()) -> int:
     query = sql.SQL("select count(*) from public.{} where " + where).format(sql.Identifier(table))
     row = conn.execute(query, params).fetchone()
     assert row is not None
@@ -39,8 +37,7 @@ def _count(
 def test_rls_enabled_on_every_user_owned_table(target_url: str) -> None:
     with psycopg.connect(target_url, autocommit=True) as conn:
         rows = conn.execute(
-            "select relname, relrowsecurity from pg_class "
-            "where relnamespace = 'public'::regnamespace and relkind = 'r'"
+            "select relname, relrowsecurity from pg_class where relnamespace = 'public'::regnamespace and relkind = 'r'"
         ).fetchall()
     enabled = {name: flag for name, flag in rows}
     assert set(USER_OWNED_TABLES) <= set(enabled)
@@ -91,9 +88,7 @@ def test_user_cannot_attach_rows_to_another_users_parent(target_url: str, tenant
 def test_user_cannot_update_or_delete_another_users_rows(target_url: str, tenants: Any, table: str) -> None:
     with psycopg.connect(target_url, autocommit=True) as conn:
         with scoped_transaction(conn, user_claims(ALICE)):
-            touch = sql.SQL("update public.{} set user_id = user_id where id = %s").format(
-                sql.Identifier(table)
-            )
+            touch = sql.SQL("update public.{} set user_id = user_id where id = %s").format(sql.Identifier(table))
             assert conn.execute(touch, (tenants[BOB][table],)).rowcount == 0
             assert conn.execute(touch, (tenants[ALICE][table],)).rowcount == 1  # positive control
             steal = sql.SQL("update public.{} set user_id = %s where id = %s").format(sql.Identifier(table))

@@ -20,8 +20,12 @@ GRACE = uuid.UUID("22222222-2222-4222-8222-222222222222")
 def test_seed_sql_applies_and_respects_rls(server_pair: ServerPair, target_url: str) -> None:
     psql = str(server_pair.install.program("psql"))
     for _ in range(2):  # re-runnable
-        subprocess.run([psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(SEED), target_url],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", str(SEED), target_url],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     with psycopg.connect(target_url, autocommit=True) as conn:
         total = {t: conn.execute(f"select count(*) from public.{t}").fetchone() for t in PLATFORM_TABLES}
         assert all(count is not None and count[0] >= 1 for count in total.values()), total

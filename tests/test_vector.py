@@ -73,9 +73,7 @@ def _brute_force(
 
 
 @pytest.mark.parametrize("force_index", [False, True], ids=["planner-choice", "hnsw-forced"])
-def test_match_tasks_equals_brute_force_top_k(
-    target_url: str, seeded: dict[str, Any], force_index: bool
-) -> None:
+def test_match_tasks_equals_brute_force_top_k(target_url: str, seeded: dict[str, Any], force_index: bool) -> None:
     ids, vectors = seeded["tasks"][ALICE]
     with psycopg.connect(target_url, autocommit=True) as conn:
         register_vector(conn)
@@ -114,9 +112,7 @@ def test_match_tasks_respects_rls(target_url: str, seeded: dict[str, Any]) -> No
         register_vector(conn)
         # Bob searches with Alice's exact embedding: her row would be a perfect match, and must not appear.
         with scoped_transaction(conn, user_claims(BOB)):
-            rows = conn.execute(
-                "select id from public.match_tasks(%s, -1, 200)", (alice_vectors[0],)
-            ).fetchall()
+            rows = conn.execute("select id from public.match_tasks(%s, -1, 200)", (alice_vectors[0],)).fetchall()
         found = {r[0] for r in rows}
         assert found and found <= bob_ids
         assert alice_ids[0] not in found
@@ -145,7 +141,5 @@ def test_match_agent_memory_filters_by_agent_and_owner(target_url: str, seeded: 
             assert [r[0] for r in rows] == expected
             assert {r[1] for r in rows} <= {"planner"}
         with scoped_transaction(conn, user_claims(BOB)):
-            rows = conn.execute(
-                "select id from public.match_agent_memory(%s, -1, 200)", (vectors[0],)
-            ).fetchall()
+            rows = conn.execute("select id from public.match_agent_memory(%s, -1, 200)", (vectors[0],)).fetchall()
         assert not {r[0] for r in rows} & set(ids)

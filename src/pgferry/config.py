@@ -143,9 +143,7 @@ def _check_database_url(value: str, setting: str) -> tuple[str, dict[str, Any]]:
     shown = _redact_text(text)
     scheme, sep, rest = text.partition("://")
     if not sep:
-        raise DatabaseUrlError(
-            setting, f"must be a PostgreSQL URL like {DATABASE_URL_EXAMPLE} (got {shown!r})"
-        )
+        raise DatabaseUrlError(setting, f"must be a PostgreSQL URL like {DATABASE_URL_EXAMPLE} (got {shown!r})")
     normalized_scheme = _POSTGRES_SCHEMES.get(scheme.lower())
     if normalized_scheme is None:
         raise DatabaseUrlError(
@@ -300,15 +298,11 @@ class DatabaseUrl:
     # -- pydantic integration -----------------------------------------------------------
 
     @classmethod
-    def __get_pydantic_core_schema__(
-        cls, source: type[Any], handler: GetCoreSchemaHandler
-    ) -> core_schema.CoreSchema:
+    def __get_pydantic_core_schema__(cls, source: type[Any], handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(
             cls._validate,
             # Like SecretStr: JSON dumps are for display, so they get the redacted form.
-            serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda value: str(value), when_used="json"
-            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda value: str(value), when_used="json"),
         )
 
     @classmethod
@@ -529,9 +523,7 @@ _ENV_NAMES: Final[dict[str, str]] = {
     name: field.validation_alias if isinstance(field.validation_alias, str) else name.upper()
     for name, field in Settings.model_fields.items()
 }
-_INIT_ALIASES: Final[dict[str, str]] = {
-    name: alias for name, alias in _ENV_NAMES.items() if alias != name.upper()
-}
+_INIT_ALIASES: Final[dict[str, str]] = {name: alias for name, alias in _ENV_NAMES.items() if alias != name.upper()}
 _DATABASE_URL_FIELDS: Final = frozenset({"supabase_db_url", "supabase_pooler_url", "neon_database_url"})
 # Fields whose raw input must never be echoed back in an error message.
 _SECRET_FIELDS: Final = _DATABASE_URL_FIELDS | {

@@ -17,12 +17,12 @@ def stack(home: Path | None = None) -> LocalStack:
     return LocalStack(home or settings().home)
 
 
-def database_url(option: str | None, *, env_name: str, fallback: DatabaseUrl | None) -> DatabaseUrl:
-    """The URL from ``--database-url``, else from the environment; a clear error when neither is set."""
-    if option:
-        return parse_database_url(option, "--database-url")
+def database_url(
+    value: str | None, *, env_name: str, fallback: DatabaseUrl | None, option: str = "--database-url"
+) -> DatabaseUrl:
+    """The URL given as ``option`` on the command line, else from the environment; a clear error otherwise."""
+    if value:
+        return parse_database_url(value, option)
     if fallback is not None:
         return fallback
-    raise ConfigError(
-        "--database-url", f"is required (or set {env_name}), e.g. postgresql://postgres:…@host:5432/postgres"
-    )
+    raise ConfigError(option, f"is required (or set {env_name}), e.g. postgresql://postgres:…@host:5432/postgres")

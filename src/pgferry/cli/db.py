@@ -12,9 +12,7 @@ from pgferry.cli.common import database_url, settings
 from pgferry.schema import migrator
 from pgferry.supabase.baseline import apply_local_baseline
 
-app = typer.Typer(
-    help="Platform schema: migrations, Supabase SQL files, local baseline.", no_args_is_help=True
-)
+app = typer.Typer(help="Platform schema: migrations, Supabase SQL files, local baseline.", no_args_is_help=True)
 
 DatabaseUrlOption = Annotated[
     str | None,
@@ -54,12 +52,8 @@ def baseline(database_url_option: DatabaseUrlOption = None) -> None:
 
 @app.command("emit-sql")
 def emit_sql(
-    out: Annotated[Path, typer.Option(help="Supabase CLI migrations directory.")] = Path(
-        "supabase/migrations"
-    ),
-    check: Annotated[
-        bool, typer.Option(help="Fail if the files differ from the migrations; write nothing.")
-    ] = False,
+    out: Annotated[Path, typer.Option(help="Supabase CLI migrations directory.")] = Path("supabase/migrations"),
+    check: Annotated[bool, typer.Option(help="Fail if the files differ from the migrations; write nothing.")] = False,
 ) -> None:
     """Write the migrations as plain SQL files in the Supabase CLI layout."""
     if not check:
@@ -75,9 +69,7 @@ def emit_sql(
         elif name not in wanted:
             problems.append(f"{out / name} has no Alembic revision")
         elif present[name] != wanted[name]:
-            diff = difflib.unified_diff(
-                present[name].splitlines(), wanted[name].splitlines(), lineterm="", n=1
-            )
+            diff = difflib.unified_diff(present[name].splitlines(), wanted[name].splitlines(), lineterm="", n=1)
             problems.append(f"{out / name} differs:\n" + "\n".join(list(diff)[:40]))
     if problems:
         typer.echo("\n".join(problems), err=True)

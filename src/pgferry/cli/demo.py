@@ -41,9 +41,7 @@ def demo(
     with console.status(f"seeding the source at scale {scale}"):
         manager.cleanup()
         report = manager.seed(scale)
-    table = Table(
-        title=f"source seeded in {report.duration_seconds:.1f}s ({report.total_bytes / 1e6:.1f} MB)"
-    )
+    table = Table(title=f"source seeded in {report.duration_seconds:.1f}s ({report.total_bytes / 1e6:.1f} MB)")
     table.add_column("table")
     table.add_column("rows", justify="right")
     with psycopg.connect(source_url) as conn:

@@ -16,9 +16,7 @@ from pgferry.cli.common import settings, stack
 from pgferry.errors import PgferryError
 from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT, ServerStatus, StackState
 
-app = typer.Typer(
-    help="Local stack: `source` stands in for Neon, `target` for Supabase.", no_args_is_help=True
-)
+app = typer.Typer(help="Local stack: `source` stands in for Neon, `target` for Supabase.", no_args_is_help=True)
 console = Console()
 
 
@@ -41,12 +39,8 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
 
 @app.command()
 def up(
-    source_port: Annotated[
-        int, typer.Option(help="TCP port of the source (Neon) server.")
-    ] = DEFAULT_SOURCE_PORT,
-    target_port: Annotated[
-        int, typer.Option(help="TCP port of the target (Supabase) server.")
-    ] = DEFAULT_TARGET_PORT,
+    source_port: Annotated[int, typer.Option(help="TCP port of the source (Neon) server.")] = DEFAULT_SOURCE_PORT,
+    target_port: Annotated[int, typer.Option(help="TCP port of the target (Supabase) server.")] = DEFAULT_TARGET_PORT,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create (first run) and start both servers, then apply the Neon schema and the Supabase migrations."""

@@ -7,6 +7,7 @@ import typer
 from pgferry.cli import db as db_commands
 from pgferry.cli import demo as demo_commands
 from pgferry.cli import dev as dev_commands
+from pgferry.cli import migrate as migrate_commands
 from pgferry.cli.errors import run_reporting_errors
 
 app = typer.Typer(
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(dev_commands.app, name="dev")
 app.add_typer(db_commands.app, name="db")
+app.add_typer(migrate_commands.app, name="migrate")
 app.command("demo")(demo_commands.demo)
 
 

@@ -183,9 +183,7 @@ def table_checksum(
     if (lower is not None or upper is not None) and key_columns is None:
         key_columns = primary_key_columns(conn, table, schema=schema)
         if not key_columns:
-            raise ChecksumError(
-                f"table {schema}.{table} has no primary key; pass key_columns to checksum a key range"
-            )
+            raise ChecksumError(f"table {schema}.{table} has no primary key; pass key_columns to checksum a key range")
     live = table_columns(conn, table, schema=schema)
     hashed = sorted(columns) if columns is not None else live
     if not hashed:
@@ -238,9 +236,7 @@ def _restore_settings(conn: psycopg.Connection[Any], previous: Sequence[str]) ->
 
 def _set_local(conn: psycopg.Connection[Any], settings: Sequence[tuple[str, str]]) -> None:
     conn.execute(
-        sql.SQL("select {}").format(
-            sql.SQL(", ").join(sql.SQL("set_config(%s, %s, true)") for _ in settings)
-        ),
+        sql.SQL("select {}").format(sql.SQL(", ").join(sql.SQL("set_config(%s, %s, true)") for _ in settings)),
         [v for pair in settings for v in pair],
     )
 

@@ -75,9 +75,7 @@ def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> No
 
 
 @contextmanager
-def scoped_transaction(
-    conn: psycopg.Connection[Any], claims: Mapping[str, Any]
-) -> Iterator[psycopg.Connection[Any]]:
+def scoped_transaction(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> Iterator[psycopg.Connection[Any]]:
     """A transaction in which every statement runs as the user the claims describe.
 
     It must be a real transaction, not a savepoint: ``SET LOCAL`` inside a savepoint survives its release

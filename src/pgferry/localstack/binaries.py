@@ -84,9 +84,7 @@ def describe_install(bindir: Path, source: str) -> PostgresInstall:
     match = re.search(r"(\d+)(?:\.(\d+))?", out.stdout)
     if out.returncode != 0 or not match:
         raise PostgresInstallError(f"could not run {bindir / 'postgres'} --version: {out.stderr.strip()}")
-    return PostgresInstall(
-        bindir=bindir, major_version=int(match.group(1)), version=match.group(0), source=source
-    )
+    return PostgresInstall(bindir=bindir, major_version=int(match.group(1)), version=match.group(0), source=source)
 
 
 def find_install(bindir: Path | str | None = None, *, require_pgvector: bool = True) -> PostgresInstall:

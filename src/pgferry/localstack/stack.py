@@ -66,9 +66,7 @@ class StackState:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        return cls(
-            bindir=data["bindir"], source_port=int(data["source_port"]), target_port=int(data["target_port"])
-        )
+        return cls(bindir=data["bindir"], source_port=int(data["source_port"]), target_port=int(data["target_port"]))
 
 
 @dataclass(frozen=True)

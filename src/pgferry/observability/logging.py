@@ -34,9 +34,7 @@ def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) 
 
 
 def configure_logging(level: str = "info", *, json: bool = False) -> None:
-    renderer: Any = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

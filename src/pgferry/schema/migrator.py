@@ -62,10 +62,7 @@ def check_supabase_prerequisites(conninfo: str) -> None:
             )
         }
         missing += [f"role {r}" for r in ("anon", "authenticated", "service_role") if r not in roles]
-        if (
-            conn.execute("select 1 from pg_publication where pubname = 'supabase_realtime'").fetchone()
-            is None
-        ):
+        if conn.execute("select 1 from pg_publication where pubname = 'supabase_realtime'").fetchone() is None:
             missing.append("publication supabase_realtime")
         if missing:
             raise NotSupabaseError(

@@ -187,9 +187,7 @@ class ObservabilityEvent(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
     user_id: Mapped[uuid.UUID] = _user_id()
-    execution_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("agent_executions.id", ondelete="CASCADE")
-    )
+    execution_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agent_executions.id", ondelete="CASCADE"))
     event_type: Mapped[str] = mapped_column(Text, nullable=False)
     severity: Mapped[str] = mapped_column(Text, nullable=False, server_default=text("'info'"))
     message: Mapped[str] = mapped_column(Text, nullable=False)
@@ -230,9 +228,7 @@ class AgentMemory(Base):
     updated_at: Mapped[dt.datetime] = _updated_at()
 
     __table_args__ = (
-        CheckConstraint(
-            "memory_type in ('episodic', 'semantic', 'procedural', 'working')", name="memory_type"
-        ),
+        CheckConstraint("memory_type in ('episodic', 'semantic', 'procedural', 'working')", name="memory_type"),
         CheckConstraint("importance >= 0 and importance <= 1", name="importance"),
         CheckConstraint("access_count >= 0", name="access_count"),
         Index("ix_agent_memory_user_id_agent_name", "user_id", "agent_name"),

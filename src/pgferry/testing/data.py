@@ -112,8 +112,10 @@ class DatasetComparison:
         return [diff.table for diff in self.tables if not diff.matches]
 
     def describe(self) -> str:
-        head = "datasets are identical" if self.identical else (
-            f"datasets differ in {len(self.different_tables)} table(s): {', '.join(self.different_tables)}"
+        head = (
+            "datasets are identical"
+            if self.identical
+            else (f"datasets differ in {len(self.different_tables)} table(s): {', '.join(self.different_tables)}")
         )
         return "\n".join([head, *(f"  {diff.describe()}" for diff in self.tables)])
 
@@ -121,62 +123,166 @@ class DatasetComparison:
 # --- vocabulary -----------------------------------------------------------------------------------------
 
 TOPICS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...]], ...] = (
-    ("database", ("migrate", "index", "optimise", "partition", "vacuum", "replicate"),
-     ("the tasks table", "slow vector search", "connection pooling", "the nightly backup", "jsonb columns"),
-     ("postgres", "sql", "performance", "migration")),
-    ("frontend", ("redesign", "fix", "refactor", "animate", "localise"),
-     ("the settings page", "dark mode", "the task board", "keyboard shortcuts", "the onboarding flow"),
-     ("react", "css", "a11y", "ui")),
-    ("infra", ("deploy", "scale", "harden", "containerise", "monitor"),
-     ("the worker fleet", "the staging cluster", "terraform modules", "the CI runners", "egress proxies"),
-     ("kubernetes", "terraform", "ci", "ops")),
-    ("ml", ("evaluate", "fine-tune", "embed", "benchmark", "distil"),
-     ("the ranking model", "prompt templates", "the eval dataset", "retrieval quality", "the reranker"),
-     ("llm", "embeddings", "evals", "rag")),
-    ("security", ("rotate", "audit", "lock down", "review", "patch"),
-     ("API keys", "row level security", "JWT validation", "dependency CVEs", "service-role access"),
-     ("security", "auth", "rls", "compliance")),
-    ("testing", ("stabilise", "parallelise", "extend", "speed up", "triage"),
-     ("flaky integration tests", "coverage reports", "fixtures", "the e2e suite", "snapshot tests"),
-     ("tests", "qa", "flaky", "coverage")),
-    ("docs", ("write", "update", "translate", "proofread", "restructure"),
-     ("the API reference", "the changelog", "the quick-start", "runbooks", "architecture notes"),
-     ("docs", "writing", "onboarding")),
-    ("billing", ("reconcile", "meter", "invoice", "forecast", "refund"),
-     ("token usage", "Stripe webhooks", "monthly invoices", "cost dashboards", "free-tier limits"),
-     ("billing", "stripe", "finance", "usage")),
+    (
+        "database",
+        ("migrate", "index", "optimise", "partition", "vacuum", "replicate"),
+        ("the tasks table", "slow vector search", "connection pooling", "the nightly backup", "jsonb columns"),
+        ("postgres", "sql", "performance", "migration"),
+    ),
+    (
+        "frontend",
+        ("redesign", "fix", "refactor", "animate", "localise"),
+        ("the settings page", "dark mode", "the task board", "keyboard shortcuts", "the onboarding flow"),
+        ("react", "css", "a11y", "ui"),
+    ),
+    (
+        "infra",
+        ("deploy", "scale", "harden", "containerise", "monitor"),
+        ("the worker fleet", "the staging cluster", "terraform modules", "the CI runners", "egress proxies"),
+        ("kubernetes", "terraform", "ci", "ops"),
+    ),
+    (
+        "ml",
+        ("evaluate", "fine-tune", "embed", "benchmark", "distil"),
+        ("the ranking model", "prompt templates", "the eval dataset", "retrieval quality", "the reranker"),
+        ("llm", "embeddings", "evals", "rag"),
+    ),
+    (
+        "security",
+        ("rotate", "audit", "lock down", "review", "patch"),
+        ("API keys", "row level security", "JWT validation", "dependency CVEs", "service-role access"),
+        ("security", "auth", "rls", "compliance"),
+    ),
+    (
+        "testing",
+        ("stabilise", "parallelise", "extend", "speed up", "triage"),
+        ("flaky integration tests", "coverage reports", "fixtures", "the e2e suite", "snapshot tests"),
+        ("tests", "qa", "flaky", "coverage"),
+    ),
+    (
+        "docs",
+        ("write", "update", "translate", "proofread", "restructure"),
+        ("the API reference", "the changelog", "the quick-start", "runbooks", "architecture notes"),
+        ("docs", "writing", "onboarding"),
+    ),
+    (
+        "billing",
+        ("reconcile", "meter", "invoice", "forecast", "refund"),
+        ("token usage", "Stripe webhooks", "monthly invoices", "cost dashboards", "free-tier limits"),
+        ("billing", "stripe", "finance", "usage"),
+    ),
 )
 GENERIC_TAGS = ("urgent", "backlog", "customer", "tech-debt", "q4", "needs-review", "blocked", "quick-win")
 WORDS = (
-    "agent", "context", "retry", "token", "window", "vector", "plan", "step", "tool", "result", "cache",
-    "latency", "budget", "trace", "span", "memory", "summary", "branch", "commit", "review", "deploy",
-    "query", "index", "schema", "policy", "user", "session", "prompt", "output", "error", "timeout",
-    "stream", "chunk", "score", "rank", "filter", "batch", "queue", "worker", "lease", "checkpoint",
+    "agent",
+    "context",
+    "retry",
+    "token",
+    "window",
+    "vector",
+    "plan",
+    "step",
+    "tool",
+    "result",
+    "cache",
+    "latency",
+    "budget",
+    "trace",
+    "span",
+    "memory",
+    "summary",
+    "branch",
+    "commit",
+    "review",
+    "deploy",
+    "query",
+    "index",
+    "schema",
+    "policy",
+    "user",
+    "session",
+    "prompt",
+    "output",
+    "error",
+    "timeout",
+    "stream",
+    "chunk",
+    "score",
+    "rank",
+    "filter",
+    "batch",
+    "queue",
+    "worker",
+    "lease",
+    "checkpoint",
 )
 UNICODE_SNIPPETS = (
-    "✅ erledigt", "🚀 déploiement lancé", "任务已完成 等待审核", "Ошибка: соединение сброшено",
-    "データベースの移行が完了しました", "تم حفظ الذاكرة بنجاح", "Ελέγχθηκε η κατάσταση",
-    "naïve café résumé — “quoted”", "👩‍💻 pair-programming session", "🔥🔥 hot path 🔥", "नमस्ते दुनिया",
-    "한국어 요약 생성", "עברית: בדיקה עברה", "family 👨‍👩‍👧‍👦 emoji ZWJ", "Zürich · Kraków · İstanbul",
+    "✅ erledigt",
+    "🚀 déploiement lancé",
+    "任务已完成 等待审核",
+    "Ошибка: соединение сброшено",
+    "データベースの移行が完了しました",
+    "تم حفظ الذاكرة بنجاح",
+    "Ελέγχθηκε η κατάσταση",
+    "naïve café résumé — “quoted”",
+    "👩‍💻 pair-programming session",
+    "🔥🔥 hot path 🔥",
+    "नमस्ते दुनिया",
+    "한국어 요약 생성",
+    "עברית: בדיקה עברה",
+    "family 👨‍👩‍👧‍👦 emoji ZWJ",
+    "Zürich · Kraków · İstanbul",
 )
 AGENT_NAMES = ("planner", "coder", "reviewer", "researcher", "tester", "deployer", "summariser")
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet-4", "claude-haiku-4", "llama-3.1-70b", "mistral-large")
 PRICES_PER_MTOKEN = {  # (prompt, completion) in micro-dollars per token
-    "gpt-4o": (2.5, 10.0), "gpt-4o-mini": (0.15, 0.6), "claude-sonnet-4": (3.0, 15.0),
-    "claude-haiku-4": (0.8, 4.0), "llama-3.1-70b": (0.6, 0.8), "mistral-large": (2.0, 6.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "claude-sonnet-4": (3.0, 15.0),
+    "claude-haiku-4": (0.8, 4.0),
+    "llama-3.1-70b": (0.6, 0.8),
+    "mistral-large": (2.0, 6.0),
 }
 TOOLS = ("web_search", "code_interpreter", "file_read", "file_write", "sql_query", "github_pr", "shell")
-EVENT_TYPES = ("agent.start", "agent.end", "llm.request", "llm.response", "tool.call", "tool.result",
-               "memory.write", "memory.read", "log", "error")
+EVENT_TYPES = (
+    "agent.start",
+    "agent.end",
+    "llm.request",
+    "llm.response",
+    "tool.call",
+    "tool.result",
+    "memory.write",
+    "memory.read",
+    "log",
+    "error",
+)
 EVENT_WEIGHTS = (0.06, 0.06, 0.17, 0.17, 0.16, 0.16, 0.05, 0.07, 0.07, 0.03)
 SEVERITIES = ("debug", "info", "warning", "error", "critical")
 
-TASK_STATUSES = (("pending", 0.15), ("queued", 0.08), ("running", 0.07), ("completed", 0.55),
-                 ("failed", 0.1), ("cancelled", 0.05))
-EXEC_STATUSES = (("queued", 0.04), ("running", 0.05), ("succeeded", 0.7), ("failed", 0.11),
-                 ("cancelled", 0.05), ("timeout", 0.05))
-WF_STATUSES = (("pending", 0.05), ("running", 0.06), ("paused", 0.04), ("succeeded", 0.7),
-               ("failed", 0.1), ("cancelled", 0.05))
+TASK_STATUSES = (
+    ("pending", 0.15),
+    ("queued", 0.08),
+    ("running", 0.07),
+    ("completed", 0.55),
+    ("failed", 0.1),
+    ("cancelled", 0.05),
+)
+EXEC_STATUSES = (
+    ("queued", 0.04),
+    ("running", 0.05),
+    ("succeeded", 0.7),
+    ("failed", 0.11),
+    ("cancelled", 0.05),
+    ("timeout", 0.05),
+)
+WF_STATUSES = (
+    ("pending", 0.05),
+    ("running", 0.06),
+    ("paused", 0.04),
+    ("succeeded", 0.7),
+    ("failed", 0.1),
+    ("cancelled", 0.05),
+)
 WF_TRIGGERS = (("manual", 0.3), ("schedule", 0.4), ("webhook", 0.2), ("api", 0.1))
 ENV_STATUSES = (("active", 0.8), ("paused", 0.15), ("archived", 0.05))
 MEMORY_TYPES = (("episodic", 0.45), ("semantic", 0.3), ("procedural", 0.15), ("working", 0.1))
@@ -185,61 +291,136 @@ MEMORY_TYPES = (("episodic", 0.45), ("semantic", 0.3), ("procedural", 0.15), ("w
 
 COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     "environments": (
-        ("id", "uuid"), ("user_id", "uuid"), ("name", "text"), ("description", "text"),
-        ("github_repository", "text"), ("github_branch", "text"), ("github_installation_id", "int8"),
-        ("settings", "jsonb"), ("status", "text"), ("created_at", "timestamptz"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("name", "text"),
+        ("description", "text"),
+        ("github_repository", "text"),
+        ("github_branch", "text"),
+        ("github_installation_id", "int8"),
+        ("settings", "jsonb"),
+        ("status", "text"),
+        ("created_at", "timestamptz"),
         ("updated_at", "timestamptz"),
     ),
     "workflows": (
-        ("id", "uuid"), ("user_id", "uuid"), ("environment_id", "uuid"), ("name", "text"),
-        ("description", "text"), ("definition", "jsonb"), ("version", "int4"), ("is_active", "bool"),
-        ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("environment_id", "uuid"),
+        ("name", "text"),
+        ("description", "text"),
+        ("definition", "jsonb"),
+        ("version", "int4"),
+        ("is_active", "bool"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
     ),
     "tasks": (
-        ("id", "uuid"), ("user_id", "uuid"), ("environment_id", "uuid"), ("title", "text"),
-        ("description", "text"), ("status", "text"), ("priority", "int4"), ("tags", "text[]"),
-        ("metadata", "jsonb"), ("embedding", "vector"), ("due_at", "timestamptz"),
-        ("completed_at", "timestamptz"), ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("environment_id", "uuid"),
+        ("title", "text"),
+        ("description", "text"),
+        ("status", "text"),
+        ("priority", "int4"),
+        ("tags", "text[]"),
+        ("metadata", "jsonb"),
+        ("embedding", "vector"),
+        ("due_at", "timestamptz"),
+        ("completed_at", "timestamptz"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
     ),
     "agent_executions": (
-        ("id", "uuid"), ("user_id", "uuid"), ("task_id", "uuid"), ("environment_id", "uuid"),
-        ("agent_name", "text"), ("model", "text"), ("status", "text"), ("inputs", "jsonb"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("task_id", "uuid"),
+        ("environment_id", "uuid"),
+        ("agent_name", "text"),
+        ("model", "text"),
+        ("status", "text"),
+        ("inputs", "jsonb"),
         ("outputs", "jsonb"),
-        ("error", "text"), ("started_at", "timestamptz"), ("completed_at", "timestamptz"),
-        ("duration_ms", "int8"), ("prompt_tokens", "int4"), ("completion_tokens", "int4"),
-        ("total_tokens", "int4"), ("cost_usd", "numeric"), ("created_at", "timestamptz"),
+        ("error", "text"),
+        ("started_at", "timestamptz"),
+        ("completed_at", "timestamptz"),
+        ("duration_ms", "int8"),
+        ("prompt_tokens", "int4"),
+        ("completion_tokens", "int4"),
+        ("total_tokens", "int4"),
+        ("cost_usd", "numeric"),
+        ("created_at", "timestamptz"),
         ("updated_at", "timestamptz"),
     ),
     "observability_events": (
-        ("id", "int8"), ("user_id", "uuid"), ("execution_id", "uuid"), ("event_type", "text"),
-        ("severity", "text"), ("message", "text"), ("data", "jsonb"), ("trace_id", "varchar"),
-        ("span_id", "varchar"), ("parent_span_id", "varchar"), ("occurred_at", "timestamptz"),
+        ("id", "int8"),
+        ("user_id", "uuid"),
+        ("execution_id", "uuid"),
+        ("event_type", "text"),
+        ("severity", "text"),
+        ("message", "text"),
+        ("data", "jsonb"),
+        ("trace_id", "varchar"),
+        ("span_id", "varchar"),
+        ("parent_span_id", "varchar"),
+        ("occurred_at", "timestamptz"),
         ("created_at", "timestamptz"),
     ),
     "agent_memory": (
-        ("id", "uuid"), ("user_id", "uuid"), ("agent_name", "text"), ("memory_type", "text"),
-        ("content", "text"), ("metadata", "jsonb"), ("importance", "float8"), ("embedding", "vector"),
-        ("access_count", "int4"), ("last_accessed_at", "timestamptz"), ("expires_at", "timestamptz"),
-        ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("agent_name", "text"),
+        ("memory_type", "text"),
+        ("content", "text"),
+        ("metadata", "jsonb"),
+        ("importance", "float8"),
+        ("embedding", "vector"),
+        ("access_count", "int4"),
+        ("last_accessed_at", "timestamptz"),
+        ("expires_at", "timestamptz"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
     ),
     "workflow_executions": (
-        ("id", "uuid"), ("user_id", "uuid"), ("workflow_id", "uuid"), ("status", "text"), ("trigger", "text"),
-        ("inputs", "jsonb"), ("outputs", "jsonb"), ("step_results", "jsonb"), ("current_step", "text"),
-        ("error", "text"), ("started_at", "timestamptz"), ("completed_at", "timestamptz"),
-        ("created_at", "timestamptz"), ("updated_at", "timestamptz"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("workflow_id", "uuid"),
+        ("status", "text"),
+        ("trigger", "text"),
+        ("inputs", "jsonb"),
+        ("outputs", "jsonb"),
+        ("step_results", "jsonb"),
+        ("current_step", "text"),
+        ("error", "text"),
+        ("started_at", "timestamptz"),
+        ("completed_at", "timestamptz"),
+        ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"),
     ),
     "execution_snapshots": (
-        ("id", "uuid"), ("user_id", "uuid"), ("execution_id", "uuid"), ("sequence", "int4"),
+        ("id", "uuid"),
+        ("user_id", "uuid"),
+        ("execution_id", "uuid"),
+        ("sequence", "int4"),
         ("label", "text"),
-        ("state", "jsonb"), ("blob", "bytea"), ("size_bytes", "int8"), ("created_at", "timestamptz"),
+        ("state", "jsonb"),
+        ("blob", "bytea"),
+        ("size_bytes", "int8"),
+        ("created_at", "timestamptz"),
         ("updated_at", "timestamptz"),
     ),
 }
 assert set(COLUMNS) == set(PLATFORM_TABLES)
 
 GENERATION_ORDER: tuple[str, ...] = (
-    "environments", "workflows", "tasks", "agent_executions", "observability_events", "agent_memory",
-    "workflow_executions", "execution_snapshots",
+    "environments",
+    "workflows",
+    "tasks",
+    "agent_executions",
+    "observability_events",
+    "agent_memory",
+    "workflow_executions",
+    "execution_snapshots",
 )
 """Parents before children, like ``PLATFORM_TABLES``, but in the order the generators depend on each other."""
 
@@ -272,12 +453,12 @@ def _weighted(rng: _Rng, options: Sequence[tuple[str, float]], n: int) -> list[s
 
 def _uuids(rng: _Rng, n: int) -> list[uuid.UUID]:
     raw = rng.bytes(16 * n)
-    return [uuid.UUID(bytes=raw[i * 16:(i + 1) * 16], version=4) for i in range(n)]
+    return [uuid.UUID(bytes=raw[i * 16 : (i + 1) * 16], version=4) for i in range(n)]
 
 
 def _hex_ids(rng: _Rng, n: int, chars: int) -> list[str]:
     raw = rng.bytes(n * chars // 2).hex()
-    return [raw[i * chars:(i + 1) * chars] for i in range(n)]
+    return [raw[i * chars : (i + 1) * chars] for i in range(n)]
 
 
 class _Rng:
@@ -365,8 +546,7 @@ class _Generator:
     def _text(self, rng: _Rng, paragraphs: int, unicode_p: float = 0.1) -> str:
         parts = [self.paragraphs[i] for i in rng.ints(0, len(self.paragraphs), paragraphs)]
         if rng.u() < unicode_p:
-            parts.insert(rng.randint(0, len(parts) + 1),
-                         UNICODE_SNIPPETS[rng.randint(0, len(UNICODE_SNIPPETS))])
+            parts.insert(rng.randint(0, len(parts) + 1), UNICODE_SNIPPETS[rng.randint(0, len(UNICODE_SNIPPETS))])
         return " ".join(parts)
 
     def _times(self, rng: _Rng, n: int, *, days: int = HISTORY_DAYS) -> IntArray:
@@ -376,12 +556,10 @@ class _Generator:
         picks = rng.np.choice(len(self.user_ids), size=n, p=self.user_weights)
         return [int(u) for u in picks.tolist()]
 
-    def _embeddings(self, rng: _Rng, topics: Sequence[int], null_p: float) -> Iterator[
-        Float32Array | None
-    ]:
+    def _embeddings(self, rng: _Rng, topics: Sequence[int], null_p: float) -> Iterator[Float32Array | None]:
         """Unit vectors clustered around topic centroids, so nearest-neighbour search finds the topic."""
         for start in range(0, len(topics), EMBEDDING_BATCH):
-            batch = np.asarray(topics[start:start + EMBEDDING_BATCH], dtype=np.int64)
+            batch = np.asarray(topics[start : start + EMBEDDING_BATCH], dtype=np.int64)
             noise = rng.np.standard_normal((len(batch), EMBEDDING_DIMENSIONS), dtype=np.float32)
             spread = rng.np.uniform(0.6, 1.2, size=(len(batch), 1)).astype(np.float32)
             vectors = self.centroids[batch] + noise * (spread / np.float32(np.sqrt(EMBEDDING_DIMENSIONS)))
@@ -436,12 +614,17 @@ class _Generator:
                 "notifications": None if rng.u() < 0.5 else {"slack_channel": f"#{topic[0]}-agents"},
             }
             yield (
-                ids[i], self.user_ids[owners[i]], f"{topic[0]}-{repos[i % len(repos)]}-{i}",
+                ids[i],
+                self.user_ids[owners[i]],
+                f"{topic[0]}-{repos[i % len(repos)]}-{i}",
                 None if rng.u() < 0.2 else self._text(rng, 1),
                 f"{orgs[i % len(orgs)]}/{repos[rng.randint(0, len(repos))]}" if has_repo else None,
                 str(rng.pick(["main", "develop", f"feature/{topic[0]}-{i}"])),
                 rng.randint(10_000_000, 99_999_999) if has_repo else None,
-                settings, statuses[i], _to_dt(created[i]), _to_dt(updated),
+                settings,
+                statuses[i],
+                _to_dt(created[i]),
+                _to_dt(updated),
             )
 
     def workflows(self) -> Iterator[tuple[Any, ...]]:
@@ -458,8 +641,15 @@ class _Generator:
             steps = [f"step_{j}_{AGENT_NAMES[rng.randint(0, len(AGENT_NAMES))]}" for j in range(k)]
             steps_per.append(steps)
         self.parents["workflows"] = _Parents(ids, owners, created, {"steps": steps_per})
-        names = ("triage-issues", "nightly-report", "pr-review", "release-notes", "backfill-embeddings",
-                 "cost-digest", "incident-summary")
+        names = (
+            "triage-issues",
+            "nightly-report",
+            "pr-review",
+            "release-notes",
+            "backfill-embeddings",
+            "cost-digest",
+            "incident-summary",
+        )
         for i in range(n):
             steps = steps_per[i]
             definition = {
@@ -470,7 +660,7 @@ class _Generator:
                         "agent": step.split("_", 2)[2],
                         "tools": sorted({TOOLS[k] for k in rng.ints(0, len(TOOLS), 2)}),
                         "retry": {"max_attempts": rng.randint(1, 5), "backoff_s": rng.pick([0.5, 1.0, 2.0])},
-                        "next": steps[j + 1:j + 2],
+                        "next": steps[j + 1 : j + 2],
                     }
                     for j, step in enumerate(steps)
                 ],
@@ -479,10 +669,16 @@ class _Generator:
             }
             updated = created[i] + rng.randint(0, max(1, self.anchor_us - created[i]))
             yield (
-                ids[i], self.user_ids[owners[i]], env_ids[envs[i]] if envs[i] >= 0 else None,
-                f"{names[i % len(names)]}-{i}", None if rng.u() < 0.3 else self._text(rng, 1),
-                definition, rng.randint(1, 4), bool(rng.u() < 0.85),
-                _to_dt(created[i]), _to_dt(updated),
+                ids[i],
+                self.user_ids[owners[i]],
+                env_ids[envs[i]] if envs[i] >= 0 else None,
+                f"{names[i % len(names)]}-{i}",
+                None if rng.u() < 0.3 else self._text(rng, 1),
+                definition,
+                rng.randint(1, 4),
+                bool(rng.u() < 0.85),
+                _to_dt(created[i]),
+                _to_dt(updated),
             )
 
     def tasks(self) -> Iterator[tuple[Any, ...]]:
@@ -507,7 +703,8 @@ class _Generator:
                 tags.append(GENERIC_TAGS[rng.randint(0, len(GENERIC_TAGS))])
             completed = (
                 created[i] + rng.randint(10 * 60 * US_PER_SECOND, 14 * US_PER_DAY)
-                if statuses[i] == "completed" else None
+                if statuses[i] == "completed"
+                else None
             )
             due = None if rng.u() < 0.6 else created[i] + rng.randint(US_PER_DAY, 30 * US_PER_DAY)
             updated = max(created[i], completed or 0) + rng.randint(0, 3600 * US_PER_SECOND)
@@ -522,11 +719,20 @@ class _Generator:
             if rng.u() < 0.05:
                 metadata["note"] = UNICODE_SNIPPETS[rng.randint(0, len(UNICODE_SNIPPETS))]
             yield (
-                ids[i], self.user_ids[owners[i]], env_ids[envs[i]] if envs[i] >= 0 else None, title,
+                ids[i],
+                self.user_ids[owners[i]],
+                env_ids[envs[i]] if envs[i] >= 0 else None,
+                title,
                 None if rng.u() < 0.25 else self._text(rng, rng.randint(1, 4)),
-                statuses[i], rng.randint(0, 5), tags, metadata, next(embeddings),
-                None if due is None else _to_dt(due), None if completed is None else _to_dt(completed),
-                _to_dt(created[i]), _to_dt(updated),
+                statuses[i],
+                rng.randint(0, 5),
+                tags,
+                metadata,
+                next(embeddings),
+                None if due is None else _to_dt(due),
+                None if completed is None else _to_dt(completed),
+                _to_dt(created[i]),
+                _to_dt(updated),
             )
 
     def agent_executions(self) -> Iterator[tuple[Any, ...]]:
@@ -578,8 +784,10 @@ class _Generator:
             inputs = {
                 "prompt": self._text(rng, rng.randint(1, 4), unicode_p=0.05),
                 "tools": sorted({TOOLS[k] for k in rng.ints(0, len(TOOLS), 3)}),
-                "params": {"temperature": float(rng.pick([0.0, 0.2, 0.7, 1.0])),
-                           "max_tokens": int(rng.pick([1024, 4096, 8192]))},
+                "params": {
+                    "temperature": float(rng.pick([0.0, 0.2, 0.7, 1.0])),
+                    "max_tokens": int(rng.pick([1024, 4096, 8192])),
+                },
                 "context": {"attempt": rng.randint(1, 4), "parent_run": None},
             }
             outputs: dict[str, Any] | None = None
@@ -596,8 +804,8 @@ class _Generator:
             elif status in ("failed", "timeout"):
                 error = (
                     f"{status}: {UNICODE_SNIPPETS[rng.randint(0, len(UNICODE_SNIPPETS))]}"
-                    if rng.u() < 0.2 else f"{status}: tool {TOOLS[rng.randint(0, len(TOOLS))]} "
-                    f"exited with code {rng.randint(1, 255)}"
+                    if rng.u() < 0.2
+                    else f"{status}: tool {TOOLS[rng.randint(0, len(TOOLS))]} exited with code {rng.randint(1, 255)}"
                 )
                 if rng.u() < 0.3:
                     outputs = {"partial": True, "steps_completed": rng.randint(0, 6)}
@@ -605,10 +813,24 @@ class _Generator:
             duration = None if start is None or end is None else (end - start) // 1000
             updated = max(created[i], end or start or 0)
             yield (
-                ids[i], self.user_ids[owners[i]], task_id, env_ids[env] if env >= 0 else None, agent, model,
-                status, inputs, outputs, error, None if start is None else _to_dt(start),
-                None if end is None else _to_dt(end), duration, prompt_tokens, completion_tokens,
-                prompt_tokens + completion_tokens, Decimal(cost_micro).scaleb(-6), _to_dt(created[i]),
+                ids[i],
+                self.user_ids[owners[i]],
+                task_id,
+                env_ids[env] if env >= 0 else None,
+                agent,
+                model,
+                status,
+                inputs,
+                outputs,
+                error,
+                None if start is None else _to_dt(start),
+                None if end is None else _to_dt(end),
+                duration,
+                prompt_tokens,
+                completion_tokens,
+                prompt_tokens + completion_tokens,
+                Decimal(cost_micro).scaleb(-6),
+                _to_dt(created[i]),
                 _to_dt(updated),
             )
 
@@ -657,11 +879,21 @@ class _Generator:
                 trace = execs.extra["trace"][exec_idx[i]]
             data: dict[str, Any] = {"seq": serial}
             if event_type.startswith("llm."):
-                data.update({"model": MODELS[k[0] % len(MODELS)], "tokens": 10 + k[1] % 4000,
-                             "latency_ms": round(latency[i], 2)})
+                data.update(
+                    {
+                        "model": MODELS[k[0] % len(MODELS)],
+                        "tokens": 10 + k[1] % 4000,
+                        "latency_ms": round(latency[i], 2),
+                    }
+                )
             elif event_type.startswith("tool."):
-                data.update({"tool": TOOLS[k[0] % len(TOOLS)], "ok": u[2] < 0.9,
-                             "args": {"path": f"/workspace/{WORDS[k[1] % len(WORDS)]}.txt"}})
+                data.update(
+                    {
+                        "tool": TOOLS[k[0] % len(TOOLS)],
+                        "ok": u[2] < 0.9,
+                        "args": {"path": f"/workspace/{WORDS[k[1] % len(WORDS)]}.txt"},
+                    }
+                )
             elif event_type == "error":
                 stack = [f"frame_{j}" for j in range(1 + k[1] % 5)]
                 data.update({"exception": "TimeoutError", "stack": stack})
@@ -671,8 +903,17 @@ class _Generator:
                 words = word_idx[i][: 3 + k[3] % 10]
                 message = f"{event_type} " + " ".join(WORDS[w] for w in words)
             yield (
-                serial, self.user_ids[owner], exec_id, event_type, sev, message, data, trace,
-                span_ids[i], None if u[4] < 0.4 else parent_spans[i], _to_dt(occurred[i]),
+                serial,
+                self.user_ids[owner],
+                exec_id,
+                event_type,
+                sev,
+                message,
+                data,
+                trace,
+                span_ids[i],
+                None if u[4] < 0.4 else parent_spans[i],
+                _to_dt(occurred[i]),
                 _to_dt(occurred[i] + ingest_lag[i]),
             )
 
@@ -689,13 +930,8 @@ class _Generator:
         access = rng.np.poisson(3, size=n).tolist()
         embeddings = self._embeddings(emb_rng, topics, null_p=0.05)
         for i in range(n):
-            last_access = (
-                None if access[i] == 0
-                else created[i] + rng.randint(0, max(1, self.anchor_us - created[i]))
-            )
-            expires = (
-                None if rng.u() < 0.7 else self.anchor_us + rng.randint(-10 * US_PER_DAY, 60 * US_PER_DAY)
-            )
+            last_access = None if access[i] == 0 else created[i] + rng.randint(0, max(1, self.anchor_us - created[i]))
+            expires = None if rng.u() < 0.7 else self.anchor_us + rng.randint(-10 * US_PER_DAY, 60 * US_PER_DAY)
             metadata: dict[str, Any] = {
                 "topic": TOPICS[topics[i]][0],
                 "source": str(rng.pick(["conversation", "tool_result", "reflection", "user_feedback"])),
@@ -703,10 +939,18 @@ class _Generator:
             if rng.u() < 0.4:
                 metadata["keywords"] = sorted({WORDS[k] for k in rng.ints(0, len(WORDS), 4)})
             yield (
-                ids[i], self.user_ids[owners[i]], AGENT_NAMES[rng.randint(0, len(AGENT_NAMES))], types[i],
-                self._text(rng, rng.randint(1, 3), unicode_p=0.12), metadata, float(importance[i]),
-                next(embeddings), int(access[i]), None if last_access is None else _to_dt(last_access),
-                None if expires is None else _to_dt(expires), _to_dt(created[i]),
+                ids[i],
+                self.user_ids[owners[i]],
+                AGENT_NAMES[rng.randint(0, len(AGENT_NAMES))],
+                types[i],
+                self._text(rng, rng.randint(1, 3), unicode_p=0.12),
+                metadata,
+                float(importance[i]),
+                next(embeddings),
+                int(access[i]),
+                None if last_access is None else _to_dt(last_access),
+                None if expires is None else _to_dt(expires),
+                _to_dt(created[i]),
                 _to_dt(max(created[i], last_access or 0)),
             )
 
@@ -728,21 +972,36 @@ class _Generator:
             end = start + int(rng.np.lognormal(18, 1.0)) if terminal and start is not None else None
             done = len(steps) if status == "succeeded" else rng.randint(0, len(steps))
             step_results = [
-                {"step": steps[j], "status": "succeeded", "duration_ms": rng.randint(50, 120_000),
-                 "output": {"summary": self._sentence(rng, 4, 14), "items": rng.randint(0, 50)}}
+                {
+                    "step": steps[j],
+                    "status": "succeeded",
+                    "duration_ms": rng.randint(50, 120_000),
+                    "output": {"summary": self._sentence(rng, 4, 14), "items": rng.randint(0, 50)},
+                }
                 for j in range(0 if start is None else done)
             ]
             current = steps[done] if status in ("running", "paused") and done < len(steps) else None
             yield (
-                ids[i], self.user_ids[workflows.user[w]], workflows.ids[w], status, triggers[i],
-                {"repository": "acme/agent-runtime", "since": _to_dt(created - US_PER_DAY).isoformat(),
-                 "options": {"dry_run": bool(rng.u() < 0.2)}},
+                ids[i],
+                self.user_ids[workflows.user[w]],
+                workflows.ids[w],
+                status,
+                triggers[i],
+                {
+                    "repository": "acme/agent-runtime",
+                    "since": _to_dt(created - US_PER_DAY).isoformat(),
+                    "options": {"dry_run": bool(rng.u() < 0.2)},
+                },
                 {"report": self._text(rng, 2, unicode_p=0.1)} if status == "succeeded" else None,
-                step_results, current,
+                step_results,
+                current,
                 f"step {steps[min(done, len(steps) - 1)]} failed: exit status {rng.randint(1, 128)}"
-                if status == "failed" else None,
-                None if start is None else _to_dt(start), None if end is None else _to_dt(end),
-                _to_dt(created), _to_dt(max(created, end or start or 0)),
+                if status == "failed"
+                else None,
+                None if start is None else _to_dt(start),
+                None if end is None else _to_dt(end),
+                _to_dt(created),
+                _to_dt(max(created, end or start or 0)),
             )
 
     def execution_snapshots(self) -> Iterator[tuple[Any, ...]]:
@@ -760,7 +1019,10 @@ class _Generator:
             large = i == 0 or rng.u() < 0.08
             huge = i == huge_index
             target = (
-                1_200_000 if huge else rng.randint(LARGE_STATE_MIN_BYTES, 400_000) if large
+                1_200_000
+                if huge
+                else rng.randint(LARGE_STATE_MIN_BYTES, 400_000)
+                if large
                 else rng.randint(4_000, 40_000)
             )
             state = self._snapshot_state(rng, sequence, target)
@@ -774,9 +1036,15 @@ class _Generator:
             base = execs.extra["started"][e] or execs.created_us[e]
             created = base + sequence * rng.randint(US_PER_SECOND, 60 * US_PER_SECOND)
             yield (
-                ids[i], self.user_ids[execs.user[e]], execs.ids[e], sequence,
-                None if rng.u() < 0.3 else f"checkpoint after step {sequence}", state, blob,
-                state_bytes + (len(blob) if blob is not None else 0), _to_dt(created),
+                ids[i],
+                self.user_ids[execs.user[e]],
+                execs.ids[e],
+                sequence,
+                None if rng.u() < 0.3 else f"checkpoint after step {sequence}",
+                state,
+                blob,
+                state_bytes + (len(blob) if blob is not None else 0),
+                _to_dt(created),
                 _to_dt(created + rng.randint(0, 5 * US_PER_SECOND)),
             )
 
@@ -788,16 +1056,17 @@ class _Generator:
         roles = ("system", "user", "assistant", "tool")
         while size < budget:
             content = self._text(rng, rng.randint(1, 6), unicode_p=0.05)
-            messages.append({"role": roles[len(messages) % 4], "content": content,
-                             "tokens": len(content) // 4})
+            messages.append({"role": roles[len(messages) % 4], "content": content, "tokens": len(content) // 4})
             size += len(content) + 40
         packed = base64.b64encode(rng.bytes(max(0, target_bytes - size) * 3 // 4)).decode()
         return {
             "version": 3,
             "sequence": sequence,
             "messages": messages,
-            "tool_cache": {TOOLS[k]: {"hits": rng.randint(0, 100), "last": self._sentence(rng, 3, 8)}
-                           for k in sorted(set(rng.ints(0, len(TOOLS), 3)))},
+            "tool_cache": {
+                TOOLS[k]: {"hits": rng.randint(0, 100), "last": self._sentence(rng, 3, 8)}
+                for k in sorted(set(rng.ints(0, len(TOOLS), 3)))
+            },
             "scores": [round(float(x), 6) for x in rng.np.random(32).tolist()],
             "packed_context": packed,
         }
@@ -847,9 +1116,7 @@ class TestDataManager:
         with psycopg.connect(self.conninfo) as conn:
             nonempty = [t for t in PLATFORM_TABLES if _has_rows(conn, t)]
             if nonempty:
-                raise TestDataError(
-                    f"tables already hold rows ({', '.join(nonempty)}); call cleanup() before seed()"
-                )
+                raise TestDataError(f"tables already hold rows ({', '.join(nonempty)}); call cleanup() before seed()")
             vector_oid = _register_vector(conn)
             for table in GENERATION_ORDER:
                 rows[table] = _copy_rows(conn, table, getattr(generator, table)(), vector_oid)
@@ -862,8 +1129,10 @@ class TestDataManager:
             total_bytes = _total_bytes(conn, PLATFORM_TABLES)
         self._seeded_users = counts["users"]
         return SeedReport(
-            rows={t: rows[t] for t in PLATFORM_TABLES}, total_bytes=total_bytes,
-            duration_seconds=duration, users=counts["users"],
+            rows={t: rows[t] for t in PLATFORM_TABLES},
+            total_bytes=total_bytes,
+            duration_seconds=duration,
+            users=counts["users"],
         )
 
     def insert_users_into_auth(self) -> None:
@@ -887,8 +1156,7 @@ class TestDataManager:
                     " values ('00000000-0000-0000-0000-000000000000', %s, %s, 'authenticated',"
                     " 'authenticated', %s, %s) on conflict (id) do nothing",
                     [
-                        (uid, self.user_email(i), created + dt.timedelta(hours=i),
-                         created + dt.timedelta(hours=i))
+                        (uid, self.user_email(i), created + dt.timedelta(hours=i), created + dt.timedelta(hours=i))
                         for i, uid in enumerate(self.user_ids(n))
                     ],
                 )
@@ -912,9 +1180,7 @@ class TestDataManager:
 
 
 def _has_rows(conn: psycopg.Connection[Any], table: str) -> bool:
-    row = conn.execute(
-        sql.SQL("select exists (select 1 from {})").format(sql.Identifier("public", table))
-    ).fetchone()
+    row = conn.execute(sql.SQL("select exists (select 1 from {})").format(sql.Identifier("public", table))).fetchone()
     return bool(row and row[0])
 
 
@@ -934,9 +1200,7 @@ def _register_vector(conn: psycopg.Connection[Any]) -> int:
     return int(info.oid)
 
 
-def _copy_rows(
-    conn: psycopg.Connection[Any], table: str, rows: Iterable[tuple[Any, ...]], vector_oid: int
-) -> int:
+def _copy_rows(conn: psycopg.Connection[Any], table: str, rows: Iterable[tuple[Any, ...]], vector_oid: int) -> int:
     layout = COLUMNS[table]
     statement = sql.SQL("copy {} ({}) from stdin (format binary)").format(
         sql.Identifier("public", table), sql.SQL(", ").join(sql.Identifier(name) for name, _ in layout)

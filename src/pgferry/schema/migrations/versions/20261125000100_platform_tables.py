@@ -78,9 +78,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_agent_memory")),
     )
     op.create_index(op.f("ix_agent_memory_user_id"), "agent_memory", ["user_id"], unique=False)
-    op.create_index(
-        "ix_agent_memory_user_id_agent_name", "agent_memory", ["user_id", "agent_name"], unique=False
-    )
+    op.create_index("ix_agent_memory_user_id_agent_name", "agent_memory", ["user_id", "agent_name"], unique=False)
     op.create_table(
         "environments",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -117,9 +115,7 @@ def upgrade() -> None:
         sa.Column("description", sa.Text(), nullable=True),
         sa.Column("status", sa.Text(), server_default=sa.text("'pending'"), nullable=False),
         sa.Column("priority", sa.Integer(), server_default=sa.text("0"), nullable=False),
-        sa.Column(
-            "tags", postgresql.ARRAY(sa.Text()), server_default=sa.text("'{}'::text[]"), nullable=False
-        ),
+        sa.Column("tags", postgresql.ARRAY(sa.Text()), server_default=sa.text("'{}'::text[]"), nullable=False),
         sa.Column(
             "metadata",
             postgresql.JSONB(astext_type=sa.Text()),
@@ -145,9 +141,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_tasks_environment_id"), "tasks", ["environment_id"], unique=False)
     op.create_index(op.f("ix_tasks_user_id"), "tasks", ["user_id"], unique=False)
-    op.create_index(
-        "ix_tasks_user_id_status_created_at", "tasks", ["user_id", "status", "created_at"], unique=False
-    )
+    op.create_index("ix_tasks_user_id_status_created_at", "tasks", ["user_id", "status", "created_at"], unique=False)
     op.create_table(
         "workflows",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -223,9 +217,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_agent_executions")),
     )
-    op.create_index(
-        op.f("ix_agent_executions_environment_id"), "agent_executions", ["environment_id"], unique=False
-    )
+    op.create_index(op.f("ix_agent_executions_environment_id"), "agent_executions", ["environment_id"], unique=False)
     op.create_index(op.f("ix_agent_executions_task_id"), "agent_executions", ["task_id"], unique=False)
     op.create_index(op.f("ix_agent_executions_user_id"), "agent_executions", ["user_id"], unique=False)
     op.create_index(
@@ -273,9 +265,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_workflow_executions")),
     )
     op.create_index(op.f("ix_workflow_executions_user_id"), "workflow_executions", ["user_id"], unique=False)
-    op.create_index(
-        op.f("ix_workflow_executions_workflow_id"), "workflow_executions", ["workflow_id"], unique=False
-    )
+    op.create_index(op.f("ix_workflow_executions_workflow_id"), "workflow_executions", ["workflow_id"], unique=False)
     op.create_table(
         "execution_snapshots",
         sa.Column("id", sa.UUID(), server_default=sa.text("gen_random_uuid()"), nullable=False),
@@ -301,9 +291,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_execution_snapshots")),
-        sa.UniqueConstraint(
-            "execution_id", "sequence", name=op.f("uq_execution_snapshots_execution_id_sequence")
-        ),
+        sa.UniqueConstraint("execution_id", "sequence", name=op.f("uq_execution_snapshots_execution_id_sequence")),
     )
     op.create_index(op.f("ix_execution_snapshots_user_id"), "execution_snapshots", ["user_id"], unique=False)
     op.create_table(
@@ -344,9 +332,7 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_index("ix_observability_events_trace_id", "observability_events", ["trace_id"], unique=False)
-    op.create_index(
-        op.f("ix_observability_events_user_id"), "observability_events", ["user_id"], unique=False
-    )
+    op.create_index(op.f("ix_observability_events_user_id"), "observability_events", ["user_id"], unique=False)
     op.create_index(
         "ix_observability_events_user_id_occurred_at",
         "observability_events",

@@ -58,8 +58,7 @@ def upgrade() -> None:
         op.execute(f"grant all on table public.{table} to service_role")
         check = _write_check(table)
         op.execute(
-            f'create policy "{table}: owner can select" on public.{table} '
-            f"for select to authenticated using ({OWNER})"
+            f'create policy "{table}: owner can select" on public.{table} for select to authenticated using ({OWNER})'
         )
         op.execute(
             f'create policy "{table}: owner can insert" on public.{table} '
@@ -70,13 +69,10 @@ def upgrade() -> None:
             f"for update to authenticated using ({OWNER}) with check ({check})"
         )
         op.execute(
-            f'create policy "{table}: owner can delete" on public.{table} '
-            f"for delete to authenticated using ({OWNER})"
+            f'create policy "{table}: owner can delete" on public.{table} for delete to authenticated using ({OWNER})'
         )
     # The identity sequence behind observability_events.id is needed for inserts as the user.
-    op.execute(
-        "grant usage, select on sequence public.observability_events_id_seq to authenticated, service_role"
-    )
+    op.execute("grant usage, select on sequence public.observability_events_id_seq to authenticated, service_role")
 
 
 def downgrade() -> None:

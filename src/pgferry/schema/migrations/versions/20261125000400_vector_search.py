@@ -88,12 +88,9 @@ $$
 
 
 def upgrade() -> None:
+    op.execute("create index ix_tasks_embedding_hnsw on public.tasks using hnsw (embedding vector_cosine_ops)")
     op.execute(
-        "create index ix_tasks_embedding_hnsw on public.tasks using hnsw (embedding vector_cosine_ops)"
-    )
-    op.execute(
-        "create index ix_agent_memory_embedding_hnsw on public.agent_memory "
-        "using hnsw (embedding vector_cosine_ops)"
+        "create index ix_agent_memory_embedding_hnsw on public.agent_memory using hnsw (embedding vector_cosine_ops)"
     )
     op.execute(MATCH_TASKS)
     op.execute(MATCH_AGENT_MEMORY)

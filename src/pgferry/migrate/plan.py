@@ -1,0 +1,299 @@
+"""Validation and planning: everything worth knowing before a byte moves, and nothing written anywhere.
+
+``pgferry migrate plan`` and the first step of ``run`` both come through here. Problems that would lose or
+duplicate data (a column the target lacks, a target table that already has rows, an extension the target
+cannot install) are errors and stop ``run`` before it writes; each says how to fix it. Everything else is
+reported so nobody is surprised afterwards (tables without keys, ownership that will not carry over).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import psycopg
+from psycopg import sql
+
+from pgferry.migrate.catalog import ServerInfo, Table, TableFilter, list_sequences, list_tables, server_info
+from pgferry.migrate.chunks import rows_per_chunk
+from pgferry.schema.models import Base
+
+Severity = Literal["error", "warning", "info"]
+
+# Conservative planning figures for a 2-core machine on a fast network (see bench/ for measured ones).
+COPY_BYTES_PER_SECOND_PER_JOB = 120e6
+INDEX_SECONDS_PER_GB = 8.0
+IGNORED_EXTENSIONS = {"plpgsql"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: Severity
+    message: str
+    fix: str = ""
+    table: str | None = None
+
+
+@dataclass
+class TablePlan:
+    table: str
+    rows: int
+    bytes: int
+    chunks: int
+    key: str
+    target: str  # 'exists' | 'created by schema phase' | 'missing'
+
+
+@dataclass
+class MigrationPlan:
+    source: ServerInfo
+    target: ServerInfo
+    schema_from: str
+    jobs: int
+    tables: list[TablePlan] = field(default_factory=list)
+    sequences: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    estimated_seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.tables)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": {
+                "version": self.source.version,
+                "database": self.source.database,
+                "size_bytes": self.source.size_bytes,
+                "extensions": self.source.extensions,
+            },
+            "target": {
+                "version": self.target.version,
+                "database": self.target.database,
+                "size_bytes": self.target.size_bytes,
+                "extensions": self.target.extensions,
+            },
+            "schema_from": self.schema_from,
+            "jobs": self.jobs,
+            "tables": [asdict(t) for t in self.tables],
+            "sequences": self.sequences,
+            "total_rows": self.total_rows,
+            "total_bytes": self.total_bytes,
+            "estimated_seconds": round(self.estimated_seconds, 1),
+            "problems": [asdict(p) for p in self.problems],
+            "ok": not self.errors,
+        }
+
+
+def _target_columns(conn: psycopg.Connection[Any], schema: str, name: str) -> dict[str, tuple[str, bool, bool]] | None:
+    rows = conn.execute(
+        "select a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull, "
+        "a.atthasdef or a.attidentity <> '' or a.attgenerated <> '' "
+        "from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace "
+        "where n.nspname = %s and c.relname = %s and a.attnum > 0 and not a.attisdropped",
+        (schema, name),
+    ).fetchall()
+    if not rows:
+        return None
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def _normalise_type(type_sql: str) -> str:
+    """Compare types without the schema an extension lives in (``public.vector`` = ``extensions.vector``)."""
+    return type_sql.split(".")[-1].replace('"', "")
+
+
+def build_plan(
+    source: psycopg.Connection[Any],
+    target: psycopg.Connection[Any],
+    *,
+    table_filter: TableFilter,
+    schema_from: str,
+    jobs: int,
+    batch_rows: int | None = None,
+    resuming: bool = False,
+) -> MigrationPlan:
+    src_info = server_info(source)
+    tgt_info = server_info(target)
+    plan = MigrationPlan(source=src_info, target=tgt_info, schema_from=schema_from, jobs=jobs)
+    problems = plan.problems
+    tables = list_tables(source, table_filter)
+    if not tables:
+        problems.append(
+            Problem(
+                "error",
+                "no tables on the source match the filters",
+                "check --schemas/--tables/--exclude-tables",
+            )
+        )
+
+    if schema_from == "pgferry" and target.execute("select to_regnamespace('auth')").fetchone() == (None,):
+        problems.append(
+            Problem(
+                "error",
+                "the target has no auth schema, so pgferry's migrations (RLS policies) cannot apply",
+                "point --target at a Supabase database, or for a local server run `pgferry db baseline` first",
+            )
+        )
+    for ext, ext_schema in sorted(src_info.extensions.items()):
+        if ext in IGNORED_EXTENSIONS:
+            continue
+        if ext in tgt_info.extensions:
+            if tgt_info.extensions[ext] != ext_schema:
+                problems.append(
+                    Problem(
+                        "info",
+                        f"extension {ext} is in schema {ext_schema} on the source and "
+                        f"{tgt_info.extensions[ext]} on the target; references are rewritten",
+                    )
+                )
+        elif ext not in tgt_info.available_extensions:
+            problems.append(
+                Problem(
+                    "error",
+                    f"extension {ext} is used on the source but not available on the target",
+                    "enable it in the Supabase dashboard (Database → Extensions) or exclude the tables that need it",
+                )
+            )
+        else:
+            problems.append(Problem("info", f"extension {ext} will be created on the target"))
+
+    model_tables = {t.name: t for t in Base.metadata.tables.values()}
+    for table in tables:
+        key = ",".join(table.primary_key) if table.primary_key else "none (copied by block ranges)"
+        per_chunk = rows_per_chunk(table, batch_rows)
+        chunks = max(1, -(-table.row_estimate // per_chunk)) if table.row_estimate else 1
+        target_cols = _target_columns(target, table.schema, table.name)
+        state = "exists" if target_cols is not None else "missing"
+        if target_cols is None and schema_from == "source":
+            state = "created by schema phase"
+        elif (
+            target_cols is None and schema_from == "pgferry" and table.schema == "public" and table.name in model_tables
+        ):
+            state = "created by schema phase"
+            target_cols = {
+                c.name: ("", not c.nullable, c.server_default is not None or bool(c.identity))
+                for c in model_tables[table.name].columns
+            }
+        plan.tables.append(TablePlan(table.qualified, table.row_estimate, table.total_bytes, chunks, key, state))
+        if not table.primary_key:
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{table.qualified} has no primary key: it is copied by physical "
+                    "block ranges and verified as a whole",
+                    table=table.qualified,
+                )
+            )
+        if state == "missing":
+            problems.append(
+                Problem(
+                    "error",
+                    f"{table.qualified} does not exist on the target and pgferry's schema does not define it",
+                    f"use --schema-from source, or --exclude-tables {table.qualified}",
+                    table=table.qualified,
+                )
+            )
+            continue
+        _compare_columns(table, target_cols or {}, problems)
+        if state == "exists" and not resuming:
+            has_rows = target.execute(
+                sql.SQL("select exists (select 1 from {}.{})").format(
+                    sql.Identifier(table.schema), sql.Identifier(table.name)
+                )
+            ).fetchone()
+            if has_rows and has_rows[0]:
+                problems.append(
+                    Problem(
+                        "error",
+                        f"{table.qualified} already has rows on the target; copying would duplicate them",
+                        f"empty it (truncate {table.qualified}) or exclude it with --exclude-tables",
+                        table=table.qualified,
+                    )
+                )
+
+    owners = {
+        r[0]
+        for r in source.execute(
+            "select distinct pg_get_userbyid(c.relowner) from pg_class c join pg_namespace n on n.oid = c.relnamespace "
+            "where c.relkind in ('r', 'p', 'v', 'm', 'S') and n.nspname not in ('pg_catalog', 'information_schema') "
+            "and n.nspname not like 'pg\\_%'"
+        )
+    }
+    target_roles = {r[0] for r in target.execute("select rolname from pg_roles")}
+    foreign = sorted(owners - target_roles)
+    if foreign:
+        problems.append(
+            Problem(
+                "info",
+                f"objects owned by {', '.join(foreign)} on the source will be owned by the "
+                "migrating role on the target (those roles do not exist there)",
+            )
+        )
+    if not _can_disable_triggers(target):
+        problems.append(
+            Problem(
+                "error",
+                "the target role cannot set session_replication_role, needed to load without firing triggers",
+                "connect to the target as postgres (Supabase) or a superuser",
+            )
+        )
+    plan.sequences = len(list_sequences(source, table_filter.schemas or None))
+    effective_jobs = max(1, min(jobs, sum(t.chunks for t in plan.tables)))
+    plan.estimated_seconds = plan.total_bytes / (
+        COPY_BYTES_PER_SECOND_PER_JOB * effective_jobs
+    ) + plan.total_bytes / 1e9 * INDEX_SECONDS_PER_GB / max(1, jobs)
+    return plan
+
+
+def _compare_columns(table: Table, target_cols: dict[str, tuple[str, bool, bool]], problems: list[Problem]) -> None:
+    source_cols = {c.name: c for c in table.columns}
+    for name, column in source_cols.items():
+        if name not in target_cols:
+            problems.append(
+                Problem(
+                    "error",
+                    f"{table.qualified}.{name} exists on the source but not on the target; its data would be lost",
+                    "add the column on the target or use --schema-from source",
+                    table=table.qualified,
+                )
+            )
+            continue
+        target_type = target_cols[name][0]
+        if target_type and _normalise_type(target_type) != _normalise_type(column.type_sql):
+            problems.append(
+                Problem(
+                    "error",
+                    f"{table.qualified}.{name} is {column.type_sql} on the source but {target_type} on the target",
+                    "align the column types before migrating",
+                    table=table.qualified,
+                )
+            )
+    for name, (_type, not_null, has_default) in target_cols.items():
+        if name not in source_cols and not_null and not has_default:
+            problems.append(
+                Problem(
+                    "error",
+                    f"{table.qualified}.{name} is NOT NULL without a default on the target "
+                    "and absent on the source; every row would be rejected",
+                    "give it a default or make it nullable",
+                    table=table.qualified,
+                )
+            )
+
+
+def _can_disable_triggers(target: psycopg.Connection[Any]) -> bool:
+    try:
+        with target.transaction(force_rollback=True):
+            target.execute("set local session_replication_role = replica")
+        return True
+    except psycopg.errors.InsufficientPrivilege:
+        return False

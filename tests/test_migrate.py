@@ -1,0 +1,147 @@
+"""The migration engine end to end on real servers: exact copy, verification, plan, errors, rollback."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from pgferry.migrate.engine import PlanBlockedError
+from pgferry.migrate.source_schema import take_inventory
+from pgferry.schema.models import PLATFORM_TABLES
+from tests.migrate_helpers import seed_source, service_for
+
+
+def test_platform_migration_is_exact_and_verified(source_url: str, baseline_url: str) -> None:
+    manager = seed_source(source_url)
+    service = service_for(source_url, baseline_url, jobs=2, batch_rows=300)
+    summary = service.run()
+    assert summary.status == "completed"
+    assert summary.verification is not None and summary.verification.ok
+    comparison = manager.compare_with(baseline_url)
+    assert comparison.identical, comparison.describe()
+    assert {t.table for t in summary.tables} == {f"public.{t}" for t in PLATFORM_TABLES}
+    assert sum(t.rows for t in summary.tables) == sum(d.source.row_count for d in comparison.tables)
+    with psycopg.connect(baseline_url) as conn:
+        # Indexes (HNSW too), keys and RLS are all back after the load.
+        indexes = {r[0] for r in conn.execute("select indexname from pg_indexes where schemaname = 'public'")}
+        assert {"ix_tasks_embedding_hnsw", "ix_agent_memory_embedding_hnsw", "pk_tasks"} <= indexes
+        assert conn.execute(
+            "select count(*) from pg_constraint where contype = 'f' and connamespace = 'public'::regnamespace"
+        ).fetchone() == (7,)
+        assert conn.execute(
+            "select bool_and(relrowsecurity) from pg_class where relkind = 'r' and "
+            "relnamespace = 'public'::regnamespace"
+        ).fetchone() == (True,)
+        # The identity sequence continues after the copied ids.
+        new_id = conn.execute(
+            "insert into public.observability_events (user_id, event_type, message) "
+            "values (gen_random_uuid(), 'x', 'y') returning id"
+        ).fetchone()
+        top = conn.execute("select max(id) from public.observability_events where event_type <> 'x'").fetchone()
+        assert new_id is not None and top is not None and new_id[0] > top[0]
+        conn.rollback()
+    # Running again is harmless: the completed run is reported, nothing is copied twice.
+    again = service_for(source_url, baseline_url).run()
+    assert again.run_id == summary.run_id
+    assert manager.compare_with(baseline_url).identical
+
+
+def test_plan_reports_and_changes_nothing(source_url: str, baseline_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(baseline_url) as conn:
+        before = take_inventory(conn)
+    plan = service_for(source_url, baseline_url).plan()
+    assert not plan.errors, plan.problems
+    assert {t.table for t in plan.tables} == {f"public.{t}" for t in PLATFORM_TABLES}
+    assert plan.total_rows > 0 and plan.estimated_seconds > 0
+    assert all(t.target == "created by schema phase" for t in plan.tables)
+    with psycopg.connect(baseline_url) as conn:
+        assert take_inventory(conn) == before
+        assert conn.execute("select to_regnamespace('pgferry')").fetchone() == (None,)
+
+
+def test_target_with_rows_blocks_the_run_before_anything_is_written(source_url: str, target_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(target_url) as conn:
+        conn.execute("insert into public.environments (user_id, name) values (gen_random_uuid(), 'already here')")
+    with pytest.raises(PlanBlockedError, match="already has rows") as raised:
+        service_for(source_url, target_url).run()
+    assert "nothing was written" in str(raised.value)
+    with psycopg.connect(target_url) as conn:
+        assert conn.execute("select to_regclass('pgferry.migration_runs')").fetchone() == (None,)
+        assert conn.execute("select count(*) from public.tasks").fetchone() == (0,)
+
+
+def test_missing_column_on_target_blocks_the_run(source_url: str, target_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(target_url) as conn:
+        conn.execute("alter table public.tasks drop column due_at")
+    plan = service_for(source_url, target_url).plan()
+    assert any("public.tasks.due_at" in p.message and p.severity == "error" for p in plan.errors)
+
+
+def test_rollback_returns_a_fresh_target_to_its_previous_state(source_url: str, baseline_url: str) -> None:
+    manager = seed_source(source_url, scale=0.01)
+    source_before = manager.compare_with(source_url)  # digests of the source, to prove it is untouched
+    with psycopg.connect(baseline_url) as conn:
+        before = take_inventory(conn)
+    service_for(source_url, baseline_url).run()
+    report = service_for(source_url, baseline_url).rollback_report()
+    assert report.ok, report.steps
+    with psycopg.connect(baseline_url) as conn:
+        assert take_inventory(conn) == before
+        assert conn.execute("select to_regnamespace('pgferry')").fetchone() == (None,)
+    assert [d.source.digest for d in manager.compare_with(source_url).tables] == [
+        d.source.digest for d in source_before.tables
+    ]
+
+
+def test_rollback_keeps_a_pre_existing_schema(source_url: str, target_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(target_url) as conn:
+        before = take_inventory(conn)
+        indexes_before = sorted(
+            r[0] for r in conn.execute("select indexdef from pg_indexes where schemaname = 'public'")
+        )
+        revision = conn.execute("select version_num from pgferry.alembic_version").fetchone()
+    service_for(source_url, target_url).run()
+    report = service_for(source_url, target_url).rollback_report()
+    assert report.ok
+    with psycopg.connect(target_url) as conn:
+        assert take_inventory(conn) == before
+        assert (
+            sorted(r[0] for r in conn.execute("select indexdef from pg_indexes where schemaname = 'public'"))
+            == indexes_before
+        )
+        assert conn.execute("select version_num from pgferry.alembic_version").fetchone() == revision
+        for table in PLATFORM_TABLES:
+            assert conn.execute(f"select count(*) from public.{table}").fetchone() == (0,)
+        assert conn.execute("select to_regclass('pgferry.migration_runs')").fetchone() == (None,)
+
+
+def test_skip_table_policy_reports_the_skipped_table(source_url: str, target_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(target_url) as conn:
+        # A constraint every source row violates: the copy of this table fails, fatally.
+        conn.execute("alter table public.workflows add constraint reject_all check (version < 0) not valid")
+    summary = service_for(source_url, target_url, on_error="skip-table", verify=False).run()
+    assert summary.skipped_tables == ["public.workflows"]
+    assert any(e["table"] == "public.workflows" and e["sqlstate"] == "23514" for e in summary.errors)
+    with psycopg.connect(target_url) as conn:
+        assert conn.execute("select count(*) from public.workflows").fetchone() == (0,)
+        assert conn.execute("select count(*) > 0 from public.tasks").fetchone() == (True,)
+
+
+def test_stop_policy_stops_and_resume_finishes(source_url: str, target_url: str) -> None:
+    manager = seed_source(source_url, scale=0.01)
+    with psycopg.connect(target_url) as conn:
+        conn.execute("alter table public.workflows add constraint reject_all check (version < 0) not valid")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        service_for(source_url, target_url, batch_rows=50).run()
+    with psycopg.connect(target_url) as conn:
+        status = conn.execute("select status from pgferry.migration_runs").fetchone()
+        assert status == ("failed",)
+        conn.execute("alter table public.workflows drop constraint reject_all")
+    summary = service_for(source_url, target_url, batch_rows=50).run()
+    assert summary.status == "completed" and summary.resumed
+    assert manager.compare_with(target_url).identical
