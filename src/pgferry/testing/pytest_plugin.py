@@ -64,10 +64,7 @@ _INSTALLS = selected_installs()
 _PAIRS: dict[str, ServerPair] = {}
 
 
-@pytest.fixture(scope="session", params=_INSTALLS, ids=[install.label for install in _INSTALLS])
-def server_pair(request: pytest.FixtureRequest) -> ServerPair:
-    """A started source/target pair for one installation, shared by the whole session."""
-    install: PostgresInstall = request.param
+def _pair_for(install: PostgresInstall, request: pytest.FixtureRequest) -> ServerPair:
     pair = _PAIRS.get(install.label)
     if pair is None:
         pair = ServerPair(install)
@@ -75,6 +72,46 @@ def server_pair(request: pytest.FixtureRequest) -> ServerPair:
         pair.start()
         request.session.config.add_cleanup(pair.stop)
     return pair
+
+
+@pytest.fixture(scope="session", params=_INSTALLS, ids=[install.label for install in _INSTALLS])
+def server_pair(request: pytest.FixtureRequest) -> ServerPair:
+    """A started source/target pair for one installation, shared by the whole session."""
+    return _pair_for(request.param, request)
+
+
+def _routes(installs: list[PostgresInstall]) -> list[tuple[PostgresInstall, PostgresInstall]]:
+    """Migration routes worth testing: from the oldest server to each version (15 → 15, 15 → 18)."""
+    oldest = min(installs, key=lambda i: i.major_version)
+    return [(oldest, target) for target in sorted(installs, key=lambda i: i.major_version)]
+
+
+_ROUTES = _routes(_INSTALLS)
+
+
+@pytest.fixture(scope="session", params=_ROUTES, ids=[f"{a.label}-to-{b.label}" for a, b in _ROUTES])
+def migration_route(request: pytest.FixtureRequest) -> tuple[ServerPair, ServerPair]:
+    """(pair whose source server is the migration source, pair whose target server is the target)."""
+    source_install, target_install = request.param
+    return _pair_for(source_install, request), _pair_for(target_install, request)
+
+
+@pytest.fixture
+def route_source_url(migration_route: tuple[ServerPair, ServerPair]) -> Iterator[str]:
+    """An empty database (no platform tables) on the route's source server."""
+    pair = migration_route[0]
+    name, url = pair.clone(pair.source, None, "rsrc")
+    yield url
+    pair.drop(pair.source, name)
+
+
+@pytest.fixture
+def route_target_url(migration_route: tuple[ServerPair, ServerPair]) -> Iterator[str]:
+    """A database with only the Supabase baseline on the route's target server."""
+    pair = migration_route[1]
+    name, url = pair.clone(pair.target, BASELINE_TEMPLATE, "rtgt")
+    yield url
+    pair.drop(pair.target, name)
 
 
 @pytest.fixture
