@@ -83,3 +83,13 @@ def test_dev_status_before_up_says_what_to_do(stack_env: dict[str, str]) -> None
     result = run_pgferry("dev", "status", env=stack_env)
     assert result.returncode == 2
     assert "pgferry dev up" in result.stderr
+
+
+def test_demo_migrates_the_local_stack_and_verifies(stack_env: dict[str, str]) -> None:
+    """The README's first command, end to end: stack up, seed "Neon", migrate into "Supabase", verify."""
+    ports = ["--source-port", str(free_port()), "--target-port", str(free_port())]
+    for _ in range(2):  # a second demo rolls the first one back and starts over
+        result = run_pgferry("demo", "--scale", "0.02", *ports, env={**stack_env, "COLUMNS": "160"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "verification passed" in result.stdout
+        assert "migration run 1: completed" in result.stdout

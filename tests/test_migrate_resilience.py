@@ -49,8 +49,22 @@ def _run_state(target_url: str) -> tuple[str | None, int, int]:
 def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str) -> None:
     manager = seed_source(source_url, scale=0.25, seed=5)
     rng = random.Random(20261125)
-    args = [sys.executable, "-m", "pgferry.cli.main", "migrate", "run", "--source", source_url, "--target",
-            baseline_url, "--jobs", "2", "--batch-rows", "400", "--json"]
+    args = [
+        sys.executable,
+        "-m",
+        "pgferry.cli.main",
+        "migrate",
+        "run",
+        "--source",
+        source_url,
+        "--target",
+        baseline_url,
+        "--jobs",
+        "2",
+        "--batch-rows",
+        "400",
+        "--json",
+    ]
     # Kill points spread over the whole run: early (plan/schema/prepare), inside the copy at random
     # fractions of the chunks, and after the copy (index rebuild or verification).
     kill_points: list[tuple[str, float]] = [
@@ -87,8 +101,19 @@ def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str)
         seen_done = current
     print("kill points:", kills)
     assert len(kills) >= 4, kills
-    final = run_pgferry("migrate", "run", "--source", source_url, "--target", baseline_url, "--jobs", "2",
-                        "--batch-rows", "400", "--json")
+    final = run_pgferry(
+        "migrate",
+        "run",
+        "--source",
+        source_url,
+        "--target",
+        baseline_url,
+        "--jobs",
+        "2",
+        "--batch-rows",
+        "400",
+        "--json",
+    )
     assert final.returncode == 0, final.stderr
     summary = json.loads(final.stdout)
     assert summary["status"] == "completed"
@@ -137,8 +162,14 @@ class _RestartServersMidCopy:
 def test_source_and_target_restart_mid_copy(server_pair: ServerPair, source_url: str, baseline_url: str) -> None:
     manager = seed_source(source_url, scale=0.1, seed=9)
     reporter = _RestartServersMidCopy(server_pair)
-    service = service_for(source_url, baseline_url, jobs=2, batch_rows=200, reporter=reporter,
-                          retry_policy=RetryPolicy(max_attempts=12, base_delay=0.2, max_delay=2.0))
+    service = service_for(
+        source_url,
+        baseline_url,
+        jobs=2,
+        batch_rows=200,
+        reporter=reporter,
+        retry_policy=RetryPolicy(max_attempts=12, base_delay=0.2, max_delay=2.0),
+    )
     summary = service.run()
     assert reporter.restarted == ["source", "target"]
     assert summary.status == "completed"
@@ -163,7 +194,9 @@ def test_cli_plan_status_verify_rollback(source_url: str, baseline_url: str) -> 
     assert status["tables_completed"] == status["tables_total"] == 8
     assert status["records_migrated"] > 0 and status["errors"] == []
     with psycopg.connect(baseline_url) as conn:  # make the target differ, verify must say where
-        conn.execute("update public.tasks set title = 'changed' where id = (select id from public.tasks order by id limit 1)")
+        conn.execute(
+            "update public.tasks set title = 'changed' where id = (select id from public.tasks order by id limit 1)"
+        )
     verify = run_pgferry("migrate", "verify", "--source", source_url, "--target", baseline_url)
     assert verify.returncode == 1 and "public.tasks" in verify.stdout and "DIFFERENT" in verify.stdout
     rollback = run_pgferry("migrate", "rollback", "--source", source_url, "--target", baseline_url, "--json")

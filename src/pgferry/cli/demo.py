@@ -1,29 +1,38 @@
-"""``pgferry demo``: the whole local job in one command, for newcomers and CI smoke runs."""
+"""``pgferry demo``: the whole local job in one command, for newcomers and CI smoke runs.
+
+Starts the local stack, seeds the "Neon" source with sample platform data, and migrates it into the
+"Supabase" target with live progress, ending with the verification report. Re-running it starts over:
+the previous demo migration is rolled back and the source reseeded, so the demo is always the same story.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-import psycopg
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from pgferry.cli.common import settings, stack
 from pgferry.cli.dev import print_status
+from pgferry.cli.migrate import print_summary, print_verification
+from pgferry.cli.progress import RichReporter
+from pgferry.config import parse_database_url
 from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT
-from pgferry.schema.models import PLATFORM_TABLES
+from pgferry.migrate.engine import MigrationOptions, MigrationService
 
 console = Console()
 
 
 def demo(
-    scale: Annotated[float, typer.Option(help="Data volume; 1.0 is about 100 MB.")] = 0.05,
+    scale: Annotated[float, typer.Option(help="Data volume; 1.0 is about 130 MB.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Random seed of the sample data.")] = 42,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Parallel migration workers.")] = 2,
     source_port: Annotated[int, typer.Option(help="TCP port of the source server.")] = DEFAULT_SOURCE_PORT,
     target_port: Annotated[int, typer.Option(help="TCP port of the target server.")] = DEFAULT_TARGET_PORT,
 ) -> None:
-    """Start the local stack, apply the schemas and seed the source ("Neon") with sample data."""
+    """Start the local stack, seed the source ("Neon") and migrate it into the target ("Supabase")."""
+    from pgferry.migrate.rollback import rollback
+    from pgferry.migrate.state import latest_run
     from pgferry.testing.data import TestDataManager  # numpy and the generator load only for the demo
 
     cfg = settings()
@@ -35,27 +44,33 @@ def demo(
             bindir=str(cfg.pg_bindir) if cfg.pg_bindir else None,
         )
     print_status(servers, as_json=False)
-    source_url = local.url("source")
+    source_url, target_url = local.url("source"), local.url("target")
+    options = MigrationOptions(
+        source_url=parse_database_url(source_url, "source"),
+        target_url=parse_database_url(target_url, "target"),
+        jobs=jobs,
+    )
+    import psycopg
+
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        previous = latest_run(conn)
+    if previous is not None:
+        with console.status(f"rolling back the previous demo migration (run {previous.id})"):
+            rollback(MigrationService(options))
     manager = TestDataManager(source_url, seed=seed)
     manager.create_environment()
     with console.status(f"seeding the source at scale {scale}"):
         manager.cleanup()
         report = manager.seed(scale)
-    table = Table(title=f"source seeded in {report.duration_seconds:.1f}s ({report.total_bytes / 1e6:.1f} MB)")
-    table.add_column("table")
-    table.add_column("rows", justify="right")
-    with psycopg.connect(source_url) as conn:
-        for name in PLATFORM_TABLES:
-            row = conn.execute(f"select count(*) from public.{name}").fetchone()
-            table.add_row(name, f"{row[0] if row else 0:,}")
-    console.print(table)
-    target_url = local.url("target")
-    with psycopg.connect(target_url) as conn:
-        rls = conn.execute(
-            "select count(*) filter (where relrowsecurity), count(*) from pg_class "
-            "where relnamespace = 'public'::regnamespace and relkind = 'r'"
-        ).fetchone()
     console.print(
-        f"target ready: {rls[0] if rls else 0}/{rls[1] if rls else 0} public tables with row level security; "
-        f"next: migrate {source_url} -> {target_url}"
+        f"source seeded: {sum(report.rows.values()):,} rows, {report.total_bytes / 1e6:,.1f} MB "
+        f"in {report.duration_seconds:.1f}s"
     )
+    reporter = RichReporter(console)
+    service = MigrationService(options, reporter)
+    with reporter:
+        summary = service.run()
+    print_summary(summary)
+    print_verification(service.verify(summary.run_id))
+    console.print(f"\nsource: {source_url}\ntarget: {target_url}\n"
+                  "next: `pgferry dev psql target`, `pgferry migrate status --target …`, `pgferry dev down`")

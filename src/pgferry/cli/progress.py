@@ -35,6 +35,7 @@ class RichReporter:
         )
         self._lock = threading.Lock()
         self._tasks: dict[str, TaskID] = {}
+        self._table_started: dict[str, float] = {}
         self._overall: TaskID | None = None
         self._started = time.monotonic()
         self._rows_done = 0
@@ -63,6 +64,7 @@ class RichReporter:
                 self._started = time.monotonic()
             total = max(rows_estimate, rows_done)
             self._tasks[table] = self.progress.add_task(table, total=total, completed=rows_done, rate="-")
+            self._table_started[table] = time.monotonic()
             overall = self.progress.tasks[self._overall]
             self.progress.update(
                 self._overall, total=(overall.total or 0) + total, completed=overall.completed + rows_done
@@ -75,7 +77,8 @@ class RichReporter:
                 task = self.progress.tasks[task_id]
                 completed = task.completed + rows
                 total = max(task.total or 0, completed)
-                self.progress.update(task_id, completed=completed, total=total, rate=f"{task.speed or 0:,.0f}")
+                elapsed = max(1e-6, time.monotonic() - self._table_started.get(table, self._started))
+                self.progress.update(task_id, completed=completed, total=total, rate=f"{completed / elapsed:,.0f}")
             if self._overall is not None:
                 self._rows_done += rows
                 overall = self.progress.tasks[self._overall]

@@ -632,6 +632,13 @@ class MigrationService:
             snapshot.close()
         if failures:
             raise failures[0]
+        with self._target() as target:
+            target.execute(
+                "update pgferry.migration_tables t set state = 'copied' where run_id = %s and state = 'pending' "
+                "and not exists (select 1 from pgferry.migration_chunks c where c.run_id = t.run_id and "
+                "c.schema_name = t.schema_name and c.table_name = t.table_name and c.state <> 'done')",
+                (run_id,),
+            )
         if snapshot.exports > 1:
             with self._target() as target:
                 st.record_event(
@@ -804,10 +811,11 @@ class MigrationService:
         metrics = row[2] or {}
         if "verification" in metrics:
             verification = _report_from_dict(metrics["verification"])
+        recorded = dict(row[1] or {})
         return MigrationSummary(
             run_id=run_id,
             status=str(row[0]),
-            phase_seconds=dict(row[1] or {}),
+            phase_seconds={p: float(recorded[p]) for p in PHASES if p in recorded},
             tables=tables,
             retries=self.retries,
             errors=errors,

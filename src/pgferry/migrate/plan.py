@@ -203,7 +203,9 @@ def build_plan(
                 )
             )
             continue
-        _compare_columns(table, target_cols or {}, problems)
+        if target_cols is None:
+            continue  # created from the source's own schema (--schema-from source): same columns by construction
+        _compare_columns(table, target_cols, problems)
         if state == "exists" and not resuming:
             has_rows = target.execute(
                 sql.SQL("select exists (select 1 from {}.{})").format(
