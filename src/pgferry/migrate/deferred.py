@@ -46,6 +46,7 @@ select con.conname, con.contype, pg_get_constraintdef(con.oid), con.condeferrabl
                and fk.conindid = con.conindid and not (fk.conrelid = any(%s::oid[])))
 from pg_constraint con
 where con.conrelid = %s and con.contype in ('p', 'u', 'x', 'f')
+  and con.conparentid = 0  -- a partition's copy of its parent's constraint cannot be dropped on its own
 order by con.conname
 """
 
@@ -55,6 +56,7 @@ from pg_index i join pg_class c on c.oid = i.indexrelid
 where i.indrelid = %s
   and not exists (select 1 from pg_constraint con where con.conindid = i.indexrelid and con.conrelid = i.indrelid
                   and con.contype in ('p', 'u', 'x'))
+  and not exists (select 1 from pg_inherits inh where inh.inhrelid = i.indexrelid)  -- attached to a parent's
 order by c.relname
 """
 
