@@ -145,3 +145,21 @@ def test_stop_policy_stops_and_resume_finishes(source_url: str, target_url: str)
     summary = service_for(source_url, target_url, batch_rows=50).run()
     assert summary.status == "completed" and summary.resumed
     assert manager.compare_with(target_url).identical
+
+
+def test_prometheus_metrics_follow_the_run(source_url: str, baseline_url: str) -> None:
+    import urllib.request
+
+    from pgferry.localstack.cluster import free_port
+
+    seed_source(source_url, scale=0.01)
+    service = service_for(source_url, baseline_url, batch_rows=500)
+    port = free_port()
+    service.metrics.serve(port)
+    summary = service.run()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    rows = service.metrics.registry.get_sample_value("pgferry_migrate_rows_total", {"table": "public.tasks"})
+    tasks = next(t for t in summary.tables if t.table == "public.tasks")
+    assert rows == tasks.rows > 0
+    assert 'pgferry_migrate_phase{phase="complete"} 1.0' in body
+    assert "pgferry_migrate_chunk_seconds_count" in body

@@ -184,6 +184,7 @@ def run(
     batch_rows: Annotated[int | None, typer.Option(help="Rows per chunk (default: ~64 MB).")] = None,
     verify: Annotated[bool, typer.Option(help="Verify checksums after the copy.")] = True,
     on_error: Annotated[str, typer.Option(help="stop | skip-table | rollback")] = "stop",
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Run (or resume) the migration: schema, data, indexes, sequences, verification."""
@@ -203,6 +204,8 @@ def run(
         on_error=on_error,
         reporter=reporter,
     )
+    if metrics_port is not None:
+        service.metrics.serve(metrics_port)
     if reporter is not None:
         with reporter:
             summary = service.run()

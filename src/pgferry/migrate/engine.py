@@ -42,7 +42,7 @@ from pgferry.errors import PgferryError
 from pgferry.migrate import state as st
 from pgferry.migrate.catalog import Table, TableFilter, list_sequences, list_tables
 from pgferry.migrate.chunks import plan_table_chunks
-from pgferry.migrate.copy import CopySpec, copy_table_chunk
+from pgferry.migrate.copy import ChunkResult, CopySpec, copy_table_chunk
 from pgferry.migrate.deferred import collect_deferrable, drop_deferrable, pending_deferred, restore_deferred
 from pgferry.migrate.plan import MigrationPlan, build_plan
 from pgferry.migrate.verify import (
@@ -52,6 +52,7 @@ from pgferry.migrate.verify import (
     verify_chunks,
     verify_sequences,
 )
+from pgferry.observability.metrics import MigrationMetrics
 
 log = structlog.get_logger("pgferry.migrate")
 
@@ -236,9 +237,15 @@ class _Snapshot:
 class MigrationService:
     """Plan, run, verify, roll back and report on one source → target move."""
 
-    def __init__(self, options: MigrationOptions, reporter: ProgressReporter | None = None) -> None:
+    def __init__(
+        self,
+        options: MigrationOptions,
+        reporter: ProgressReporter | None = None,
+        metrics: MigrationMetrics | None = None,
+    ) -> None:
         self.options = options
         self.reporter: ProgressReporter = reporter or NullReporter()
+        self.metrics = metrics or MigrationMetrics()
         self.retries = 0
         self._retries_lock = threading.Lock()
 
@@ -268,6 +275,7 @@ class MigrationService:
         def note(attempt: RetryAttempt) -> None:
             with self._retries_lock:
                 self.retries += 1
+            self.metrics.retries.inc()
             log.warning(
                 "retrying",
                 operation=operation,
@@ -343,6 +351,7 @@ class MigrationService:
         return summary
 
     def _record_failure(self, run_id: int, exc: BaseException) -> None:
+        self.metrics.errors.labels(self.metrics.current_phase or "unknown").inc()
         with contextlib.suppress(Exception), self._target() as target:
             row = target.execute("select phase from pgferry.migration_runs where id = %s", (run_id,)).fetchone()
             phase = str(row[0]) if row else "unknown"
@@ -371,6 +380,7 @@ class MigrationService:
             if name == "verify" and not self.options.verify:
                 continue
             self.reporter.phase(name)
+            self.metrics.enter_phase(name)
             started = time.monotonic()
             step(run_id)
             with self._target() as target:
@@ -378,6 +388,7 @@ class MigrationService:
                 following = names[names.index(name) + 1] if name != names[-1] else "complete"
                 st.set_phase(target, run_id, following, status="completed" if following == "complete" else "running")
         self.reporter.phase("complete")
+        self.metrics.enter_phase("complete")
         with self._target() as target:
             st.set_phase(target, run_id, "complete", status="completed")
 
@@ -539,7 +550,7 @@ class MigrationService:
                 source = target = None
                 imported = None
 
-            def attempt(chunk: st.ChunkRecord, spec: CopySpec) -> None:
+            def attempt(chunk: st.ChunkRecord, spec: CopySpec) -> ChunkResult | None:
                 nonlocal source, target, imported
                 if target is None or target.closed or target.broken:
                     target = self.connect_target()
@@ -565,7 +576,7 @@ class MigrationService:
                         raise SnapshotLostError(str(exc)) from exc
                     imported = wanted
                 try:
-                    copy_table_chunk(
+                    return copy_table_chunk(
                         source,
                         target,
                         spec,
@@ -574,7 +585,7 @@ class MigrationService:
                         on_bytes=lambda n: self.reporter.bytes_copied(chunk.qualified, n),
                     )
                 except st.ChunkAlreadyDoneError:
-                    return
+                    return None
                 except Exception as exc:
                     if classify_migration_error(exc).reconnect:
                         reset()
@@ -591,19 +602,16 @@ class MigrationService:
                         continue
                 spec = specs[ident][0]
                 try:
-                    self._retry(
+                    result = self._retry(
                         lambda chunk=chunk, spec=spec: attempt(chunk, spec),  # type: ignore[misc]
                         f"copy {chunk.qualified} chunk {chunk.chunk_no}",
                     )
-                    with self._target() as t:
-                        row = t.execute(
-                            "select rows_copied, bytes_copied from pgferry.migration_chunks where run_id = %s "
-                            "and schema_name = %s and table_name = %s and chunk_no = %s",
-                            (run_id, chunk.schema, chunk.table, chunk.chunk_no),
-                        ).fetchone()
-                    self.reporter.chunk_done(
-                        chunk.qualified, int(row[0] or 0) if row else 0, int(row[1] or 0) if row else 0
-                    )
+                    if result is not None:
+                        self.metrics.rows.labels(chunk.qualified).inc(result.rows)
+                        self.metrics.bytes.labels(chunk.qualified).inc(result.nbytes)
+                        self.metrics.chunks.labels(chunk.qualified).inc()
+                        self.metrics.chunk_seconds.observe(result.seconds)
+                        self.reporter.chunk_done(chunk.qualified, result.rows, result.nbytes)
                 except Exception as exc:
                     reset()
                     if self.options.on_error == "skip-table":
@@ -651,6 +659,7 @@ class MigrationService:
                 )
 
     def _skip_table(self, run_id: int, chunk: st.ChunkRecord, exc: BaseException) -> None:
+        self.metrics.errors.labels("data").inc()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         message = f"skipped {chunk.qualified} after error: {reason}"
         self.reporter.message(message)
