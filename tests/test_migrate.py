@@ -163,3 +163,18 @@ def test_prometheus_metrics_follow_the_run(source_url: str, baseline_url: str) -
     assert rows == tasks.rows > 0
     assert 'pgferry_migrate_phase{phase="complete"} 1.0' in body
     assert "pgferry_migrate_chunk_seconds_count" in body
+
+
+def test_rollback_policy_undoes_a_failed_run(source_url: str, baseline_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    with psycopg.connect(baseline_url) as conn:
+        before = take_inventory(conn)
+    with psycopg.connect(source_url) as conn:
+        # A value the target's schema (pgferry's CHECK on workflows.version) will refuse: a fatal error.
+        conn.execute("alter table public.workflows drop constraint ck_workflows_version")
+        conn.execute("update public.workflows set version = 0 where ctid = (select min(ctid) from public.workflows)")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        service_for(source_url, baseline_url, on_error="rollback").run()
+    with psycopg.connect(baseline_url) as conn:
+        assert take_inventory(conn) == before
+        assert conn.execute("select to_regnamespace('pgferry')").fetchone() == (None,)

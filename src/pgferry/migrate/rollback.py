@@ -59,29 +59,22 @@ def rollback(service: MigrationService, run_id: int | None = None) -> RollbackRe
         if run.status == "rolled_back":
             return RollbackReport(run.id, [RollbackStep("nothing to do", "already rolled back", True)])
         report = RollbackReport(run.id)
-        preexisting = [
-            (r[0], r[1])
+        migrated = [
+            (r[0], r[1], bool(r[2]))
             for r in target.execute(
-                "select schema_name, table_name from pgferry.migration_tables where run_id = %s and target_existed",
+                "select schema_name, table_name, target_existed from pgferry.migration_tables where run_id = %s",
                 (run.id,),
             )
         ]
+    preexisting = [(schema, table) for schema, table, existed in migrated if existed]
 
-    # 1. pgferry's own migrations back to where the target was.
-    if run.options.get("schema_from") == "pgferry" and run.inventory_before is not None:
-        before_rev = run.alembic_revision_before
-        if migrator.current_revision(target_url) != before_rev:
-            migrator.downgrade(target_url, before_rev or "base")
-        now_rev = migrator.current_revision(target_url)
-        report.steps.append(
-            RollbackStep("downgrade pgferry migrations", f"revision {now_rev or 'none'}", now_rev == before_rev)
-        )
-
-    # 2. Pre-existing tables: empty again, with their indexes and keys back.
+    # 1. Every table the migration loaded: emptied, with the indexes and keys the load dropped put back.
+    #    Pre-existing tables must end like this; tables the migration created are dropped later, but their
+    #    schema objects must be complete first (a migration downgrade drops indexes by name).
     with service.connect_target() as target:
         present = [
             (schema, table)
-            for schema, table in preexisting
+            for schema, table, _ in migrated
             if target.execute("select to_regclass(%s)", (_qualified(target, schema, table),)).fetchone() != (None,)
         ]
         if present:
@@ -95,6 +88,8 @@ def rollback(service: MigrationService, run_id: int | None = None) -> RollbackRe
                 )
             )
         for schema, table in present:
+            if (schema, table) not in preexisting:
+                continue
             remaining = target.execute(
                 sql.SQL("select count(*) from {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
             ).fetchone()
@@ -102,17 +97,22 @@ def rollback(service: MigrationService, run_id: int | None = None) -> RollbackRe
                 RollbackStep(f"empty {schema}.{table}", "it was empty before the migration", remaining == (0,))
             )
         for obj in pending_deferred(target, run.id):
-            if (obj.schema, obj.table) in preexisting:
+            if (obj.schema, obj.table) in present:
                 restore_one(target, run.id, obj)
-        left = [o for o in pending_deferred(target, run.id) if (o.schema, o.table) in preexisting]
-        if preexisting:
-            report.steps.append(
-                RollbackStep(
-                    "restore indexes and constraints of pre-existing tables",
-                    f"{len(left)} not restored",
-                    not left,
-                )
-            )
+        left = [o for o in pending_deferred(target, run.id) if (o.schema, o.table) in present]
+        report.steps.append(
+            RollbackStep("restore indexes and constraints dropped for the load", f"{len(left)} not restored", not left)
+        )
+
+    # 2. pgferry's own migrations back to where the target was.
+    if run.options.get("schema_from") == "pgferry" and run.inventory_before is not None:
+        before_rev = run.alembic_revision_before
+        if migrator.current_revision(target_url) != before_rev:
+            migrator.downgrade(target_url, before_rev or "base")
+        now_rev = migrator.current_revision(target_url)
+        report.steps.append(
+            RollbackStep("downgrade pgferry migrations", f"revision {now_rev or 'none'}", now_rev == before_rev)
+        )
 
     # 3. Everything else that appeared since the schema phase.
     if run.inventory_before is not None:
