@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 
@@ -11,7 +13,19 @@ from pgferry.schema.models import PLATFORM_TABLES
 from tests.migrate_helpers import seed_source, service_for
 
 
-def test_platform_migration_is_exact_and_verified(source_url: str, baseline_url: str) -> None:
+def _schema_objects(url: str) -> tuple[list[Any], list[Any]]:
+    with psycopg.connect(url) as conn:
+        constraints = conn.execute(
+            "select conrelid::regclass::text, conname, contype, pg_get_constraintdef(oid) from pg_constraint "
+            "where connamespace = 'public'::regnamespace order by 1, 2"
+        ).fetchall()
+        indexes = conn.execute(
+            "select tablename, indexname, indexdef from pg_indexes where schemaname = 'public' order by 1, 2"
+        ).fetchall()
+    return constraints, indexes
+
+
+def test_platform_migration_is_exact_and_verified(source_url: str, baseline_url: str, target_url: str) -> None:
     manager = seed_source(source_url)
     service = service_for(source_url, baseline_url, jobs=2, batch_rows=300)
     summary = service.run()
@@ -40,6 +54,8 @@ def test_platform_migration_is_exact_and_verified(source_url: str, baseline_url:
         top = conn.execute("select max(id) from public.observability_events where event_type <> 'x'").fetchone()
         assert new_id is not None and top is not None and new_id[0] > top[0]
         conn.rollback()
+    # Every key, constraint and index the migrations define is back, exactly (target_url is a fresh migrate).
+    assert _schema_objects(baseline_url) == _schema_objects(target_url)
     # Running again is harmless: the completed run is reported, nothing is copied twice.
     again = service_for(source_url, baseline_url).run()
     assert again.run_id == summary.run_id

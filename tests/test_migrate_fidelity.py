@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgferry.migrate.engine import MigrationService, MigrationSummary
+from pgferry.migrate.engine import MigrationService, MigrationSummary, VerificationFailedError
 from tests.migrate_helpers import service_for
 
 BATCH_ROWS = 400
@@ -248,9 +247,9 @@ create table app.events_2025 partition of app.events for values from ('2025-01-0
 create table app.events_other partition of app.events default;
 create index events_kind_idx on app.events (kind);
 insert into app.events
-  select g, timestamptz '2024-01-01 00:00+00' + g * interval '1 day', (enum_range(null::app.mood))[1 + g % 5],
+  select g, timestamptz '2024-01-01 00:00+00' + g * interval '12 hours', (enum_range(null::app.mood))[1 + g % 5],
          jsonb_build_object('g', g)
-  from generate_series(0, 700) g;
+  from generate_series(0, 1400) g;
 insert into app.events values
   (-1, '-infinity', 'sad', null), (-2, 'infinity', 'ok', '{}'), (-3, '4713-01-01 00:00:00+00 BC', 'happy', '[]');
 
@@ -374,6 +373,23 @@ def column_shapes(url: str, schema: str, name: str) -> list[tuple[str, str, str,
     return [(r[0], r[1].split(".")[-1], r[2], r[3], r[4], r[5] if r[2] else None) for r in rows]
 
 
+def keys_and_indexes(url: str, schema: str, name: str) -> list[tuple[str, ...]]:
+    """Constraints and indexes of a table as the server prints them (extension schemas stripped)."""
+    ext = vector_schema(url)
+    with psycopg.connect(url) as conn:
+        oid = qualified(schema, name).as_string(conn)
+        rows = conn.execute(
+            "select 'constraint', conname, contype::text, pg_get_constraintdef(oid) from pg_constraint "
+            "where conrelid = %s::regclass and contype <> 'n' union all "  # PG18 lists NOT NULL too
+            "select 'index', c.relname, concat_ws(',', i.indisprimary, i.indisunique, i.indisvalid, i.indisready), "
+            "pg_get_indexdef(i.indexrelid) from pg_index i join pg_class c on c.oid = i.indexrelid "
+            "where i.indrelid = %s::regclass order by 1, 2",
+            (oid, oid),
+        ).fetchall()
+    strip = f"{ext}." if ext != "public" else "public."
+    return [(str(r[0]), str(r[1]), str(r[2]), str(r[3]).replace(strip, "")) for r in rows]
+
+
 def fetch(url: str, query: str, params: Any = None) -> list[tuple[Any, ...]]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(PINNED)
@@ -393,12 +409,10 @@ def fidelity_source(route_source_url: str) -> str:
 
 
 @pytest.fixture
-def migrated(
-    fidelity_source: str, route_target_url: str
-) -> Iterator[tuple[str, str, MigrationService, MigrationSummary]]:
+def migrated(fidelity_source: str, route_target_url: str) -> tuple[str, str, MigrationService, MigrationSummary]:
+    """The fidelity schema moved with ``--schema-from source``, two jobs and small chunks."""
     service = service_for(fidelity_source, route_target_url, schema_from="source", jobs=2, batch_rows=BATCH_ROWS)
-    summary = service.run()
-    yield fidelity_source, route_target_url, service, summary
+    return fidelity_source, route_target_url, service, service.run()
 
 
 def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService, MigrationSummary]) -> None:
@@ -412,6 +426,7 @@ def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService
     assert tables_of(target) == source_tables
     for schema, name, _kind in source_tables:
         assert column_shapes(target, schema, name) == column_shapes(source, schema, name), f"{schema}.{name}"
+        assert keys_and_indexes(target, schema, name) == keys_and_indexes(source, schema, name), f"{schema}.{name}"
         source_rows = rows_as_text(source, schema, name)
         target_rows = rows_as_text(target, schema, name)
         assert source_rows, f"{schema}.{name} has no rows on the source: the test would prove nothing"
@@ -437,6 +452,7 @@ def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService
     assert kinds["app.big_keys"].startswith("key:") and int(kinds["app.big_keys"].split(":")[1]) >= 5
     assert kinds["Sales.Order"].startswith("key:") and int(kinds["Sales.Order"].split(":")[1]) >= 3
     assert kinds["app.no_pk"].startswith("ctid:") and int(kinds["app.no_pk"].split(":")[1]) >= 2
+    assert kinds["app.events_2024"].startswith("key:") and int(kinds["app.events_2024"].split(":")[1]) >= 2
     # Arrays of an enum and composites go as text; the rest may go binary.
     assert binary["app.arrays"] is False and binary["app.composites"] is False
     assert binary["app.big_keys"] is True and binary["app.embeddings"] is True
@@ -508,7 +524,7 @@ def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService
     # Network types keep host bits and families.
     assert fetch(target, "select ip::text, net::text, mac8::text from app.net where id in (1, 2) order by id") == [
         ("192.168.0.1/24", "10.0.0.0/8", "08:00:2b:01:02:03:04:05"),
-        ("::ffff:1.2.3.4", "2001:db8::/32", "08:00:2b:ff:fe:01:02:03"),
+        ("::ffff:1.2.3.4/128", "2001:db8::/32", "08:00:2b:ff:fe:01:02:03"),
     ]
 
     # Composite values, field by field.
@@ -542,8 +558,14 @@ def test_schema_objects_behave_on_the_target(
     # Generated columns are recomputed by the target, and equal what the source computed.
     generated = "select id, total, label from app.gen_always order by id"
     assert fetch(target, generated) == fetch(source, generated)
+    sequences = (
+        "select schemaname, sequencename, last_value, start_value, increment_by from pg_sequences "
+        "where schemaname = 'app' order by 1, 2"
+    )
+    # Sequences (identity, serial) where the source's are; then they continue after the copied ids.
+    assert fetch(target, sequences) == fetch(source, sequences)
     with psycopg.connect(target) as conn:
-        # Identity sequences continue after the copied ids (rolled back: the target stays as migrated).
+        # Rows rolled back; the sequences advance, as they do on any server.
         top = conn.execute("select max(id) from app.gen_always").fetchone()
         new = conn.execute(
             "insert into app.gen_always (a, b, name) values (4, 2, 'new') returning id, total, label"
@@ -560,11 +582,6 @@ def test_schema_objects_behave_on_the_target(
         new = conn.execute("insert into app.serials (note) values ('new') returning id").fetchone()
         assert top is not None and new is not None and new[0] > top[0]
         conn.rollback()
-    sequences = (
-        "select schemaname, sequencename, last_value, start_value, increment_by from pg_sequences "
-        "where schemaname = 'app' order by 1, 2"
-    )
-    assert fetch(target, sequences) == fetch(source, sequences)
 
     # Partition rows landed in the partitions they are in on the source.
     partitions = "select tableoid::regclass::text, count(*), min(id), max(id) from app.events group by 1 order by 1"
@@ -588,7 +605,7 @@ def test_schema_objects_behave_on_the_target(
         ).fetchone()
         assert rows == (6,)
         with pytest.raises(psycopg.errors.UniqueViolation):
-            conn.execute("insert into app.events values (1, '2024-01-02 00:00+00', 'ok', null)")
+            conn.execute("insert into app.events values (1, '2024-01-01 12:00+00', 'ok', null)")
         conn.rollback()
 
     # The dropped column is gone, the added one is there, in the source's order.
@@ -617,13 +634,10 @@ def test_schema_objects_behave_on_the_target(
     assert vector_schema(source) == "public"
     assert fetch(
         target,
-        "select a.attname, t.typnamespace::regnamespace::text, format_type(a.atttypid, a.atttypmod) "
+        "select a.attname, t.typnamespace::regnamespace::text, t.typname, a.atttypmod "
         "from pg_attribute a join pg_type t on t.oid = a.atttypid "
         "where a.attrelid = 'app.embeddings'::regclass and a.attname in ('small', 'big') order by 1",
-    ) == [
-        ("big", ext, f"{ext}.vector(1536)" if ext != "public" else "vector(1536)"),
-        ("small", ext, f"{ext}.vector(3)" if ext != "public" else "vector(3)"),
-    ]
+    ) == [("big", ext, "vector", 1536), ("small", ext, "vector", 3)]
 
     def distances(url: str, schema: str) -> list[tuple[int, float | None, float | None]]:
         query = sql.SQL(
@@ -750,4 +764,75 @@ def test_table_without_primary_key_is_copied_exactly(route_source_url: str, rout
     report = service.verify()
     assert [(c.table, c.source_rows, c.target_rows) for c in report.mismatched_chunks] == [
         ("app.dups_only", 2000, 1999)
+    ]
+
+
+# Settings that change how values print (source) and how text is read (target). A Neon database with its own
+# time zone or date style is ordinary; text COPY (used for arrays of enums, composites) must not depend on them.
+SOURCE_SETTINGS = {
+    "datestyle": "SQL, DMY",
+    "intervalstyle": "sql_standard",
+    "extra_float_digits": "0",
+    "timezone": "Asia/Kathmandu",
+    "bytea_output": "escape",
+}
+TARGET_SETTINGS = {
+    "datestyle": "Postgres, MDY",
+    "intervalstyle": "postgres",
+    "extra_float_digits": "0",
+    "timezone": "America/St_Johns",
+    "bytea_output": "escape",
+}
+
+
+def set_database_settings(url: str, settings: dict[str, str]) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        database = conn.execute("select current_database()").fetchone()
+        assert database is not None
+        for name, value in settings.items():
+            conn.execute(
+                sql.SQL("alter database {} set {} = {}").format(
+                    sql.Identifier(database[0]), sql.Identifier(name), sql.Literal(value)
+                )
+            )
+
+
+def test_server_output_settings_do_not_change_the_data(fidelity_source: str, route_target_url: str) -> None:
+    set_database_settings(fidelity_source, SOURCE_SETTINGS)
+    set_database_settings(route_target_url, TARGET_SETTINGS)
+    summary = service_for(fidelity_source, route_target_url, schema_from="source", jobs=2, batch_rows=BATCH_ROWS).run()
+    assert summary.status == "completed"
+    assert summary.verification is not None and summary.verification.ok
+    for schema, name, _kind in tables_of(fidelity_source):
+        assert rows_as_text(route_target_url, schema, name) == rows_as_text(fidelity_source, schema, name), (
+            f"{schema}.{name}"
+        )
+
+
+def test_extreme_intervals_are_infinity_from_postgresql_17_on(route_source_url: str, route_target_url: str) -> None:
+    """A known limit, not a pgferry choice: PostgreSQL 17 made the largest and smallest interval values mean ±infinity.
+
+    On 15 the interval with every field at its maximum is an ordinary (absurd) value; 17+ reads the same bits as
+    ``infinity``. Nothing can carry it across identically, so the move must not claim it did: verification fails.
+    """
+    with psycopg.connect(route_source_url, autocommit=True) as conn:
+        conn.execute(
+            "create schema app; create table app.spans (id int primary key, iv interval);"
+            "insert into app.spans values (1, '1 day'), "
+            "(2, interval '2147483647 months 2147483647 days 2562047788:00:54.775807'), "
+            "(3, interval '-2147483647 months -2147483647 days -2562047788:00:54.775807' "
+            "    - interval '1 month 1 day 00:00:00.000001')"
+        )
+    target_major = fetch(route_target_url, "select current_setting('server_version_num')::int / 10000")[0][0]
+    service = service_for(route_source_url, route_target_url, schema_from="source")
+    if target_major < 17:
+        assert service.run().status == "completed"
+        assert rows_as_text(route_target_url, "app", "spans") == rows_as_text(route_source_url, "app", "spans")
+        return
+    with pytest.raises(VerificationFailedError, match=r"app\.spans"):
+        service.run()
+    assert fetch(route_target_url, "select id, iv::text from app.spans order by id") == [
+        (1, "1 day"),
+        (2, "infinity"),
+        (3, "-infinity"),
     ]

@@ -27,6 +27,23 @@ DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 MIN_CHUNK_ROWS = 1_000
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 BLOCK_SIZE = 8192
+VALUE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("DateStyle", "ISO, YMD"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+)
+"""How values are written as text (text COPY, chunk bounds) and read back: pinned on both servers, so that a
+database's own settings (a Neon database with ``DateStyle = 'SQL, DMY'``) cannot change or reject the data."""
+
+
+def pin_value_settings(conn: psycopg.Connection[Any]) -> None:
+    """Set :data:`VALUE_SETTINGS` until the end of the caller's transaction."""
+    conn.execute(
+        "select " + ", ".join("set_config(%s, %s, true)" for _ in VALUE_SETTINGS),
+        [v for pair in VALUE_SETTINGS for v in pair],
+    )
 
 
 def rows_per_chunk(table: Table, batch_rows: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -80,7 +97,9 @@ def _sampled_key_chunks(conn: psycopg.Connection[Any], table: Table, per_chunk: 
         "select {as_text} from (select {keys}, row_number() over (order by {keys}) as pgferry_rn from {t}) s "
         "where pgferry_rn % {step} = 1 and pgferry_rn > 1 order by {keys}"
     ).format(as_text=as_text, keys=keys, t=_ident(table), step=sql.Literal(per_chunk))
-    bounds = [tuple(str(v) for v in r) for r in conn.execute(query).fetchall()]
+    with conn.transaction():
+        pin_value_settings(conn)  # bounds are read back as typed literals, on both servers
+        bounds = [tuple(str(v) for v in r) for r in conn.execute(query).fetchall()]
     if not bounds:
         return [ChunkRecord(table.schema, table.name, 0, "whole", None, None)]
     return _from_bounds(table, "key", bounds)

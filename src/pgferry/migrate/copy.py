@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
-from pgferry.migrate.chunks import chunk_predicate
+from pgferry.migrate.chunks import chunk_predicate, pin_value_settings
 from pgferry.migrate.state import ChunkRecord, mark_chunk_done
 
 
@@ -76,6 +76,8 @@ def copy_table_chunk(
     started = time.monotonic()
     nbytes = 0
     with target.transaction():
+        pin_value_settings(source)  # until the snapshot transaction ends
+        pin_value_settings(target)
         with source.cursor() as src_cur, target.cursor() as tgt_cur:
             with (
                 src_cur.copy(copy_out_statement(spec, chunk)) as copy_out,

@@ -184,8 +184,8 @@ def restore_one(conn: psycopg.Connection[Any], run_id: int, obj: DeferredObject)
             conn.execute(obj.definition.encode())
         conn.execute(
             "update pgferry.migration_deferred set state = 'restored' where run_id = %s and schema_name = %s "
-            "and name = %s",
-            (run_id, obj.schema, obj.name),
+            "and table_name = %s and kind = %s and name = %s",
+            (run_id, obj.schema, obj.table, obj.kind, obj.name),
         )
 
 

@@ -251,20 +251,20 @@ class MigrationService:
 
     # -- connections -------------------------------------------------------------------------------------
     def connect_source(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self.options.source_url.get_secret_value(),
-            autocommit=True,
-            application_name="pgferry-migrate",
-            connect_timeout=10,
-        )
+        return self._connect(self.options.source_url)
 
     def connect_target(self) -> psycopg.Connection[Any]:
-        return psycopg.connect(
-            self.options.target_url.get_secret_value(),
-            autocommit=True,
-            application_name="pgferry-migrate",
-            connect_timeout=10,
+        return self._connect(self.options.target_url)
+
+    @staticmethod
+    def _connect(url: DatabaseUrl) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(
+            url.get_secret_value(), autocommit=True, application_name="pgferry-migrate", connect_timeout=10
         )
+        # As pg_dump does: if a row-level security policy would hide rows from us, fail loudly instead of
+        # copying (and verifying) only the rows the policy lets this role see.
+        conn.execute("set row_security = off")
+        return conn
 
     @contextlib.contextmanager
     def _target(self) -> Iterator[psycopg.Connection[Any]]:
@@ -717,8 +717,8 @@ class MigrationService:
             if f"{obj.schema}.{obj.table}" in skipped or referenced in skipped:
                 target.execute(
                     "update pgferry.migration_deferred set state = 'skipped' where run_id = %s "
-                    "and schema_name = %s and name = %s",
-                    (run_id, obj.schema, obj.name),
+                    "and schema_name = %s and table_name = %s and kind = 'foreign_key' and name = %s",
+                    (run_id, obj.schema, obj.table, obj.name),
                 )
                 st.record_event(
                     target,

@@ -76,7 +76,8 @@ create table if not exists pgferry.migration_deferred (
   definition text not null,
   ord integer not null,
   state text not null default 'dropped',
-  primary key (run_id, schema_name, name)
+  -- a key constraint and its index share a name, and constraint names repeat across tables
+  primary key (run_id, schema_name, table_name, kind, name)
 );
 create table if not exists pgferry.migration_events (
   id bigint generated always as identity primary key,
