@@ -211,6 +211,21 @@ def structure(url: str) -> dict[str, list[str]]:
     return {"indexes": indexes, "constraints": constraints}
 
 
+def slowest_statements(echoed: str, limit: int = 8) -> dict[str, float]:
+    """``{statement: seconds}`` for the slowest statements of psql ``-e`` output with ``\\timing on``."""
+    timed: list[tuple[float, str]] = []
+    statement: list[str] = []
+    for line in echoed.splitlines():
+        if line.startswith("Time: ") and line.split()[2:3] == ["ms"]:
+            text = " ".join(part.strip() for part in statement).strip()
+            timed.append((float(line.split()[1]) / 1000, text[:150]))
+            statement = []
+        elif line.strip():
+            statement.append(line)
+    timed.sort(reverse=True)
+    return {text: round(seconds, 3) for seconds, text in timed[:limit]}
+
+
 def checkpoint(*clusters: PostgresCluster) -> None:
     for cluster in clusters:
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
@@ -225,6 +240,7 @@ class Sample:
     seconds: float
     parts: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -237,6 +253,11 @@ class MethodResult:
     @property
     def seconds(self) -> float:
         return statistics.median(s.seconds for s in self.samples)
+
+    @property
+    def valid(self) -> bool:
+        """Whether every run left a target equal to the source (rows, indexes, constraints)."""
+        return not any(s.problems for s in self.samples)
 
     def median_sample(self) -> Sample:
         return min(self.samples, key=lambda s: abs(s.seconds - self.seconds))
@@ -251,6 +272,9 @@ class MethodResult:
             "parts": {k: round(v, 3) for k, v in chosen.parts.items()},
             "details": chosen.details,
             "samples": [round(s.seconds, 3) for s in self.samples],
+            "loadavg_1m_per_sample": [s.details.get("loadavg_1m") for s in self.samples],
+            "valid": self.valid,
+            "problems": sorted({p for s in self.samples for p in s.problems}),
         }
 
 
@@ -262,6 +286,7 @@ class Bench:
     pair: ServerPair
     jobs: int
     keep: bool
+    strict: bool = False
     source_url: str = ""
     source_bytes: int = 0
     source_rows: dict[str, int] = field(default_factory=dict)
@@ -335,16 +360,23 @@ class Bench:
             if not self.keep:
                 self.pair.drop(self.pair.target, name)
 
-    def check_target(self, url: str, label: str) -> None:
+    def check_target(self, url: str, label: str) -> list[str]:
+        """Differences from the source; with ``--strict`` any difference stops the run."""
+        problems: list[str] = []
         rows = row_counts(url)
         if rows != self.source_rows:
             diff = {t: (n, rows.get(t)) for t, n in self.source_rows.items() if rows.get(t) != n}
-            raise BenchError(f"{label}: row counts differ from the source (source, target): {diff}")
+            problems.append(f"row counts differ from the source (source, target): {diff}")
         shape = structure(url)
         for kind in ("indexes", "constraints"):
             missing = sorted(set(self.source_structure[kind]) - set(shape[kind]))
             if missing:
-                raise BenchError(f"{label}: {kind} missing on the target: {', '.join(missing)}")
+                problems.append(f"{len(missing)} {kind} missing on the target: {', '.join(missing)}")
+        for problem in problems:
+            say(f"    INVALID RESULT ({label}): {problem}")
+        if problems and self.strict:
+            raise BenchError(f"{label}: {'; '.join(problems)}")
+        return problems
 
     # -- methods --
 
@@ -411,10 +443,11 @@ class Bench:
             verification = summary.get("verification")
             if verify and not (verification and verification.get("ok")):
                 raise BenchError(f"{label}: verification not ok: {verification}")
-            self.check_target(target, label)
+            problems = self.check_target(target, label)
         phases = {k: float(v) for k, v in summary["phase_seconds"].items()}
         return Sample(
             seconds,
+            problems=problems,
             parts={
                 **extra,
                 **phases,
@@ -448,8 +481,8 @@ class Bench:
                 label="pg_dump | psql",
             )
             seconds = time.perf_counter() - started
-            self.check_target(target, "pg_dump | psql")
-        return Sample(seconds)
+            problems = self.check_target(target, "pg_dump | psql")
+        return Sample(seconds, problems=problems)
 
     def run_dump_restore(self) -> Sample:
         label = f"pg_dump -Fd -j{self.jobs} + pg_restore -j{self.jobs}"
@@ -492,13 +525,14 @@ class Bench:
                 )
                 finished = time.perf_counter()
                 dump_bytes = sum(p.stat().st_size for p in dump_dir.iterdir())
-                self.check_target(target, label)
+                problems = self.check_target(target, label)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return Sample(
             finished - started,
             parts={"dump": dumped - started, "restore": finished - dumped},
             details={"dump_directory_bytes": dump_bytes},
+            problems=problems,
         )
 
     def source_tables_by_size(self) -> list[str]:
@@ -560,17 +594,29 @@ class Bench:
                 per_table[table] = round(time.perf_counter() - began, 3)
             copied = time.perf_counter()
             # The index build is timed from an already dumped script, so pg_dump's start-up is not in it.
+            # psql echoes each statement (-e) and its duration (\\timing), so the slowest builds can be named.
             proc = subprocess.run(
-                self.psql(target), input=post_data.encode(), env=self.env, capture_output=True, check=False
+                self.psql(target, "-e"),
+                input=("\\timing on\n" + post_data).encode(),
+                env=self.env,
+                capture_output=True,
+                check=False,
             )
             finished = time.perf_counter()
             if proc.returncode != 0:
                 raise BenchError(f"post-data: psql exited {proc.returncode}: {proc.stderr.decode()[-2000:]}")
-            self.check_target(target, "raw COPY + index build")
+            slowest = slowest_statements(proc.stdout.decode(errors="replace"))
+            notices = sorted({ln.strip() for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()})
+            problems = self.check_target(target, "raw COPY + index build")
         return Sample(
             finished - started,
             parts={"copy": copied - started, "index_build": finished - copied},
-            details={"copy_seconds_per_table": per_table},
+            details={
+                "copy_seconds_per_table": per_table,
+                "slowest_post_data_statements": slowest,
+                "post_data_notices": notices[:20],
+            },
+            problems=problems,
         )
 
     def run_method(self, key: str) -> Sample:
@@ -594,7 +640,13 @@ def ratio(results: dict[str, MethodResult], numerator: str, denominator: str, ta
     if numerator not in results or denominator not in results:
         return {"value": None, "target": target, "met": None}
     value = results[numerator].seconds / results[denominator].seconds
-    return {"value": round(value, 3), "target": target, "met": value <= target}
+    valid = results[numerator].valid and results[denominator].valid
+    return {"value": round(value, 3), "target": target, "met": value <= target, "results_valid": valid}
+
+
+def md(text: str) -> str:
+    """Text for a markdown table cell: a literal ``|`` would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -608,9 +660,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     for result in methods.values():
         relative = f"{result['seconds'] / reference:.2f}x" if reference else "—"
         parts = ", ".join(f"{k} {v:.1f}s" for k, v in result["parts"].items() if v >= 0.05)
-        lines.append(
-            f"| {result['label']} | {result['seconds']:.1f} | {result['mb_per_second']:.1f} | {relative} | {parts} |"
-        )
+        label = md(result["label"]) + ("" if result["valid"] else " ⚠ incomplete target")
+        lines.append(f"| {label} | {result['seconds']:.1f} | {result['mb_per_second']:.1f} | {relative} | {parts} |")
     return "\n".join(lines)
 
 
@@ -625,8 +676,45 @@ def ratio_lines(report: dict[str, Any]) -> list[str]:
             lines.append(f"- {text}: not measured in this run")
         else:
             verdict = "met" if entry["met"] else "NOT met"
+            if not entry.get("results_valid", True):
+                verdict += "; a result it compares left the target incomplete, see the JSON's problems"
             lines.append(f"- {text}: **{entry['value']:.2f}** (target ≤ {entry['target']:.2f}: {verdict})")
     return lines
+
+
+def load_note(report: dict[str, Any]) -> str:
+    """How busy the machine was: other work on the CPUs makes every figure of the run slower and noisier."""
+    seen = [report["machine"].get("loadavg_1m_at_start"), report["machine"].get("loadavg_1m_at_end")]
+    for method in report["methods"].values():
+        for load in method.get("loadavg_1m_per_sample") or [method["details"].get("loadavg_1m")]:
+            if load:
+                seen += [load.get("before"), load.get("after")]
+    values = [float(v) for v in seen if v is not None]
+    if not values:
+        return "machine load not recorded"
+    return (
+        f"1-minute load average {min(values):.1f} to {max(values):.1f} during the run on "
+        f"{report['machine']['cpu_count']} CPUs (the benchmark itself keeps about 2 busy; "
+        "more is other work sharing the machine)"
+    )
+
+
+def render(path: Path) -> dict[str, Any]:
+    """Re-render the tables and the README section from a results file, without running anything."""
+    report: dict[str, Any] = json.loads(path.read_text())
+    print_report(report)
+    write_readme(readme_section(report, ".venv/bin/python " + report["command"]))
+    say(f"rendered {path.name} into the results section of bench/README.md")
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(markdown_table(report))
+    print()
+    print("\n".join(ratio_lines(report)))
+    print()
+    print("Rows for the main README's performance table (method | data | time | throughput):")
+    print("\n".join(main_readme_rows(report)))
 
 
 def readme_section(report: dict[str, Any], command: str) -> str:
@@ -642,7 +730,7 @@ def readme_section(report: dict[str, Any], command: str) -> str:
             f"{sum(report['source']['rows'].values()):,} rows in {len(report['source']['rows'])} tables, "
             f"{report['source']['indexes']} indexes (2 HNSW). PostgreSQL {report['postgres_version']} "
             f"({report['postgres_install']}) on {machine['cpu_count']} CPUs, {machine['platform']}; "
-            f"jobs {report['jobs']}. Full data: `bench/results/{report['results_file']}`.",
+            f"jobs {report['jobs']}; {load_note(report)}. Full data: `bench/results/{report['results_file']}`.",
             "",
             markdown_table(report),
             "",
@@ -671,7 +759,8 @@ COPY + index build.
 Options: `--scale` (1.0 ≈ 130 MB), `--jobs`, `--pg-bindir` (e.g. `/usr/lib/postgresql/15/bin`; default the
 embedded PostgreSQL or `PGFERRY_PG_BINDIR`), `--methods` (comma list of `pgferry_verify`, `pgferry_no_verify`,
 `dump_psql`, `dump_restore_j`, `raw_copy`), `--repeat N` (median of N), `--keep` (leave servers and targets),
-`--no-write` (print only).
+`--strict` (stop when a target differs from the source), `--no-write` (print only), `--render FILE` (re-render
+a results file into this section without running).
 
 """
 
@@ -690,7 +779,7 @@ def write_readme(section: str) -> None:
 def main_readme_rows(report: dict[str, Any]) -> list[str]:
     size = report["source"]["bytes"] / 1e9
     return [
-        f"| {m['label']} | {size:.2f} GB | {m['seconds']:.1f} s | {m['mb_per_second']:.0f} MB/s |"
+        f"| {md(m['label'])} | {size:.2f} GB | {m['seconds']:.1f} s | {m['mb_per_second']:.0f} MB/s |"
         for m in report["methods"].values()
     ]
 
@@ -710,6 +799,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the median is reported)")
     parser.add_argument("--keep", action="store_true", help="leave the servers (and target databases) running")
+    parser.add_argument("--strict", action="store_true", help="stop at the first target that differs from the source")
+    parser.add_argument(
+        "--render", metavar="JSON", default=None, help="only re-render a results file into the tables and README"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON and no README")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -724,11 +817,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render is not None:
+        render(Path(args.render))
+        return 0
     install = find_install(args.pg_bindir)
     pair = ServerPair(install)
-    bench = Bench(pair, jobs=args.jobs, keep=args.keep)
+    bench = Bench(pair, jobs=args.jobs, keep=args.keep, strict=args.strict)
     date = dt.date.today().isoformat()
     results: dict[str, MethodResult] = {}
+    load_at_start = os.getloadavg()[0]
     say(f"starting a server pair ({install.label}, {install.bindir}) in {pair.root} ...")
     try:
         pair.start()
@@ -739,7 +836,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for round_no in range(args.repeat):
             for key in args.method_list:  # round robin, so drift over the run spreads over all methods
                 say(f"[{round_no + 1}/{args.repeat}] {results[key].label} ...")
+                load_before = os.getloadavg()[0]
                 sample = bench.run_method(key)
+                # Other work on the machine skews a run; the 1-minute load average says whether there was any.
+                sample.details["loadavg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
                 results[key].samples.append(sample)
                 parts = ", ".join(f"{k} {v:.1f}s" for k, v in sample.parts.items())
                 say(f"    {sample.seconds:.1f}s{' (' + parts + ')' if parts else ''}")
@@ -760,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "loadavg_1m_at_start": round(load_at_start, 2),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         },
         "postgres_version": bench.server_version,
         "postgres_install": install.label,
@@ -783,13 +885,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
         },
     }
-    command = ".venv/bin/python bench/migrate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(markdown_table(report))
-    print()
-    print("\n".join(ratio_lines(report)))
-    print()
-    print("Rows for the main README's performance table (method | data | time | throughput):")
-    print("\n".join(main_readme_rows(report)))
+    command = ".venv/bin/python " + report["command"]
+    print_report(report)
     if not args.no_write:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         path = RESULTS_DIR / results_file
