@@ -39,8 +39,15 @@ would reject, and making that work is part of what pgferry does. Target creation
 method both servers are checkpointed so that no method pays for another's dirty buffers.
 
 Every result is checked: the row counts of the eight platform tables and the set of indexes and constraints
-on the target must equal the source's, and for pgferry its summary must say ``completed`` with verification
-``ok``.
+on the target must equal the source's (a difference is recorded under ``problems`` and flagged in the table;
+``--strict`` stops instead), and pgferry's summary must say ``completed`` with verification ``ok``. With
+``--repeat N`` the methods run round robin N times and the median is reported, so drift in the machine's load
+spreads over all of them; the 1-minute load average before and after each run is recorded, because other work
+on a 2-core machine changes every figure.
+
+If pgferry's plan refuses ``--schema-from source`` into a target that lacks the tables (a planner bug seen
+while this benchmark was written), the schema is created first with pgferry's own schema code, timed and
+included in pgferry's time, and the JSON says so (``schema_precreated_before_run``).
 
 Why these anchors
 -----------------
@@ -678,7 +685,7 @@ def ratio_lines(report: dict[str, Any]) -> list[str]:
             verdict = "met" if entry["met"] else "NOT met"
             if not entry.get("results_valid", True):
                 verdict += "; a result it compares left the target incomplete, see the JSON's problems"
-            lines.append(f"- {text}: **{entry['value']:.2f}** (target ≤ {entry['target']:.2f}: {verdict})")
+            lines.append(f"- {text}: **{entry['value']:.3f}** (target ≤ {entry['target']:.2f}: {verdict})")
     return lines
 
 

@@ -194,3 +194,16 @@ def test_rollback_policy_undoes_a_failed_run(source_url: str, baseline_url: str)
     with psycopg.connect(baseline_url) as conn:
         assert take_inventory(conn) == before
         assert conn.execute("select to_regnamespace('pgferry')").fetchone() == (None,)
+
+
+def test_verification_notices_a_missing_key_or_index(source_url: str, baseline_url: str) -> None:
+    seed_source(source_url, scale=0.01)
+    service = service_for(source_url, baseline_url)
+    assert service.run().verification.ok  # type: ignore[union-attr]
+    with psycopg.connect(baseline_url) as conn:
+        conn.execute("alter table public.workflows drop constraint uq_workflows_user_id_name_version")
+        conn.execute("drop index public.ix_tasks_embedding_hnsw")
+    report = service.verify()
+    assert not report.ok
+    assert any("uq_workflows_user_id_name_version" in m for m in report.missing_objects)
+    assert any("ix_tasks_embedding_hnsw" in m for m in report.missing_objects)

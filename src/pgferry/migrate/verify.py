@@ -193,13 +193,31 @@ def invalid_constraints(target: psycopg.Connection[Any], tables: Sequence[tuple[
 
 
 def restore_pending(target: psycopg.Connection[Any], run_id: int) -> list[str]:
+    """Indexes and constraints dropped for the load that are not on the target now.
+
+    Checked against the catalog, not only the bookkeeping: a record that says "restored" proves nothing if the
+    object is missing (that is how a lost primary key once went unnoticed).
+    """
     return [
-        f"{r[0]}.{r[1]} {r[2]} {r[3]} was not rebuilt"
-        for r in target.execute(
-            "select schema_name, table_name, kind, name from pgferry.migration_deferred "
-            "where run_id = %s and state = 'dropped' order by 1, 2, 4",
+        f"{schema}.{table} {kind} {name} was not rebuilt"
+        for schema, table, kind, name, state, present in target.execute(
+            """
+            select d.schema_name, d.table_name, d.kind, d.name, d.state,
+                   case when d.kind = 'index' then exists (
+                            select 1 from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                            where n.nspname = d.schema_name and c.relname = d.name and c.relkind in ('i', 'I'))
+                        else exists (
+                            select 1 from pg_constraint con join pg_class c on c.oid = con.conrelid
+                            join pg_namespace n on n.oid = c.relnamespace
+                            where n.nspname = d.schema_name and c.relname = d.table_name and con.conname = d.name)
+                   end
+            from pgferry.migration_deferred d
+            where d.run_id = %s and d.state <> 'skipped'
+            order by 1, 2, 4, 3
+            """,
             (run_id,),
         )
+        if state == "dropped" or not present
     ]
 
 
