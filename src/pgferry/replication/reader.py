@@ -114,6 +114,7 @@ _KEEPALIVE: Final = struct.Struct("!QqB")  # after 'k': walEnd, sendTime, replyR
 _STATUS: Final = struct.Struct("!cQQQqB")  # 'r', write, flush, apply, clock, replyRequested
 _XLOGDATA_HEADER: Final = 1 + _XLOGDATA.size
 _STOP_POLL: Final = 0.1
+_STABLE_AFTER: Final = 5.0  # a stream that lived this long resets the consecutive-failure count
 
 
 # --------------------------------------------------------------------------------------
@@ -503,7 +504,8 @@ class ReplicationReader:
         self._received_end = Lsn(0)  # end_lsn of the last complete transaction received
         self._idle_lsn = Lsn(0)  # a keepalive position seen between transactions ...
         self._idle_requires = Lsn(0)  # ... reportable once everything received before it is confirmed
-        self._failures = 0  # consecutive stream failures without a message in between
+        self._failures = 0  # consecutive stream failures, each within _STABLE_AFTER of connecting
+        self._connected_at = 0.0
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -556,6 +558,7 @@ class ReplicationReader:
         self._close_connection()
         self._assembler.discard_partial()
         self._reset_positions()
+        self._connects = self._delivered = self._skipped = 0
         self._slot = slot
         self._publications = publications
         self._start_lsn = Lsn(0) if start_lsn is None else Lsn.coerce(start_lsn)
@@ -660,14 +663,20 @@ class ReplicationReader:
             except _StoppedError:
                 return None
             except Exception as exc:
-                classification = classify_replication_error(exc)
                 self._close_connection()
                 self._assembler.discard_partial()
+                if self._stopping():
+                    return None  # e.g. close() from another thread pulled the connection away
+                classification = classify_replication_error(exc)
                 if not classification.retryable:
                     raise
-                self._stream_lost(exc, classification)
+                try:
+                    self._stream_lost(exc, classification)
+                except _StoppedError:
+                    return None
                 continue
-            self._failures = 0
+            if self._failures and time.monotonic() - self._connected_at >= _STABLE_AFTER:
+                self._failures = 0
             txn = self._handle(payload)
             if txn is not None:
                 return txn
@@ -777,7 +786,11 @@ class ReplicationReader:
     # -- connections ---------------------------------------------------------------------------------------
 
     def _stream_lost(self, exc: Exception, classification: ErrorClassification) -> None:
-        """Back off before reconnecting when the stream keeps dying right after it was (re)established."""
+        """Back off before reconnecting when the stream keeps dying soon after it was (re)established.
+
+        Reconnecting itself is retried by :func:`call_with_retry`; this covers the other loop, where every
+        connection succeeds and then dies (a walsender killed over and over, a server in a crash loop).
+        """
         self._failures += 1
         _log.warning(
             "replication.stream_lost",
@@ -849,6 +862,7 @@ class ReplicationReader:
             conn.close()
             raise
         self._conn = conn
+        self._connected_at = time.monotonic()
         self._connects += 1
         self._reported = Lsn(0)
         self._feedback_due = True  # tell the new walsender our position right away
@@ -872,6 +886,18 @@ class ReplicationReader:
         if database != current:
             raise ReplicationError(
                 f"replication slot {slot!r} belongs to database {database!r}; connect the reader to that database"
+            )
+        found = conn.execute(
+            sql.SQL("select pubname::text from pg_catalog.pg_publication where pubname::text = any(array[{}])").format(
+                sql.SQL(", ").join(sql.Literal(name) for name in self._publications)
+            )
+        ).fetchall()
+        missing = sorted(set(self._publications) - {row[0] for row in found})
+        if missing:
+            # PostgreSQL 18 only warns about a missing publication and streams nothing; fail loudly instead.
+            raise ReplicationError(
+                f"publication(s) {', '.join(missing)} do not exist in database {current!r}; "
+                "create them with ensure_publication() first"
             )
         with self._lock:
             if confirmed is not None:
