@@ -800,6 +800,8 @@ def test_dropped_slot_fails_the_reader_instead_of_retrying_forever(repl: Repl) -
     repl.sql("create table dropped_items (id int primary key)")
     pub = repl.publication("dropped_items")
     slot = repl.slot()
+    with pytest.raises(ReplicationError, match="no_such_publication do not exist"), repl.reader() as reader:
+        reader.start(slot, [pub, "no_such_publication"])
     errors: list[BaseException] = []
     with repl.reader() as reader:
         reader.start(slot, pub)

@@ -193,6 +193,17 @@ def list_tables(conn: psycopg.Connection[Any], table_filter: TableFilter | None 
     return tables
 
 
+def column_types(conn: psycopg.Connection[Any], schema: str, table: str) -> dict[str, str]:
+    """Column name → ``format_type`` of a table's live columns (empty when the table does not exist)."""
+    qualified = psycopg.sql.SQL("{}.{}").format(psycopg.sql.Identifier(schema), psycopg.sql.Identifier(table))
+    rows = conn.execute(
+        "select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a "
+        "where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped",
+        (qualified.as_string(conn),),
+    ).fetchall()
+    return {str(name): str(type_sql) for name, type_sql in rows}
+
+
 def get_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Table | None:
     for table in list_tables(conn, TableFilter(schemas=(schema,), tables=(f"{schema}.{name}",))):
         if table.name == name:

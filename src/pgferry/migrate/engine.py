@@ -40,7 +40,7 @@ from pgferry.db.retry import (
 )
 from pgferry.errors import PgferryError
 from pgferry.migrate import state as st
-from pgferry.migrate.catalog import Table, TableFilter, list_sequences, list_tables
+from pgferry.migrate.catalog import Table, TableFilter, column_types, list_sequences, list_tables
 from pgferry.migrate.chunks import plan_table_chunks
 from pgferry.migrate.copy import ChunkResult, CopySpec, copy_table_chunk
 from pgferry.migrate.deferred import collect_deferrable, drop_deferrable, pending_deferred, restore_deferred
@@ -473,13 +473,7 @@ class MigrationService:
         """Binary COPY needs binary-safe types and identical type names on both sides."""
         if not table.binary_copy:
             return False
-        target_types = dict(
-            target.execute(
-                "select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a "
-                "where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped",
-                (sql.SQL("{}.{}").format(sql.Identifier(table.schema), sql.Identifier(table.name)).as_string(target),),
-            ).fetchall()
-        )
+        target_types = column_types(target, table.schema, table.name)
         for column in table.columns:
             if column.generated:
                 continue
@@ -499,13 +493,7 @@ class MigrationService:
             for schema, name, keys, columns, binary, estimate, table_state in rows:
                 if table_state == "skipped":
                     continue
-                key_types = dict(
-                    source.execute(
-                        "select a.attname, format_type(a.atttypid, a.atttypmod) from pg_attribute a "
-                        "where a.attrelid = to_regclass(%s) and a.attnum > 0 and not a.attisdropped",
-                        (sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name)).as_string(source),),
-                    ).fetchall()
-                )
+                key_types = column_types(source, schema, name)
                 specs[(schema, name)] = (
                     CopySpec(schema, name, tuple(columns), tuple(keys), key_types, bool(binary)),
                     int(estimate),

@@ -38,6 +38,8 @@ Contract with the consumer (online migration, the change feed, the dev sync serv
   terminated by an administrator: the reader reconnects with backoff (:mod:`pgferry.db.retry`) and
   resumes from its last confirmed position; a partially received transaction is discarded and comes
   again whole. Permanent problems — the slot or publication was dropped, bad credentials — are raised.
+  (One blind spot is PostgreSQL's: from version 18 a publication dropped *while* streaming only makes the
+  server log a warning and send nothing more; the reader notices at its next reconnect.)
 
 Threads: one thread runs the loop (iterating :meth:`ReplicationReader.transactions` or calling
 :meth:`ReplicationReader.run`); :meth:`~ReplicationReader.confirm` and :meth:`~ReplicationReader.stop`
