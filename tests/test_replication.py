@@ -26,12 +26,14 @@ from pgferry.replication import (
     Lsn,
     ReplicationError,
     ReplicationReader,
+    ReplicationStreamEndedError,
     RowChange,
     SlotExistsError,
     SlotNotFoundError,
     Transaction,
     TransactionAssembler,
     TruncateChange,
+    classify_replication_error,
     create_slot,
     decode_message,
     drop_publication,
@@ -44,6 +46,7 @@ from pgferry.replication import (
     slot_lag_bytes,
 )
 from pgferry.replication import decoder as d
+from pgferry.replication._conn import conninfo
 from pgferry.testing.servers import ServerPair
 
 FAST_RETRY = RetryPolicy(max_attempts=200, base_delay=0.05, max_delay=0.5, deadline=60.0)
@@ -187,6 +190,20 @@ def test_lsn_parses_formats_and_orders_numerically() -> None:
         Lsn(1 << 64)
     with pytest.raises(TypeError):
         Lsn("1/2")
+
+
+def test_accepts_project_urls_and_classifies_stream_errors() -> None:
+    assert conninfo("postgresql+psycopg://u:secret@db.example:5433/app") == "postgresql://u:secret@db.example:5433/app"
+    assert conninfo("postgres://u@db.example/app") == "postgresql://u@db.example/app"
+    assert conninfo("host=db.example dbname=app") == "host=db.example dbname=app"
+    ended = classify_replication_error(ReplicationStreamEndedError("server shut down"))
+    assert ended.retryable and ended.reconnect
+    in_use = classify_replication_error(psycopg.errors.ObjectInUse("replication slot is active for PID 42"))
+    assert in_use.retryable and in_use.reconnect
+    lost = classify_replication_error(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert lost.retryable and lost.reconnect
+    for fatal in (SlotNotFoundError("gone"), DecodeError("bad bytes"), psycopg.errors.UndefinedObject("no pub")):
+        assert not classify_replication_error(fatal).retryable
 
 
 # --------------------------------------------------------------------------------------

