@@ -1,0 +1,103 @@
+"""Errors of the sync layer: what a client did wrong (400) and what Python cannot decide (fall back to SQL).
+
+:class:`ProtocolError` is an *expected* failure caused by the HTTP client, so it is a
+:class:`~pgferry.errors.PgferryError`: one line, actionable, never echoing secrets. It also carries what the
+HTTP layer needs to answer with, an HTTP status and a JSON body shaped like Electric's own error body
+(``{"message": "Invalid request", "errors": {"<field>": ["<problem>"]}}``, see Electric's
+``Electric.Shapes.Api.Response.invalid_request/2``), so the dev server and the proxy render client mistakes the
+same way Electric does and ``@electric-sql/client`` surfaces them the same way (as a ``FetchError`` whose
+``json`` is that body).
+
+:class:`NotEvaluable` is deliberately *not* a PgferryError: it is a control-flow signal between the where-clause
+evaluator and its caller ("I cannot decide this row exactly in Python; ask PostgreSQL"), never shown to a user.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pgferry.errors import PgferryError
+
+__all__ = [
+    "NotEvaluable",
+    "ProtocolError",
+    "UnsupportedFeatureError",
+    "WhereClauseError",
+    "echo",
+]
+
+_ECHO_LIMIT = 80
+
+
+def echo(text: str, limit: int = _ECHO_LIMIT) -> str:
+    """Render client-supplied text for an error message: repr-quoted (so it stays on one line and control or
+    invisible characters are visible as escapes) and cut to ``limit`` characters so a hostile 8 KiB where
+    clause does not end up in logs verbatim."""
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+class ProtocolError(PgferryError):
+    """A request the Shape API must refuse with a 4xx; ``field`` names the query parameter at fault.
+
+    ``str(err)`` is ``"<field>: <problem>"`` on one line (the PgferryError contract); :meth:`body` is the JSON
+    body to send, in Electric's shape, so clients cannot tell pgferry's 400s from Electric's.
+    """
+
+    status: int = 400
+    field: str
+    problem: str
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(field, problem)
+        self.field = field
+        # One line, always: the CLI and log lines rely on it, and a client could smuggle newlines in.
+        self.problem = " ".join(problem.split())
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+    def body(self) -> dict[str, Any]:
+        """The JSON-able response body, mirroring Electric's ``{"message", "errors"}`` error body."""
+        return {"message": "Invalid request", "errors": {self.field: [self.problem]}}
+
+
+class UnsupportedFeatureError(ProtocolError):
+    """A well-formed request for a part of the Electric protocol pgferry does not implement (yet).
+
+    Separate from a plain :class:`ProtocolError` so a caller (or a test) can tell "you sent garbage" from "this
+    server cannot do that", and the message always says "not supported" so a developer does not hunt for a typo.
+    """
+
+
+class WhereClauseError(ProtocolError):
+    """The ``where`` clause (or its ``params``) is malformed, too large, or outside the supported subset.
+
+    ``position`` is the 0-based character offset of the problem in the where string when known; the message
+    starts with ``At location N:`` like Electric's parser errors, so the client-side developer can find it.
+    """
+
+    position: int | None
+
+    def __init__(self, problem: str, position: int | None = None, field: str = "where") -> None:
+        if position is not None:
+            problem = f"At location {position}: {problem}"
+        super().__init__(field, problem)
+        self.position = position
+
+
+class NotEvaluable(Exception):  # noqa: N818 - the name says what the caller must do: treat as "not evaluable"
+    """``evaluate`` cannot decide this clause for this row *exactly* as PostgreSQL would.
+
+    The caller must fall back to asking PostgreSQL (``select ... where <to_sql>``). Raised for constructs whose
+    Python evaluation could disagree with the server (collation-dependent text ordering, numeric division,
+    timestamps written without a zone, ...) and for rows where PostgreSQL itself would raise an error (division
+    by zero, integer overflow), so that error surfaces from the server instead of being guessed here.
+    """
+
+    reason: str
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
