@@ -1,4 +1,4 @@
-"""Entry point: ``pgferry dev …``, ``pgferry db …``, ``pgferry demo``."""
+"""Entry point: ``pgferry dev …``, ``pgferry db …``, ``pgferry migrate …``, ``pgferry sync …``, ``pgferry demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pgferry.cli import db as db_commands
 from pgferry.cli import demo as demo_commands
 from pgferry.cli import dev as dev_commands
 from pgferry.cli import migrate as migrate_commands
+from pgferry.cli import sync as sync_commands
 from pgferry.cli.errors import run_reporting_errors
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 app.add_typer(dev_commands.app, name="dev")
 app.add_typer(db_commands.app, name="db")
 app.add_typer(migrate_commands.app, name="migrate")
+app.add_typer(sync_commands.sync_app, name="sync")
 app.command("demo")(demo_commands.demo)
 
 
