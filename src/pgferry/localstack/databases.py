@@ -7,6 +7,7 @@ clones.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -33,7 +34,24 @@ def create_database(cluster: PostgresCluster, name: str, *, template: str | None
 
 
 def drop_database(cluster: PostgresCluster, name: str) -> None:
+    """Drop ``name`` even when a replication consumer (a sync server, an online migration) left a slot in it:
+    a logical slot blocks DROP DATABASE, and on a throwaway local server nothing else needs it."""
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(
+            "select pg_terminate_backend(active_pid) from pg_catalog.pg_replication_slots"
+            " where database = %s and active_pid is not null",
+            (name,),
+        )
+        for _attempt in range(50):
+            try:
+                conn.execute(
+                    "select pg_drop_replication_slot(slot_name) from pg_catalog.pg_replication_slots"
+                    " where database = %s",
+                    (name,),
+                )
+                break
+            except psycopg.errors.ObjectInUse:
+                time.sleep(0.1)  # the walsender we terminated has not exited yet
         conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
 
 

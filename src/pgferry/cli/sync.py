@@ -1,0 +1,85 @@
+"""``pgferry sync``: the Electric side of the data layer.
+
+``sync_app`` is the sub-app registered as ``pgferry sync``; each command is a plain ``@sync_app.command()``, so
+the dev Shape server's ``serve`` joins ``proxy`` here without touching the wiring in ``main.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pgferry.cli.common import settings
+
+__all__ = ["DEFAULT_PROXY_PORT", "sync_app"]
+
+DEFAULT_PROXY_PORT = 3001
+DEFAULT_UPSTREAM = "http://127.0.0.1:3000"
+
+sync_app = typer.Typer(help="ElectricSQL sync: the authorizing shape proxy.", no_args_is_help=True)
+
+
+@sync_app.command()
+def proxy(
+    upstream: Annotated[
+        str | None,
+        typer.Option(help=f"Electric's base URL [default: ELECTRIC_URL, else {DEFAULT_UPSTREAM}]."),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = DEFAULT_PROXY_PORT,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option("--allow-origin", help="Browser origin allowed by CORS; repeat for several [default: *]."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward."""
+    # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
+    import uvicorn
+
+    from pgferry.sync.proxy import ProxyConfig, create_proxy_app
+
+    config = ProxyConfig.from_settings(
+        upstream=upstream or settings().electric_url or DEFAULT_UPSTREAM,
+        allow_origins=tuple(allow_origin or ("*",)),
+    )
+    typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape", err=True)
+    uvicorn.run(create_proxy_app(config), host=host, port=port, log_level=log_level, proxy_headers=False)
+
+
+@sync_app.command()
+def serve(
+    database_url: Annotated[
+        str | None,
+        typer.Option(help="PostgreSQL to sync from (wal_level=logical) [default: SUPABASE_DB_URL]."),
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port to listen on.")] = 3000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where shape logs live (kept across restarts) [default: $PGFERRY_HOME/sync/<port>]."),
+    ] = None,
+    live_timeout: Annotated[float, typer.Option(min=0.1, max=40.0, help="Seconds a live request waits.")] = 20.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """The dev sync server: Electric's HTTP Shape API over logical replication, for local and CI use."""
+    import uvicorn
+
+    from pgferry.config import parse_database_url
+    from pgferry.sync.server import SyncServerConfig, create_sync_app
+
+    current = settings()
+    if database_url is not None:
+        url = parse_database_url(database_url)
+    elif current.supabase_db_url is not None:
+        url = current.supabase_db_url
+    else:
+        raise typer.BadParameter("give --database-url or set SUPABASE_DB_URL", param_hint="--database-url")
+    directory = data_dir if data_dir is not None else current.home / "sync" / str(port)
+    config = SyncServerConfig(
+        database_url=url.get_secret_value(), data_dir=directory, live_timeout=live_timeout
+    )
+    typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
+    uvicorn.run(create_sync_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

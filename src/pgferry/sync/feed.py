@@ -1,0 +1,167 @@
+"""The dev sync server's replication side: one slot, one thread, every shape fed from it.
+
+The server owns a slot and a publication (names kept in ``<data-dir>/state.json`` so a restart resumes the same
+slot). Each committed transaction is applied to the shape logs and fsynced *before* it is confirmed to the
+server, so a crash at any point redelivers what was not stored and shapes skip what they already have.
+
+If the slot disappeared while the server was down (dropped by an operator, or invalidated for lack of WAL), the
+logs cannot be continued: every shape is cleared and clients get 409 must-refetch, exactly what Electric does.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgferry.db.retry import RetryPolicy
+from pgferry.replication import ReplicationReader, Transaction, create_slot, get_slot, slot_lag_bytes
+from pgferry.replication._conn import conninfo
+from pgferry.sync.shapes import ShapeManager, WhereEvaluator, connect_sql, session_options
+from pgferry.sync.store import write_json_atomic
+
+__all__ = ["ReplicationFeed", "ServerState", "prepare_server_state"]
+
+_log = structlog.get_logger("pgferry.sync.feed")
+
+
+@dataclass(frozen=True)
+class ServerState:
+    slot: str
+    publication: str
+    system_identifier: str
+    database: str
+    start_lsn: int
+
+
+def _identity(conn: psycopg.Connection[Any]) -> tuple[str, str]:
+    row = conn.execute("select system_identifier::text, current_database() from pg_catalog.pg_control_system()")
+    values = row.fetchone()
+    assert values is not None
+    return str(values[0]), str(values[1])
+
+
+def prepare_server_state(url: str, data_dir: Path, manager: ShapeManager | None = None) -> ServerState:
+    """Find or create the slot and publication this data directory uses; check it belongs to this database."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state_path = data_dir / "state.json"
+    conn = connect_sql(url)
+    try:
+        system_id, database = _identity(conn)
+        stored: dict[str, Any] | None = json.loads(state_path.read_text()) if state_path.exists() else None
+        if stored is not None and (stored.get("system_identifier"), stored.get("database")) != (system_id, database):
+            _log.warning(
+                "sync.data_dir_from_other_database",
+                data_dir=str(data_dir),
+                hint="shapes in it belong to another database; starting fresh",
+            )
+            stored = None
+            if manager is not None:
+                manager.clear()
+        if stored is None:
+            suffix = secrets.token_hex(4)
+            stored = {
+                "slot": f"pgferry_sync_{suffix}",
+                "publication": f"pgferry_sync_{suffix}",
+                "system_identifier": system_id,
+                "database": database,
+            }
+        slot, publication = str(stored["slot"]), str(stored["publication"])
+        exists = conn.execute("select 1 from pg_catalog.pg_publication where pubname = %s", [publication]).fetchone()
+        if exists is None:
+            conn.execute(
+                sql.SQL("create publication {} with (publish_via_partition_root = true)").format(
+                    sql.Identifier(publication)
+                )
+            )
+        slot_state = get_slot(conn, slot)
+    finally:
+        conn.close()
+    if slot_state is None:
+        if manager is not None:
+            manager.clear()
+        info = create_slot(url, slot)
+        start_lsn = int(info.consistent_point)
+    else:
+        start_lsn = int(slot_state.confirmed_flush_lsn or 0)
+    write_json_atomic(state_path, stored)
+    return ServerState(slot, publication, system_id, database, start_lsn)
+
+
+class ReplicationFeed:
+    """Runs the replication reader in a thread and applies each transaction to the shapes."""
+
+    def __init__(self, url: str, manager: ShapeManager, state: ServerState) -> None:
+        self._url = url
+        self._manager = manager
+        self._state = state
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reader: ReplicationReader | None = None
+        self.status: Literal["starting", "active", "reconnecting", "stopped"] = "starting"
+        self.last_error: str | None = None
+        params = conninfo_to_dict(conninfo(url))
+        params["options"] = session_options()
+        self._replication_dsn = make_conninfo("", **params)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pgferry-sync-feed", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the transaction in hand: it is stored and confirmed, or neither."""
+        self._stop.set()
+        reader = self._reader
+        if reader is not None:
+            reader.stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.status = "stopped"
+
+    def lag_bytes(self) -> int | None:
+        try:
+            with connect_sql(self._url) as conn:
+                return slot_lag_bytes(conn, self._state.slot)
+        except Exception:  # a metric must not take the server down
+            return None
+
+    def _stream(self, reader: ReplicationReader, evaluator: WhereEvaluator) -> None:
+        reader.start(self._state.slot, [self._state.publication])
+        self.status = "active"
+
+        def store_then_confirm(txn: Transaction) -> None:
+            self._manager.apply_transaction(txn, evaluator)
+            reader.confirm(txn)
+
+        reader.run(store_then_confirm, self._stop)
+
+    def _run(self) -> None:
+        failures = 0
+        policy = RetryPolicy(max_attempts=1_000_000, base_delay=0.2, max_delay=5.0)
+        while not self._stop.is_set():
+            evaluator = WhereEvaluator(self._url)
+            reader = ReplicationReader(self._replication_dsn, status_interval=5.0)
+            self._reader = reader
+            try:
+                self._stream(reader, evaluator)
+                failures = 0
+            except Exception as exc:  # log, back off, resume from the last confirmed transaction
+                failures += 1
+                self.status = "reconnecting"
+                self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                _log.warning("sync.feed_restarting", error=self.last_error, attempt=failures)
+                self._stop.wait(policy.delay(failures))
+            finally:
+                self._reader = None
+                reader.close()
+                evaluator.close()
+        self.status = "stopped"
+

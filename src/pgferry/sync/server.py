@@ -1,0 +1,315 @@
+"""The dev sync server: Electric's HTTP Shape API (``GET /v1/shape``) over pgferry's own replication feed.
+
+It exists so that a developer, CI and the tests have a real Electric-protocol endpoint on one machine; the
+official ``@electric-sql/client`` and ``@electric-sql/pglite-sync`` run against it unchanged (see the interop
+tests). Production points the proxy at real Electric instead.
+
+Request handling follows Electric's ``Electric.Shapes.Api``: the first request (``offset=-1``) creates or reuses
+the shape and serves its log from the start; later requests page through the log by ``offset`` + ``handle``;
+``live=true`` long-polls until the log grows or ``live_timeout`` passes and always ends with ``up-to-date``; an
+unknown or rotated handle is a 409 carrying the current handle and a ``must-refetch`` body; a bad definition is a
+400 with Electric's JSON error body and never reaches SQL unparsed.
+
+Owns HTTP, headers, caching and metrics. Must not know how shapes are stored or fed (shapes/feed modules).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from pgferry.sync import protocol as p
+from pgferry.sync.errors import ProtocolError, UnsupportedFeatureError
+from pgferry.sync.feed import ReplicationFeed, prepare_server_state
+from pgferry.sync.shapes import Shape, ShapeManager
+from pgferry.sync.where import parse_params
+
+__all__ = ["SyncServerConfig", "create_sync_app"]
+
+_log = structlog.get_logger("pgferry.sync.server")
+
+_AFTER_SNAPSHOT = p.LogOffset(0, 2**62)  # "0_inf"
+
+
+@dataclass(frozen=True)
+class SyncServerConfig:
+    database_url: str
+    data_dir: Path
+    live_timeout: float = 20.0
+    max_chunk_bytes: int = 4 << 20
+    allow_origins: tuple[str, ...] = ("*",)
+    allow_shape_deletion: bool = True
+
+
+class _Metrics:
+    def __init__(self, manager: ShapeManager, feed_lag: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.shapes = Gauge("pgferry_sync_shapes", "Shapes with a log", registry=self.registry)
+        self.shapes.set_function(lambda: len(manager.shapes()))
+        self.log_bytes = Gauge("pgferry_sync_log_bytes", "Bytes of shape logs on disk", registry=self.registry)
+        self.log_bytes.set_function(lambda: sum(s.log.size_bytes for s in manager.shapes()))
+        self.live_clients = Gauge(
+            "pgferry_sync_live_clients", "Live requests waiting for changes", registry=self.registry
+        )
+        self.lag = Gauge(
+            "pgferry_sync_replication_lag_bytes", "WAL not yet confirmed by the sync feed", registry=self.registry
+        )
+        self.lag.set_function(lambda: float(feed_lag() or 0))
+        self.transactions = Gauge(
+            "pgferry_sync_transactions_applied", "Replicated transactions applied", registry=self.registry
+        )
+        self.transactions.set_function(lambda: manager.transactions_applied)
+        self.requests = Counter(
+            "pgferry_sync_requests", "Shape requests by status", ["status", "live"], registry=self.registry
+        )
+        self.commit_to_response = Histogram(
+            "pgferry_sync_commit_to_response_seconds",
+            "Time from a transaction's commit to a live response carrying it",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0),
+            registry=self.registry,
+        )
+
+
+def _error(err: ProtocolError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers={"cache-control": "no-store"})
+
+
+def _flag(value: str | None, field: str) -> bool:
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise ProtocolError(field, "must be true or false")
+
+
+def _definition(request: Request) -> p.ShapeDefinition:
+    query = request.query_params
+    table = p.parse_table_name(query.get("table"))
+    where = query.get("where")
+    if where is not None and where.strip() == "":
+        where = None
+    params = parse_params(query.multi_items())
+    columns = p.parse_columns(query.get("columns"))
+    replica = p.parse_replica(query.get("replica"))
+    log_mode = query.get("log")
+    if log_mode not in (None, "full"):
+        raise UnsupportedFeatureError("log", f"log={log_mode[:20]!r} is not supported by this server (use full)")
+    for key in query:
+        if key.startswith("subset__"):
+            raise UnsupportedFeatureError(key, "subset snapshots are not supported by this server")
+    return p.ShapeDefinition(table, where, tuple(sorted(params.items())), columns, replica)
+
+
+def _cursor(requested: str | None, live_timeout: float) -> str:
+    """Electric's live cache buster: the current long-poll interval, always ahead of what the client sent."""
+    interval = max(1, int(live_timeout))
+    value = int(time.time()) // interval * interval
+    if requested is not None and requested.isdigit() and int(requested) >= value:
+        value = int(requested) + interval
+    return str(value)
+
+
+def create_sync_app(config: SyncServerConfig) -> Starlette:
+    manager = ShapeManager(config.database_url, config.data_dir, publication="")
+    holder: dict[str, ReplicationFeed] = {}
+
+    def feed_lag() -> int | None:
+        feed = holder.get("feed")
+        return feed.lag_bytes() if feed is not None else None
+
+    metrics = _Metrics(manager, feed_lag)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        state = await asyncio.to_thread(prepare_server_state, config.database_url, config.data_dir, manager)
+        manager.set_publication(state.publication)
+        manager.processed_lsn = state.start_lsn
+        loaded = await asyncio.to_thread(manager.load)
+        manager.bind_loop(asyncio.get_running_loop())
+        feed = ReplicationFeed(config.database_url, manager, state)
+        holder["feed"] = feed
+        feed.start()
+        _log.info("sync.server_started", slot=state.slot, shapes_loaded=loaded, data_dir=str(config.data_dir))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(feed.stop)
+            manager.close()
+
+    async def health(_request: Request) -> Response:
+        feed = holder.get("feed")
+        status = feed.status if feed is not None else "starting"
+        body: dict[str, Any] = {"status": "active" if status == "active" else status}
+        if feed is not None and feed.last_error and status != "active":
+            body["error"] = feed.last_error
+        return JSONResponse(body, status_code=200 if status == "active" else 503)
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        data = await asyncio.to_thread(generate_latest, metrics.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    async def shape_endpoint(request: Request) -> Response:
+        live = request.query_params.get("live") == "true"
+        try:
+            if request.method == "DELETE":
+                response = await delete_shape(request)
+            else:
+                response = await get_shape(request)
+        except ProtocolError as err:
+            response = _error(err)
+        metrics.requests.labels(status=str(response.status_code), live=str(live).lower()).inc()
+        return response
+
+    async def delete_shape(request: Request) -> Response:
+        if not config.allow_shape_deletion:
+            return JSONResponse({"message": "shape deletion is disabled"}, status_code=405)
+        handle = request.query_params.get("handle")
+        if handle:
+            deleted = await asyncio.to_thread(manager.delete, handle)
+        else:
+            shape = manager.current(_definition(request))
+            deleted = shape is not None and await asyncio.to_thread(manager.delete, shape.handle)
+        if not deleted:
+            return JSONResponse({"message": "Shape not found"}, status_code=404)
+        return Response(status_code=202)
+
+    async def must_refetch(definition: p.ShapeDefinition) -> Response:
+        shape = await asyncio.to_thread(manager.get_or_create, definition)
+        return Response(
+            p.encode_messages([p.control_message("must-refetch")]),
+            status_code=409,
+            media_type="application/json",
+            headers={p.HANDLE_HEADER: shape.handle, "cache-control": "public, max-age=60, must-revalidate"},
+        )
+
+    async def get_shape(request: Request) -> Response:
+        query = request.query_params
+        definition = _definition(request)
+        offset = p.parse_offset(query.get("offset"))
+        live = _flag(query.get("live"), "live")
+        handle = query.get("handle") or None
+        if offset != p.BEFORE_ALL and offset != "now" and handle is None:
+            raise ProtocolError("handle", "can't be blank when offset != -1 (send the electric-handle you received)")
+        if live and (offset == p.BEFORE_ALL):
+            raise ProtocolError("live", "can't be true with offset=-1 (fetch the snapshot first)")
+
+        if handle is not None:
+            known = manager.get(handle)
+            if known is None or known.definition != definition:
+                return await must_refetch(definition)
+            shape = known
+        else:
+            existing = manager.current(definition)
+            if existing is None:
+                existing = await asyncio.to_thread(manager.get_or_create, definition)
+            shape = existing
+
+        if offset == "now":
+            last = shape.log.last_offset
+            return _respond(shape, [], last or _AFTER_SNAPSHOT, at_end=True, request=request, live=live,
+                            requested="now", global_lsn=manager.processed_lsn)
+
+        global_lsn = manager.processed_lsn  # read before the log: see the up-to-date note in _respond
+        chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+        if live and not chunk.messages:
+            event = shape.changed_event()
+            global_lsn = manager.processed_lsn
+            chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+            if not chunk.messages:
+                metrics.live_clients.inc()
+                try:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(event.wait(), timeout=config.live_timeout)
+                finally:
+                    metrics.live_clients.dec()
+                if shape.state == "gone":
+                    return await must_refetch(definition)
+                global_lsn = manager.processed_lsn
+                chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+                if chunk.messages and shape.last_commit_ts is not None:
+                    metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
+        if chunk.last_offset is not None:
+            end = chunk.last_offset
+        elif offset == p.BEFORE_ALL:
+            end = _AFTER_SNAPSHOT
+        else:
+            assert isinstance(offset, p.LogOffset)
+            end = offset
+        return _respond(shape, chunk.messages, end, at_end=chunk.at_end, request=request, live=live,
+                        requested=str(offset), global_lsn=global_lsn)
+
+    def _respond(
+        shape: Shape,
+        messages: list[bytes],
+        end: p.LogOffset,
+        *,
+        at_end: bool,
+        request: Request,
+        live: bool,
+        requested: str,
+        global_lsn: int,
+    ) -> Response:
+        """Build the body from stored message bytes; ``up-to-date`` carries ``global_last_seen_lsn`` that is
+        never ahead of a change the client has not been sent (read before the log), which pglite-sync relies
+        on to tell replays from new changes."""
+        parts = list(messages)
+        if at_end:
+            seen = max(global_lsn, end.tx if end.tx > 0 else 0)
+            parts.append(p.encode_message(p.control_message("up-to-date", global_last_seen_lsn=str(seen))))
+        body = b"[" + b",".join(parts) + b"]"
+        end_text = "0_inf" if end == _AFTER_SNAPSHOT else str(end)
+        headers = {
+            p.HANDLE_HEADER: shape.handle,
+            p.OFFSET_HEADER: end_text,
+            "etag": f'"{shape.handle}:{requested}:{end_text}"',
+        }
+        if at_end:
+            headers[p.UP_TO_DATE_HEADER] = ""
+        if live:
+            headers[p.CURSOR_HEADER] = _cursor(request.query_params.get("cursor"), config.live_timeout)
+            headers["cache-control"] = p.LIVE_CACHE_CONTROL
+        else:
+            headers[p.SCHEMA_HEADER] = shape.schema_header()
+            if requested == "-1":
+                headers["cache-control"] = p.NON_LIVE_CACHE_CONTROL
+            else:
+                headers["cache-control"] = p.UP_TO_DATE_CACHE_CONTROL
+            if request.headers.get("if-none-match") == headers["etag"]:
+                return Response(status_code=304, headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
+
+    routes = [
+        Route("/v1/shape", shape_endpoint, methods=["GET", "DELETE"]),
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allow_origins),
+            allow_methods=["GET", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=list(p.ELECTRIC_HEADERS),
+        ),
+        Middleware(GZipMiddleware, minimum_size=1024),
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.manager = manager
+    app.state.metrics = metrics
+    return app
+

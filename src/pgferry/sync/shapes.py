@@ -1,0 +1,688 @@
+"""Shapes: a table + where + columns, materialised as a log that starts with a snapshot and follows replication.
+
+The alignment rule is Electric's: a shape's snapshot runs in a REPEATABLE READ transaction whose snapshot
+(``pg_current_snapshot()``: xmin, xmax, in-progress xids) is stored with the shape; a replicated transaction is
+applied to the shape exactly when it is *not* visible in that snapshot. The shape is registered (and starts
+buffering transactions) *before* its snapshot is taken, so a transaction either committed before registration
+(visible, already in the snapshot) or arrives in the buffer; nothing falls between the two.
+
+Where clauses are evaluated by PostgreSQL, never by Python: a changed row's values (text, as replication delivers
+them) are cast back to the column types and the shape's parsed and re-rendered where clause is run over them.
+That keeps PostgreSQL's semantics (collations, numeric, time zones, operators on vectors and arrays) exact at the
+price of one round trip per transaction and shape.
+
+Owns: the shape registry, snapshots, converting replicated rows into Electric messages, durable logs on disk.
+Must not know about HTTP (the server module) or how transactions arrive (the feed module).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+import structlog
+from psycopg import sql
+
+from pgferry.replication import RowChange, Transaction, TruncateChange
+from pgferry.sync.catalog import TableInfo, load_table_info
+from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.protocol import (
+    LogOffset,
+    ShapeDefinition,
+    change_message,
+    encode_message,
+    row_key,
+)
+from pgferry.sync.store import ShapeLog, write_json_atomic
+from pgferry.sync.where import WhereClause, check_params, parse_where, render_sql
+
+__all__ = ["SESSION_SETTINGS", "Shape", "ShapeManager", "SnapshotInfo", "WhereEvaluator"]
+
+_log = structlog.get_logger("pgferry.sync.shapes")
+
+# Both the snapshot connection and the replication stream must print values the same way, or a row's text in
+# the snapshot would differ from the same row's text in the log.
+SESSION_SETTINGS: dict[str, str] = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+}
+_EVAL_BATCH = 500
+_STATEMENT_TIMEOUT_MS = 30_000
+
+RowValues = Mapping[str, str | None]
+
+
+def session_options() -> str:
+    return " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS.items())
+
+
+def connect_sql(url: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(url, autocommit=True, options=session_options(), application_name="pgferry-sync")
+    conn.execute(f"set statement_timeout = {_STATEMENT_TIMEOUT_MS}")
+    return conn
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """``pg_current_snapshot()`` of a shape's snapshot transaction, with 64-bit xids."""
+
+    xmin: int
+    xmax: int
+    xip: frozenset[int]
+
+    @classmethod
+    def parse(cls, text: str) -> SnapshotInfo:
+        xmin, xmax, xip = text.split(":")
+        return cls(int(xmin), int(xmax), frozenset(int(x) for x in xip.split(",") if x))
+
+    def visible(self, xid32: int) -> bool:
+        """Whether a transaction with this 32-bit xid (as pgoutput sends it) is visible in the snapshot."""
+        epoch = self.xmax >> 32
+        xid = (epoch << 32) | xid32
+        if xid > self.xmax + (1 << 31):  # the 32-bit xid wrapped: it belongs to the previous epoch
+            xid -= 1 << 32
+        if xid < self.xmin:
+            return True
+        return xid < self.xmax and xid not in self.xip
+
+    def to_json(self) -> list[Any]:
+        return [self.xmin, self.xmax, sorted(self.xip)]
+
+
+class WhereEvaluator:
+    """Decides, in PostgreSQL, which of a batch of rows satisfy a shape's where clause.
+
+    One per thread (it holds a connection); reconnects lazily after the database went away.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect_sql(self._url)
+        return self._conn
+
+    def matches(self, shape: Shape, rows: Sequence[RowValues]) -> list[bool]:
+        if shape.clause is None:
+            return [True] * len(rows)
+        result: list[bool] = []
+        for start in range(0, len(rows), _EVAL_BATCH):
+            result.extend(self._matches_batch(shape, rows[start : start + _EVAL_BATCH]))
+        return result
+
+    def _matches_batch(self, shape: Shape, rows: Sequence[RowValues]) -> list[bool]:
+        assert shape.clause is not None
+        columns = sorted(shape.clause.columns)
+        params: list[Any] = []
+        where = shape.render_where(lambda name: sql.SQL("v.") + sql.Identifier(name), params)
+        tuples = []
+        for index, row in enumerate(rows):
+            cells = [sql.SQL("{}::int").format(sql.Literal(index))]
+            for name in columns:
+                cells.append(sql.SQL("{}::text::" + shape.table.column(name).sql_type).format(sql.Placeholder()))
+                params.append(row.get(name))
+            tuples.append(sql.SQL("(") + sql.SQL(", ").join(cells) + sql.SQL(")"))
+        query = sql.SQL("select v.i, coalesce({}, false) from (values {}) as v(i, {})").format(
+            where,
+            sql.SQL(", ").join(tuples),
+            sql.SQL(", ").join(sql.Identifier(c) for c in columns),
+        )
+        found = dict(self._connection().execute(query, params).fetchall())
+        return [bool(found.get(i, False)) for i in range(len(rows))]
+
+
+@dataclass
+class Shape:
+    """A shape and its log. ``state`` moves snapshotting → ready → gone (gone: clients must refetch)."""
+
+    handle: str
+    definition: ShapeDefinition
+    table: TableInfo
+    clause: WhereClause | None
+    log: ShapeLog
+    state: Literal["snapshotting", "ready", "gone"] = "snapshotting"
+    snapshot: SnapshotInfo | None = None
+    buffered: list[Transaction] = field(default_factory=list)
+    created_at: float = field(default_factory=time.time)
+    last_commit_ts: float | None = None
+    _event: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        return self.definition.columns if self.definition.columns is not None else self.table.column_names
+
+    def schema_header(self) -> str:
+        selected = set(self.selected)
+        return json.dumps(
+            {c.name: c.schema_entry() for c in self.table.columns if c.name in selected}, separators=(",", ":")
+        )
+
+    def render_where(self, column: Callable[[str], sql.Composable], params: list[Any]) -> sql.Composable:
+        assert self.clause is not None
+        values = dict(self.definition.params)
+
+        def param(number: int) -> sql.Composable:
+            params.append(values[number])
+            return sql.Placeholder()
+
+        return render_sql(self.clause, column=column, param=param)
+
+    # -- waking long-polls (called from any thread) ------------------------------------------------------------
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop = loop
+            self._event = asyncio.Event()
+
+    def changed_event(self) -> asyncio.Event:
+        """The event the next change sets; take it *before* reading the log so no wake-up is lost."""
+        assert self._event is not None, "bind_loop first"
+        return self._event
+
+    def notify(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is shutting down
+            loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        if event is not None:
+            event.set()
+
+
+class ShapeManager:
+    """Registry of shapes, on disk under ``data_dir/shapes/<handle>/``."""
+
+    def __init__(self, url: str, data_dir: Path, *, publication: str) -> None:
+        self._url = url
+        self._dir = data_dir / "shapes"
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._publication = publication
+        self._lock = threading.RLock()
+        self._by_handle: dict[str, Shape] = {}
+        self._by_definition: dict[ShapeDefinition, Shape] = {}
+        self._creating: dict[ShapeDefinition, threading.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.processed_lsn = 0  # commit LSN of the last transaction applied to every shape
+        self.transactions_applied = 0
+        self.last_commit_latency: float | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._loop = loop
+            for shape in self._by_handle.values():
+                shape.bind_loop(loop)
+
+    def load(self) -> int:
+        """Load the shapes a previous run completed; drop half-made ones. Returns how many were loaded."""
+        conn = connect_sql(self._url)
+        try:
+            for directory in sorted(self._dir.iterdir()):
+                meta_path = directory / "meta.json"
+                if not meta_path.exists():
+                    shutil.rmtree(directory, ignore_errors=True)
+                    continue
+                meta = json.loads(meta_path.read_text())
+                definition = ShapeDefinition.from_json(meta["definition"])
+                try:
+                    table = load_table_info(conn, definition.table)
+                except ProtocolError:
+                    shutil.rmtree(directory, ignore_errors=True)  # the table is gone: so is the shape
+                    continue
+                if list(table.column_names) != meta.get("columns"):
+                    shutil.rmtree(directory, ignore_errors=True)  # altered while we were down
+                    continue
+                clause = parse_where(definition.where) if definition.where else None
+                xmin, xmax, xip = meta["snapshot"]
+                shape = Shape(
+                    handle=meta["handle"],
+                    definition=definition,
+                    table=table,
+                    clause=clause,
+                    log=ShapeLog(directory),
+                    state="ready",
+                    snapshot=SnapshotInfo(xmin, xmax, frozenset(xip)),
+                    created_at=float(meta["created_at"]),
+                )
+                self._register(shape)
+        finally:
+            conn.close()
+        return len(self._by_handle)
+
+    def clear(self) -> None:
+        """Forget every shape (the slot was lost, so the logs can no longer be continued)."""
+        with self._lock:
+            for shape in list(self._by_handle.values()):
+                self._drop(shape)
+            for directory in self._dir.iterdir():
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def close(self) -> None:
+        with self._lock:
+            for shape in self._by_handle.values():
+                shape.log.close()
+
+    def set_publication(self, name: str) -> None:
+        self._publication = name
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+
+    def get(self, handle: str) -> Shape | None:
+        with self._lock:
+            shape = self._by_handle.get(handle)
+            return shape if shape is not None and shape.state == "ready" else None
+
+    def current(self, definition: ShapeDefinition) -> Shape | None:
+        with self._lock:
+            shape = self._by_definition.get(definition)
+            return shape if shape is not None and shape.state == "ready" else None
+
+    def shapes(self) -> list[Shape]:
+        with self._lock:
+            return [s for s in self._by_handle.values() if s.state == "ready"]
+
+    def delete(self, handle: str) -> bool:
+        with self._lock:
+            shape = self._by_handle.get(handle)
+            if shape is None:
+                return False
+            self._drop(shape)
+            return True
+
+    # -- creating shapes ------------------------------------------------------------------------------------
+
+    def validate(self, definition: ShapeDefinition) -> tuple[TableInfo, WhereClause | None]:
+        """Everything that makes a request a 400, checked before anything is created."""
+        conn = connect_sql(self._url)
+        try:
+            table = load_table_info(conn, definition.table)
+            if definition.columns is not None:
+                unknown = [c for c in definition.columns if c not in table.column_names]
+                if unknown:
+                    raise ProtocolError("columns", f"unknown column {unknown[0]!r} in table {str(table.name)!r}")
+                missing = [c for c in table.primary_key if c not in definition.columns]
+                if missing:
+                    raise ProtocolError(
+                        "columns", f"must include all primary key columns, missing: {', '.join(missing)}"
+                    )
+            clause = None
+            if definition.where is not None:
+                clause = parse_where(definition.where)
+                unknown = sorted(clause.columns - set(table.column_names))
+                if unknown:
+                    raise WhereClauseError(f"unknown reference {unknown[0]!r} (not a column of {table.name})")
+                check_params(clause, dict(definition.params))
+                self._typecheck(conn, definition, table, clause)
+            elif definition.params:
+                raise ProtocolError("params", "params were given but there is no where clause using them")
+            return table, clause
+        finally:
+            conn.close()
+
+    def _typecheck(
+        self, conn: psycopg.Connection[Any], definition: ShapeDefinition, table: TableInfo, clause: WhereClause
+    ) -> None:
+        """Let PostgreSQL type-check the rendered clause (planning only) so a bad shape fails now, with a 400."""
+        probe = Shape("", definition, table, clause, log=None)  # type: ignore[arg-type]
+        params: list[Any] = []
+        where = probe.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
+        query = sql.SQL("explain select 1 from {} as t where {}").format(
+            sql.Identifier(table.name.schema, table.name.name), where
+        )
+        try:
+            conn.execute(query, params)
+        except psycopg.errors.Error as exc:
+            if isinstance(exc, psycopg.OperationalError):
+                raise
+            message = (exc.diag.message_primary or str(exc)).strip()
+            raise WhereClauseError(f"invalid where clause: {message}") from exc
+
+    def get_or_create(self, definition: ShapeDefinition) -> Shape:
+        """The ready shape for ``definition``, taking its snapshot first if there is none. Blocking."""
+        while True:
+            with self._lock:
+                shape = self._by_definition.get(definition)
+                if shape is not None and shape.state == "ready":
+                    return shape
+                waiting = self._creating.get(definition)
+                if waiting is None:
+                    waiting = threading.Event()
+                    self._creating[definition] = waiting
+                    break
+            waiting.wait(timeout=300)
+        try:
+            return self._create(definition)
+        finally:
+            with self._lock:
+                self._creating.pop(definition, None)
+            waiting.set()
+
+    def _create(self, definition: ShapeDefinition) -> Shape:
+        table, clause = self.validate(definition)
+        self._prepare_table(table)
+        handle = f"{definition.fingerprint()}-{time.time_ns() // 1000}"
+        directory = self._dir / handle
+        shape = Shape(handle, definition, table, clause, ShapeLog(directory))
+        with self._lock:
+            self._register(shape)
+        try:
+            self._take_snapshot(shape)
+        except BaseException:
+            with self._lock:
+                self._drop(shape)
+            raise
+        return shape
+
+    def _prepare_table(self, table: TableInfo) -> None:
+        """Publish the table with full old rows (Electric does the same), so moves out of a where are seen."""
+        conn = connect_sql(self._url)
+        try:
+            ident = sql.Identifier(table.name.schema, table.name.name)
+            identity = conn.execute("select relreplident from pg_catalog.pg_class where oid = %s", [table.oid])
+            row = identity.fetchone()
+            if row is not None and row[0] != "f":
+                conn.execute(sql.SQL("alter table {} replica identity full").format(ident))
+            published = conn.execute(
+                "select 1 from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid"
+                " where p.pubname = %s and pr.prrelid = %s",
+                [self._publication, table.oid],
+            ).fetchone()
+            if published is None:
+                with contextlib.suppress(psycopg.errors.DuplicateObject):
+                    conn.execute(
+                        sql.SQL("alter publication {} add table {}").format(sql.Identifier(self._publication), ident)
+                    )
+        finally:
+            conn.close()
+
+    def _snapshot_query(self, shape: Shape, params: list[Any]) -> sql.Composed:
+        """One JSON message per row, built by PostgreSQL (fast: Python only writes the bytes to the log)."""
+        table = shape.table
+        ident = sql.Identifier(table.name.schema, table.name.name)
+        pairs = [sql.SQL("{}, t.{}::text").format(sql.Literal(c), sql.Identifier(c)) for c in shape.selected]
+        groups = [pairs[i : i + 50] for i in range(0, len(pairs), 50)]
+        value = sql.SQL(" || ").join(
+            sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(group)) for group in groups
+        )
+        key_prefix = sql.Literal(table.name.qualified + "/")
+        key_parts = sql.SQL(" || '/' || ").join(
+            sql.SQL("""coalesce('"' || replace(t.{}::text, '/', '//') || '"', '_')""").format(sql.Identifier(c))
+            for c in table.primary_key
+        )
+        headers = sql.SQL("json_build_object('operation', 'insert', 'relation', json_build_array({}, {}))").format(
+            sql.Literal(table.name.schema), sql.Literal(table.name.name)
+        )
+        message = sql.SQL("json_build_object('key', {} || {}, 'value', {}, 'headers', {})::text").format(
+            key_prefix, key_parts, value, headers
+        )
+        query = sql.SQL("select {} from {} as t").format(message, ident)
+        if shape.clause is not None:
+            where = shape.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
+            query = query + sql.SQL(" where {}").format(where)
+        return query
+
+    def _take_snapshot(self, shape: Shape) -> None:
+        conn = connect_sql(self._url)
+        evaluator = WhereEvaluator(self._url)
+        try:
+            conn.autocommit = False
+            conn.execute("begin isolation level repeatable read read only")
+            row = conn.execute("select pg_current_snapshot()::text").fetchone()
+            assert row is not None
+            snapshot = SnapshotInfo.parse(str(row[0]))
+            params: list[Any] = []
+            query = self._snapshot_query(shape, params)
+            started = time.monotonic()
+            count = 0
+            with conn.cursor(name=f"pgferry_snapshot_{secrets.token_hex(4)}") as cursor:
+                cursor.itersize = 5000
+                cursor.execute(query, params)
+                while True:
+                    rows = cursor.fetchmany(5000)
+                    if not rows:
+                        break
+                    shape.log.append([(LogOffset(0, count + i), r[0].encode()) for i, r in enumerate(rows)])
+                    count += len(rows)
+            conn.rollback()
+            shape.log.sync()
+            with self._lock:
+                shape.snapshot = snapshot
+                for txn in shape.buffered:
+                    self._apply_to_shape(shape, txn, evaluator)
+                shape.buffered.clear()
+                shape.log.sync()
+                write_json_atomic(
+                    shape.log.directory / "meta.json",
+                    {
+                        "handle": shape.handle,
+                        "definition": shape.definition.to_json(),
+                        "columns": list(shape.table.column_names),
+                        "snapshot": snapshot.to_json(),
+                        "created_at": shape.created_at,
+                    },
+                )
+                shape.state = "ready"
+            _log.info(
+                "sync.shape_created",
+                handle=shape.handle,
+                table=str(shape.table.name),
+                rows=count,
+                seconds=round(time.monotonic() - started, 3),
+            )
+        finally:
+            evaluator.close()
+            conn.close()
+
+    # -- applying replicated transactions --------------------------------------------------------------------
+
+    def apply_transaction(self, txn: Transaction, evaluator: WhereEvaluator) -> None:
+        """Append ``txn``'s effect to every shape it touches and make it durable; then the feed may confirm it."""
+        touched: list[Shape] = []
+        with self._lock:
+            for shape in list(self._by_handle.values()):
+                if shape.state == "gone" or not _touches(shape, txn):
+                    continue
+                if shape.state == "snapshotting" and shape.snapshot is None:
+                    shape.buffered.append(txn)
+                    continue
+                if self._apply_to_shape(shape, txn, evaluator):
+                    touched.append(shape)
+            for shape in touched:
+                if shape.state != "gone":
+                    shape.log.sync()
+            self.processed_lsn = max(self.processed_lsn, int(txn.commit_lsn))
+            self.transactions_applied += 1
+        for shape in touched:
+            shape.last_commit_ts = txn.commit_ts.timestamp()
+            shape.notify()
+
+    def _apply_to_shape(self, shape: Shape, txn: Transaction, evaluator: WhereEvaluator) -> bool:
+        assert shape.snapshot is not None
+        if shape.snapshot.visible(txn.xid):
+            return False
+        last = shape.log.last_offset
+        if last is not None and last.tx >= int(txn.commit_lsn):
+            return False  # redelivered after a restart: already in this log
+        rows: list[RowChange] = []
+        for change in txn.changes:
+            if isinstance(change, TruncateChange):
+                if str(shape.table.name) in change.tables:
+                    self._gone(shape, "table truncated")
+                    return True
+                continue
+            if change.schema != shape.table.name.schema or change.table != shape.table.name.name:
+                continue
+            if [c.name for c in change.relation.columns] != list(shape.table.column_names):
+                self._gone(shape, "table columns changed")
+                return True
+            rows.append(change)
+        if not rows:
+            return False
+        messages = self._messages_for(shape, rows, txn, evaluator)
+        if not messages:
+            return False
+        base = int(txn.commit_lsn)
+        entries = []
+        for op, message in enumerate(messages):
+            offset = LogOffset(base, op)
+            message["headers"]["lsn"] = str(base)
+            message["headers"]["op_position"] = op
+            if op == len(messages) - 1:
+                message["headers"]["last"] = True
+            entries.append((offset, encode_message(message)))
+        shape.log.append(entries)
+        return True
+
+    def _messages_for(
+        self, shape: Shape, changes: list[RowChange], txn: Transaction, evaluator: WhereEvaluator
+    ) -> list[dict[str, Any]]:
+        """Electric's rules: inserts/deletes as they are, updates as updates while the row stays in the shape and
+        as insert/delete when it moves in/out; a key change is a delete of the old key plus an insert."""
+        befores: list[RowValues | None] = []
+        afters: list[RowValues | None] = []
+        for change in changes:
+            old = change.old
+            new = dict(change.new) if change.new is not None else None
+            if new is not None and change.unchanged_toast_columns and old is not None:
+                for name in change.unchanged_toast_columns:
+                    new[name] = old.get(name)
+            befores.append(old if change.kind != "insert" else None)
+            afters.append(new if change.kind != "delete" else None)
+        to_check = [r for r in (*befores, *afters) if r is not None and _complete(r, shape)]
+        verdicts = iter(evaluator.matches(shape, to_check))
+        before_in: list[bool] = []
+        after_in: list[bool] = []
+        for row in befores:
+            before_in.append(_verdict(row, shape, verdicts, missing_means=True))
+        for row in afters:
+            after_in.append(_verdict(row, shape, verdicts, missing_means=True))
+        pk = shape.table.primary_key
+        selected = shape.selected
+        full = shape.definition.replica == "full"
+        relation = shape.table.name
+        out: list[dict[str, Any]] = []
+
+        def emit(operation: Literal["insert", "update", "delete"], row: RowValues, value: dict[str, str | None],
+                 old_value: dict[str, str | None] | None = None) -> None:
+            out.append(
+                change_message(
+                    key=row_key(relation, [row.get(c) for c in pk]),
+                    operation=operation,
+                    value=value,
+                    relation=relation,
+                    offset=LogOffset(int(txn.commit_lsn), len(out)),
+                    txid=txn.xid,
+                    old_value=old_value,
+                )
+            )
+
+        for change, before, after, was_in, is_in in zip(changes, befores, afters, before_in, after_in, strict=True):
+            if change.kind == "insert":
+                if is_in and after is not None:
+                    emit("insert", after, {c: after.get(c) for c in selected})
+            elif change.kind == "delete":
+                row = before if before is not None else change.key
+                if was_in:
+                    emit("delete", row, _delete_value(row, pk, selected, full))
+            else:
+                assert after is not None
+                old_row: RowValues = before if before is not None else after
+                key_changed = any(old_row.get(c) != after.get(c) for c in pk)
+                if was_in and is_in and not key_changed:
+                    if before is None:
+                        changed = list(selected)
+                    else:
+                        changed = [c for c in selected if before.get(c) != after.get(c)]
+                    if changed and full:
+                        emit("update", after, {c: after.get(c) for c in selected},
+                             {c: old_row.get(c) for c in changed if c not in pk} if before is not None else None)
+                    elif changed:
+                        value = {c: after.get(c) for c in pk}
+                        value.update({c: after.get(c) for c in changed})
+                        emit("update", after, value)
+                    # else: nothing the shape selects changed, so there is nothing to send (Electric drops it too)
+                else:
+                    if was_in:
+                        emit("delete", old_row, _delete_value(old_row, pk, selected, full))
+                    if is_in:
+                        emit("insert", after, {c: after.get(c) for c in selected})
+        return out
+
+    # -- registry internals -----------------------------------------------------------------------------------
+
+    def _register(self, shape: Shape) -> None:
+        self._by_handle[shape.handle] = shape
+        self._by_definition[shape.definition] = shape
+        if self._loop is not None:
+            shape.bind_loop(self._loop)
+
+    def _gone(self, shape: Shape, reason: str) -> None:
+        _log.info("sync.shape_invalidated", handle=shape.handle, table=str(shape.table.name), reason=reason)
+        self._drop(shape)
+
+    def _drop(self, shape: Shape) -> None:
+        shape.state = "gone"
+        self._by_handle.pop(shape.handle, None)
+        if self._by_definition.get(shape.definition) is shape:
+            del self._by_definition[shape.definition]
+        shape.log.delete()
+        shape.notify()
+
+
+def _touches(shape: Shape, txn: Transaction) -> bool:
+    name = shape.table.name
+    for change in txn.changes:
+        if isinstance(change, TruncateChange):
+            if str(name) in change.tables:
+                return True
+        elif change.schema == name.schema and change.table == name.name:
+            return True
+    return False
+
+
+def _complete(row: RowValues, shape: Shape) -> bool:
+    """Whether ``row`` carries every column the where clause reads (an old row without REPLICA IDENTITY FULL
+    carries only the key)."""
+    return shape.clause is None or all(name in row for name in shape.clause.columns)
+
+
+def _verdict(row: RowValues | None, shape: Shape, verdicts: Iterable[bool], *, missing_means: bool) -> bool:
+    if row is None:
+        return False
+    if not _complete(row, shape):
+        return missing_means
+    return next(iter(verdicts))
+
+
+def _delete_value(
+    row: RowValues, pk: Sequence[str], selected: Sequence[str], full: bool
+) -> dict[str, str | None]:
+    if full:
+        return {c: row.get(c) for c in selected if c in row}
+    return {c: row.get(c) for c in pk}
+

@@ -1,0 +1,349 @@
+"""The dev sync server speaking Electric's Shape API, checked over HTTP against a real PostgreSQL.
+
+These tests pin the wire details the official clients depend on (headers, offsets, message shapes, 409/400
+bodies, up-to-date with ``global_last_seen_lsn``); tests/test_sync_interop.py runs the official clients.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from pgferry.sync.server import SyncServerConfig, create_sync_app
+from pgferry.testing.asgi import ServedApp
+
+USER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
+
+
+def _server(url: str, data_dir: Path, *, live_timeout: float = 3.0) -> ServedApp:
+    app = create_sync_app(SyncServerConfig(database_url=url, data_dir=data_dir, live_timeout=live_timeout))
+    return ServedApp(app)
+
+
+@pytest.fixture
+def db(target_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def server(target_url: str, tmp_path: Path) -> Iterator[ServedApp]:
+    with _server(target_url, tmp_path / "sync") as served:
+        yield served
+
+
+def insert_task(conn: psycopg.Connection[Any], title: str, **values: Any) -> str:
+    columns = {"user_id": USER, "title": title, **values}
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join(["%s"] * len(columns))
+    row = conn.execute(f"insert into tasks ({names}) values ({marks}) returning id::text", list(columns.values()))
+    fetched = row.fetchone()
+    assert fetched is not None
+    return str(fetched[0])
+
+
+def shape(served: ServedApp, **params: Any) -> httpx.Response:
+    query = {"table": "tasks", "offset": "-1", **{k: str(v) for k, v in params.items()}}
+    return httpx.get(served.url + "/v1/shape", params=query, timeout=30)
+
+
+def changes(response: httpx.Response) -> list[dict[str, Any]]:
+    return [m for m in response.json() if "key" in m]
+
+
+def controls(response: httpx.Response) -> list[str]:
+    return [m["headers"]["control"] for m in response.json() if "control" in m.get("headers", {})]
+
+
+def sync_to_end(served: ServedApp, **params: Any) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """Page through a new shape until up-to-date, as a client does; return the last response and all changes."""
+    response = shape(served, **params)
+    assert response.status_code == 200, response.text
+    seen = changes(response)
+    while "up-to-date" not in controls(response):
+        response = shape(
+            served, **params, offset=response.headers["electric-offset"], handle=response.headers["electric-handle"]
+        )
+        assert response.status_code == 200, response.text
+        seen += changes(response)
+    return response, seen
+
+
+def live_after(served: ServedApp, last: httpx.Response, **params: Any) -> httpx.Response:
+    return shape(
+        served,
+        **params,
+        offset=last.headers["electric-offset"],
+        handle=last.headers["electric-handle"],
+        live="true",
+        cursor="",
+    )
+
+
+class Later:
+    """Start a (live) request now, in a thread, and collect its response later."""
+
+    def __init__(self, call: Any) -> None:
+        self._result: list[httpx.Response] = []
+        self._thread = threading.Thread(target=lambda: self._result.append(call()))
+        self._thread.start()
+
+    def result(self) -> httpx.Response:
+        self._thread.join(30)
+        assert self._result, "request did not finish"
+        return self._result[0]
+
+
+def test_initial_snapshot_has_electric_headers_schema_and_text_values(server: ServedApp, db: Any) -> None:
+    task_id = insert_task(db, "a/b \"quoted\"", priority=3, tags=["x", "y z"], metadata=json.dumps({"k": [1, 2]}))
+    response, rows = sync_to_end(server)
+    assert response.headers["electric-handle"]
+    assert response.headers["electric-offset"]
+    assert "electric-up-to-date" in response.headers
+    schema = json.loads(response.headers["electric-schema"])
+    assert schema["id"] == {"type": "uuid", "not_null": True, "pk_index": 0}
+    assert schema["tags"]["type"] == "text" and schema["tags"]["dims"] == 1
+    assert schema["embedding"]["type"] == "vector"
+    assert schema["priority"]["type"] == "int4"
+    assert len(rows) == 1
+    message = rows[0]
+    assert message["key"] == f'"public"."tasks"/"{task_id}"'
+    assert message["headers"]["operation"] == "insert"
+    assert message["headers"]["relation"] == ["public", "tasks"]
+    value = message["value"]
+    assert value["title"] == 'a/b "quoted"'
+    assert value["priority"] == "3"
+    assert value["tags"] == '{x,"y z"}'
+    assert json.loads(value["metadata"]) == {"k": [1, 2]}
+    assert value["embedding"] is None and value["description"] is None
+    up_to_date = response.json()[-1]
+    assert up_to_date["headers"]["control"] == "up-to-date"
+    assert up_to_date["headers"]["global_last_seen_lsn"].isdigit()
+
+
+def test_live_insert_update_delete_reach_a_waiting_client(server: ServedApp, db: Any) -> None:
+    task_id = insert_task(db, "first")
+    last, _ = sync_to_end(server)
+
+    waiting = Later(lambda: live_after(server, last))
+    second = insert_task(db, "second")
+    response = waiting.result()
+    assert response.status_code == 200
+    assert response.headers["electric-cursor"]
+    assert "electric-schema" not in response.headers
+    [insert] = changes(response)
+    assert insert["headers"]["operation"] == "insert" and insert["value"]["id"] == second
+    assert insert["headers"]["txids"] and insert["headers"]["last"] is True
+    assert int(insert["headers"]["lsn"]) > int(last.json()[-1]["headers"]["global_last_seen_lsn"])
+    assert controls(response)[-1] == "up-to-date"
+
+    db.execute("update tasks set status = 'running' where id = %s", [task_id])
+    response = live_after(server, response)
+    [update] = changes(response)
+    assert update["headers"]["operation"] == "update"
+    assert set(update["value"]) == {"id", "status", "updated_at"}  # key + changed columns (replica=default)
+    assert update["value"]["status"] == "running"
+
+    db.execute("delete from tasks where id = %s", [task_id])
+    response = live_after(server, response)
+    [delete] = changes(response)
+    assert delete["headers"]["operation"] == "delete"
+    assert delete["value"] == {"id": task_id}
+
+
+def test_transaction_with_several_changes_marks_only_the_last(server: ServedApp, db: Any) -> None:
+    last, _ = sync_to_end(server)
+    with db.transaction():
+        insert_task(db, "one")
+        insert_task(db, "two")
+    response = live_after(server, last)
+    found = changes(response)
+    assert [m["headers"].get("last", False) for m in found] == [False, True]
+    assert len({m["headers"]["lsn"] for m in found}) == 1
+    assert [m["headers"]["op_position"] for m in found] == [0, 1]
+
+
+def test_replica_full_updates_carry_the_whole_row_and_old_values(server: ServedApp, db: Any) -> None:
+    task_id = insert_task(db, "before")
+    last, _ = sync_to_end(server, replica="full")
+    db.execute("update tasks set title = 'after' where id = %s", [task_id])
+    response = live_after(server, last, replica="full")
+    [update] = changes(response)
+    assert update["value"]["title"] == "after" and "priority" in update["value"]
+    assert update["old_value"]["title"] == "before"
+
+
+def test_where_with_params_moves_rows_in_and_out(server: ServedApp, db: Any) -> None:
+    inside = insert_task(db, "pending one")
+    insert_task(db, "running one", status="running")
+    params = {"where": "status = $1 and priority >= $2", "params[1]": "pending", "params[2]": "0"}
+    last, rows = sync_to_end(server, **params)
+    assert [r["value"]["id"] for r in rows] == [inside]
+
+    db.execute("update tasks set status = 'running' where id = %s", [inside])
+    response = live_after(server, last, **params)
+    [moved_out] = changes(response)
+    assert moved_out["headers"]["operation"] == "delete" and moved_out["value"] == {"id": inside}
+
+    db.execute("update tasks set status = 'pending' where id = %s", [inside])
+    response = live_after(server, response, **params)
+    [moved_in] = changes(response)
+    assert moved_in["headers"]["operation"] == "insert" and moved_in["value"]["title"] == "pending one"
+
+    db.execute("update tasks set priority = -1 where status = 'running'")  # outside before and after: nothing
+    db.execute("update tasks set description = 'x' where id = %s", [inside])
+    response = live_after(server, response, **params)
+    [update] = changes(response)
+    assert update["headers"]["operation"] == "update" and update["value"]["description"] == "x"
+
+
+def test_column_subset_limits_values_and_schema(server: ServedApp, db: Any) -> None:
+    task_id = insert_task(db, "subset")
+    last, rows = sync_to_end(server, columns='id,"title"')
+    assert rows[0]["value"] == {"id": task_id, "title": "subset"}
+    assert set(json.loads(last.headers["electric-schema"])) == {"id", "title"}
+    db.execute("update tasks set priority = 9 where id = %s", [task_id])
+    db.execute("update tasks set title = 'renamed' where id = %s", [task_id])
+    response = live_after(server, last, columns='id,"title"')
+    assert [m["value"] for m in changes(response)][-1] == {"id": task_id, "title": "renamed"}
+    assert shape(server, columns="title").status_code == 400  # the primary key is required
+
+
+def test_same_definition_shares_one_shape(server: ServedApp, db: Any) -> None:
+    insert_task(db, "shared")
+    first = shape(server).headers["electric-handle"]
+    assert shape(server).headers["electric-handle"] == first
+    assert shape(server, where="priority > 0").headers["electric-handle"] != first
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"table": ""}, "table"),
+        ({"table": "no_such_table"}, "table"),
+        ({"table": "tasks; drop table tasks"}, "table"),
+        ({"table": "pg_catalog.pg_class"}, "table"),
+        ({"where": "1=1; drop table tasks"}, "where"),
+        ({"where": "true) or (true"}, "where"),
+        ({"where": "title = 'x' -- comment"}, "where"),
+        ({"where": "(select count(*) from auth.users) > 0"}, "where"),
+        ({"where": "pg_sleep(10) is null"}, "where"),
+        ({"where": "no_such_column = 1"}, "where"),
+        ({"where": "priority = 'abc'"}, "where"),
+        ({"where": "title"}, "where"),
+        ({"where": "status = $1"}, "params"),
+        ({"where": "status = $1", "params[1]": "y", "params[x]": "z"}, "params"),
+        ({"columns": "id,nope"}, "columns"),
+        ({"offset": "banana"}, "offset"),
+        ({"offset": "5_5"}, "handle"),
+        ({"replica": "partial"}, "replica"),
+        ({"log": "changes_only"}, "log"),
+        ({"live": "maybe", "offset": "now"}, "live"),
+    ],
+)
+def test_malformed_or_hostile_requests_get_400_and_reach_no_sql(
+    server: ServedApp, db: Any, params: dict[str, str], field: str
+) -> None:
+    insert_task(db, "still here")
+    response = shape(server, **params)
+    assert response.status_code == 400, response.text
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["message"] and field in body["errors"], body
+    assert db.execute("select count(*) from tasks").fetchone() == (1,)
+    assert httpx.get(server.url + "/v1/health").json() == {"status": "active"}
+
+
+def test_unknown_handle_gets_409_with_must_refetch_and_the_current_handle(server: ServedApp, db: Any) -> None:
+    insert_task(db, "x")
+    current = shape(server).headers["electric-handle"]
+    response = shape(server, offset="0_0", handle="bogus-123")
+    assert response.status_code == 409
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json() == [{"headers": {"control": "must-refetch"}}]
+    assert response.headers["electric-handle"] == current
+
+
+def test_truncate_and_delete_rotate_the_shape(server: ServedApp, db: Any) -> None:
+    insert_task(db, "x")
+    last, _ = sync_to_end(server)
+    db.execute("truncate tasks cascade")
+    response = live_after(server, last)
+    assert response.status_code == 409
+    new_handle = response.headers["electric-handle"]
+    assert new_handle != last.headers["electric-handle"]
+    deleted = httpx.delete(server.url + "/v1/shape", params={"table": "tasks", "handle": new_handle})
+    assert deleted.status_code == 202
+    assert shape(server, offset="0_0", handle=new_handle).status_code == 409
+
+
+def test_live_request_times_out_with_up_to_date_and_a_new_cursor(target_url: str, tmp_path: Path, db: Any) -> None:
+    with _server(target_url, tmp_path / "s", live_timeout=0.3) as served:
+        last, _ = sync_to_end(served)
+        response = live_after(served, last)
+        assert response.status_code == 200
+        assert controls(response) == ["up-to-date"]
+        assert response.headers["electric-offset"] == last.headers["electric-offset"]
+        again = shape(
+            served, offset=last.headers["electric-offset"], handle=last.headers["electric-handle"], live="true",
+            cursor=response.headers["electric-cursor"],
+        )
+        assert int(again.headers["electric-cursor"]) > int(response.headers["electric-cursor"])
+
+
+def test_offset_now_skips_the_snapshot(server: ServedApp, db: Any) -> None:
+    insert_task(db, "old")
+    response = shape(server, offset="now")
+    assert response.status_code == 200 and changes(response) == [] and controls(response) == ["up-to-date"]
+    insert_task(db, "new")
+    response = live_after(server, response)
+    assert [m["value"]["title"] for m in changes(response)] == ["new"]
+
+
+def test_restart_resumes_the_same_handle_and_offsets(target_url: str, tmp_path: Path, db: Any) -> None:
+    insert_task(db, "before restart")
+    with _server(target_url, tmp_path / "s") as served:
+        last, _ = sync_to_end(served)
+    insert_task(db, "while down")
+    with _server(target_url, tmp_path / "s") as served:
+        response = live_after(served, last)
+        assert response.status_code == 200, response.text
+        assert response.headers["electric-handle"] == last.headers["electric-handle"]
+        assert [m["value"]["title"] for m in changes(response)] == ["while down"]
+
+
+def test_large_snapshot_is_paged_and_compressed(target_url: str, tmp_path: Path, db: Any) -> None:
+    db.execute(
+        "insert into tasks (user_id, title, description) select %s, 'task ' || i, repeat('x', 500)"
+        " from generate_series(1, 3000) i",
+        [USER],
+    )
+    app = create_sync_app(
+        SyncServerConfig(database_url=target_url, data_dir=tmp_path / "s", max_chunk_bytes=256 * 1024)
+    )
+    with ServedApp(app) as served:
+        first = httpx.get(
+            served.url + "/v1/shape", params={"table": "tasks", "offset": "-1"}, headers={"accept-encoding": "gzip"}
+        )
+        assert first.headers["content-encoding"] == "gzip"
+        assert "up-to-date" not in controls(first)
+        _, rows = sync_to_end(served)
+        assert len({r["key"] for r in rows}) == 3000
+
+
+def test_health_and_metrics(server: ServedApp, db: Any) -> None:
+    insert_task(db, "m")
+    sync_to_end(server)
+    assert httpx.get(server.url + "/v1/health").json() == {"status": "active"}
+    text = httpx.get(server.url + "/metrics").text
+    assert "pgferry_sync_shapes 1.0" in text
+    assert "pgferry_sync_replication_lag_bytes" in text
+    assert "pgferry_sync_commit_to_response_seconds" in text
