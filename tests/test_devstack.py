@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
@@ -26,13 +27,26 @@ def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
 
 
 def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
-    ports = [str(free_port()), str(free_port())]
-    up = run_pgferry("dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--json", env=stack_env)
+    ports = [str(free_port()) for _ in range(4)]
+    up = run_pgferry(
+        "dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--sync-port", ports[2],
+        "--proxy-port", ports[3], "--json", env=stack_env,
+    )  # fmt: skip
     assert up.returncode == 0, up.stderr
     status = run_pgferry("dev", "status", "--json", env=stack_env)
     assert status.returncode == 0, status.stderr
     urls = json.loads(status.stdout)
-    assert set(urls) >= {"source", "target"}
+    assert set(urls) >= {"source", "target", "sync", "proxy"}
+    assert httpx.get(urls["sync"] + "/v1/health").json() == {"status": "active"}
+
+    # The proxy in front of the sync server takes only tokens signed with the stack's secret.
+    user = "6f1c2d4e-0000-4000-8000-000000000001"
+    token = run_pgferry("dev", "token", "--user", user, env=stack_env).stdout.strip()
+    shape = {"table": "tasks", "offset": "-1"}
+    assert httpx.get(urls["proxy"] + "/v1/shape", params=shape).status_code == 401
+    synced = httpx.get(urls["proxy"] + "/v1/shape", params=shape, headers={"Authorization": f"Bearer {token}"})
+    assert synced.status_code == 200, synced.text
+    assert synced.headers["electric-handle"]
     with psycopg.connect(urls["source"]) as conn:
         version = conn.execute("show server_version_num").fetchone()
         assert version is not None and int(str(version[0])) // 10000 == server_pair.install.major_version
@@ -65,6 +79,12 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
     assert not any(server["running"] for server in stopped["servers"])
     restarted = run_pgferry("dev", "up", "--json", env=stack_env)  # data survives down/up
     assert restarted.returncode == 0, restarted.stderr
+    resumed = httpx.get(
+        urls["proxy"] + "/v1/shape",
+        params={**shape, "offset": synced.headers["electric-offset"], "handle": synced.headers["electric-handle"]},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert resumed.status_code == 200, resumed.text  # the shape log survived the restart
 
 
 def test_dev_up_on_a_busy_port_fails_clearly(stack_env: dict[str, str]) -> None:

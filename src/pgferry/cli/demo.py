@@ -41,9 +41,10 @@ def demo(
         servers = local.up(
             source_port=source_port,
             target_port=target_port,
+            with_sync=False,
             bindir=str(cfg.pg_bindir) if cfg.pg_bindir else None,
         )
-    print_status(servers, as_json=False)
+    print_status([server for server in servers if server.name in ("source", "target")], as_json=False)
     source_url, target_url = local.url("source"), local.url("target")
     options = MigrationOptions(
         source_url=parse_database_url(source_url, "source"),

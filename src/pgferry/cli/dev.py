@@ -14,7 +14,15 @@ from rich.table import Table
 
 from pgferry.cli.common import settings, stack
 from pgferry.errors import PgferryError
-from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT, ServerStatus, StackState
+from pgferry.localstack.stack import (
+    DEFAULT_PROXY_PORT,
+    DEFAULT_SOURCE_PORT,
+    DEFAULT_SYNC_PORT,
+    DEFAULT_TARGET_PORT,
+    DEV_SUPABASE_URL,
+    ServerStatus,
+    StackState,
+)
 
 app = typer.Typer(help="Local stack: `source` stands in for Neon, `target` for Supabase.", no_args_is_help=True)
 console = Console()
@@ -30,7 +38,7 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
     for column in ("server", "stands in for", "url", "version", "state"):
         # URLs are meant to be copied: wrap them rather than cut them with an ellipsis.
         table.add_column(column, overflow="fold", no_wrap=False)
-    role = {"source": "Neon", "target": "Supabase"}
+    role = {"source": "Neon", "target": "Supabase", "sync": "Electric", "proxy": "shape proxy"}
     for server in servers:
         state = "up" if server.reachable else ("starting" if server.running else "stopped")
         table.add_row(server.name, role[server.name], server.url, server.version or "-", state)
@@ -41,12 +49,17 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
 def up(
     source_port: Annotated[int, typer.Option(help="TCP port of the source (Neon) server.")] = DEFAULT_SOURCE_PORT,
     target_port: Annotated[int, typer.Option(help="TCP port of the target (Supabase) server.")] = DEFAULT_TARGET_PORT,
+    sync_port: Annotated[int, typer.Option(help="TCP port of the dev sync server (Electric).")] = DEFAULT_SYNC_PORT,
+    proxy_port: Annotated[int, typer.Option(help="TCP port of the shape proxy.")] = DEFAULT_PROXY_PORT,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Create (first run) and start both servers, then apply the Neon schema and the Supabase migrations."""
+    """Create (first run) and start both servers, apply the Neon schema and the Supabase migrations, then start
+    the dev sync server (Electric's Shape API on the target) and the shape proxy in front of it."""
     cfg = settings()
     bindir = str(cfg.pg_bindir) if cfg.pg_bindir else None
-    servers = stack(cfg.home).up(source_port=source_port, target_port=target_port, bindir=bindir)
+    servers = stack(cfg.home).up(
+        source_port=source_port, target_port=target_port, bindir=bindir, sync_port=sync_port, proxy_port=proxy_port
+    )
     print_status(servers, as_json=as_json)
 
 
@@ -82,3 +95,37 @@ def psql(
         if os.path.exists(program):
             os.execv(program, [program, url, *ctx.args])  # noqa: S606 - replace this process with psql
     raise PgferryError("psql not found: install the PostgreSQL client (apt install postgresql-client)")
+
+
+@app.command()
+def token(
+    user: Annotated[str, typer.Option(help="The user id (a UUID) the token is for: its `sub`.")],
+    expires_in: Annotated[int, typer.Option(min=1, help="Seconds until the token expires.")] = 3600,
+    email: Annotated[str | None, typer.Option(help="Optional `email` claim.")] = None,
+) -> None:
+    """Print an access token for the local stack, signed like Supabase Auth signs one, for the shape proxy."""
+    import time
+    import uuid
+
+    import jwt
+
+    try:
+        subject = str(uuid.UUID(user))
+    except ValueError as exc:
+        raise typer.BadParameter(
+            "must be a UUID, like 6f1c2d4e-0000-4000-8000-000000000001", param_hint="--user"
+        ) from exc
+    now = int(time.time())
+    claims: dict[str, object] = {
+        "sub": subject,
+        "role": "authenticated",
+        "aud": "authenticated",
+        "iss": f"{DEV_SUPABASE_URL}/auth/v1",
+        "iat": now,
+        "exp": now + expires_in,
+        "aal": "aal1",
+        "session_id": str(uuid.uuid4()),
+    }
+    if email:
+        claims["email"] = email
+    typer.echo(jwt.encode(claims, stack().jwt_secret(), algorithm="HS256"))

@@ -9,6 +9,9 @@ harmless: a running server is left alone and preparation steps are idempotent.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,12 +28,17 @@ from pgferry.localstack.cluster import (
     service_user,
 )
 from pgferry.localstack.databases import create_database, database_exists
+from pgferry.localstack.services import BackgroundService
 from pgferry.schema.migrator import upgrade
 from pgferry.schema.neon import create_neon_schema
 from pgferry.supabase.baseline import apply_local_baseline
 
 DEFAULT_SOURCE_PORT = 54330
 DEFAULT_TARGET_PORT = 54322
+DEFAULT_SYNC_PORT = 54350
+DEFAULT_PROXY_PORT = 54351
+# What `supabase start` calls the project URL; dev tokens are issued for it (iss = <url>/auth/v1).
+DEV_SUPABASE_URL = "http://127.0.0.1:54321"
 SOURCE_DBNAME = "neondb"
 TARGET_DBNAME = "postgres"
 
@@ -55,6 +63,8 @@ class StackState:
     bindir: str
     source_port: int
     target_port: int
+    sync_port: int = DEFAULT_SYNC_PORT
+    proxy_port: int = DEFAULT_PROXY_PORT
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +76,13 @@ class StackState:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        return cls(bindir=data["bindir"], source_port=int(data["source_port"]), target_port=int(data["target_port"]))
+        return cls(
+            bindir=data["bindir"],
+            source_port=int(data["source_port"]),
+            target_port=int(data["target_port"]),
+            sync_port=int(data.get("sync_port", DEFAULT_SYNC_PORT)),
+            proxy_port=int(data.get("proxy_port", DEFAULT_PROXY_PORT)),
+        )
 
 
 @dataclass(frozen=True)
@@ -102,19 +118,30 @@ class LocalStack:
         source_port: int = DEFAULT_SOURCE_PORT,
         target_port: int = DEFAULT_TARGET_PORT,
         bindir: str | None = None,
+        sync_port: int = DEFAULT_SYNC_PORT,
+        proxy_port: int = DEFAULT_PROXY_PORT,
+        with_sync: bool = True,
     ) -> list[ServerStatus]:
-        """Create (first time), start and prepare both servers."""
+        """Create (first time), start and prepare both servers; then the sync server and the shape proxy."""
         state = StackState.load(self.state_file)
         if state is None:
-            for port in (source_port, target_port):
+            options = {"--source-port": source_port, "--target-port": target_port}
+            if with_sync:
+                options.update({"--sync-port": sync_port, "--proxy-port": proxy_port})
+            for option, port in options.items():
                 if not port_is_free(port):
                     raise PortInUseError(
-                        f"port {port} on 127.0.0.1 is already in use; pick free ports with "
-                        "`pgferry dev up --source-port N --target-port M`"
+                        f"port {port} on 127.0.0.1 is already in use; pick a free one with `pgferry dev up {option} N`"
                     )
             user = service_user()
             install: PostgresInstall = runnable_install(find_install(bindir), user, self.home / "pginstall")
-            state = StackState(bindir=str(install.bindir), source_port=source_port, target_port=target_port)
+            state = StackState(
+                bindir=str(install.bindir),
+                source_port=source_port,
+                target_port=target_port,
+                sync_port=sync_port,
+                proxy_port=proxy_port,
+            )
             source, target = self._clusters(state)
             source.init(ClusterSettings(port=source_port))
             target.init(ClusterSettings(port=target_port))
@@ -126,12 +153,74 @@ class LocalStack:
             create_database(source, SOURCE_DBNAME)
         prepare_source_database(source.url(SOURCE_DBNAME))
         prepare_target_database(target.url(TARGET_DBNAME))
+        if with_sync:
+            sync, proxy = self._services(state, target)
+            for service, port, option in (
+                (sync, state.sync_port, "--sync-port"),
+                (proxy, state.proxy_port, "--proxy-port"),
+            ):
+                if service.pid() is None and not port_is_free(port):
+                    raise PortInUseError(
+                        f"port {port} on 127.0.0.1 (the {service.name}) is already in use; stop what holds it, or "
+                        f"`pgferry dev down --destroy` and `pgferry dev up {option} N`"
+                    )
+                service.start()
         return self.status()
+
+    def jwt_secret(self) -> str:
+        """The local stack's JWT secret (created once, private to this home): what `supabase start` calls the
+        project's JWT secret. The proxy verifies tokens with it and `pgferry dev token` signs them."""
+        path = self.root / "jwt-secret"
+        if not path.exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_urlsafe(48) + "\n")
+        return path.read_text().strip()
+
+    def _services(self, state: StackState, target: PostgresCluster) -> tuple[BackgroundService, BackgroundService]:
+        python = sys.executable
+        sync_url = f"http://127.0.0.1:{state.sync_port}"
+        sync = BackgroundService(
+            name="sync server",
+            directory=self.root / "sync",
+            argv=[
+                python,
+                "-m",
+                "pgferry",
+                "sync",
+                "serve",
+                "--database-url",
+                target.url(TARGET_DBNAME),
+                "--port",
+                str(state.sync_port),
+                "--data-dir",
+                str(self.root / "sync" / "shapes"),
+            ],
+            health_url=f"{sync_url}/v1/health",
+        )
+        env = {
+            "SUPABASE_JWT_SECRET": self.jwt_secret(),
+            "SUPABASE_URL": DEV_SUPABASE_URL,
+            "SUPABASE_JWKS_URL": "",
+            "ELECTRIC_SECRET": "",
+        }
+        proxy = BackgroundService(
+            name="shape proxy",
+            directory=self.root / "proxy",
+            argv=[python, "-m", "pgferry", "sync", "proxy", "--upstream", sync_url, "--port", str(state.proxy_port)],
+            health_url=f"http://127.0.0.1:{state.proxy_port}/v1/health",
+            env=env,
+        )
+        return sync, proxy
 
     def down(self, *, destroy: bool = False) -> None:
         state = StackState.load(self.state_file)
         if state is None:
             return
+        _source, target = self._clusters(state)
+        for service in reversed(self._services(state, target)):
+            service.stop()
         for cluster in self._clusters(state):
             if destroy:
                 cluster.destroy()
@@ -145,10 +234,26 @@ class LocalStack:
         if state is None:
             raise StackError("the local stack has not been created; run `pgferry dev up`")
         source, target = self._clusters(state)
-        return [
+        statuses = [
             _server_status("source", source, SOURCE_DBNAME),
             _server_status("target", target, TARGET_DBNAME),
         ]
+        for name, service, port in zip(
+            ("sync", "proxy"), self._services(state, target), (state.sync_port, state.proxy_port), strict=True
+        ):
+            running = service.pid() is not None
+            statuses.append(
+                ServerStatus(
+                    name=name,
+                    url=f"http://127.0.0.1:{port}",
+                    port=port,
+                    running=running,
+                    reachable=running and service.healthy(),
+                    version=None,
+                    datadir=str(service.directory),
+                )
+            )
+        return statuses
 
     def url(self, name: str) -> str:
         for server in self.status():
