@@ -103,7 +103,7 @@ class Later:
 
 
 def test_initial_snapshot_has_electric_headers_schema_and_text_values(server: ServedApp, db: Any) -> None:
-    task_id = insert_task(db, "a/b \"quoted\"", priority=3, tags=["x", "y z"], metadata=json.dumps({"k": [1, 2]}))
+    task_id = insert_task(db, 'a/b "quoted"', priority=3, tags=["x", "y z"], metadata=json.dumps({"k": [1, 2]}))
     response, rows = sync_to_end(server)
     assert response.headers["electric-handle"]
     assert response.headers["electric-offset"]
@@ -293,7 +293,10 @@ def test_live_request_times_out_with_up_to_date_and_a_new_cursor(target_url: str
         assert controls(response) == ["up-to-date"]
         assert response.headers["electric-offset"] == last.headers["electric-offset"]
         again = shape(
-            served, offset=last.headers["electric-offset"], handle=last.headers["electric-handle"], live="true",
+            served,
+            offset=last.headers["electric-offset"],
+            handle=last.headers["electric-handle"],
+            live="true",
             cursor=response.headers["electric-cursor"],
         )
         assert int(again.headers["electric-cursor"]) > int(response.headers["electric-cursor"])

@@ -164,4 +164,3 @@ class ReplicationFeed:
                 reader.close()
                 evaluator.close()
         self.status = "stopped"
-

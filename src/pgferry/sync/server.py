@@ -221,8 +221,16 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
 
         if offset == "now":
             last = shape.log.last_offset
-            return _respond(shape, [], last or _AFTER_SNAPSHOT, at_end=True, request=request, live=live,
-                            requested="now", global_lsn=manager.processed_lsn)
+            return _respond(
+                shape,
+                [],
+                last or _AFTER_SNAPSHOT,
+                at_end=True,
+                request=request,
+                live=live,
+                requested="now",
+                global_lsn=manager.processed_lsn,
+            )
 
         global_lsn = manager.processed_lsn  # read before the log: see the up-to-date note in _respond
         chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
@@ -250,8 +258,16 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         else:
             assert isinstance(offset, p.LogOffset)
             end = offset
-        return _respond(shape, chunk.messages, end, at_end=chunk.at_end, request=request, live=live,
-                        requested=str(offset), global_lsn=global_lsn)
+        return _respond(
+            shape,
+            chunk.messages,
+            end,
+            at_end=chunk.at_end,
+            request=request,
+            live=live,
+            requested=str(offset),
+            global_lsn=global_lsn,
+        )
 
     def _respond(
         shape: Shape,
@@ -312,4 +328,3 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
     app.state.manager = manager
     app.state.metrics = metrics
     return app
-

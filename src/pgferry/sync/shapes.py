@@ -587,8 +587,12 @@ class ShapeManager:
         relation = shape.table.name
         out: list[dict[str, Any]] = []
 
-        def emit(operation: Literal["insert", "update", "delete"], row: RowValues, value: dict[str, str | None],
-                 old_value: dict[str, str | None] | None = None) -> None:
+        def emit(
+            operation: Literal["insert", "update", "delete"],
+            row: RowValues,
+            value: dict[str, str | None],
+            old_value: dict[str, str | None] | None = None,
+        ) -> None:
             out.append(
                 change_message(
                     key=row_key(relation, [row.get(c) for c in pk]),
@@ -619,8 +623,12 @@ class ShapeManager:
                     else:
                         changed = [c for c in selected if before.get(c) != after.get(c)]
                     if changed and full:
-                        emit("update", after, {c: after.get(c) for c in selected},
-                             {c: old_row.get(c) for c in changed if c not in pk} if before is not None else None)
+                        emit(
+                            "update",
+                            after,
+                            {c: after.get(c) for c in selected},
+                            {c: old_row.get(c) for c in changed if c not in pk} if before is not None else None,
+                        )
                     elif changed:
                         value = {c: after.get(c) for c in pk}
                         value.update({c: after.get(c) for c in changed})
@@ -679,10 +687,7 @@ def _verdict(row: RowValues | None, shape: Shape, verdicts: Iterable[bool], *, m
     return next(iter(verdicts))
 
 
-def _delete_value(
-    row: RowValues, pk: Sequence[str], selected: Sequence[str], full: bool
-) -> dict[str, str | None]:
+def _delete_value(row: RowValues, pk: Sequence[str], selected: Sequence[str], full: bool) -> dict[str, str | None]:
     if full:
         return {c: row.get(c) for c in selected if c in row}
     return {c: row.get(c) for c in pk}
-
