@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from pgferry.sync.server import SyncServerConfig, create_sync_app
 from pgferry.testing.asgi import ServedApp
+from pgferry.testing.servers import ServerPair
 
 USER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 
@@ -377,3 +379,23 @@ def test_random_where_clauses_never_crash_the_server(server: ServedApp, db: Any)
     assert statuses.get(400, 0) > 50
     assert db.execute("select count(*) from tasks").fetchone() == (1,)
     assert httpx.get(server.url + "/v1/health").json() == {"status": "active"}
+
+
+def test_database_restart_is_survived_and_live_clients_continue(
+    server_pair: ServerPair, target_url: str, tmp_path: Path, db: Any
+) -> None:
+    """The feed reconnects after PostgreSQL restarts; a client keeps its handle and gets later changes."""
+    insert_task(db, "before")
+    with _server(target_url, tmp_path / "s") as served:
+        last, _ = sync_to_end(served)
+        server_pair.target.restart()
+        deadline = time.monotonic() + 60
+        while httpx.get(served.url + "/v1/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with psycopg.connect(target_url, autocommit=True) as conn:
+            insert_task(conn, "after restart")
+        response = live_after(served, last)
+        while not changes(response) and time.monotonic() < deadline:
+            response = live_after(served, response)
+        assert response.status_code == 200, response.text
+        assert [m["value"]["title"] for m in changes(response)] == ["after restart"]
