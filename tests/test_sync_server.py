@@ -399,3 +399,19 @@ def test_database_restart_is_survived_and_live_clients_continue(
             response = live_after(served, response)
         assert response.status_code == 200, response.text
         assert [m["value"]["title"] for m in changes(response)] == ["after restart"]
+
+
+def test_many_filtered_shapes_on_one_table_each_get_their_own_changes(server: ServedApp, db: Any) -> None:
+    """Shapes of one table are evaluated together (one query per transaction); each must still get only its rows."""
+    lasts = {}
+    for priority in range(5):
+        params = {"where": "priority = $1", "params[1]": str(priority)}
+        lasts[priority], _ = sync_to_end(server, **params)
+    with db.transaction():
+        for priority in range(5):
+            insert_task(db, f"p{priority}", priority=priority)
+        insert_task(db, "p9", priority=9)
+    for priority in range(5):
+        params = {"where": "priority = $1", "params[1]": str(priority)}
+        response = live_after(server, lasts[priority], **params)
+        assert [m["value"]["title"] for m in changes(response)] == [f"p{priority}"]

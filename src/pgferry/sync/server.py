@@ -322,7 +322,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             allow_headers=["*"],
             expose_headers=list(p.ELECTRIC_HEADERS),
         ),
-        Middleware(GZipMiddleware, minimum_size=1024),
+        Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1),  # level 9 (the default) costs 6x the CPU
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.manager = manager

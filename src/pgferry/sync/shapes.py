@@ -24,7 +24,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +60,7 @@ SESSION_SETTINGS: dict[str, str] = {
     "bytea_output": "hex",
 }
 _EVAL_BATCH = 500
+_EVAL_SHAPES = 50
 _STATEMENT_TIMEOUT_MS = 30_000
 
 RowValues = Mapping[str, str | None]
@@ -122,33 +123,51 @@ class WhereEvaluator:
             self._conn = connect_sql(self._url)
         return self._conn
 
-    def matches(self, shape: Shape, rows: Sequence[RowValues]) -> list[bool]:
-        if shape.clause is None:
-            return [True] * len(rows)
-        result: list[bool] = []
-        for start in range(0, len(rows), _EVAL_BATCH):
-            result.extend(self._matches_batch(shape, rows[start : start + _EVAL_BATCH]))
+    def matches(self, shapes: Sequence[Shape], rows: Sequence[RowValues]) -> dict[str, list[bool]]:
+        """``{handle: [row matches]}`` for shapes of one table: one round trip per batch of shapes and rows, so a
+        commit costs the same whether 1 or 100 filtered shapes watch the table."""
+        result: dict[str, list[bool]] = {}
+        filtered = []
+        for shape in shapes:
+            if shape.clause is None:
+                result[shape.handle] = [True] * len(rows)
+            else:
+                result[shape.handle] = []
+                filtered.append(shape)
+        if not rows:
+            return result
+        for first in range(0, len(filtered), _EVAL_SHAPES):
+            group = filtered[first : first + _EVAL_SHAPES]
+            for start in range(0, len(rows), _EVAL_BATCH):
+                verdicts = self._matches_batch(group, rows[start : start + _EVAL_BATCH])
+                for shape, column in zip(group, verdicts, strict=True):
+                    result[shape.handle].extend(column)
         return result
 
-    def _matches_batch(self, shape: Shape, rows: Sequence[RowValues]) -> list[bool]:
-        assert shape.clause is not None
-        columns = sorted(shape.clause.columns)
+    def _matches_batch(self, shapes: Sequence[Shape], rows: Sequence[RowValues]) -> list[list[bool]]:
+        table = shapes[0].table
+        columns = sorted(set().union(*(shape.clause.columns for shape in shapes if shape.clause is not None)))
         params: list[Any] = []
-        where = shape.render_where(lambda name: sql.SQL("v.") + sql.Identifier(name), params)
+        tests = [
+            sql.SQL("coalesce({}, false)").format(
+                shape.render_where(lambda name: sql.SQL("v.") + sql.Identifier(name), params)
+            )
+            for shape in shapes
+        ]
         tuples = []
         for index, row in enumerate(rows):
             cells = [sql.SQL("{}::int").format(sql.Literal(index))]
             for name in columns:
-                cells.append(sql.SQL("{}::text::" + shape.table.column(name).sql_type).format(sql.Placeholder()))
+                cells.append(sql.SQL("{}::text::" + table.column(name).sql_type).format(sql.Placeholder()))
                 params.append(row.get(name))
             tuples.append(sql.SQL("(") + sql.SQL(", ").join(cells) + sql.SQL(")"))
-        query = sql.SQL("select v.i, coalesce({}, false) from (values {}) as v(i, {})").format(
-            where,
+        query = sql.SQL("select v.i, {} from (values {}) as v(i, {})").format(
+            sql.SQL(", ").join(tests),
             sql.SQL(", ").join(tuples),
             sql.SQL(", ").join(sql.Identifier(c) for c in columns),
         )
-        found = dict(self._connection().execute(query, params).fetchall())
-        return [bool(found.get(i, False)) for i in range(len(rows))]
+        found = {int(row[0]): row[1:] for row in self._connection().execute(query, params).fetchall()}
+        return [[bool(found[i][n]) for i in range(len(rows))] for n in range(len(shapes))]
 
 
 @dataclass
@@ -425,20 +444,24 @@ class ShapeManager:
         table = shape.table
         ident = sql.Identifier(table.name.schema, table.name.name)
         pairs = [sql.SQL("{}, t.{}::text").format(sql.Literal(c), sql.Identifier(c)) for c in shape.selected]
-        groups = [pairs[i : i + 50] for i in range(0, len(pairs), 50)]
-        value = sql.SQL(" || ").join(
-            sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(group)) for group in groups
-        )
+        if len(pairs) <= 50:  # json_build_object takes at most 100 arguments
+            value = sql.SQL("json_build_object({})").format(sql.SQL(", ").join(pairs))
+        else:
+            groups = [pairs[i : i + 50] for i in range(0, len(pairs), 50)]
+            value = sql.SQL(" || ").join(
+                sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(group)) for group in groups
+            )
         key_prefix = sql.Literal(table.name.qualified + "/")
         key_parts = sql.SQL(" || '/' || ").join(
             sql.SQL("""coalesce('"' || replace(t.{}::text, '/', '//') || '"', '_')""").format(sql.Identifier(c))
             for c in table.primary_key
         )
-        headers = sql.SQL("json_build_object('operation', 'insert', 'relation', json_build_array({}, {}))").format(
-            sql.Literal(table.name.schema), sql.Literal(table.name.name)
+        headers = json.dumps(
+            {"operation": "insert", "relation": [table.name.schema, table.name.name]}, separators=(",", ":")
         )
-        message = sql.SQL("json_build_object('key', {} || {}, 'value', {}, 'headers', {})::text").format(
-            key_prefix, key_parts, value, headers
+        # Concatenated text, not json_build_object over the whole message: measurably faster on big snapshots.
+        message = sql.SQL("""'{{"key":' || to_json({} || {})::text || ',"value":' || ({})::text || {}""").format(
+            key_prefix, key_parts, value, sql.Literal(',"headers":' + headers + "}")
         )
         query = sql.SQL("select {} from {} as t").format(message, ident)
         if shape.clause is not None:
@@ -473,7 +496,7 @@ class ShapeManager:
             with self._lock:
                 shape.snapshot = snapshot
                 for txn in shape.buffered:
-                    self._apply_to_shape(shape, txn, evaluator)
+                    self._apply_to_shapes([shape], txn, evaluator)
                 shape.buffered.clear()
                 shape.log.sync()
                 write_json_atomic(
@@ -504,14 +527,16 @@ class ShapeManager:
         """Append ``txn``'s effect to every shape it touches and make it durable; then the feed may confirm it."""
         touched: list[Shape] = []
         with self._lock:
+            by_table: dict[str, list[Shape]] = {}
             for shape in list(self._by_handle.values()):
                 if shape.state == "gone" or not _touches(shape, txn):
                     continue
-                if shape.state == "snapshotting" and shape.snapshot is None:
+                if shape.snapshot is None:  # its snapshot is running: decide when it is known what it saw
                     shape.buffered.append(txn)
                     continue
-                if self._apply_to_shape(shape, txn, evaluator):
-                    touched.append(shape)
+                by_table.setdefault(str(shape.table.name), []).append(shape)
+            for shapes in by_table.values():
+                touched.extend(self._apply_to_shapes(shapes, txn, evaluator))
             for shape in touched:
                 if shape.state != "gone":
                     shape.log.sync()
@@ -521,48 +546,38 @@ class ShapeManager:
             shape.last_commit_ts = txn.commit_ts.timestamp()
             shape.notify()
 
-    def _apply_to_shape(self, shape: Shape, txn: Transaction, evaluator: WhereEvaluator) -> bool:
-        assert shape.snapshot is not None
-        if shape.snapshot.visible(txn.xid):
-            return False
-        last = shape.log.last_offset
-        if last is not None and last.tx >= int(txn.commit_lsn):
-            return False  # redelivered after a restart: already in this log
-        rows: list[RowChange] = []
+    def _apply_to_shapes(self, shapes: list[Shape], txn: Transaction, evaluator: WhereEvaluator) -> list[Shape]:
+        """Apply ``txn`` to shapes of one table; returns the shapes whose logs changed (or that went away)."""
+        table = shapes[0].table
+        touched: list[Shape] = []
+        pending: list[Shape] = []
+        for shape in shapes:
+            assert shape.snapshot is not None
+            if shape.snapshot.visible(txn.xid):
+                continue  # the snapshot already has it
+            last = shape.log.last_offset
+            if last is not None and last.tx >= int(txn.commit_lsn):
+                continue  # redelivered after a restart: already in this log
+            pending.append(shape)
+        if not pending:
+            return touched
+        changes: list[RowChange] = []
         for change in txn.changes:
             if isinstance(change, TruncateChange):
-                if str(shape.table.name) in change.tables:
-                    self._gone(shape, "table truncated")
-                    return True
+                if str(table.name) in change.tables:
+                    for shape in pending:
+                        self._gone(shape, "table truncated")
+                    return pending
                 continue
-            if change.schema != shape.table.name.schema or change.table != shape.table.name.name:
+            if change.schema != table.name.schema or change.table != table.name.name:
                 continue
-            if [c.name for c in change.relation.columns] != list(shape.table.column_names):
-                self._gone(shape, "table columns changed")
-                return True
-            rows.append(change)
-        if not rows:
-            return False
-        messages = self._messages_for(shape, rows, txn, evaluator)
-        if not messages:
-            return False
-        base = int(txn.commit_lsn)
-        entries = []
-        for op, message in enumerate(messages):
-            offset = LogOffset(base, op)
-            message["headers"]["lsn"] = str(base)
-            message["headers"]["op_position"] = op
-            if op == len(messages) - 1:
-                message["headers"]["last"] = True
-            entries.append((offset, encode_message(message)))
-        shape.log.append(entries)
-        return True
-
-    def _messages_for(
-        self, shape: Shape, changes: list[RowChange], txn: Transaction, evaluator: WhereEvaluator
-    ) -> list[dict[str, Any]]:
-        """Electric's rules: inserts/deletes as they are, updates as updates while the row stays in the shape and
-        as insert/delete when it moves in/out; a key change is a delete of the old key plus an insert."""
+            if [c.name for c in change.relation.columns] != list(table.column_names):
+                for shape in pending:
+                    self._gone(shape, "table columns changed")
+                return pending
+            changes.append(change)
+        if not changes:
+            return touched
         befores: list[RowValues | None] = []
         afters: list[RowValues | None] = []
         for change in changes:
@@ -573,14 +588,39 @@ class ShapeManager:
                     new[name] = old.get(name)
             befores.append(old if change.kind != "insert" else None)
             afters.append(new if change.kind != "delete" else None)
-        to_check = [r for r in (*befores, *afters) if r is not None and _complete(r, shape)]
-        verdicts = iter(evaluator.matches(shape, to_check))
-        before_in: list[bool] = []
-        after_in: list[bool] = []
-        for row in befores:
-            before_in.append(_verdict(row, shape, verdicts, missing_means=True))
-        for row in afters:
-            after_in.append(_verdict(row, shape, verdicts, missing_means=True))
+        rows = [r for r in (*befores, *afters) if r is not None]
+        verdicts = evaluator.matches(pending, rows)
+        for shape in pending:
+            column = iter(verdicts[shape.handle])
+            before_in = [_verdict(row, shape, column) for row in befores]
+            after_in = [_verdict(row, shape, column) for row in afters]
+            messages = self._messages_for(shape, changes, befores, afters, before_in, after_in, txn)
+            if not messages:
+                continue
+            base = int(txn.commit_lsn)
+            entries = []
+            for op, message in enumerate(messages):
+                message["headers"]["lsn"] = str(base)
+                message["headers"]["op_position"] = op
+                if op == len(messages) - 1:
+                    message["headers"]["last"] = True
+                entries.append((LogOffset(base, op), encode_message(message)))
+            shape.log.append(entries)
+            touched.append(shape)
+        return touched
+
+    def _messages_for(
+        self,
+        shape: Shape,
+        changes: list[RowChange],
+        befores: list[RowValues | None],
+        afters: list[RowValues | None],
+        before_in: list[bool],
+        after_in: list[bool],
+        txn: Transaction,
+    ) -> list[dict[str, Any]]:
+        """Electric's rules: inserts/deletes as they are, updates as updates while the row stays in the shape and
+        as insert/delete when it moves in/out; a key change is a delete of the old key plus an insert."""
         pk = shape.table.primary_key
         selected = shape.selected
         full = shape.definition.replica == "full"
@@ -679,12 +719,14 @@ def _complete(row: RowValues, shape: Shape) -> bool:
     return shape.clause is None or all(name in row for name in shape.clause.columns)
 
 
-def _verdict(row: RowValues | None, shape: Shape, verdicts: Iterable[bool], *, missing_means: bool) -> bool:
+def _verdict(row: RowValues | None, shape: Shape, verdicts: Iterator[bool]) -> bool:
+    """The next verdict for ``row`` (verdicts were computed for every non-None row, in order). A row that lacks a
+    column the where clause reads (an old row from before REPLICA IDENTITY FULL) counts as in the shape: sending
+    a delete for a key the client does not have is harmless, missing one is not."""
     if row is None:
         return False
-    if not _complete(row, shape):
-        return missing_means
-    return next(iter(verdicts))
+    verdict = next(verdicts)
+    return verdict if _complete(row, shape) else True
 
 
 def _delete_value(row: RowValues, pk: Sequence[str], selected: Sequence[str], full: bool) -> dict[str, str | None]:
