@@ -415,3 +415,31 @@ def test_many_filtered_shapes_on_one_table_each_get_their_own_changes(server: Se
         params = {"where": "priority = $1", "params[1]": str(priority)}
         response = live_after(server, lasts[priority], **params)
         assert [m["value"]["title"] for m in changes(response)] == [f"p{priority}"]
+
+
+def test_a_where_clause_failing_at_run_time_is_a_400(server: ServedApp, db: Any) -> None:
+    insert_task(db, "divides by zero", priority=3)
+    response = shape(server, where="10 / (priority - 3) > 1")
+    assert response.status_code == 400, response.text
+    assert "division by zero" in response.json()["errors"]["where"][0]
+    assert httpx.get(server.url + "/v1/health").status_code == 200
+
+
+def test_abandoned_long_polls_are_released_at_once(target_url: str, tmp_path: Path, db: Any) -> None:
+    with _server(target_url, tmp_path / "s", live_timeout=20) as served:
+        last, _ = sync_to_end(served)
+        query = {
+            "table": "tasks",
+            "offset": last.headers["electric-offset"],
+            "handle": last.headers["electric-handle"],
+            "live": "true",
+        }
+        for _ in range(3):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(served.url + "/v1/shape", params=query, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if "pgferry_sync_live_clients 0.0" in httpx.get(served.url + "/metrics").text:
+                break
+            time.sleep(0.1)
+        assert "pgferry_sync_live_clients 0.0" in httpx.get(served.url + "/metrics").text

@@ -124,6 +124,26 @@ def _cursor(requested: str | None, live_timeout: float) -> str:
     return str(value)
 
 
+async def _wait_for_change(request: Request, event: asyncio.Event, timeout: float) -> str:
+    """Wait for the shape to change, the timeout, or the client to hang up: an abandoned long-poll must not
+    hold a slot (and count as a live client) for the rest of its timeout."""
+
+    async def hang_up() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    changed = asyncio.ensure_future(event.wait())
+    disconnected = asyncio.ensure_future(hang_up())
+    try:
+        done, _pending = await asyncio.wait({changed, disconnected}, timeout=timeout, return_when="FIRST_COMPLETED")
+    finally:
+        changed.cancel()
+        disconnected.cancel()
+    if disconnected in done:
+        return "disconnected"
+    return "changed" if changed in done else "timeout"
+
+
 def create_sync_app(config: SyncServerConfig) -> Starlette:
     manager = ShapeManager(config.database_url, config.data_dir, publication="")
     holder: dict[str, ReplicationFeed] = {}
@@ -219,6 +239,30 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                 existing = await asyncio.to_thread(manager.get_or_create, definition)
             shape = existing
 
+        while shape.snapshotting:
+            # Serve full pages of a snapshot that is still being written; wait for the rest (never an empty
+            # non-live answer: the client's fast-loop guard would take that for a broken server).
+            event = shape.changed_event()
+            if not shape.snapshotting:
+                break
+            if isinstance(offset, p.LogOffset):
+                partial = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+                if partial.messages and not partial.at_end and partial.last_offset is not None:
+                    return _respond(
+                        shape,
+                        partial.messages,
+                        partial.last_offset,
+                        at_end=False,
+                        request=request,
+                        live=live,
+                        requested=str(offset),
+                        global_lsn=manager.processed_lsn,
+                    )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=1.0)
+        if shape.gone:
+            return await must_refetch(definition)
+
         if offset == "now":
             last = shape.log.last_offset
             return _respond(
@@ -241,11 +285,11 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             if not chunk.messages:
                 metrics.live_clients.inc()
                 try:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(event.wait(), timeout=config.live_timeout)
+                    if await _wait_for_change(request, event, config.live_timeout) == "disconnected":
+                        return Response(status_code=499)  # nobody is listening; uvicorn drops it
                 finally:
                     metrics.live_clients.dec()
-                if shape.state == "gone":
+                if shape.gone:
                     return await must_refetch(definition)
                 global_lsn = manager.processed_lsn
                 chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)

@@ -184,8 +184,19 @@ class Shape:
     buffered: list[Transaction] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     last_commit_ts: float | None = None
+    first_rows: threading.Event = field(default_factory=threading.Event)  # set once the snapshot has started
+    snapshot_error: BaseException | None = None
     _event: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def gone(self) -> bool:
+        """Invalidated (truncate, column change, deletion, failed snapshot): clients must refetch."""
+        return self.state == "gone"
+
+    @property
+    def snapshotting(self) -> bool:
+        return self.state == "snapshotting"
 
     @property
     def selected(self) -> tuple[str, ...]:
@@ -312,14 +323,15 @@ class ShapeManager:
     # -- lookup ---------------------------------------------------------------------------------------------
 
     def get(self, handle: str) -> Shape | None:
+        """A live shape by handle (its snapshot may still be running: its first pages can be served already)."""
         with self._lock:
             shape = self._by_handle.get(handle)
-            return shape if shape is not None and shape.state == "ready" else None
+            return shape if shape is not None and shape.state != "gone" else None
 
     def current(self, definition: ShapeDefinition) -> Shape | None:
         with self._lock:
             shape = self._by_definition.get(definition)
-            return shape if shape is not None and shape.state == "ready" else None
+            return shape if shape is not None and shape.state != "gone" else None
 
     def shapes(self) -> list[Shape]:
         with self._lock:
@@ -382,11 +394,13 @@ class ShapeManager:
             raise WhereClauseError(f"invalid where clause: {message}") from exc
 
     def get_or_create(self, definition: ShapeDefinition) -> Shape:
-        """The ready shape for ``definition``, taking its snapshot first if there is none. Blocking."""
+        """The shape for ``definition``, creating it if there is none. Blocks until a new shape's snapshot has
+        produced its first rows (so an error in the snapshot query is still a 400), not until it has finished:
+        clients page through a big snapshot while it is being written, as Electric serves snapshot chunks."""
         while True:
             with self._lock:
                 shape = self._by_definition.get(definition)
-                if shape is not None and shape.state == "ready":
+                if shape is not None and shape.state != "gone":
                     return shape
                 waiting = self._creating.get(definition)
                 if waiting is None:
@@ -409,13 +423,29 @@ class ShapeManager:
         shape = Shape(handle, definition, table, clause, ShapeLog(directory))
         with self._lock:
             self._register(shape)
+        threading.Thread(
+            target=self._snapshot_in_background, args=(shape,), name="pgferry-snapshot", daemon=True
+        ).start()
+        shape.first_rows.wait(timeout=600)
+        error = shape.snapshot_error
+        if error is not None:
+            if isinstance(error, psycopg.Error) and not isinstance(error, psycopg.OperationalError):
+                message = (error.diag.message_primary or str(error)).strip()
+                raise WhereClauseError(f"the shape's query failed: {message}") from error
+            raise error
+        return shape
+
+    def _snapshot_in_background(self, shape: Shape) -> None:
         try:
             self._take_snapshot(shape)
-        except BaseException:
+        except BaseException as exc:  # the shape cannot be completed: drop it, waiting clients refetch
+            shape.snapshot_error = exc
+            _log.warning("sync.snapshot_failed", handle=shape.handle, table=str(shape.table.name), error=str(exc))
             with self._lock:
                 self._drop(shape)
-            raise
-        return shape
+        finally:
+            shape.first_rows.set()
+            shape.notify()
 
     def _prepare_table(self, table: TableInfo) -> None:
         """Publish the table with full old rows (Electric does the same), so moves out of a where are seen."""
@@ -491,6 +521,8 @@ class ShapeManager:
                         break
                     shape.log.append([(LogOffset(0, count + i), r[0].encode()) for i, r in enumerate(rows)])
                     count += len(rows)
+                    shape.first_rows.set()
+                    shape.notify()
             conn.rollback()
             shape.log.sync()
             with self._lock:
@@ -510,6 +542,7 @@ class ShapeManager:
                     },
                 )
                 shape.state = "ready"
+            shape.notify()
             _log.info(
                 "sync.shape_created",
                 handle=shape.handle,
