@@ -263,6 +263,13 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         if shape.gone:
             return await must_refetch(definition)
 
+        if isinstance(offset, p.LogOffset) and offset != p.BEFORE_ALL and offset != _AFTER_SNAPSHOT:
+            last_offset = shape.log.last_offset
+            if last_offset is None or offset > last_offset:
+                # Only offsets this server handed out are valid; answering a future one with up-to-date would make
+                # pglite-sync record that position and drop every real change below it (Electric: 400 too).
+                raise ProtocolError("offset", "out of bounds for this shape")
+
         if offset == "now":
             last = shape.log.last_offset
             return _respond(
@@ -329,7 +336,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         on to tell replays from new changes."""
         parts = list(messages)
         if at_end:
-            seen = max(global_lsn, end.tx if end.tx > 0 else 0)
+            seen = max(global_lsn, end.tx if end != _AFTER_SNAPSHOT else 0)
             parts.append(p.encode_message(p.control_message("up-to-date", global_last_seen_lsn=str(seen))))
         body = b"[" + b",".join(parts) + b"]"
         end_text = "0_inf" if end == _AFTER_SNAPSHOT else str(end)
