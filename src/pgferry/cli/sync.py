@@ -46,7 +46,14 @@ def proxy(
         allow_origins=tuple(allow_origin or ("*",)),
     )
     typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape", err=True)
-    uvicorn.run(create_proxy_app(config), host=host, port=port, log_level=log_level, proxy_headers=False)
+    uvicorn.run(
+        create_proxy_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+    )
 
 
 @sync_app.command()
