@@ -73,5 +73,7 @@ def demo(
         summary = service.run()
     print_summary(summary)
     print_verification(service.verify(summary.run_id))
-    console.print(f"\nsource: {source_url}\ntarget: {target_url}\n"
-                  "next: `pgferry dev psql target`, `pgferry migrate status --target …`, `pgferry dev down`")
+    console.print(
+        f"\nsource: {source_url}\ntarget: {target_url}\n"
+        "next: `pgferry dev psql target`, `pgferry migrate status --target …`, `pgferry dev down`"
+    )
