@@ -100,21 +100,22 @@ class TableName:
     @property
     def qualified(self) -> str:
         """``"schema"."name"``: quoted, as Electric writes the relation in message keys."""
-        return f"{_quote_ident(self.schema)}.{_quote_ident(self.name)}"
+        return f"{quote_ident(self.schema)}.{quote_ident(self.name)}"
 
     def __str__(self) -> str:
         return f"{self.schema}.{self.name}"
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-_IDENT_PART = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
-_TABLE_RE = re.compile(rf"^({_IDENT_PART})(?:\.({_IDENT_PART}))?$")
+IDENT_PATTERN: Final = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_TABLE_RE = re.compile(rf"^\s*({IDENT_PATTERN})\s*(?:\.\s*({IDENT_PATTERN})\s*)?$")
 
 
-def _unquote(part: str) -> str:
+def unquote_ident(part: str) -> str:
+    """PostgreSQL identifier semantics: quoted names are exact, unquoted ones fold to lower case."""
     if part.startswith('"'):
         return part[1:-1].replace('""', '"')
     return part.lower()
@@ -130,23 +131,23 @@ def parse_table_name(text: str | None, *, default_schema: str = "public") -> Tab
     if match is None:
         raise ProtocolError("table", "is not a valid table name (use name or schema.name; quote mixed case)")
     if match[2] is None:
-        return TableName(default_schema, _unquote(match[1]))
-    return TableName(_unquote(match[1]), _unquote(match[2]))
+        return TableName(default_schema, unquote_ident(match[1]))
+    return TableName(unquote_ident(match[1]), unquote_ident(match[2]))
 
 
-_COLUMN_RE = re.compile(rf"^{_IDENT_PART}$")
+_COLUMN_RE = re.compile(rf"^\s*({IDENT_PATTERN})\s*$")
 
 
-def parse_columns(text: str | None) -> tuple[str, ...] | None:
+def parse_columns(text: str) -> tuple[str, ...]:
     """Parse ``columns=a,b,"C d"`` into column names (unquoted names fold to lower case)."""
-    if text is None:
-        return None
     parts: list[str] = []
-    for raw in _split_columns(text):
-        part = raw.strip()
-        if not _COLUMN_RE.match(part):
-            raise ProtocolError("columns", f"invalid column name {part[:60]!r} (comma-separated names expected)")
-        name = _unquote(part)
+    for part in split_outside_quotes(text):
+        match = _COLUMN_RE.match(part)
+        if match is None:
+            raise ProtocolError(
+                "columns", f"invalid column name {part.strip()[:60]!r} (comma-separated names expected)"
+            )
+        name = unquote_ident(match[1])
         if name in parts:
             raise ProtocolError("columns", f"column {name!r} is listed twice")
         parts.append(name)
@@ -155,7 +156,7 @@ def parse_columns(text: str | None) -> tuple[str, ...] | None:
     return tuple(parts)
 
 
-def _split_columns(text: str) -> list[str]:
+def split_outside_quotes(text: str) -> list[str]:
     """Split on commas outside double quotes (a quoted name may contain a comma)."""
     parts: list[str] = []
     current: list[str] = []

@@ -48,6 +48,14 @@ from pgferry.sync.auth import (
     TokenVerifier,
 )
 from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.protocol import (
+    IDENT_PATTERN,
+    parse_columns,
+    parse_table_name,
+    quote_ident,
+    split_outside_quotes,
+    unquote_ident,
+)
 from pgferry.sync.where import WhereClause, check_params, parse_params, parse_where, render_text
 
 __all__ = [
@@ -108,8 +116,7 @@ EXPOSED_HEADERS: Final = (
 #: (chunked) and must not be promised a length the relay cannot guarantee if upstream breaks off.
 _RELAYED_HEADERS: Final = frozenset({"cache-control", "etag", "content-type", "content-encoding", "retry-after"})
 
-_IDENT: Final = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
-_TABLE_RE: Final = re.compile(rf"^\s*({_IDENT})\s*(?:\.\s*({_IDENT})\s*)?$")
+_IDENT: Final = IDENT_PATTERN
 _COLUMN_RE: Final = re.compile(rf"^\s*({_IDENT})\s*$")
 _ORDER_ITEM_RE: Final = re.compile(
     rf"^\s*({_IDENT})(?:\s+(?:asc|desc))?(?:\s+nulls\s+(?:first|last))?\s*$", re.IGNORECASE
@@ -234,58 +241,10 @@ class ProxyConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _unquote(part: str) -> str:
-    """PostgreSQL identifier semantics: quoted names are exact, unquoted ones fold to lower case."""
-    if part.startswith('"'):
-        return part[1:-1].replace('""', '"')
-    return part.lower()
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def parse_table(text: str | None, *, default_schema: str = "public") -> tuple[str, str]:
     """``tasks`` / ``public.tasks`` / ``"public"."tasks"`` → ``("public", "tasks")``; 400 when malformed."""
-    if not text:
-        raise ProtocolError("table", "is required, e.g. table=tasks or table=public.tasks")
-    match = _TABLE_RE.match(text)
-    if match is None:
-        raise ProtocolError("table", "must be a table name like tasks or public.tasks")
-    first, second = match.group(1), match.group(2)
-    if second is None:
-        return default_schema, _unquote(first)
-    return _unquote(first), _unquote(second)
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside double quotes (a quoted column name may contain a comma)."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def parse_columns(text: str) -> tuple[str, ...]:
-    """``id,title`` or ``"id","title"`` (what the client sends) → ``("id", "title")``; 400 when malformed."""
-    names: list[str] = []
-    for part in _split_top_level(text):
-        match = _COLUMN_RE.match(part)
-        if match is None:
-            raise ProtocolError("columns", "must be a comma-separated list of column names")
-        name = _unquote(match.group(1))
-        if name not in names:
-            names.append(name)
-    return tuple(names)
+    name = parse_table_name(text, default_schema=default_schema)
+    return name.schema, name.name
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,11 +352,11 @@ def _subset(items: list[tuple[str, str]], rule: TableRule) -> list[tuple[str, st
     order_by = _first(items, _SUBSET_ORDER_BY)
     if order_by is not None:
         names = []
-        for part in _split_top_level(order_by):
+        for part in split_outside_quotes(order_by):
             match = _ORDER_ITEM_RE.match(part)
             if match is None:
                 raise ProtocolError(_SUBSET_ORDER_BY, "must be column names with optional ASC/DESC, NULLS FIRST/LAST")
-            names.append(_unquote(match.group(1)))
+            names.append(unquote_ident(match.group(1)))
         _check_columns_allowed(names, rule, _SUBSET_ORDER_BY)
         result.append((_SUBSET_ORDER_BY, order_by))
     for name in _SUBSET_NUMBERS:

@@ -104,7 +104,8 @@ def _definition(request: Request) -> p.ShapeDefinition:
     if where is not None and where.strip() == "":
         where = None
     params = parse_params(query.multi_items())
-    columns = p.parse_columns(query.get("columns"))
+    columns_text = query.get("columns")
+    columns = p.parse_columns(columns_text) if columns_text is not None else None
     replica = p.parse_replica(query.get("replica"))
     log_mode = query.get("log")
     if log_mode not in (None, "full"):
