@@ -166,6 +166,21 @@ class ClusterSettings:
         return f"\n# --- pgferry local server ---\n{body}\n"
 
 
+def live_pid(pid_file: Path) -> int | None:
+    """The process id on the first line of ``pid_file`` if that process exists (a stale file reads as none)."""
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid  # alive, owned by another user (the postgres service account)
+    return pid
+
+
 class PostgresCluster:
     """A data directory plus the server that serves it."""
 
@@ -196,18 +211,7 @@ class PostgresCluster:
         return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
 
     def pid(self) -> int | None:
-        pidfile = self.datadir / "postmaster.pid"
-        try:
-            pid = int(pidfile.read_text().splitlines()[0])
-        except (FileNotFoundError, ValueError, IndexError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        return pid
+        return live_pid(self.datadir / "postmaster.pid")
 
     def is_running(self) -> bool:
         return self.pid() is not None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgferry.errors import PgferryError
+from pgferry.localstack.cluster import live_pid
 
 __all__ = ["BackgroundService", "ServiceError"]
 
@@ -44,17 +45,7 @@ class BackgroundService:
         return self.directory / "log"
 
     def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        return pid
+        return live_pid(self.pid_file)
 
     def healthy(self, timeout: float = 2.0) -> bool:
         try:
