@@ -443,3 +443,23 @@ def test_abandoned_long_polls_are_released_at_once(target_url: str, tmp_path: Pa
                 break
             time.sleep(0.1)
         assert "pgferry_sync_live_clients 0.0" in httpx.get(served.url + "/metrics").text
+
+
+def test_serve_refuses_a_role_without_replication_in_one_line(target_url: str) -> None:
+    from tests.cli_helpers import run_pgferry
+
+    role = f"no_repl_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        conn.execute(f"create role {role} login password 'pw'")
+    try:
+        url = target_url.replace("postgres@", f"{role}:pw@", 1)
+        assert f"{role}:pw@" in url
+        result = run_pgferry("sync", "serve", "--database-url", url, "--port", "1")
+        assert result.returncode == 2
+        assert "may not use replication" in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        unreachable = run_pgferry("sync", "serve", "--database-url", "postgresql://u@127.0.0.1:1/db", "--port", "1")
+        assert unreachable.returncode == 2 and "cannot connect" in unreachable.stderr
+    finally:
+        with psycopg.connect(target_url, autocommit=True) as conn:
+            conn.execute(f"drop role {role}")

@@ -85,6 +85,9 @@ def serve(
     else:
         raise typer.BadParameter("give --database-url or set SUPABASE_DB_URL", param_hint="--database-url")
     directory = data_dir if data_dir is not None else current.home / "sync" / str(port)
+    from pgferry.sync.feed import check_sync_database
+
+    check_sync_database(url.get_secret_value())  # a clear one-line error now rather than a failed startup
     config = SyncServerConfig(database_url=url.get_secret_value(), data_dir=directory, live_timeout=live_timeout)
     typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
     uvicorn.run(create_sync_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

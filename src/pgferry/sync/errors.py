@@ -21,6 +21,7 @@ from pgferry.errors import PgferryError
 __all__ = [
     "NotEvaluable",
     "ProtocolError",
+    "SyncDatabaseError",
     "UnsupportedFeatureError",
     "WhereClauseError",
     "echo",
@@ -101,3 +102,7 @@ class NotEvaluable(Exception):  # noqa: N818 - the name says what the caller mus
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class SyncDatabaseError(PgferryError):
+    """The database cannot feed a sync server (no logical replication, or a role without the right to use it)."""
