@@ -473,6 +473,8 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
             if name.lower().startswith("electric-") or name.lower() in _RELAYED_HEADERS
         }
         relayed["vary"] = _vary(response.headers.get("vary"), "Authorization")
+        if "cache-control" in relayed:
+            relayed["cache-control"] = private_cache_control(relayed["cache-control"])
         if response.status_code in (204, 304) or request.method == "HEAD":
             await response.aclose()
             return Response(status_code=response.status_code, headers=relayed)
@@ -514,6 +516,15 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
+
+
+def private_cache_control(value: str) -> str:
+    """Electric marks shape responses ``public`` (they are the same for everyone who asks); behind this proxy a
+    response belongs to one user, so shared caches must not keep it even if they ignore ``Vary: Authorization``
+    (some CDNs do). The browser's own cache still gets the max-age and stale-while-revalidate hints."""
+    directives = [d.strip() for d in value.split(",") if d.strip()]
+    kept = [d for d in directives if d.lower() not in ("public", "private") and not d.lower().startswith("s-maxage")]
+    return ", ".join(["private", *kept])
 
 
 async def _unless_client_leaves(request: Request, call: Awaitable[httpx.Response]) -> httpx.Response | None:
