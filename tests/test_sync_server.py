@@ -463,3 +463,41 @@ def test_serve_refuses_a_role_without_replication_in_one_line(target_url: str) -
     finally:
         with psycopg.connect(target_url, autocommit=True) as conn:
             conn.execute(f"drop role {role}")
+
+
+def test_values_are_the_same_text_in_the_snapshot_and_in_live_changes(server: ServedApp, db: Any) -> None:
+    """Snapshot rows come from a SQL session and live rows from the replication stream: every type the platform
+    uses must print identically in both, or a client would see a value change that never happened."""
+    columns = (
+        "id, user_id, agent_name, inputs, duration_ms, cost_usd, started_at, prompt_tokens, status, outputs, error"
+    )
+    values = (
+        'gen_random_uuid(), %s, \'planner\', \'{"q": "é ☃", "n": 1.50}\', 9007199254740993, 0.000123,'
+        " '2024-02-29 23:59:59.123456+05:30', 7, 'running', null, 'line1\nline2 \"quoted\" \\\\'"
+    )
+    db.execute(f"insert into agent_executions ({columns}) values ({values})", [USER])
+    db.execute(
+        "insert into tasks (user_id, title, embedding, due_at, tags) values"
+        " (%s, 'vec', array_fill(0.1::real, array[1536])::extensions.vector, '0044-03-15 12:00 BC', '{\"a,b\",NULL}')",
+        [USER],
+    )
+    params = {"table": "agent_executions", "replica": "full"}
+    last, [snapshot] = sync_to_end(server, **params)
+    db.execute("update agent_executions set status = 'succeeded'")
+    [update] = changes(live_after(server, last, **params))
+    for name, text in snapshot["value"].items():
+        if name not in ("status", "updated_at"):
+            assert update["value"][name] == text, name
+    assert snapshot["value"]["cost_usd"] == "0.000123"
+    assert snapshot["value"]["duration_ms"] == "9007199254740993"
+    assert snapshot["value"]["started_at"] == "2024-02-29 18:29:59.123456+00"
+    assert json.loads(snapshot["value"]["inputs"]) == {"q": "é ☃", "n": 1.50}
+
+    last, [task] = sync_to_end(server, replica="full")
+    db.execute("update tasks set title = 'vec2'")
+    [task_update] = changes(live_after(server, last, replica="full"))
+    for name in ("embedding", "due_at", "tags", "created_at"):
+        assert task_update["value"][name] == task["value"][name], name
+    assert task["value"]["embedding"].startswith("[0.1,0.1,")
+    assert task["value"]["due_at"] == "0044-03-15 12:00:00+00 BC"
+    assert task["value"]["tags"] == '{"a,b",NULL}'
