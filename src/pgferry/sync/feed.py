@@ -23,7 +23,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.db.retry import RetryPolicy
-from pgferry.replication import ReplicationReader, Transaction, create_slot, get_slot, slot_lag_bytes
+from pgferry.replication import ReplicationReader, create_slot, get_slot, slot_lag_bytes
 from pgferry.replication._conn import conninfo
 from pgferry.sync.errors import SyncDatabaseError
 from pgferry.sync.shapes import ShapeManager, WhereEvaluator, connect_sql, session_options
@@ -32,6 +32,7 @@ from pgferry.sync.store import write_json_atomic
 __all__ = ["ReplicationFeed", "ServerState", "prepare_server_state"]
 
 _log = structlog.get_logger("pgferry.sync.feed")
+_MAX_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -157,14 +158,20 @@ class ReplicationFeed:
             return None
 
     def _stream(self, reader: ReplicationReader, evaluator: WhereEvaluator) -> None:
+        """Apply transactions in batches of whatever has arrived (group commit), confirming after each batch."""
         reader.start(self._state.slot, [self._state.publication])
         self.status = "active"
-
-        def store_then_confirm(txn: Transaction) -> None:
-            self._manager.apply_transaction(txn, evaluator)
-            reader.confirm(txn)
-
-        reader.run(store_then_confirm, self._stop)
+        while not self._stop.is_set():
+            first = next(reader.transactions(timeout=1.0), None)
+            if first is None:
+                continue
+            batch = [first]
+            for txn in reader.transactions(timeout=0):  # only what is already here: never wait to fill a batch
+                batch.append(txn)
+                if len(batch) >= _MAX_BATCH:
+                    break
+            self._manager.apply_transactions(batch, evaluator)
+            reader.confirm(batch[-1])
 
     def _run(self) -> None:
         failures = 0

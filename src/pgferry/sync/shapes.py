@@ -555,26 +555,34 @@ class ShapeManager:
     # -- applying replicated transactions --------------------------------------------------------------------
 
     def apply_transaction(self, txn: Transaction, evaluator: WhereEvaluator) -> None:
-        """Append ``txn``'s effect to every shape it touches and make it durable; then the feed may confirm it."""
-        touched: list[Shape] = []
+        self.apply_transactions([txn], evaluator)
+
+    def apply_transactions(self, txns: Sequence[Transaction], evaluator: WhereEvaluator) -> None:
+        """Append each transaction's effect to every shape it touches, then make them durable (one fsync per
+        shape for the whole batch: a burst of commits costs one disk flush, not one each) and wake the clients.
+        Only after this returns may the feed confirm the last of them to the slot."""
+        touched: dict[str, Shape] = {}
         with self._lock:
-            by_table: dict[str, list[Shape]] = {}
-            for shape in list(self._by_handle.values()):
-                if shape.state == "gone" or not _touches(shape, txn):
-                    continue
-                if shape.snapshot is None:  # its snapshot is running: decide when it is known what it saw
-                    shape.buffered.append(txn)
-                    continue
-                by_table.setdefault(str(shape.table.name), []).append(shape)
-            for shapes in by_table.values():
-                touched.extend(self._apply_to_shapes(shapes, txn, evaluator))
-            for shape in touched:
+            for txn in txns:
+                by_table: dict[str, list[Shape]] = {}
+                for shape in list(self._by_handle.values()):
+                    if shape.state == "gone" or not _touches(shape, txn):
+                        continue
+                    if shape.snapshot is None:  # its snapshot is running: decide when it is known what it saw
+                        shape.buffered.append(txn)
+                        continue
+                    by_table.setdefault(str(shape.table.name), []).append(shape)
+                for shapes in by_table.values():
+                    for shape in self._apply_to_shapes(shapes, txn, evaluator):
+                        touched[shape.handle] = shape
+                        shape.last_commit_ts = txn.commit_ts.timestamp()
+            for shape in touched.values():
                 if shape.state != "gone":
                     shape.log.sync()
-            self.processed_lsn = max(self.processed_lsn, int(txn.commit_lsn))
-            self.transactions_applied += 1
-        for shape in touched:
-            shape.last_commit_ts = txn.commit_ts.timestamp()
+            if txns:
+                self.processed_lsn = max(self.processed_lsn, int(txns[-1].commit_lsn))
+            self.transactions_applied += len(txns)
+        for shape in touched.values():
             shape.notify()
 
     def _apply_to_shapes(self, shapes: list[Shape], txn: Transaction, evaluator: WhereEvaluator) -> list[Shape]:
