@@ -21,10 +21,9 @@ Electric's logs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -48,6 +47,7 @@ from pgferry.sync.auth import (
     TokenVerifier,
 )
 from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.longpoll import unless_client_leaves
 from pgferry.sync.protocol import (
     IDENT_PATTERN,
     parse_columns,
@@ -457,10 +457,10 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
         client = upstream.client
         try:
             upstream_request = client.build_request("GET", shape_url, params=tuple(query), headers=headers)
-            sent = await _unless_client_leaves(request, client.send(upstream_request, stream=True))
-            if sent is None:  # the client hung up during a long-poll: free the upstream request now
+            sent = await unless_client_leaves(request, client.send(upstream_request, stream=True))
+            if sent.value is None:  # the client hung up during a long-poll: free the upstream request now
                 return Response(status_code=499)
-            response = sent
+            response = sent.value
         except httpx.TimeoutException:
             log.warning("upstream timed out", upstream=config.upstream)
             return _error(504, {"message": "Upstream timed out", "errors": {"upstream": ["no answer in time"]}})
@@ -525,32 +525,6 @@ def private_cache_control(value: str) -> str:
     directives = [d.strip() for d in value.split(",") if d.strip()]
     kept = [d for d in directives if d.lower() not in ("public", "private") and not d.lower().startswith("s-maxage")]
     return ", ".join(["private", *kept])
-
-
-async def _unless_client_leaves(request: Request, call: Awaitable[httpx.Response]) -> httpx.Response | None:
-    """Await ``call`` unless the client disconnects first (then cancel it and return ``None``).
-
-    A live request waits upstream for up to Electric's long-poll timeout before any response header exists, so
-    Starlette's own disconnect handling (which starts with the response body) would keep an abandoned request,
-    and its upstream connection, for all of that time, and hold up a graceful shutdown.
-    """
-
-    async def hang_up() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    upstream = asyncio.ensure_future(call)
-    left = asyncio.ensure_future(hang_up())
-    try:
-        await asyncio.wait({upstream, left}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        left.cancel()
-    if upstream.done():
-        return upstream.result()
-    upstream.cancel()
-    with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
-        await upstream
-    return None
 
 
 async def _relay(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from pgferry.sync import protocol as p
 from pgferry.sync.errors import ProtocolError, UnsupportedFeatureError
 from pgferry.sync.feed import ReplicationFeed, prepare_server_state
+from pgferry.sync.longpoll import unless_client_leaves
 from pgferry.sync.shapes import Shape, ShapeManager
 from pgferry.sync.where import parse_params
 
@@ -123,26 +124,6 @@ def _cursor(requested: str | None, live_timeout: float) -> str:
     if requested is not None and requested.isdigit() and int(requested) >= value:
         value = int(requested) + interval
     return str(value)
-
-
-async def _wait_for_change(request: Request, event: asyncio.Event, timeout: float) -> str:
-    """Wait for the shape to change, the timeout, or the client to hang up: an abandoned long-poll must not
-    hold a slot (and count as a live client) for the rest of its timeout."""
-
-    async def hang_up() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    changed = asyncio.ensure_future(event.wait())
-    disconnected = asyncio.ensure_future(hang_up())
-    try:
-        done, _pending = await asyncio.wait({changed, disconnected}, timeout=timeout, return_when="FIRST_COMPLETED")
-    finally:
-        changed.cancel()
-        disconnected.cancel()
-    if disconnected in done:
-        return "disconnected"
-    return "changed" if changed in done else "timeout"
 
 
 def create_sync_app(config: SyncServerConfig) -> Starlette:
@@ -284,25 +265,23 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                 global_lsn=manager.processed_lsn,
             )
 
+        event = shape.changed_event()  # taken before reading the log, so a change in between still wakes us
         global_lsn = manager.processed_lsn  # read before the log: see the up-to-date note in _respond
         chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
         if live and not chunk.messages:
-            event = shape.changed_event()
+            metrics.live_clients.inc()
+            try:
+                waited = await unless_client_leaves(request, event.wait(), timeout=config.live_timeout)
+                if waited.outcome == "disconnected":
+                    return Response(status_code=499)  # nobody is listening; uvicorn drops it
+            finally:
+                metrics.live_clients.dec()
+            if shape.gone:
+                return await must_refetch(definition)
             global_lsn = manager.processed_lsn
             chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
-            if not chunk.messages:
-                metrics.live_clients.inc()
-                try:
-                    if await _wait_for_change(request, event, config.live_timeout) == "disconnected":
-                        return Response(status_code=499)  # nobody is listening; uvicorn drops it
-                finally:
-                    metrics.live_clients.dec()
-                if shape.gone:
-                    return await must_refetch(definition)
-                global_lsn = manager.processed_lsn
-                chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
-                if chunk.messages and shape.last_commit_ts is not None:
-                    metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
+            if chunk.messages and shape.last_commit_ts is not None:
+                metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
         if chunk.last_offset is not None:
             end = chunk.last_offset
         elif offset == p.BEFORE_ALL:
