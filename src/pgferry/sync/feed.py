@@ -54,31 +54,35 @@ def _identity(conn: psycopg.Connection[Any]) -> tuple[str, str]:
 def check_sync_database(url: str) -> None:
     """Fail early, in one line, on a database the server could only fail on later: Electric needs the same."""
     with connect_sql(url) as conn:
-        row = conn.execute("show wal_level").fetchone()
-        wal_level = str(row[0]) if row else "?"
-        if wal_level != "logical":
-            raise SyncDatabaseError(
-                f"the database runs with wal_level = {wal_level}; the sync server reads logical replication: "
-                "run ALTER SYSTEM SET wal_level = logical and restart PostgreSQL (Supabase and Neon: enable "
-                "logical replication in the project settings)"
-            )
-        row = conn.execute(
-            "select rolname, rolreplication or rolsuper from pg_catalog.pg_roles where rolname = current_user"
-        ).fetchone()
-        if row is not None and not row[1]:
-            raise SyncDatabaseError(
-                f"role {row[0]!r} may not use replication; connect as a role that may (on Supabase the direct "
-                f"connection's postgres role) or run ALTER ROLE {row[0]} WITH REPLICATION"
-            )
+        _check_sync_connection(conn)
+
+
+def _check_sync_connection(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute("show wal_level").fetchone()
+    wal_level = str(row[0]) if row else "?"
+    if wal_level != "logical":
+        raise SyncDatabaseError(
+            f"the database runs with wal_level = {wal_level}; the sync server reads logical replication: "
+            "run ALTER SYSTEM SET wal_level = logical and restart PostgreSQL (Supabase and Neon: enable "
+            "logical replication in the project settings)"
+        )
+    row = conn.execute(
+        "select rolname, rolreplication or rolsuper from pg_catalog.pg_roles where rolname = current_user"
+    ).fetchone()
+    if row is not None and not row[1]:
+        raise SyncDatabaseError(
+            f"role {row[0]!r} may not use replication; connect as a role that may (on Supabase the direct "
+            f"connection's postgres role) or run ALTER ROLE {row[0]} WITH REPLICATION"
+        )
 
 
 def prepare_server_state(url: str, data_dir: Path, manager: ShapeManager | None = None) -> ServerState:
     """Find or create the slot and publication this data directory uses; check it belongs to this database."""
-    check_sync_database(url)
     data_dir.mkdir(parents=True, exist_ok=True)
     state_path = data_dir / "state.json"
     conn = connect_sql(url)
     try:
+        _check_sync_connection(conn)
         system_id, database = _identity(conn)
         stored: dict[str, Any] | None = json.loads(state_path.read_text()) if state_path.exists() else None
         if stored is not None and (stored.get("system_identifier"), stored.get("database")) != (system_id, database):

@@ -76,6 +76,19 @@ def connect_sql(url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+def render_where(
+    clause: WhereClause, definition: ShapeDefinition, column: Callable[[str], sql.Composable], params: list[Any]
+) -> sql.Composable:
+    """``clause`` as SQL with placeholders; the values of its ``$n`` are appended to ``params`` in order."""
+    values = dict(definition.params)
+
+    def param(number: int) -> sql.Composable:
+        params.append(values[number])
+        return sql.Placeholder()
+
+    return render_sql(clause, column=column, param=param)
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotInfo:
     """``pg_current_snapshot()`` of a shape's snapshot transaction, with 64-bit xids."""
@@ -210,13 +223,7 @@ class Shape:
 
     def render_where(self, column: Callable[[str], sql.Composable], params: list[Any]) -> sql.Composable:
         assert self.clause is not None
-        values = dict(self.definition.params)
-
-        def param(number: int) -> sql.Composable:
-            params.append(values[number])
-            return sql.Placeholder()
-
-        return render_sql(self.clause, column=column, param=param)
+        return render_where(self.clause, self.definition, column, params)
 
     # -- waking long-polls (called from any thread) ------------------------------------------------------------
 
@@ -347,41 +354,36 @@ class ShapeManager:
 
     # -- creating shapes ------------------------------------------------------------------------------------
 
-    def validate(self, definition: ShapeDefinition) -> tuple[TableInfo, WhereClause | None]:
+    def _validate(
+        self, conn: psycopg.Connection[Any], definition: ShapeDefinition
+    ) -> tuple[TableInfo, WhereClause | None]:
         """Everything that makes a request a 400, checked before anything is created."""
-        conn = connect_sql(self._url)
-        try:
-            table = load_table_info(conn, definition.table)
-            if definition.columns is not None:
-                unknown = [c for c in definition.columns if c not in table.column_names]
-                if unknown:
-                    raise ProtocolError("columns", f"unknown column {unknown[0]!r} in table {str(table.name)!r}")
-                missing = [c for c in table.primary_key if c not in definition.columns]
-                if missing:
-                    raise ProtocolError(
-                        "columns", f"must include all primary key columns, missing: {', '.join(missing)}"
-                    )
-            clause = None
-            if definition.where is not None:
-                clause = parse_where(definition.where)
-                unknown = sorted(clause.columns - set(table.column_names))
-                if unknown:
-                    raise WhereClauseError(f"unknown reference {unknown[0]!r} (not a column of {table.name})")
-                check_params(clause, dict(definition.params))
-                self._typecheck(conn, definition, table, clause)
-            elif definition.params:
-                raise ProtocolError("params", "params were given but there is no where clause using them")
-            return table, clause
-        finally:
-            conn.close()
+        table = load_table_info(conn, definition.table)
+        if definition.columns is not None:
+            unknown = [c for c in definition.columns if c not in table.column_names]
+            if unknown:
+                raise ProtocolError("columns", f"unknown column {unknown[0]!r} in table {str(table.name)!r}")
+            missing = [c for c in table.primary_key if c not in definition.columns]
+            if missing:
+                raise ProtocolError("columns", f"must include all primary key columns, missing: {', '.join(missing)}")
+        clause = None
+        if definition.where is not None:
+            clause = parse_where(definition.where)
+            unknown = sorted(clause.columns - set(table.column_names))
+            if unknown:
+                raise WhereClauseError(f"unknown reference {unknown[0]!r} (not a column of {table.name})")
+            check_params(clause, dict(definition.params))
+            self._typecheck(conn, definition, table, clause)
+        elif definition.params:
+            raise ProtocolError("params", "params were given but there is no where clause using them")
+        return table, clause
 
     def _typecheck(
         self, conn: psycopg.Connection[Any], definition: ShapeDefinition, table: TableInfo, clause: WhereClause
     ) -> None:
         """Let PostgreSQL type-check the rendered clause (planning only) so a bad shape fails now, with a 400."""
-        probe = Shape("", definition, table, clause, log=None)  # type: ignore[arg-type]
         params: list[Any] = []
-        where = probe.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
+        where = render_where(clause, definition, lambda name: sql.SQL("t.") + sql.Identifier(name), params)
         query = sql.SQL("explain select 1 from {} as t where {}").format(
             sql.Identifier(table.name.schema, table.name.name), where
         )
@@ -416,8 +418,9 @@ class ShapeManager:
             waiting.set()
 
     def _create(self, definition: ShapeDefinition) -> Shape:
-        table, clause = self.validate(definition)
-        self._prepare_table(table)
+        with connect_sql(self._url) as conn:
+            table, clause = self._validate(conn, definition)
+            self._prepare_table(conn, table)
         handle = f"{definition.fingerprint()}-{time.time_ns() // 1000}"
         directory = self._dir / handle
         shape = Shape(handle, definition, table, clause, ShapeLog(directory))
@@ -447,27 +450,23 @@ class ShapeManager:
             shape.first_rows.set()
             shape.notify()
 
-    def _prepare_table(self, table: TableInfo) -> None:
+    def _prepare_table(self, conn: psycopg.Connection[Any], table: TableInfo) -> None:
         """Publish the table with full old rows (Electric does the same), so moves out of a where are seen."""
-        conn = connect_sql(self._url)
-        try:
-            ident = sql.Identifier(table.name.schema, table.name.name)
-            identity = conn.execute("select relreplident from pg_catalog.pg_class where oid = %s", [table.oid])
-            row = identity.fetchone()
-            if row is not None and row[0] != "f":
-                conn.execute(sql.SQL("alter table {} replica identity full").format(ident))
-            published = conn.execute(
-                "select 1 from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid"
-                " where p.pubname = %s and pr.prrelid = %s",
-                [self._publication, table.oid],
-            ).fetchone()
-            if published is None:
-                with contextlib.suppress(psycopg.errors.DuplicateObject):
-                    conn.execute(
-                        sql.SQL("alter publication {} add table {}").format(sql.Identifier(self._publication), ident)
-                    )
-        finally:
-            conn.close()
+        ident = sql.Identifier(table.name.schema, table.name.name)
+        identity = conn.execute("select relreplident from pg_catalog.pg_class where oid = %s", [table.oid])
+        row = identity.fetchone()
+        if row is not None and row[0] != "f":
+            conn.execute(sql.SQL("alter table {} replica identity full").format(ident))
+        published = conn.execute(
+            "select 1 from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid"
+            " where p.pubname = %s and pr.prrelid = %s",
+            [self._publication, table.oid],
+        ).fetchone()
+        if published is None:
+            with contextlib.suppress(psycopg.errors.DuplicateObject):
+                conn.execute(
+                    sql.SQL("alter publication {} add table {}").format(sql.Identifier(self._publication), ident)
+                )
 
     def _snapshot_query(self, shape: Shape, params: list[Any]) -> sql.Composed:
         """One JSON message per row, built by PostgreSQL (fast: Python only writes the bytes to the log)."""
