@@ -34,7 +34,6 @@ class BackgroundService:
     directory: Path
     argv: Sequence[str]
     health_url: str
-    env: Mapping[str, str] | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -54,12 +53,13 @@ class BackgroundService:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def start(self, *, timeout: float = 60.0) -> None:
+    def start(self, *, env: Mapping[str, str] | None = None, timeout: float = 60.0) -> None:
+        """Start detached (``env`` added to ours) and wait until healthy; a healthy running one is left alone."""
         if self.pid() is not None and self.healthy():
             return
         self.stop()
         self.directory.mkdir(parents=True, exist_ok=True)
-        environment = {**os.environ, **(self.env or {})}
+        environment = {**os.environ, **(env or {})}
         with open(self.log_file, "ab") as log:
             process = subprocess.Popen(
                 list(self.argv),

@@ -155,16 +155,22 @@ class LocalStack:
         prepare_target_database(target.url(TARGET_DBNAME))
         if with_sync:
             sync, proxy = self._services(state, target)
-            for service, port, option in (
-                (sync, state.sync_port, "--sync-port"),
-                (proxy, state.proxy_port, "--proxy-port"),
+            proxy_env = {  # the proxy verifies tokens the way it would for this stack's "Supabase"
+                "SUPABASE_JWT_SECRET": self.jwt_secret(),
+                "SUPABASE_URL": DEV_SUPABASE_URL,
+                "SUPABASE_JWKS_URL": "",
+                "ELECTRIC_SECRET": "",
+            }
+            for service, port, option, env in (
+                (sync, state.sync_port, "--sync-port", None),
+                (proxy, state.proxy_port, "--proxy-port", proxy_env),
             ):
                 if service.pid() is None and not port_is_free(port):
                     raise PortInUseError(
                         f"port {port} on 127.0.0.1 (the {service.name}) is already in use; stop what holds it, or "
                         f"`pgferry dev down --destroy` and `pgferry dev up {option} N`"
                     )
-                service.start()
+                service.start(env=env)
         return self.status()
 
     def jwt_secret(self) -> str:
@@ -199,18 +205,11 @@ class LocalStack:
             ],
             health_url=f"{sync_url}/v1/health",
         )
-        env = {
-            "SUPABASE_JWT_SECRET": self.jwt_secret(),
-            "SUPABASE_URL": DEV_SUPABASE_URL,
-            "SUPABASE_JWKS_URL": "",
-            "ELECTRIC_SECRET": "",
-        }
         proxy = BackgroundService(
             name="shape proxy",
             directory=self.root / "proxy",
             argv=[python, "-m", "pgferry", "sync", "proxy", "--upstream", sync_url, "--port", str(state.proxy_port)],
             health_url=f"http://127.0.0.1:{state.proxy_port}/v1/health",
-            env=env,
         )
         return sync, proxy
 
