@@ -84,6 +84,7 @@ from typing import IO, Any
 
 import psycopg
 from psycopg import sql
+from readme_sections import replace_block  # bench/ is on sys.path when a benchmark runs as a script
 
 from pgferry.localstack.binaries import PostgresInstall, find_install
 from pgferry.localstack.cluster import PostgresCluster
@@ -773,14 +774,7 @@ a results file into this section without running).
 
 
 def write_readme(section: str) -> None:
-    text = README.read_text() if README.exists() else README_INTRO
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        _old, tail = rest.split(README_END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    README.write_text(text)
+    replace_block(README, README_START, README_END, section, intro=README_INTRO)
 
 
 def main_readme_rows(report: dict[str, Any]) -> list[str]:

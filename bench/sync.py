@@ -74,6 +74,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from readme_sections import replace_block  # bench/ is on sys.path when a benchmark runs as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -957,14 +958,7 @@ def readme_block(report: dict[str, Any]) -> str:
 
 
 def write_readme(block: str) -> None:
-    text = README.read_text()
-    if README_START in text and README_END in text:
-        head, rest = text.split(README_START, 1)
-        _old, tail = rest.split(README_END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(text)
+    replace_block(README, README_START, README_END, block)
 
 
 # --- main ----------------------------------------------------------------------------------------------------
