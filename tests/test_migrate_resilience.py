@@ -49,22 +49,9 @@ def _run_state(target_url: str) -> tuple[str | None, int, int]:
 def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str) -> None:
     manager = seed_source(source_url, scale=0.25, seed=5)
     rng = random.Random(20261125)
-    args = [
-        sys.executable,
-        "-m",
-        "pgferry.cli.main",
-        "migrate",
-        "run",
-        "--source",
-        source_url,
-        "--target",
-        baseline_url,
-        "--jobs",
-        "2",
-        "--batch-rows",
-        "400",
-        "--json",
-    ]
+    run_args = ["migrate", "run", "--source", source_url, "--target", baseline_url]
+    run_args += ["--jobs", "2", "--batch-rows", "400", "--json"]
+    args = [sys.executable, "-m", "pgferry.cli.main", *run_args]
     # Kill points spread over the whole run: early (plan/schema/prepare), inside the copy at random
     # fractions of the chunks, and after the copy (index rebuild or verification).
     kill_points: list[tuple[str, float]] = [
@@ -101,19 +88,7 @@ def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str)
         seen_done = current
     print("kill points:", kills)
     assert len(kills) >= 4, kills
-    final = run_pgferry(
-        "migrate",
-        "run",
-        "--source",
-        source_url,
-        "--target",
-        baseline_url,
-        "--jobs",
-        "2",
-        "--batch-rows",
-        "400",
-        "--json",
-    )
+    final = run_pgferry(*run_args)  # the same command, once more, uninterrupted
     assert final.returncode == 0, final.stderr
     summary = json.loads(final.stdout)
     assert summary["status"] == "completed"

@@ -31,6 +31,8 @@ TablesOption = Annotated[list[str] | None, typer.Option("--tables", help="Only t
 ExcludeOption = Annotated[list[str] | None, typer.Option("--exclude-tables", help="Skip these tables (glob).")]
 SchemasOption = Annotated[list[str] | None, typer.Option("--schemas", help="Only these schemas.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+SchemaFromOption = Annotated[str, typer.Option(help="pgferry (the platform's migrations) | source")]
+BatchRowsOption = Annotated[int | None, typer.Option(help="Rows per chunk (default: ~64 MB).")]
 
 
 def _service(
@@ -148,8 +150,8 @@ def plan(
     tables: TablesOption = None,
     exclude_tables: ExcludeOption = None,
     schemas: SchemasOption = None,
-    schema_from: Annotated[str, typer.Option(help="pgferry | source")] = "pgferry",
-    batch_rows: Annotated[int | None, typer.Option(help="Rows per chunk (default: ~64 MB).")] = None,
+    schema_from: SchemaFromOption = "pgferry",
+    batch_rows: BatchRowsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Validate and estimate; changes nothing anywhere."""
@@ -180,8 +182,8 @@ def run(
     tables: TablesOption = None,
     exclude_tables: ExcludeOption = None,
     schemas: SchemasOption = None,
-    schema_from: Annotated[str, typer.Option(help="pgferry (the platform's migrations) | source")] = "pgferry",
-    batch_rows: Annotated[int | None, typer.Option(help="Rows per chunk (default: ~64 MB).")] = None,
+    schema_from: SchemaFromOption = "pgferry",
+    batch_rows: BatchRowsOption = None,
     verify: Annotated[bool, typer.Option(help="Verify checksums after the copy.")] = True,
     on_error: Annotated[str, typer.Option(help="stop | skip-table | rollback")] = "stop",
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
