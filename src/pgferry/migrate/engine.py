@@ -60,6 +60,18 @@ PHASES = ("plan", "schema", "prepare", "data", "indexes", "sequences", "verify",
 OnError = Literal["stop", "skip-table", "rollback"]
 
 
+MAX_DATA_PASSES = 5
+"""How many times the data phase may find chunks the target lost (a restart) before giving up."""
+
+
+class _ChunksNotDurableError(Exception):
+    """Chunks a worker committed are pending again: the target crashed before their commit was flushed."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
 class SnapshotLostError(Exception):
     """The exported snapshot can no longer be imported: its exporting session ended (source restart)."""
 
@@ -254,7 +266,11 @@ class MigrationService:
         return self._connect(self.options.source_url)
 
     def connect_target(self) -> psycopg.Connection[Any]:
-        return self._connect(self.options.target_url)
+        conn = self._connect(self.options.target_url)
+        # Whatever the target's default: every state change pgferry trusts on resume must be durable when
+        # its commit returns. Only the copy workers relax this, and the data phase's barrier makes up for it.
+        conn.execute("set synchronous_commit = on")
+        return conn
 
     @staticmethod
     def _connect(url: DatabaseUrl) -> psycopg.Connection[Any]:
@@ -382,15 +398,58 @@ class MigrationService:
             self.reporter.phase(name)
             self.metrics.enter_phase(name)
             started = time.monotonic()
-            step(run_id)
-            with self._target() as target:
-                st.add_phase_seconds(target, run_id, name, time.monotonic() - started)
-                following = names[names.index(name) + 1] if name != names[-1] else "complete"
-                st.set_phase(target, run_id, following, status="completed" if following == "complete" else "running")
+            following = names[names.index(name) + 1] if name != names[-1] else "complete"
+            for attempt in range(1, MAX_DATA_PASSES + 1):
+                step(run_id)
+                try:
+                    self._advance_phase(run_id, name, following, time.monotonic() - started)
+                    break
+                except _ChunksNotDurableError as lost:
+                    if attempt == MAX_DATA_PASSES:
+                        raise MigrationError(
+                            f"the target lost {lost.count} committed chunks {attempt} times in a row (is it "
+                            "crash-looping?); rerun `pgferry migrate run` once it is stable: it copies them again"
+                        ) from None
+                    self._note_lost_chunks(run_id, lost.count)
         self.reporter.phase("complete")
         self.metrics.enter_phase("complete")
         with self._target() as target:
             st.set_phase(target, run_id, "complete", status="completed")
+
+    def _advance_phase(self, run_id: int, name: str, following: str, seconds: float) -> None:
+        """Record that phase ``name`` is over, durably, and only if what it did is durably there.
+
+        Copy workers commit with ``synchronous_commit = off`` (a chunk's rows and its done-marker are lost
+        together, never one without the other). This transaction is the barrier that makes up for it: it
+        re-reads the chunk states and commits synchronously, and a synchronous commit flushes the WAL up to
+        its own commit record, which follows every chunk commit it saw. So either every chunk it counted as
+        done is on disk when the phase moves on, or the target crashed before, and the lost chunks are back
+        to pending for this check to find.
+        """
+        with self._target() as target, target.transaction():
+            target.execute("set local synchronous_commit = on")
+            if name == "data":
+                row = target.execute(
+                    "select count(*) from pgferry.migration_chunks c join pgferry.migration_tables t "
+                    "using (run_id, schema_name, table_name) "
+                    "where c.run_id = %s and c.state <> 'done' and t.state <> 'skipped'",
+                    (run_id,),
+                ).fetchone()
+                if row is not None and row[0]:
+                    raise _ChunksNotDurableError(int(row[0]))
+                target.execute(
+                    "update pgferry.migration_tables set state = 'copied' where run_id = %s and state = 'pending'",
+                    (run_id,),
+                )
+            st.add_phase_seconds(target, run_id, name, seconds)
+            st.set_phase(target, run_id, following, status="completed" if following == "complete" else "running")
+
+    def _note_lost_chunks(self, run_id: int, count: int) -> None:
+        message = f"{count} copied chunks were not on the target any more (it restarted); copying them again"
+        log.warning("chunks lost by the target", run_id=run_id, chunks=count)
+        self.reporter.message(message)
+        with self._target() as target:
+            st.record_event(target, run_id, level="warning", phase="data", message=message)
 
     # -- phases ------------------------------------------------------------------------------------------
     def _phase_schema(self, run_id: int) -> None:
@@ -628,13 +687,6 @@ class MigrationService:
             snapshot.close()
         if failures:
             raise failures[0]
-        with self._target() as target:
-            target.execute(
-                "update pgferry.migration_tables t set state = 'copied' where run_id = %s and state = 'pending' "
-                "and not exists (select 1 from pgferry.migration_chunks c where c.run_id = t.run_id and "
-                "c.schema_name = t.schema_name and c.table_name = t.table_name and c.state <> 'done')",
-                (run_id,),
-            )
         if snapshot.exports > 1:
             with self._target() as target:
                 st.record_event(
