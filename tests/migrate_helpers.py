@@ -10,8 +10,8 @@ import psycopg
 from psycopg import sql
 
 from pgferry.config import parse_database_url
+from pgferry.migrate import Migration, MigrationOptions, ProgressReporter
 from pgferry.migrate.catalog import TableFilter
-from pgferry.migrate.engine import MigrationOptions, MigrationService, ProgressReporter
 from pgferry.schema.models import PLATFORM_TABLES
 from pgferry.testing.data import TestDataManager
 
@@ -24,9 +24,9 @@ def seed_source(url: str, scale: float = 0.03, seed: int = 11) -> TestDataManage
 
 def service_for(
     source_url: str, target_url: str, *, reporter: ProgressReporter | None = None, **options: Any
-) -> MigrationService:
+) -> Migration:
     table_filter = options.pop("table_filter", TableFilter())
-    return MigrationService(
+    return Migration(
         MigrationOptions(
             source_url=parse_database_url(source_url, "--source"),
             target_url=parse_database_url(target_url, "--target"),

@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgferry.migrate.engine import PlanBlockedError
+from pgferry.migrate import MigrationInterruptedError, PlanBlockedError
 from pgferry.migrate.source_schema import take_inventory
 from pgferry.schema.models import PLATFORM_TABLES
 from tests.migrate_helpers import seed_source, service_for
@@ -102,7 +102,7 @@ def test_rollback_returns_a_fresh_target_to_its_previous_state(source_url: str, 
     with psycopg.connect(baseline_url) as conn:
         before = take_inventory(conn)
     service_for(source_url, baseline_url).run()
-    report = service_for(source_url, baseline_url).rollback_report()
+    report = service_for(source_url, baseline_url).rollback()
     assert report.ok, report.steps
     with psycopg.connect(baseline_url) as conn:
         assert take_inventory(conn) == before
@@ -121,7 +121,7 @@ def test_rollback_keeps_a_pre_existing_schema(source_url: str, target_url: str) 
         )
         revision = conn.execute("select version_num from pgferry.alembic_version").fetchone()
     service_for(source_url, target_url).run()
-    report = service_for(source_url, target_url).rollback_report()
+    report = service_for(source_url, target_url).rollback()
     assert report.ok
     with psycopg.connect(target_url) as conn:
         assert take_inventory(conn) == before
@@ -152,8 +152,13 @@ def test_stop_policy_stops_and_resume_finishes(source_url: str, target_url: str)
     manager = seed_source(source_url, scale=0.01)
     with psycopg.connect(target_url) as conn:
         conn.execute("alter table public.workflows add constraint reject_all check (version < 0) not valid")
-    with pytest.raises(psycopg.errors.CheckViolation):
+    with pytest.raises(MigrationInterruptedError, match="reject_all") as stopped:
         service_for(source_url, target_url, batch_rows=50).run()
+    assert isinstance(stopped.value.__cause__, psycopg.errors.CheckViolation)
+    # One line: the phase, the step, the server, the cause, and that a rerun resumes.
+    message = str(stopped.value)
+    assert "\n" not in message and message.startswith("data phase stopped (copy public.workflows chunk")
+    assert "on the target" in message and "[23514]" in message and "resumes" in message
     with psycopg.connect(target_url) as conn:
         status = conn.execute("select status from pgferry.migration_runs").fetchone()
         assert status == ("failed",)
@@ -189,8 +194,9 @@ def test_rollback_policy_undoes_a_failed_run(source_url: str, baseline_url: str)
         # A value the target's schema (pgferry's CHECK on workflows.version) will refuse: a fatal error.
         conn.execute("alter table public.workflows drop constraint ck_workflows_version")
         conn.execute("update public.workflows set version = 0 where ctid = (select min(ctid) from public.workflows)")
-    with pytest.raises(psycopg.errors.CheckViolation):
+    with pytest.raises(MigrationInterruptedError, match="rolled back") as stopped:
         service_for(source_url, baseline_url, on_error="rollback").run()
+    assert isinstance(stopped.value.__cause__, psycopg.errors.CheckViolation)
     with psycopg.connect(baseline_url) as conn:
         assert take_inventory(conn) == before
         assert conn.execute("select to_regnamespace('pgferry')").fetchone() == (None,)

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgferry.migrate.engine import MigrationService, MigrationSummary, VerificationFailedError
+from pgferry.migrate import Migration, MigrationSummary, VerificationFailedError
 from tests.migrate_helpers import service_for
 
 BATCH_ROWS = 400
@@ -409,13 +409,13 @@ def fidelity_source(route_source_url: str) -> str:
 
 
 @pytest.fixture
-def migrated(fidelity_source: str, route_target_url: str) -> tuple[str, str, MigrationService, MigrationSummary]:
+def migrated(fidelity_source: str, route_target_url: str) -> tuple[str, str, Migration, MigrationSummary]:
     """The fidelity schema moved with ``--schema-from source``, two jobs and small chunks."""
     service = service_for(fidelity_source, route_target_url, schema_from="source", jobs=2, batch_rows=BATCH_ROWS)
     return fidelity_source, route_target_url, service, service.run()
 
 
-def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService, MigrationSummary]) -> None:
+def test_every_type_survives_the_move(migrated: tuple[str, str, Migration, MigrationSummary]) -> None:
     source, target, _service, summary = migrated
     assert summary.status == "completed"
     assert summary.verification is not None and summary.verification.ok, summary.as_dict()["verification"]
@@ -449,10 +449,11 @@ def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService
                 "select schema_name || '.' || table_name, binary_copy from pgferry.migration_tables"
             ).fetchall()
         )
-    assert kinds["app.big_keys"].startswith("key:") and int(kinds["app.big_keys"].split(":")[1]) >= 5
-    assert kinds["Sales.Order"].startswith("key:") and int(kinds["Sales.Order"].split(":")[1]) >= 3
+    # Every table larger than one chunk is split into block ranges, whatever its key.
+    assert kinds["app.big_keys"].startswith("ctid:") and int(kinds["app.big_keys"].split(":")[1]) >= 5
+    assert kinds["Sales.Order"].startswith("ctid:") and int(kinds["Sales.Order"].split(":")[1]) >= 2
     assert kinds["app.no_pk"].startswith("ctid:") and int(kinds["app.no_pk"].split(":")[1]) >= 2
-    assert kinds["app.events_2024"].startswith("key:") and int(kinds["app.events_2024"].split(":")[1]) >= 2
+    assert kinds["app.events_2024"].startswith("ctid:") and int(kinds["app.events_2024"].split(":")[1]) >= 2
     # Arrays of an enum and composites go as text; the rest may go binary.
     assert binary["app.arrays"] is False and binary["app.composites"] is False
     assert binary["app.big_keys"] is True and binary["app.embeddings"] is True
@@ -550,7 +551,7 @@ def test_every_type_survives_the_move(migrated: tuple[str, str, MigrationService
 
 
 def test_schema_objects_behave_on_the_target(
-    migrated: tuple[str, str, MigrationService, MigrationSummary],
+    migrated: tuple[str, str, Migration, MigrationSummary],
 ) -> None:
     source, target, _service, summary = migrated
     assert summary.status == "completed" and summary.verification is not None and summary.verification.ok
@@ -670,32 +671,27 @@ def test_schema_objects_behave_on_the_target(
         assert "embeddings_small_hnsw" in plan
 
 
-def test_verification_catches_a_changed_row(migrated: tuple[str, str, MigrationService, MigrationSummary]) -> None:
+def test_verification_catches_a_changed_row(migrated: tuple[str, str, Migration, MigrationSummary]) -> None:
     _source, target, service, summary = migrated
     assert summary.status == "completed"
     report = service.verify()
     assert report.ok
-    chunks = sorted((c for c in report.chunks if c.table == "app.big_keys"), key=lambda c: c.chunk_no)
-    assert len(chunks) >= 5
-    middle = chunks[len(chunks) // 2]
-    assert middle.lower is not None and middle.upper is not None
+    big = next(t for t in report.tables if t.table == "app.big_keys")
+    assert big.buckets >= 1 and big.source_rows == big.target_rows > 0
     with psycopg.connect(target, autocommit=True) as conn:
-        row = conn.execute(
-            "select id, payload from app.big_keys where id >= %s and id < %s order by id offset 3 limit 1",
-            (int(middle.lower[0]), int(middle.upper[0])),
-        ).fetchone()
+        row = conn.execute("select id, payload from app.big_keys order by id offset 777 limit 1").fetchone()
         assert row is not None
         changed_id, original = row
         conn.execute("update app.big_keys set payload = payload || ' ' where id = %s", (changed_id,))
 
     report = service.verify()
     assert not report.ok
-    assert [(c.table, c.chunk_no) for c in report.mismatched_chunks] == [("app.big_keys", middle.chunk_no)]
-    bad = report.mismatched_chunks[0]
-    assert bad.lower is not None and bad.upper is not None
-    assert int(bad.lower[0]) <= changed_id < int(bad.upper[0])
-    assert bad.source_rows == bad.target_rows == middle.source_rows
-    assert "DIFFERENT" in bad.describe() and bad.lower[0] in bad.describe()
+    assert [t.table for t in report.differing_tables] == ["app.big_keys"]
+    bad = report.differing_tables[0]
+    assert len(bad.differing_buckets) == 1 and bad.source_rows == bad.target_rows == big.source_rows
+    # The report names the row: its key, and both versions.
+    assert bad.examples and f"key (id) = {changed_id} differs" in bad.examples[0], bad.examples
+    assert "DIFFERENT" in bad.describe() and str(changed_id) in bad.describe()
 
     # Put it back: clean again. Then change only the spacing of a json value: that is a difference too.
     with psycopg.connect(target, autocommit=True) as conn:
@@ -703,16 +699,18 @@ def test_verification_catches_a_changed_row(migrated: tuple[str, str, MigrationS
         assert service.verify().ok
         conn.execute("update app.json_docs set j = %s::json where id = 1", (JSON_TEXTS[1].replace("   ", " "),))
     report = service.verify()
-    assert [c.table for c in report.mismatched_chunks] == ["app.json_docs"]
+    assert [t.table for t in report.differing_tables] == ["app.json_docs"]
 
-    # A removed row is a difference in the row count of its chunk.
+    # A removed row is a difference in the row count, and the report names the missing key.
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("update app.json_docs set j = %s::json where id = 1", (JSON_TEXTS[1],))
         conn.execute('delete from "Sales"."Order" where "from" = %s and "select" = 0', ("Zoë",))
     report = service.verify()
-    assert len(report.mismatched_chunks) == 1
-    bad = report.mismatched_chunks[0]
+    assert len(report.differing_tables) == 1
+    bad = report.differing_tables[0]
     assert bad.table == "Sales.Order" and bad.target_rows == bad.source_rows - 1
+    assert len(bad.differing_buckets) == 1
+    assert "Zoë" in bad.examples[0] and "on the source but not the target" in bad.examples[0], bad.examples
 
 
 NO_PK_SQL = """
@@ -762,9 +760,7 @@ def test_table_without_primary_key_is_copied_exactly(route_source_url: str, rout
     with psycopg.connect(route_target_url, autocommit=True) as conn:
         conn.execute("delete from app.dups_only where ctid = (select ctid from app.dups_only limit 1)")
     report = service.verify()
-    assert [(c.table, c.source_rows, c.target_rows) for c in report.mismatched_chunks] == [
-        ("app.dups_only", 2000, 1999)
-    ]
+    assert [(t.table, t.source_rows, t.target_rows) for t in report.differing_tables] == [("app.dups_only", 2000, 1999)]
 
 
 # Settings that change how values print (source) and how text is read (target). A Neon database with its own

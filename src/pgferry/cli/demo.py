@@ -18,7 +18,7 @@ from pgferry.cli.migrate import print_summary, print_verification
 from pgferry.cli.progress import RichReporter
 from pgferry.config import parse_database_url
 from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT
-from pgferry.migrate.engine import MigrationOptions, MigrationService
+from pgferry.migrate import Migration, MigrationOptions
 
 console = Console()
 
@@ -31,7 +31,6 @@ def demo(
     target_port: Annotated[int, typer.Option(help="TCP port of the target server.")] = DEFAULT_TARGET_PORT,
 ) -> None:
     """Start the local stack, seed the source ("Neon") and migrate it into the target ("Supabase")."""
-    from pgferry.migrate.rollback import rollback
     from pgferry.migrate.state import latest_run
     from pgferry.testing.data import TestDataManager  # numpy and the generator load only for the demo
 
@@ -57,7 +56,7 @@ def demo(
         previous = latest_run(conn)
     if previous is not None:
         with console.status(f"rolling back the previous demo migration (run {previous.id})"):
-            rollback(MigrationService(options))
+            Migration(options).rollback()
     manager = TestDataManager(source_url, seed=seed)
     manager.create_environment()
     with console.status(f"seeding the source at scale {scale}"):
@@ -68,11 +67,12 @@ def demo(
         f"in {report.duration_seconds:.1f}s"
     )
     reporter = RichReporter(console)
-    service = MigrationService(options, reporter)
+    migration = Migration(options, reporter)
     with reporter:
-        summary = service.run()
+        summary = migration.run()
     print_summary(summary)
-    print_verification(service.verify(summary.run_id))
+    if summary.verification is not None:
+        print_verification(summary.verification)
     console.print(
         f"\nsource: {source_url}\ntarget: {target_url}\n"
         "next: `pgferry dev psql target`, `pgferry migrate status --target …`, `pgferry dev down`"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from pgferry.cli import db as db_commands
@@ -10,6 +12,7 @@ from pgferry.cli import dev as dev_commands
 from pgferry.cli import migrate as migrate_commands
 from pgferry.cli import sync as sync_commands
 from pgferry.cli.errors import run_reporting_errors
+from pgferry.observability.logging import configure_logging
 
 app = typer.Typer(
     name="pgferry",
@@ -26,6 +29,8 @@ app.command("demo")(demo_commands.demo)
 
 
 def run() -> None:
+    # Logs go to stderr, secrets scrubbed, so stdout stays the command's output (one JSON document with --json).
+    configure_logging(os.environ.get("PGFERRY_LOG_LEVEL", "warning"))
     run_reporting_errors(app)
 
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pgferry.cli.common import database_url, settings
-from pgferry.migrate import state as st
-from pgferry.migrate.catalog import TableFilter
-from pgferry.migrate.engine import MigrationOptions, MigrationService, MigrationSummary
+from pgferry.migrate import Migration, MigrationOptions, MigrationSummary, TableFilter, VerificationReport
 from pgferry.migrate.plan import MigrationPlan
-from pgferry.migrate.verify import VerificationReport
 
 app = typer.Typer(help="Move the data: plan | run | verify | rollback | status.", no_args_is_help=True)
 console = Console()
@@ -26,47 +22,38 @@ SourceOption = Annotated[
 TargetOption = Annotated[
     str | None, typer.Option("--target", help="Target URL (default SUPABASE_DB_URL).", show_default=False)
 ]
-JobsOption = Annotated[int, typer.Option("--jobs", "-j", min=1, max=64, help="Parallel workers.")]
+# Ranges are checked by MigrationOptions (one line naming the option), not by typer (a boxed usage screen).
+JobsOption = Annotated[int, typer.Option("--jobs", "-j", help="Parallel copy workers (and index builds), 1-64.")]
 TablesOption = Annotated[list[str] | None, typer.Option("--tables", help="Only these tables (glob, schema.table).")]
 ExcludeOption = Annotated[list[str] | None, typer.Option("--exclude-tables", help="Skip these tables (glob).")]
 SchemasOption = Annotated[list[str] | None, typer.Option("--schemas", help="Only these schemas.")]
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output: one JSON document on stdout.")]
 SchemaFromOption = Annotated[str, typer.Option(help="pgferry (the platform's migrations) | source")]
-BatchRowsOption = Annotated[int | None, typer.Option(help="Rows per chunk (default: ~64 MB).")]
+BatchRowsOption = Annotated[int | None, typer.Option(help="Rows per chunk, at least 1 (default: ~64 MB chunks).")]
 
 
-def _service(
+def _migration(
     source: str | None,
     target: str | None,
     *,
-    jobs: int = 2,
+    reporter: Any = None,
     tables: list[str] | None = None,
     exclude: list[str] | None = None,
     schemas: list[str] | None = None,
-    schema_from: str = "pgferry",
-    batch_rows: int | None = None,
-    verify: bool = True,
-    on_error: str = "stop",
-    reporter: Any = None,
-) -> MigrationService:
+    **options: Any,
+) -> Migration:
     cfg = settings()
     source_url = database_url(source, env_name="NEON_DATABASE_URL", fallback=cfg.neon_database_url, option="--source")
     target_url = database_url(target, env_name="SUPABASE_DB_URL", fallback=cfg.supabase_db_url, option="--target")
-    if schema_from not in ("pgferry", "source"):
-        raise typer.BadParameter("must be 'pgferry' or 'source'", param_hint="--schema-from")
-    if on_error not in ("stop", "skip-table", "rollback"):
-        raise typer.BadParameter("must be stop, skip-table or rollback", param_hint="--on-error")
-    options = MigrationOptions(
-        source_url=source_url,
-        target_url=target_url,
-        jobs=jobs,
-        table_filter=TableFilter(tuple(schemas or ()), tuple(tables or ()), tuple(exclude or ())),
-        schema_from=schema_from,  # type: ignore[arg-type]
-        batch_rows=batch_rows,
-        verify=verify,
-        on_error=on_error,  # type: ignore[arg-type]
+    return Migration(
+        MigrationOptions(
+            source_url=source_url,
+            target_url=target_url,
+            table_filter=TableFilter(tuple(schemas or ()), tuple(tables or ()), tuple(exclude or ())),
+            **options,
+        ),
+        reporter,
     )
-    return MigrationService(options, reporter)
 
 
 def print_plan(plan: MigrationPlan) -> None:
@@ -96,28 +83,28 @@ def print_plan(plan: MigrationPlan) -> None:
 
 
 def print_verification(report: VerificationReport) -> None:
-    table = Table(title="verification (checksums computed on both servers)")
-    for column in ("table", "chunks", "rows", "result"):
+    table = Table(title="verification (every table read once on each server, compared bucket by bucket)")
+    for column in ("table", "rows", "buckets", "seconds", "result"):
         table.add_column(column)
-    for name, entry in sorted(report.tables().items()):
-        ok = entry["mismatched_chunks"] == 0
+    for check in sorted(report.tables, key=lambda c: c.table):
         table.add_row(
-            name,
-            str(entry["chunks"]),
-            f"{entry['rows']:,}",
-            "[green]identical[/]" if ok else f"[red]{entry['mismatched_chunks']} chunk(s) differ[/]",
+            check.table,
+            f"{check.source_rows:,}",
+            str(check.buckets),
+            f"{check.seconds:.1f}",
+            "[green]identical[/]"
+            if check.ok
+            else f"[red]DIFFERENT: {len(check.differing_buckets)} bucket(s), target {check.target_rows:,} rows[/]",
         )
     console.print(table)
-    for check in report.mismatched_chunks:
+    for check in report.differing_tables:
         console.print(f"[red]mismatch[/]: {check.describe()}")
+        for example in check.examples[1:]:
+            console.print(f"  {example}")
     lagging = report.lagging_sequences
     console.print(f"sequences: {len(report.sequences) - len(lagging)}/{len(report.sequences)} at or beyond the source")
-    for seq in lagging:
-        console.print(
-            f"[red]sequence {seq['sequence']}[/]: target next {seq['target_next']}, source next {seq['source_next']}"
-        )
-    for item in report.invalid_constraints + report.missing_objects:
-        console.print(f"[red]{item}[/]")
+    for line in report.problems()[len(report.differing_tables) :]:
+        console.print(f"[red]{line}[/]")
     console.print("[bold green]verification passed[/]" if report.ok else "[bold red]verification FAILED[/]")
 
 
@@ -155,7 +142,7 @@ def plan(
     as_json: JsonOption = False,
 ) -> None:
     """Validate and estimate; changes nothing anywhere."""
-    service = _service(
+    migration = _migration(
         source,
         target,
         jobs=jobs,
@@ -165,7 +152,7 @@ def plan(
         schema_from=schema_from,
         batch_rows=batch_rows,
     )
-    result = service.plan()
+    result = migration.plan()
     if as_json:
         typer.echo(json.dumps(result.as_dict(), indent=2, default=str))
     else:
@@ -184,8 +171,11 @@ def run(
     schemas: SchemasOption = None,
     schema_from: SchemaFromOption = "pgferry",
     batch_rows: BatchRowsOption = None,
-    verify: Annotated[bool, typer.Option(help="Verify checksums after the copy.")] = True,
+    verify: Annotated[bool, typer.Option(help="Verify every table on both servers.")] = True,
     on_error: Annotated[str, typer.Option(help="stop | skip-table | rollback")] = "stop",
+    maintenance_work_mem: Annotated[
+        str, typer.Option(help="Memory per index build on the target (HNSW builds want the whole graph in it).")
+    ] = "512MB",
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -193,9 +183,10 @@ def run(
     from pgferry.cli.progress import RichReporter
 
     reporter = RichReporter(Console(stderr=True)) if not as_json else None
-    service = _service(
+    migration = _migration(
         source,
         target,
+        reporter=reporter,
         jobs=jobs,
         tables=tables,
         exclude=exclude_tables,
@@ -204,22 +195,21 @@ def run(
         batch_rows=batch_rows,
         verify=verify,
         on_error=on_error,
-        reporter=reporter,
+        maintenance_work_mem=maintenance_work_mem,
     )
     if metrics_port is not None:
-        service.metrics.serve(metrics_port)
+        migration.metrics.serve(metrics_port)
     if reporter is not None:
         with reporter:
-            summary = service.run()
+            summary = migration.run()
     else:
-        summary = service.run()
+        summary = migration.run()
     if as_json:
         typer.echo(json.dumps(summary.as_dict(), indent=2, default=str))
         return
     print_summary(summary)
-    if verify:
-        report = service.verify(summary.run_id)
-        print_verification(report)
+    if summary.verification is not None:
+        print_verification(summary.verification)  # the report the run stored: verified once, not twice
 
 
 @app.command("verify")
@@ -229,9 +219,8 @@ def verify_command(
     jobs: JobsOption = 2,
     as_json: JsonOption = False,
 ) -> None:
-    """Compare source and target now: per-chunk checksums, sequences, constraints."""
-    service = _service(source, target, jobs=jobs)
-    report = service.verify()
+    """Compare source and target now: every table on both servers, sequences, constraints."""
+    report = _migration(source, target, jobs=jobs).verify()
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
@@ -243,16 +232,19 @@ def verify_command(
 @app.command()
 def rollback(source: SourceOption = None, target: TargetOption = None, as_json: JsonOption = False) -> None:
     """Return the target to its state before the migration (the source is never modified)."""
-    from pgferry.migrate.rollback import rollback as run_rollback
-
-    report = run_rollback(_service(source, target))
+    report = _migration(source, target).rollback()
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     for step in report.steps:
         mark = "[green]✓[/]" if step.verified else "[red]✗[/]"
         console.print(f"{mark} {step.name}: {step.detail}")
-    console.print("[bold green]target restored[/]" if report.ok else "[bold red]rollback incomplete[/]")
+    for kept in report.kept:
+        console.print(f"[yellow]kept[/] {kept} (created after the migration)")
+    if report.nothing_to_do:
+        console.print("[bold]nothing to roll back[/]")
+    else:
+        console.print("[bold green]target restored[/]" if report.ok else "[bold red]rollback incomplete[/]")
 
 
 @app.command()
@@ -260,38 +252,7 @@ def status(target: TargetOption = None, as_json: JsonOption = False) -> None:
     """Show the persisted state of the latest migration (safe to run from another terminal)."""
     cfg = settings()
     target_url = database_url(target, env_name="SUPABASE_DB_URL", fallback=cfg.supabase_db_url, option="--target")
-    with psycopg.connect(target_url.get_secret_value(), autocommit=True, connect_timeout=10) as conn:
-        run_state = st.latest_run(conn)
-        if run_state is None:
-            payload: dict[str, Any] = {"run": None}
-        else:
-            progress = st.progress_summary(conn, run_state.id)
-            elapsed = conn.execute(
-                "select extract(epoch from now() - started_at) from pgferry.migration_runs where id = %s",
-                (run_state.id,),
-            ).fetchone()
-            total_rows = sum(t["row_estimate"] for t in progress["tables"]) or 0
-            seconds = float(elapsed[0]) if elapsed else 0.0
-            rate = progress["rows_copied"] / seconds if seconds else 0.0
-            remaining = max(0, total_rows - progress["rows_copied"])
-            payload = {
-                "run": run_state.id,
-                "phase": run_state.phase,
-                "status": run_state.status,
-                "tables_total": len(progress["tables"]),
-                "tables_completed": sum(
-                    1 for t in progress["tables"] if t["chunks"] and t["chunks"] == t["chunks_done"]
-                ),
-                "chunks_total": progress["chunks_total"],
-                "chunks_done": progress["chunks_done"],
-                "records_migrated": progress["rows_copied"],
-                "bytes_migrated": progress["bytes_copied"],
-                "errors": progress["errors"],
-                "estimated_seconds_remaining": round(remaining / rate, 1)
-                if rate and run_state.status == "running"
-                else None,
-                "phase_seconds": run_state.phase_seconds,
-            }
+    payload = Migration.status_of(target_url).as_dict()
     if as_json:
         typer.echo(json.dumps(payload, indent=2, default=str))
         return

@@ -41,6 +41,8 @@ class Table:
     total_bytes: int
     heap_bytes: int
     partition_of: str | None = None
+    table_bytes: int = 0
+    """Heap and out-of-line (TOAST) values, without indexes: what a copy moves."""
 
     @property
     def qualified(self) -> str:
@@ -113,7 +115,7 @@ select c.oid, n.nspname, c.relname,
        case when c.relispartition then (select pn.nspname || '.' || p.relname from pg_inherits i
             join pg_class p on p.oid = i.inhparent join pg_namespace pn on pn.oid = p.relnamespace
             where i.inhrelid = c.oid) end,
-       c.reltuples < 0
+       c.reltuples < 0, pg_table_size(c.oid)
 from pg_class c
 join pg_namespace n on n.oid = c.relnamespace
 where c.relkind = 'r'
@@ -153,7 +155,7 @@ def list_tables(conn: psycopg.Connection[Any], table_filter: TableFilter | None 
     table_filter = table_filter or TableFilter()
     tables: list[Table] = []
     rows = conn.execute(_TABLES_SQL).fetchall()
-    for oid, schema, name, estimate, total, heap, parent, never_analyzed in rows:
+    for oid, schema, name, estimate, total, heap, parent, never_analyzed, table_bytes in rows:
         if not table_filter.includes(schema, name):
             continue
         columns = tuple(
@@ -188,6 +190,7 @@ def list_tables(conn: psycopg.Connection[Any], table_filter: TableFilter | None 
                 total_bytes=int(total),
                 heap_bytes=int(heap),
                 partition_of=parent,
+                table_bytes=int(table_bytes),
             )
         )
     return tables

@@ -1,20 +1,23 @@
-"""Splitting a table into chunks that workers copy (and the verifier checks) independently.
+"""Splitting a table into chunks that workers copy independently: ranges of physical blocks.
 
-Chunks serve three purposes: two workers can share one large table, a crash loses at most one chunk's work
-per worker, and a verification mismatch points at a key range rather than "somewhere in tasks". Boundaries
-only need to partition the key space: the first chunk is open below and the last open above, so rows
-inserted after planning still fall into some chunk.
+Chunks serve two purposes: two workers can share one large table, and a crash loses at most one chunk's work
+per worker. Every table larger than one chunk is split by block (``ctid``) ranges, whatever its key, as
+pgcopydb does: a ``ctid`` range is read by a TID range scan (PostgreSQL 14+), strictly sequentially, while a
+key range over random UUIDs reads the whole heap at random through the index, once per chunk. The first
+chunk is open below and the last open above, so rows that land beyond the planned blocks still fall into
+some chunk.
 
-- Integer single-column keys are split arithmetically between min and max (no scan).
-- Any other key (uuid, text, composite) is split at every n-th key in index order (one index-only scan).
-- Tables without a primary key are split by physical block ranges (``ctid``), which PostgreSQL 14+ scans
-  directly; ``ctid`` is stable within one snapshot, which is what a consistent copy reads.
+What a block range guarantees: within one exported snapshot, the ranges partition the table exactly. After
+a crash, the rerun copies the missing chunks under a *new* snapshot; row positions only move when rows are
+written (an UPDATE writes a new version elsewhere, VACUUM never moves a live row), so while the source is not
+written — the premise of an offline migration — the new snapshot partitions the same rows the same way. If
+it was written in between, a row can be missed or copied twice; verification names the tables and buckets
+that differ, and the next ``run`` copies exactly those buckets again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -24,8 +27,6 @@ from pgferry.migrate.catalog import Table
 from pgferry.migrate.state import ChunkRecord
 
 DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
-MIN_CHUNK_ROWS = 1_000
-INTEGER_TYPES = {"smallint", "integer", "bigint"}
 BLOCK_SIZE = 8192
 VALUE_SETTINGS: tuple[tuple[str, str], ...] = (
     ("DateStyle", "ISO, YMD"),
@@ -46,102 +47,66 @@ def pin_value_settings(conn: psycopg.Connection[Any]) -> None:
     )
 
 
-def rows_per_chunk(table: Table, batch_rows: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+def blocks_per_chunk(table: Table, batch_rows: int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """How many heap blocks make one chunk: about ``batch_rows`` rows, or about ``chunk_bytes`` of data.
+
+    Bytes count the table's out-of-line (TOAST) values too, so a table of a few multi-megabyte rows is not
+    one giant chunk just because its heap is small.
+    """
+    blocks = max(1, table.heap_bytes // BLOCK_SIZE)
     if batch_rows:
-        return max(1, batch_rows)
-    if table.avg_row_bytes <= 0:
-        return 1_000_000
-    return max(MIN_CHUNK_ROWS, int(chunk_bytes / table.avg_row_bytes))
+        rows_per_block = table.row_estimate / blocks if table.row_estimate > 0 else 1.0
+        return max(1, round(batch_rows / max(rows_per_block, 1e-9)))
+    bytes_per_block = max(table.table_bytes, table.heap_bytes) / blocks
+    return max(1, int(chunk_bytes / max(bytes_per_block, 1.0)))
 
 
-def _ident(table: Table) -> sql.Composed:
-    return sql.SQL("{}.{}").format(sql.Identifier(table.schema), sql.Identifier(table.name))
+def count_chunks(table: Table, batch_rows: int | None) -> int:
+    """How many chunks :func:`plan_table_chunks` will make (for the plan, without touching the server)."""
+    blocks = table.heap_bytes // BLOCK_SIZE
+    if blocks <= 1:
+        return 1
+    return max(1, math.ceil(blocks / blocks_per_chunk(table, batch_rows)))
 
 
 def plan_table_chunks(
     conn: psycopg.Connection[Any], table: Table, *, batch_rows: int | None = None
 ) -> list[ChunkRecord]:
-    per_chunk = rows_per_chunk(table, batch_rows)
-    wanted = math.ceil(table.row_estimate / per_chunk) if table.row_estimate else 1
-    if wanted <= 1:
+    """Block ranges covering ``table`` on the source behind ``conn`` (one ``whole`` chunk when small)."""
+    row = conn.execute(
+        "select pg_relation_size(to_regclass(%s)), current_setting('server_version_num')::int",
+        (sql.Identifier(table.schema, table.name).as_string(conn),),
+    ).fetchone()
+    blocks = int(row[0]) // BLOCK_SIZE if row and row[0] is not None else 0
+    supports_tid_range_scans = bool(row and int(row[1]) >= 140000)
+    per_chunk = blocks_per_chunk(table, batch_rows)
+    if blocks <= 1 or per_chunk >= blocks or not supports_tid_range_scans:
+        # Before PostgreSQL 14 a ctid range is a full scan with a filter, so one chunk per table is faster.
         return [ChunkRecord(table.schema, table.name, 0, "whole", None, None)]
-    if table.primary_key:
-        key_types = {c.name: c.type_sql for c in table.columns}
-        if len(table.primary_key) == 1 and key_types[table.primary_key[0]] in INTEGER_TYPES:
-            return _integer_chunks(conn, table, wanted)
-        return _sampled_key_chunks(conn, table, per_chunk)
-    return _ctid_chunks(conn, table, wanted)
+    bounds = list(range(per_chunk, blocks, per_chunk))
+    edges: list[int | None] = [None, *bounds, None]
+    return [
+        ChunkRecord(
+            table.schema,
+            table.name,
+            i,
+            "ctid",
+            None if edges[i] is None else (str(edges[i]),),
+            None if edges[i + 1] is None else (str(edges[i + 1]),),
+        )
+        for i in range(len(edges) - 1)
+    ]
 
 
-def _from_bounds(table: Table, kind: str, bounds: Sequence[tuple[str, ...]]) -> list[ChunkRecord]:
-    """Chunks between consecutive bounds, open at both ends."""
-    edges: list[tuple[str, ...] | None] = [None, *bounds, None]
-    return [ChunkRecord(table.schema, table.name, i, kind, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
-
-
-def _integer_chunks(conn: psycopg.Connection[Any], table: Table, wanted: int) -> list[ChunkRecord]:
-    key = sql.Identifier(table.primary_key[0])
-    row = conn.execute(sql.SQL("select min({k}), max({k}) from {t}").format(k=key, t=_ident(table))).fetchone()
-    if row is None or row[0] is None:
-        return [ChunkRecord(table.schema, table.name, 0, "whole", None, None)]
-    low, high = int(row[0]), int(row[1])
-    step = max(1, math.ceil((high - low + 1) / wanted))
-    bounds = [(str(b),) for b in range(low + step, high + 1, step)]
-    return _from_bounds(table, "key", bounds)
-
-
-def _sampled_key_chunks(conn: psycopg.Connection[Any], table: Table, per_chunk: int) -> list[ChunkRecord]:
-    keys = sql.SQL(", ").join(sql.Identifier(k) for k in table.primary_key)
-    as_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in table.primary_key)
-    query = sql.SQL(
-        "select {as_text} from (select {keys}, row_number() over (order by {keys}) as pgferry_rn from {t}) s "
-        "where pgferry_rn % {step} = 1 and pgferry_rn > 1 order by {keys}"
-    ).format(as_text=as_text, keys=keys, t=_ident(table), step=sql.Literal(per_chunk))
-    with conn.transaction():
-        pin_value_settings(conn)  # bounds are read back as typed literals, on both servers
-        bounds = [tuple(str(v) for v in r) for r in conn.execute(query).fetchall()]
-    if not bounds:
-        return [ChunkRecord(table.schema, table.name, 0, "whole", None, None)]
-    return _from_bounds(table, "key", bounds)
-
-
-def _ctid_chunks(conn: psycopg.Connection[Any], table: Table, wanted: int) -> list[ChunkRecord]:
-    row = conn.execute(sql.SQL("select pg_relation_size({})").format(sql.Literal(f"{_quoted(table)}"))).fetchone()
-    blocks = int(row[0]) // BLOCK_SIZE if row else 0
-    if blocks <= 1:
-        return [ChunkRecord(table.schema, table.name, 0, "whole", None, None)]
-    step = max(1, math.ceil(blocks / wanted))
-    bounds = [(str(b),) for b in range(step, blocks, step)]
-    return _from_bounds(table, "ctid", bounds)
-
-
-def _quoted(table: Table) -> str:
-    return '"{}"."{}"'.format(table.schema.replace('"', '""'), table.name.replace('"', '""'))
-
-
-def chunk_predicate(chunk: ChunkRecord, key_columns: tuple[str, ...], key_types: dict[str, str]) -> sql.Composable:
-    """The WHERE clause selecting exactly this chunk's rows, with bounds as typed literals."""
+def chunk_predicate(chunk: ChunkRecord) -> sql.Composable:
+    """The WHERE clause selecting exactly this chunk's rows."""
     if chunk.kind == "whole":
         return sql.SQL("true")
+    if chunk.kind != "ctid":
+        raise ValueError(f"chunk kind {chunk.kind!r} is not one this version of pgferry copies")
     parts: list[sql.Composable] = []
-    if chunk.kind == "ctid":
-        if chunk.lower is not None:
-            parts.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({chunk.lower[0]},0)")))
-        if chunk.upper is not None:
-            parts.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({chunk.upper[0]},0)")))
-        return sql.SQL(" and ").join(parts) if parts else sql.SQL("true")
-    keys = sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(k) for k in key_columns))
-
-    def literal_row(values: tuple[str, ...]) -> sql.Composable:
-        return sql.SQL("({})").format(
-            sql.SQL(", ").join(
-                sql.SQL("{}::{}").format(sql.Literal(v), sql.SQL(key_types[k]))
-                for k, v in zip(key_columns, values, strict=True)
-            )
-        )
-
     if chunk.lower is not None:
-        parts.append(sql.SQL("{} >= {}").format(keys, literal_row(chunk.lower)))
+        parts.append(sql.SQL("ctid >= {}::tid").format(sql.Literal(f"({chunk.lower[0]},0)")))
     if chunk.upper is not None:
-        parts.append(sql.SQL("{} < {}").format(keys, literal_row(chunk.upper)))
+        parts.append(sql.SQL("ctid < {}::tid").format(sql.Literal(f"({chunk.upper[0]},0)")))
     return sql.SQL(" and ").join(parts) if parts else sql.SQL("true")

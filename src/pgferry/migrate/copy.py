@@ -18,6 +18,7 @@ from psycopg import sql
 from psycopg.copy import QueuedLibpqWriter
 
 from pgferry.migrate.chunks import chunk_predicate, pin_value_settings
+from pgferry.migrate.errors import on_side
 from pgferry.migrate.state import ChunkRecord, mark_chunk_done
 
 
@@ -47,7 +48,7 @@ def _table(spec: CopySpec) -> sql.Composed:
 def copy_out_statement(spec: CopySpec, chunk: ChunkRecord) -> sql.Composed:
     columns = sql.SQL(", ").join(sql.Identifier(c) for c in spec.columns)
     fmt = sql.SQL("binary" if spec.binary else "text")
-    where = chunk_predicate(chunk, spec.key_columns, spec.key_types)
+    where = chunk_predicate(chunk)
     return sql.SQL("copy (select {cols} from only {t} where {where}) to stdout (format {fmt})").format(
         cols=columns, t=_table(spec), where=where, fmt=fmt
     )
@@ -75,15 +76,21 @@ def copy_table_chunk(
     """
     started = time.monotonic()
     nbytes = 0
-    with target.transaction():
-        pin_value_settings(source)  # until the snapshot transaction ends
+    with on_side("target"), target.transaction():
+        with on_side("source"):
+            pin_value_settings(source)  # until the snapshot transaction ends
         pin_value_settings(target)
         with source.cursor() as src_cur, target.cursor() as tgt_cur:
             with (
                 src_cur.copy(copy_out_statement(spec, chunk)) as copy_out,
                 tgt_cur.copy(copy_in_statement(spec), writer=QueuedLibpqWriter(tgt_cur)) as copy_in,
             ):
-                for block in copy_out:
+                blocks = iter(copy_out)
+                while True:
+                    with on_side("source"):
+                        block = next(blocks, None)
+                    if block is None:
+                        break
                     copy_in.write(block)
                     nbytes += len(block)
                     if on_bytes is not None:

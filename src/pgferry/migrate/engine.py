@@ -1,29 +1,23 @@
-"""MigrationService: the phases of a move, in order, each resumable from the state on the target.
+"""``Migration``: one source → target move, its phases in order, each resumable from the state on the target.
 
-Phases (the names ``status`` shows):
+The phases are listed, with what each does, in the README ("Migrating: pgferry migrate"); their names are
+:data:`PHASES`. This module runs them and owns the policies around them: what a rerun resumes, when data is
+repaired, what an error says. The work itself lives in the modules it calls: :mod:`plan`, :mod:`pipeline`
+(copy, per-table index builds and verification), :mod:`deferred`, :mod:`verify`, :mod:`rollback`.
 
-1. ``plan`` — connect, validate, stop on anything that would lose data.
-2. ``schema`` — pgferry's migrations, or the source's own schema (``--schema-from``). The target's objects
-   before this phase are recorded, which is what ``rollback`` returns to.
-3. ``prepare`` — save and drop the target tables' indexes and keys, split tables into chunks.
-4. ``data`` — all chunks, ``jobs`` at a time, on one exported snapshot of the source; each chunk commits
-   with its state row. A rerun after a crash copies only chunks not marked done.
-5. ``indexes`` — rebuild indexes (HNSW included) in parallel, then keys, then foreign keys.
-6. ``sequences`` — every sequence (and identity) at or beyond the source's position; ``ANALYZE``.
-7. ``verify`` — per-chunk checksums on both servers, sequences, constraint validity.
-8. ``complete`` — the summary.
+State lives in schema ``pgferry`` on the target and is written in the same transaction as the data it
+describes; every state change commits synchronously, whatever the server's default. The source is only
+ever read.
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import psycopg
 import structlog
@@ -33,47 +27,52 @@ from pgferry.config import DatabaseUrl
 from pgferry.db.retry import (
     ErrorClass,
     ErrorClassification,
+    RetriesExhaustedError,
     RetryAttempt,
-    RetryPolicy,
     call_with_retry,
     classify_error,
 )
-from pgferry.errors import PgferryError
 from pgferry.migrate import state as st
-from pgferry.migrate.catalog import Table, TableFilter, column_types, list_sequences, list_tables
+from pgferry.migrate.catalog import Table, column_types, list_sequences, list_tables
 from pgferry.migrate.chunks import plan_table_chunks
-from pgferry.migrate.copy import ChunkResult, CopySpec, copy_table_chunk
+from pgferry.migrate.copy import ChunkResult, CopySpec
 from pgferry.migrate.deferred import collect_deferrable, drop_deferrable, pending_deferred, restore_deferred
-from pgferry.migrate.plan import MigrationPlan, build_plan
+from pgferry.migrate.errors import (
+    MigrationError,
+    MigrationInterruptedError,
+    PlanBlockedError,
+    SameDatabaseError,
+    VerificationFailedError,
+)
+from pgferry.migrate.options import MigrationOptions
+from pgferry.migrate.pipeline import DataPipeline, SnapshotLostError, TableWork
+from pgferry.migrate.plan import MigrationPlan, build_plan, same_database
 from pgferry.migrate.verify import (
+    TableCheck,
     VerificationReport,
     invalid_constraints,
     restore_pending,
-    verify_chunks,
     verify_sequences,
+    verify_table,
 )
+from pgferry.observability.logging import redact_text
 from pgferry.observability.metrics import MigrationMetrics
+
+__all__ = [
+    "PHASES",
+    "Migration",
+    "MigrationStatus",
+    "MigrationSummary",
+    "NullReporter",
+    "ProgressReporter",
+    "TableMetrics",
+]
 
 log = structlog.get_logger("pgferry.migrate")
 
 PHASES = ("plan", "schema", "prepare", "data", "indexes", "sequences", "verify", "complete")
-OnError = Literal["stop", "skip-table", "rollback"]
-
-
 MAX_DATA_PASSES = 5
-"""How many times the data phase may find chunks the target lost (a restart) before giving up."""
-
-
-class _ChunksNotDurableError(Exception):
-    """Chunks a worker committed are pending again: the target crashed before their commit was flushed."""
-
-    def __init__(self, count: int) -> None:
-        super().__init__(count)
-        self.count = count
-
-
-class SnapshotLostError(Exception):
-    """The exported snapshot can no longer be imported: its exporting session ended (source restart)."""
+"""How many times the data phase may find chunks missing on the target (a restart) before giving up."""
 
 
 def classify_migration_error(exc: BaseException) -> ErrorClassification:
@@ -89,19 +88,9 @@ def classify_migration_error(exc: BaseException) -> ErrorClassification:
     return classify_error(exc)
 
 
-class MigrationError(PgferryError):
-    """The migration stopped; the state on the target says where, and ``run`` resumes from there."""
-
-
-class PlanBlockedError(MigrationError):
-    def __init__(self, plan: MigrationPlan) -> None:
-        self.plan = plan
-        first = plan.errors[0]
-        more = f" (and {len(plan.errors) - 1} more; see `pgferry migrate plan`)" if len(plan.errors) > 1 else ""
-        super().__init__(f"nothing was written: {first.message}{'; ' + first.fix if first.fix else ''}{more}")
-
-
 class ProgressReporter(Protocol):
+    """What a migration tells whoever watches it (the CLI's progress bars, a test, a Python caller)."""
+
     def phase(self, name: str) -> None: ...
     def table_started(self, table: str, rows_estimate: int, rows_done: int) -> None: ...
     def chunk_done(self, table: str, rows: int, nbytes: int) -> None: ...
@@ -110,6 +99,8 @@ class ProgressReporter(Protocol):
 
 
 class NullReporter:
+    """Reports nothing."""
+
     def phase(self, name: str) -> None:
         pass
 
@@ -127,30 +118,9 @@ class NullReporter:
 
 
 @dataclass
-class MigrationOptions:
-    source_url: DatabaseUrl
-    target_url: DatabaseUrl
-    jobs: int = 2
-    table_filter: TableFilter = field(default_factory=TableFilter)
-    schema_from: Literal["pgferry", "source"] = "pgferry"
-    batch_rows: int | None = None
-    verify: bool = True
-    on_error: OnError = "stop"
-    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "jobs": self.jobs,
-            "filter": self.table_filter.as_dict(),
-            "schema_from": self.schema_from,
-            "batch_rows": self.batch_rows,
-            "verify": self.verify,
-            "on_error": self.on_error,
-        }
-
-
-@dataclass
 class TableMetrics:
+    """Rows, bytes and copy time of one table in a run."""
+
     table: str
     rows: int = 0
     bytes: int = 0
@@ -160,6 +130,8 @@ class TableMetrics:
 
 @dataclass
 class MigrationSummary:
+    """What a run did: per phase, per table, and the verification it stored."""
+
     run_id: int
     status: str
     phase_seconds: dict[str, float]
@@ -202,52 +174,57 @@ class MigrationSummary:
         }
 
 
-class _Snapshot:
-    """The exported snapshot all copy workers read, re-exported if the source loses it (a restart)."""
+@dataclass
+class MigrationStatus:
+    """The persisted state of the latest run, as ``pgferry migrate status`` shows it."""
 
-    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
-        self._connect = connect
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
-        self.snapshot_id: str | None = None
-        self.exports = 0
+    run_id: int | None
+    phase: str | None = None
+    status: str | None = None
+    tables_total: int = 0
+    tables_completed: int = 0
+    chunks_total: int = 0
+    chunks_done: int = 0
+    records_migrated: int = 0
+    bytes_migrated: int = 0
+    estimated_seconds_remaining: float | None = None
+    phase_seconds: dict[str, float] | None = None
+    errors: list[dict[str, Any]] | None = None
 
-    def current(self) -> str:
-        with self._lock:
-            if self.snapshot_id is None or self._conn is None or self._conn.closed or self._conn.broken:
-                self._export()
-            assert self.snapshot_id is not None
-            return self.snapshot_id
-
-    def invalidate(self, snapshot_id: str) -> None:
-        with self._lock:
-            if self.snapshot_id == snapshot_id:
-                self._close()
-                self.snapshot_id = None
-
-    def _export(self) -> None:
-        self._close()
-        conn = self._connect()
-        conn.execute("begin isolation level repeatable read read only")
-        row = conn.execute("select pg_export_snapshot()").fetchone()
-        assert row is not None
-        self._conn = conn
-        self.snapshot_id = str(row[0])
-        self.exports += 1
-
-    def _close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-        self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
+    def as_dict(self) -> dict[str, Any]:
+        if self.run_id is None:
+            return {"run": None}
+        return {
+            "run": self.run_id,
+            "phase": self.phase,
+            "status": self.status,
+            "tables_total": self.tables_total,
+            "tables_completed": self.tables_completed,
+            "chunks_total": self.chunks_total,
+            "chunks_done": self.chunks_done,
+            "records_migrated": self.records_migrated,
+            "bytes_migrated": self.bytes_migrated,
+            "errors": self.errors or [],
+            "estimated_seconds_remaining": self.estimated_seconds_remaining,
+            "phase_seconds": self.phase_seconds or {},
+        }
 
 
-class MigrationService:
-    """Plan, run, verify, roll back and report on one source → target move."""
+class _ChunksNotDurableError(Exception):
+    """Chunks the copy counted as done are pending on the target: it crashed before they were on disk."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        self.count = count
+
+
+class Migration:
+    """Plan, run, verify, roll back and report on one source → target move.
+
+    >>> migration = Migration(MigrationOptions(source_url=..., target_url=...), reporter=my_reporter)
+    >>> migration.plan().errors          # nothing written anywhere
+    >>> summary = migration.run()        # or resume: the same call continues an interrupted run
+    """
 
     def __init__(
         self,
@@ -259,27 +236,37 @@ class MigrationService:
         self.reporter: ProgressReporter = reporter or NullReporter()
         self.metrics = metrics or MigrationMetrics()
         self.retries = 0
-        self._retries_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._phase = "plan"
+        self._run_id = 0
+        self._ddl: str | None = None
 
     # -- connections -------------------------------------------------------------------------------------
     def connect_source(self) -> psycopg.Connection[Any]:
-        return self._connect(self.options.source_url)
+        """A new autocommit connection to the source (read only by intent: nothing here writes to it)."""
+        return self._connect(self.options.source_url.get_secret_value(), "source")
 
     def connect_target(self) -> psycopg.Connection[Any]:
-        conn = self._connect(self.options.target_url)
-        # Whatever the target's default: every state change pgferry trusts on resume must be durable when
-        # its commit returns. Only the copy workers relax this, and the data phase's barrier makes up for it.
+        """A new autocommit connection to the target whose commits are durable when they return."""
+        conn = self._connect(self.options.target_url.get_secret_value(), "target")
+        # Whatever the target's default: every change pgferry trusts on resume must be on disk when its
+        # commit returns (a chunk's rows and its done-marker included).
         conn.execute("set synchronous_commit = on")
         return conn
 
     @staticmethod
-    def _connect(url: DatabaseUrl) -> psycopg.Connection[Any]:
-        conn = psycopg.connect(
-            url.get_secret_value(), autocommit=True, application_name="pgferry-migrate", connect_timeout=10
-        )
+    def _connect(url: str, side: str) -> psycopg.Connection[Any]:
+        try:
+            conn = psycopg.connect(url, autocommit=True, application_name="pgferry-migrate", connect_timeout=10)
+        except psycopg.Error as exc:
+            exc.pgferry_side = side  # type: ignore[attr-defined]
+            raise
         # As pg_dump does: if a row-level security policy would hide rows from us, fail loudly instead of
         # copying (and verifying) only the rows the policy lets this role see.
         conn.execute("set row_security = off")
+        if conn.info.server_version >= 140000:
+            # If pgferry dies (kill -9), the server notices within seconds and stops our long queries.
+            conn.execute("set client_connection_check_interval = '2s'")
         return conn
 
     @contextlib.contextmanager
@@ -287,9 +274,11 @@ class MigrationService:
         with self.connect_target() as conn:
             yield conn
 
-    def _retry(self, fn: Callable[[], Any], operation: str) -> Any:
+    def retry(self, fn: Callable[[], Any], operation: str) -> Any:
+        """Call ``fn`` (one complete attempt) until it succeeds, backing off on transient failures."""
+
         def note(attempt: RetryAttempt) -> None:
-            with self._retries_lock:
+            with self._lock:
                 self.retries += 1
             self.metrics.retries.inc()
             log.warning(
@@ -301,18 +290,61 @@ class MigrationService:
             )
             self.reporter.message(f"retrying {operation} ({attempt.classification.reason})")
 
-        return call_with_retry(
-            fn,
-            policy=self.options.retry_policy,
-            on_retry=note,
-            operation=operation,
-            classify=classify_migration_error,
-        )
+        try:
+            return call_with_retry(
+                fn,
+                policy=self.options.retry_policy,
+                on_retry=note,
+                operation=operation,
+                classify=classify_migration_error,
+            )
+        except Exception as exc:
+            if not hasattr(exc, "pgferry_operation"):
+                with contextlib.suppress(AttributeError):
+                    exc.pgferry_operation = operation  # type: ignore[attr-defined]
+            raise
+
+    # -- the pipeline's host -----------------------------------------------------------------------------
+    def on_chunk_copied(self, chunk: st.ChunkRecord, result: ChunkResult) -> None:
+        self.metrics.rows.labels(chunk.qualified).inc(result.rows)
+        self.metrics.bytes.labels(chunk.qualified).inc(result.nbytes)
+        self.metrics.chunks.labels(chunk.qualified).inc()
+        self.metrics.chunk_seconds.observe(result.seconds)
+        self.reporter.chunk_done(chunk.qualified, result.rows, result.nbytes)
+
+    def on_table_failed(self, table: TableWork, exc: BaseException, phase: str) -> bool:
+        """``True`` when the policy skips the table (``--on-error skip-table``), ``False`` to stop the run."""
+        if self.options.on_error != "skip-table" or phase != "data":
+            return False
+        self.metrics.errors.labels("data").inc()
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = f"skipped {table.qualified} after error: {reason}"
+        self.reporter.message(message)
+        with self._target() as target:
+            st.set_table_state(target, self._run_id, table.ident, "skipped")
+            st.record_event(
+                target,
+                self._run_id,
+                level="error",
+                phase="data",
+                table=table.qualified,
+                message=message,
+                sqlstate=getattr(exc, "sqlstate", None),
+            )
+        return True
+
+    def note(self, text: str, *, table: str | None = None, level: str = "info") -> None:
+        getattr(log, "warning" if level != "info" else "info")(text)
+        self.reporter.message(text)
+        if level != "info":
+            with self._target() as target:
+                st.record_event(target, self._run_id, level=level, phase=self._phase, table=table, message=text)
 
     # -- plan --------------------------------------------------------------------------------------------
     def plan(self, *, resuming: bool = False) -> MigrationPlan:
+        """Connect to both servers, validate and estimate; nothing is written anywhere."""
         with self.connect_source() as source, self._target() as target:
-            return build_plan(
+            plan = build_plan(
                 source,
                 target,
                 table_filter=self.options.table_filter,
@@ -321,10 +353,39 @@ class MigrationService:
                 batch_rows=self.options.batch_rows,
                 resuming=resuming,
             )
+        if (
+            self.options.schema_from == "source"
+            and not resuming
+            and not plan.errors
+            and any(t.target == "created by schema phase" for t in plan.tables)
+        ):
+            self._try_source_schema(plan)
+        return plan
+
+    def _try_source_schema(self, plan: MigrationPlan) -> None:
+        """Apply the source's schema to the target in a transaction that is rolled back: a conflict found
+        here stops ``run`` before it writes, instead of half-way through."""
+        from pgferry.migrate import source_schema
+        from pgferry.migrate.plan import Problem
+
+        try:
+            source_schema.apply_schema_sql(self.options.target_url.get_secret_value(), self._source_ddl(), dry_run=True)
+        except source_schema.SchemaApplyError as exc:
+            plan.problems.append(
+                Problem("error", f"the source's schema does not apply to the target: {exc.server_message}", exc.hint)
+            )
+        except (source_schema.SchemaDumpError, source_schema.SchemaRewriteError) as exc:
+            plan.problems.append(Problem("error", str(exc)))
 
     # -- run ---------------------------------------------------------------------------------------------
     def run(self) -> MigrationSummary:
-        with self._target() as target:
+        """Run the migration, or resume the latest one from where it stopped; returns its summary."""
+        with self.connect_source() as source, self._target() as target:
+            if same_database(source, target):
+                raise SameDatabaseError(
+                    "the source and the target are the same database; nothing was written. Point --target "
+                    "(SUPABASE_DB_URL) at the Supabase database and --source (NEON_DATABASE_URL) at Neon"
+                )
             existing = st.latest_run(target)
         resumed = existing is not None and existing.status in {"running", "failed"}
         if existing is not None and existing.status == "completed":
@@ -334,12 +395,13 @@ class MigrationService:
         started = time.monotonic()
         plan = self.plan(resuming=resumed)
         if plan.errors and not (resumed and existing is not None and existing.phase not in {"plan", "schema"}):
-            raise PlanBlockedError(plan)
+            raise PlanBlockedError.from_plan(plan)
         with self._target() as target:
             if resumed and existing is not None:
                 run = existing
-                st.set_phase(target, run.id, run.phase)
-                st.record_event(target, run.id, level="info", phase=run.phase, message="resumed")
+                phase = self._resume_phase(target, run)
+                st.set_phase(target, run.id, phase)
+                st.record_event(target, run.id, level="info", phase=phase, message="resumed")
             else:
                 created = st.ensure_state_schema(target)
                 run = st.create_run(
@@ -350,21 +412,73 @@ class MigrationService:
                     state_schema_created=created,
                 )
                 st.add_phase_seconds(target, run.id, "plan", time.monotonic() - started)
-                st.set_phase(target, run.id, "schema")
-                run.phase = "schema"
+                phase = "schema"
+                st.set_phase(target, run.id, phase)
+        self._run_id = run.id
         try:
-            self._run_phases(run.id, run.phase)
+            self._run_phases(run.id, phase, resumed=resumed)
         except BaseException as exc:
             self._record_failure(run.id, exc)
             if self.options.on_error == "rollback" and isinstance(exc, Exception):
                 self.reporter.message("rolling back after the error (--on-error rollback)")
-                from pgferry.migrate.rollback import rollback
-
-                rollback(self, run.id)
+                self.rollback(run.id)
+            if isinstance(exc, Exception) and not isinstance(exc, MigrationError):
+                raise self._explain(exc) from exc
             raise
         summary = self.summary(run.id)
         summary.resumed = resumed
         return summary
+
+    @staticmethod
+    def _resume_phase(target: psycopg.Connection[Any], run: st.Run) -> str:
+        """Where a rerun starts: where the last one stopped, or back at ``data`` if a table needs repair."""
+        differing = target.execute(
+            "select count(*) from pgferry.migration_tables where run_id = %s and state = 'differs'", (run.id,)
+        ).fetchone()
+        if differing and differing[0] and PHASES.index(run.phase) > PHASES.index("data"):
+            return "data"
+        return run.phase
+
+    def _explain(self, exc: Exception) -> MigrationInterruptedError:
+        """One line for an unexpected failure: phase, step, server, cause, and that a rerun resumes."""
+        side = self._side_of(exc)
+        operation = getattr(exc, "pgferry_operation", None)
+        cause = exc.__cause__ if isinstance(exc, RetriesExhaustedError) and exc.__cause__ else exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        where = f" on the {side}" if side else ""
+        doing = f" ({operation})" if operation else ""
+        sqlstate = getattr(cause, "sqlstate", None)
+        classification = classify_error(cause)
+        if classification.retryable:
+            advice = (
+                f"the {side or 'server'} kept failing ({classification.reason}); once it is reachable, rerun "
+                "`pgferry migrate run`: it resumes from this point"
+            )
+        else:
+            advice = "fix the cause, then rerun `pgferry migrate run`: it resumes from this point"
+            if self.options.on_error == "rollback":
+                advice = "the target was rolled back; fix the cause and run `pgferry migrate run` again"
+        code = f" [{sqlstate}]" if sqlstate else ""
+        return MigrationInterruptedError(
+            redact_text(f"{self._phase} phase stopped{doing}{where}: {first}{code}; {advice}"),
+            phase=self._phase,
+            side=side,
+            sqlstate=sqlstate,
+        )
+
+    def _side_of(self, exc: BaseException) -> str:
+        for candidate in (exc, exc.__cause__):
+            if candidate is None:
+                continue
+            side = getattr(candidate, "pgferry_side", None)
+            if side:
+                return str(side)
+            pgconn = getattr(candidate, "pgconn", None)
+            if pgconn is not None:
+                for name, url in (("source", self.options.source_url), ("target", self.options.target_url)):
+                    if _same_endpoint(pgconn, url.get_secret_value()):
+                        return name
+        return ""
 
     def _record_failure(self, run_id: int, exc: BaseException) -> None:
         self.metrics.errors.labels(self.metrics.current_phase or "unknown").inc()
@@ -377,15 +491,15 @@ class MigrationService:
                 run_id,
                 level="error",
                 phase=phase,
-                message=str(exc) or type(exc).__name__,
+                message=redact_text(str(exc) or type(exc).__name__),
                 sqlstate=getattr(exc, "sqlstate", None),
             )
 
-    def _run_phases(self, run_id: int, start_phase: str) -> None:
+    def _run_phases(self, run_id: int, start_phase: str, *, resumed: bool) -> None:
         steps: list[tuple[str, Callable[[int], None]]] = [
             ("schema", self._phase_schema),
             ("prepare", self._phase_prepare),
-            ("data", self._phase_data),
+            ("data", lambda r: self._phase_data(r, repair=resumed)),
             ("indexes", self._phase_indexes),
             ("sequences", self._phase_sequences),
             ("verify", self._phase_verify),
@@ -395,6 +509,7 @@ class MigrationService:
         for name, step in steps[begin:]:
             if name == "verify" and not self.options.verify:
                 continue
+            self._phase = name
             self.reporter.phase(name)
             self.metrics.enter_phase(name)
             started = time.monotonic()
@@ -410,24 +525,22 @@ class MigrationService:
                             f"the target lost {lost.count} committed chunks {attempt} times in a row (is it "
                             "crash-looping?); rerun `pgferry migrate run` once it is stable: it copies them again"
                         ) from None
-                    self._note_lost_chunks(run_id, lost.count)
+                    self.note(
+                        f"{lost.count} copied chunks are not on the target any more (it restarted); copying them again",
+                        level="warning",
+                    )
+        self._phase = "complete"
         self.reporter.phase("complete")
         self.metrics.enter_phase("complete")
-        with self._target() as target:
-            st.set_phase(target, run_id, "complete", status="completed")
 
     def _advance_phase(self, run_id: int, name: str, following: str, seconds: float) -> None:
         """Record that phase ``name`` is over, durably, and only if what it did is durably there.
 
-        Copy workers commit with ``synchronous_commit = off`` (a chunk's rows and its done-marker are lost
-        together, never one without the other). This transaction is the barrier that makes up for it: it
-        re-reads the chunk states and commits synchronously, and a synchronous commit flushes the WAL up to
-        its own commit record, which follows every chunk commit it saw. So either every chunk it counted as
-        done is on disk when the phase moves on, or the target crashed before, and the lost chunks are back
-        to pending for this check to find.
+        Chunk copies commit synchronously, and this transaction re-reads every chunk's state before the
+        phase moves on, so the data phase cannot end with a chunk that a target crash took back out: it is
+        pending again, this check finds it, and the data phase runs again for it.
         """
         with self._target() as target, target.transaction():
-            target.execute("set local synchronous_commit = on")
             if name == "data":
                 row = target.execute(
                     "select count(*) from pgferry.migration_chunks c join pgferry.migration_tables t "
@@ -436,20 +549,17 @@ class MigrationService:
                     (run_id,),
                 ).fetchone()
                 if row is not None and row[0]:
+                    # A table marked copied before the crash must be looked at again.
+                    target.execute(
+                        "update pgferry.migration_tables t set state = 'pending' where run_id = %s "
+                        "and state <> 'skipped' and exists (select 1 from pgferry.migration_chunks c "
+                        "where c.run_id = t.run_id and c.schema_name = t.schema_name "
+                        "and c.table_name = t.table_name and c.state <> 'done')",
+                        (run_id,),
+                    )
                     raise _ChunksNotDurableError(int(row[0]))
-                target.execute(
-                    "update pgferry.migration_tables set state = 'copied' where run_id = %s and state = 'pending'",
-                    (run_id,),
-                )
             st.add_phase_seconds(target, run_id, name, seconds)
             st.set_phase(target, run_id, following, status="completed" if following == "complete" else "running")
-
-    def _note_lost_chunks(self, run_id: int, count: int) -> None:
-        message = f"{count} copied chunks were not on the target any more (it restarted); copying them again"
-        log.warning("chunks lost by the target", run_id=run_id, chunks=count)
-        self.reporter.message(message)
-        with self._target() as target:
-            st.record_event(target, run_id, level="warning", phase="data", message=message)
 
     # -- phases ------------------------------------------------------------------------------------------
     def _phase_schema(self, run_id: int) -> None:
@@ -470,29 +580,45 @@ class MigrationService:
                 )
         if self.options.schema_from == "pgferry":
             migrator.upgrade(target_url)
-            return
+        else:
+            self._schema_from_source(target_url)
+        with self._target() as target:
+            # What the migration created is what exists now and did not before; a rollback removes exactly
+            # that, never what someone adds to the target after the migration.
+            inventory = source_schema.take_inventory(target)
+            st.update_run(target, run_id, inventory_after_schema=[list(o) for o in sorted(inventory.objects)])
+
+    def _schema_from_source(self, target_url: str) -> None:
+        from pgferry.migrate import source_schema
+
         with self.connect_source() as source, self._target() as target:
             tables = list_tables(source, self.options.table_filter)
             missing = [
                 t
                 for t in tables
                 if target.execute(
-                    "select to_regclass(%s)",
-                    (sql.SQL("{}.{}").format(sql.Identifier(t.schema), sql.Identifier(t.name)).as_string(target),),
+                    "select to_regclass(%s)", (sql.Identifier(t.schema, t.name).as_string(target),)
                 ).fetchone()
                 == (None,)
             ]
         if not missing:
             self.reporter.message("every source table already exists on the target; schema left as it is")
             return
-        ddl = source_schema.schema_sql_for_target(
-            self.options.source_url.get_secret_value(),
-            target_url,
-            schemas=list(self.options.table_filter.schemas) or None,
-            tables=list(self.options.table_filter.tables) or None,
-            exclude_tables=list(self.options.table_filter.exclude_tables) or None,
-        )
-        source_schema.apply_schema_sql(target_url, ddl)
+        source_schema.apply_schema_sql(target_url, self._source_ddl())
+
+    def _source_ddl(self) -> str:
+        """The source's schema rewritten for the target (dumped once per process: plan and schema share it)."""
+        from pgferry.migrate import source_schema
+
+        if self._ddl is None:
+            self._ddl = source_schema.schema_sql_for_target(
+                self.options.source_url.get_secret_value(),
+                self.options.target_url.get_secret_value(),
+                schemas=list(self.options.table_filter.schemas) or None,
+                tables=list(self.options.table_filter.tables) or None,
+                exclude_tables=list(self.options.table_filter.exclude_tables) or None,
+            )
+        return self._ddl
 
     def _phase_prepare(self, run_id: int) -> None:
         with self.connect_source() as source, self._target() as target:
@@ -500,12 +626,11 @@ class MigrationService:
             run = st.latest_run(target)
             assert run is not None
             before = {tuple(o) for o in (run.inventory_before or [])}
+            sequences = _owned_sequence_positions(target, [(t.schema, t.name) for t in tables])
             with target.transaction():
                 specs: list[tuple[str, str]] = []
                 for table in tables:
-                    existed = ("table", f"{table.schema}.{table.name}") in before or any(
-                        o[0] == "table" and o[1].replace('"', "") == f"{table.schema}.{table.name}" for o in before
-                    )
+                    existed = ("table", sql.Identifier(table.schema, table.name).as_string(target)) in before
                     target.execute(
                         "insert into pgferry.migration_tables (run_id, schema_name, table_name, target_existed, "
                         "key_columns, copy_columns, binary_copy, row_estimate, bytes_estimate) "
@@ -519,7 +644,7 @@ class MigrationService:
                             list(table.copy_columns),
                             self._binary_ok(table, target),
                             table.row_estimate,
-                            table.total_bytes,
+                            table.table_bytes or table.total_bytes,
                         ),
                     )
                     specs.append((table.schema, table.name))
@@ -527,6 +652,7 @@ class MigrationService:
                         target, run_id, plan_table_chunks(source, table, batch_rows=self.options.batch_rows)
                     )
                 drop_deferrable(target, run_id, collect_deferrable(target, specs))
+                st.update_run(target, run_id, sequences_before=sequences)
 
     def _binary_ok(self, table: Table, target: psycopg.Connection[Any]) -> bool:
         """Binary COPY needs binary-safe types and identical type names on both sides."""
@@ -541,233 +667,110 @@ class MigrationService:
                 return False
         return True
 
-    def _copy_specs(self, target: psycopg.Connection[Any], run_id: int) -> dict[tuple[str, str], tuple[CopySpec, int]]:
-        specs: dict[tuple[str, str], tuple[CopySpec, int]] = {}
+    def _table_work(
+        self, target: psycopg.Connection[Any], source: psycopg.Connection[Any], run_id: int
+    ) -> list[TableWork]:
         rows = target.execute(
-            "select schema_name, table_name, key_columns, copy_columns, binary_copy, row_estimate, state "
-            "from pgferry.migration_tables where run_id = %s",
+            "select schema_name, table_name, key_columns, copy_columns, binary_copy, row_estimate, bytes_estimate, "
+            "state from pgferry.migration_tables where run_id = %s order by 1, 2",
             (run_id,),
         ).fetchall()
-        with self.connect_source() as source:
-            for schema, name, keys, columns, binary, estimate, table_state in rows:
-                if table_state == "skipped":
-                    continue
-                key_types = column_types(source, schema, name)
-                specs[(schema, name)] = (
-                    CopySpec(schema, name, tuple(columns), tuple(keys), key_types, bool(binary)),
-                    int(estimate),
+        chunks = st.load_chunks(target, run_id)
+        deferred = [o for o in pending_deferred(target, run_id) if o.kind != "foreign_key"]
+        checked = {(c["table"]) for c in st.load_checks(target, run_id) if not c["differing_buckets"]}
+        work: list[TableWork] = []
+        for schema, name, keys, columns, binary, estimate, nbytes, table_state in rows:
+            key_types = column_types(source, schema, name)
+            work.append(
+                TableWork(
+                    spec=CopySpec(schema, name, tuple(columns), tuple(keys), key_types, bool(binary)),
+                    row_estimate=int(estimate),
+                    bytes_estimate=int(nbytes),
+                    state=str(table_state),
+                    chunks=[c for c in chunks if (c.schema, c.table) == (schema, name)],
+                    deferred=[o for o in deferred if (o.schema, o.table) == (schema, name)],
+                    verified=f"{schema}.{name}" in checked,
                 )
-        return specs
-
-    def _phase_data(self, run_id: int) -> None:
-        with self._target() as target:
-            specs = self._copy_specs(target, run_id)
-            pending = [c for c in st.load_chunks(target, run_id, state="pending") if (c.schema, c.table) in specs]
-            done = st.load_chunks(target, run_id, state="done")
-        done_rows: dict[tuple[str, str], int] = {}
-        for chunk in done:
-            done_rows[(chunk.schema, chunk.table)] = done_rows.get((chunk.schema, chunk.table), 0) + (
-                chunk.rows_copied or 0
             )
-        for (schema, name), (_spec, estimate) in sorted(specs.items(), key=lambda kv: -kv[1][1]):
-            self.reporter.table_started(f"{schema}.{name}", estimate, done_rows.get((schema, name), 0))
-        # Largest tables first, their chunks interleaved, so the long tail is small chunks, not one big table.
-        estimates = {k: v[1] for k, v in specs.items()}
-        pending.sort(key=lambda c: (-estimates[(c.schema, c.table)], c.chunk_no))
-        work: queue.Queue[st.ChunkRecord] = queue.Queue()
-        for chunk in pending:
-            work.put(chunk)
-        snapshot = _Snapshot(self.connect_source)
-        failures: list[BaseException] = []
-        skipped: set[tuple[str, str]] = set()
-        stop = threading.Event()
-        lock = threading.Lock()
+        return work
 
-        def worker() -> None:
-            source: psycopg.Connection[Any] | None = None
-            target: psycopg.Connection[Any] | None = None
-            imported: str | None = None
+    def _phase_data(self, run_id: int, *, repair: bool) -> None:
+        with self._target() as target, self.connect_source() as source:
+            tables = self._table_work(target, source, run_id)
+        for table in sorted(tables, key=lambda t: t.copy_priority):
+            if table.state == "skipped":
+                continue
+            done = sum(c.rows_copied or 0 for c in table.chunks if c.state == "done")
+            self.reporter.table_started(table.qualified, table.row_estimate, done)
+        DataPipeline(
+            self,
+            run_id,
+            tables,
+            jobs=self.options.jobs,
+            verify=self.options.verify,
+            repair=repair,
+            maintenance_work_mem=self.options.maintenance_work_mem,
+            on_bytes=self.reporter.bytes_copied,
+        ).run()
 
-            def reset() -> None:
-                nonlocal source, target, imported
-                for conn in (source, target):
-                    if conn is not None:
-                        with contextlib.suppress(Exception):
-                            conn.close()
-                source = target = None
-                imported = None
-
-            def attempt(chunk: st.ChunkRecord, spec: CopySpec) -> ChunkResult | None:
-                nonlocal source, target, imported
-                if target is None or target.closed or target.broken:
-                    target = self.connect_target()
-                    target.execute("set session_replication_role = replica")
-                    target.execute("set synchronous_commit = off")  # rows and state row are lost together
-                wanted = snapshot.current()
-                if source is None or source.closed or source.broken or imported != wanted:
-                    if source is not None:
-                        with contextlib.suppress(Exception):
-                            source.close()
-                    source = self.connect_source()
-                    source.execute("begin isolation level repeatable read read only")
-                    try:
-                        source.execute(sql.SQL("set transaction snapshot {}").format(sql.Literal(wanted)))
-                    except psycopg.Error as exc:
-                        if classify_error(exc).retryable:
-                            raise
-                        # The exporting session is gone (the source restarted): export a fresh snapshot.
-                        snapshot.invalidate(wanted)
-                        with contextlib.suppress(Exception):
-                            source.close()
-                        source = None
-                        raise SnapshotLostError(str(exc)) from exc
-                    imported = wanted
-                try:
-                    return copy_table_chunk(
-                        source,
-                        target,
-                        spec,
-                        chunk,
-                        run_id=run_id,
-                        on_bytes=lambda n: self.reporter.bytes_copied(chunk.qualified, n),
-                    )
-                except st.ChunkAlreadyDoneError:
-                    return None
-                except Exception as exc:
-                    if classify_migration_error(exc).reconnect:
-                        reset()
-                    raise
-
-            while not stop.is_set():
-                try:
-                    chunk = work.get_nowait()
-                except queue.Empty:
-                    break
-                ident = (chunk.schema, chunk.table)
-                with lock:
-                    if ident in skipped:
-                        continue
-                spec = specs[ident][0]
-                try:
-                    result = self._retry(
-                        lambda chunk=chunk, spec=spec: attempt(chunk, spec),  # type: ignore[misc]
-                        f"copy {chunk.qualified} chunk {chunk.chunk_no}",
-                    )
-                    if result is not None:
-                        self.metrics.rows.labels(chunk.qualified).inc(result.rows)
-                        self.metrics.bytes.labels(chunk.qualified).inc(result.nbytes)
-                        self.metrics.chunks.labels(chunk.qualified).inc()
-                        self.metrics.chunk_seconds.observe(result.seconds)
-                        self.reporter.chunk_done(chunk.qualified, result.rows, result.nbytes)
-                except Exception as exc:
-                    reset()
-                    if self.options.on_error == "skip-table":
-                        with lock:
-                            skipped.add(ident)
-                        self._skip_table(run_id, chunk, exc)
-                        continue
-                    with lock:
-                        failures.append(exc)
-                    stop.set()
-                    break
-            reset()
-
-        threads = [
-            threading.Thread(target=worker, name=f"pgferry-copy-{i}", daemon=True)
-            for i in range(max(1, self.options.jobs))
-        ]
-        try:
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)
-        finally:
-            stop.set()
-            snapshot.close()
-        if failures:
-            raise failures[0]
-        if snapshot.exports > 1:
-            with self._target() as target:
-                st.record_event(
-                    target,
-                    run_id,
-                    level="warning",
-                    phase="data",
-                    message=f"the source snapshot was lost and exported {snapshot.exports} times "
-                    "(source restart); verification compares the final state",
-                )
-
-    def _skip_table(self, run_id: int, chunk: st.ChunkRecord, exc: BaseException) -> None:
-        self.metrics.errors.labels("data").inc()
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = f"skipped {chunk.qualified} after error: {reason}"
-        self.reporter.message(message)
+    def _phase_indexes(self, run_id: int) -> None:
+        """Foreign keys (every referenced key exists now) and anything the data phase did not rebuild."""
         with self._target() as target:
+            held_back = self._hold_back(target, run_id)
+            objects = pending_deferred(target, run_id)
+        if objects:
+            self.reporter.message(f"rebuilding {len(objects)} foreign keys and remaining indexes")
+
+        def connect() -> psycopg.Connection[Any]:
+            conn: psycopg.Connection[Any] = self.retry(self.connect_target, "connect to the target")
+            conn.execute(
+                sql.SQL("set maintenance_work_mem = {}").format(sql.Literal(self.options.maintenance_work_mem))
+            )
+            return conn
+
+        def rebuild() -> None:
+            with self._target() as target:
+                pending = pending_deferred(target, run_id)
+            restore_deferred(connect, run_id, pending, jobs=self.options.jobs)
+
+        self.retry(rebuild, "rebuild foreign keys on the target")
+        if held_back:
+            self.reporter.message(f"held back {held_back} foreign keys of skipped or differing tables")
+
+    def _hold_back(self, target: psycopg.Connection[Any], run_id: int) -> int:
+        """Objects of skipped or differing tables, and foreign keys into them, cannot be built; say so."""
+        blocked = {
+            f"{r[0]}.{r[1]}": str(r[2])
+            for r in target.execute(
+                "select schema_name, table_name, state from pgferry.migration_tables "
+                "where run_id = %s and state in ('skipped', 'differs')",
+                (run_id,),
+            )
+        }
+        if not blocked:
+            return 0
+        count = 0
+        for obj in pending_deferred(target, run_id):
+            referenced = _referenced_table(obj.definition, obj.schema) if obj.kind == "foreign_key" else ""
+            own = f"{obj.schema}.{obj.table}"
+            reason = blocked.get(own) or blocked.get(referenced)
+            if reason is None or (obj.kind != "foreign_key" and blocked.get(own) == "skipped"):
+                continue  # a skipped table keeps its own indexes: what it holds is still queryable
             target.execute(
-                "update pgferry.migration_tables set state = 'skipped' where run_id = %s "
-                "and schema_name = %s and table_name = %s",
-                (run_id, chunk.schema, chunk.table),
+                "update pgferry.migration_deferred set state = 'skipped' where run_id = %s "
+                "and schema_name = %s and table_name = %s and kind = %s and name = %s",
+                (run_id, obj.schema, obj.table, obj.kind, obj.name),
             )
             st.record_event(
                 target,
                 run_id,
                 level="error",
-                phase="data",
-                table=chunk.qualified,
-                message=message,
-                sqlstate=getattr(exc, "sqlstate", None),
+                phase="indexes",
+                table=own,
+                message=f"{obj.kind.replace('_', ' ')} {obj.name} not restored: it involves a {reason} table",
             )
-
-    def _phase_indexes(self, run_id: int) -> None:
-        with self._target() as target:
-            self._hold_back_foreign_keys_of_skipped_tables(target, run_id)
-            objects = pending_deferred(target, run_id)
-        if objects:
-            self.reporter.message(f"rebuilding {len(objects)} indexes and constraints, {self.options.jobs} at a time")
-
-        def connect() -> psycopg.Connection[Any]:
-            return self._retry(self.connect_target, "connect to target")  # type: ignore[no-any-return]
-
-        self._retry(
-            lambda: restore_deferred(
-                connect, run_id, pending_deferred(self.connect_target(), run_id), jobs=self.options.jobs
-            ),
-            "rebuild indexes",
-        )
-
-    def _hold_back_foreign_keys_of_skipped_tables(self, target: psycopg.Connection[Any], run_id: int) -> None:
-        """A foreign key into or out of a skipped table cannot be valid; say so instead of failing the run."""
-        skipped = {
-            f"{r[0]}.{r[1]}"
-            for r in target.execute(
-                "select schema_name, table_name from pgferry.migration_tables where run_id = %s and state = 'skipped'",
-                (run_id,),
-            )
-        }
-        if not skipped:
-            return
-        for obj in pending_deferred(target, run_id):
-            if obj.kind != "foreign_key":
-                continue
-            match = re.search(r"REFERENCES\s+([^\s(]+)\s*\(", obj.definition, re.IGNORECASE)
-            referenced = match.group(1).replace('"', "") if match else ""
-            if "." not in referenced:
-                referenced = f"{obj.schema}.{referenced}"
-            if f"{obj.schema}.{obj.table}" in skipped or referenced in skipped:
-                target.execute(
-                    "update pgferry.migration_deferred set state = 'skipped' where run_id = %s "
-                    "and schema_name = %s and table_name = %s and kind = 'foreign_key' and name = %s",
-                    (run_id, obj.schema, obj.table, obj.name),
-                )
-                st.record_event(
-                    target,
-                    run_id,
-                    level="error",
-                    phase="indexes",
-                    table=f"{obj.schema}.{obj.table}",
-                    message=f"foreign key {obj.name} not restored: it involves a skipped table",
-                )
+            count += 1
+        return count
 
     def _phase_sequences(self, run_id: int) -> None:
         with self.connect_source() as source, self._target() as target:
@@ -778,67 +781,137 @@ class MigrationService:
                     continue
                 target.execute(
                     "select setval(%s, %s, %s)",
-                    (
-                        sql.SQL("{}.{}").format(sql.Identifier(seq.schema), sql.Identifier(seq.name)).as_string(target),
-                        seq.last_value,
-                        seq.is_called,
-                    ),
+                    (sql.Identifier(seq.schema, seq.name).as_string(target), seq.last_value, seq.is_called),
                 )
             for schema, name in target.execute(
                 "select schema_name, table_name from pgferry.migration_tables where run_id = %s", (run_id,)
             ).fetchall():
-                target.execute(sql.SQL("analyze {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+                target.execute(sql.SQL("analyze {}").format(sql.Identifier(schema, name)))
 
     def _phase_verify(self, run_id: int) -> None:
-        report = self.verify(run_id)
+        """Assemble the report: stored table checks (tables not yet checked are checked now), sequences,
+        constraints, rebuilt objects. It is stored with the run, so ``run`` never verifies twice."""
         with self._target() as target:
-            st.update_run(target, run_id, metrics={"verification": report.as_dict()})
-            if not report.ok:
-                st.record_event(
-                    target,
-                    run_id,
-                    level="error",
-                    phase="verify",
-                    message=f"verification found {len(report.mismatched_chunks)} differing chunks",
-                )
-        if not report.ok:
-            raise VerificationFailedError(report)
-
-    def rollback_report(self) -> Any:
-        from pgferry.migrate.rollback import rollback
-
-        return rollback(self)
-
-    # -- verify / status ---------------------------------------------------------------------------------
-    def verify(self, run_id: int | None = None) -> VerificationReport:
-        with self._target() as target:
-            run = st.latest_run(target) if run_id is None else None
-            if run_id is None:
-                if run is None:
-                    raise MigrationError("no migration recorded on the target; run `pgferry migrate run` first")
-                run_id = run.id
-            keys = {
-                (r[0], r[1]): tuple(r[2])
+            stored = {c["table"] for c in st.load_checks(target, run_id)}
+            tables = [
+                (str(r[0]), str(r[1]), tuple(r[2]), int(r[3]))
                 for r in target.execute(
-                    "select schema_name, table_name, key_columns from pgferry.migration_tables where run_id = %s "
-                    "and state <> 'skipped'",
+                    "select schema_name, table_name, key_columns, row_estimate from pgferry.migration_tables "
+                    "where run_id = %s and state <> 'skipped' order by 1, 2",
                     (run_id,),
                 )
-            }
-        report = VerificationReport()
-        report.chunks = [
-            c
-            for c in verify_chunks(self.connect_source, self.connect_target, run_id, keys, jobs=self.options.jobs)
-            if tuple(c.table.split(".", 1)) in keys
-        ]
+            ]
+        for schema, name, keys, estimate in tables:
+            if f"{schema}.{name}" in stored:
+                continue
+            check: TableCheck = self.retry(
+                lambda schema=schema, name=name, keys=keys, estimate=estimate: verify_table(  # type: ignore[misc]
+                    self.connect_source, self.connect_target, schema, name, keys, row_estimate=estimate
+                ),
+                f"verify {schema}.{name}",
+            )
+            with self._target() as target:
+                st.save_check(target, run_id, (schema, name), check)
+                if not check.ok:
+                    st.set_table_state(target, run_id, (schema, name), "differs")
+        report = self._report(run_id, [(s, n) for s, n, _, _ in tables])
+        with self._target() as target:
+            st.update_run(target, run_id, metrics={"verification": report.as_dict()})
+        if not report.ok:
+            raise VerificationFailedError.from_report(report, repairable=bool(report.differing_tables))
+
+    def _report(self, run_id: int, tables: list[tuple[str, str]]) -> VerificationReport:
         with self.connect_source() as source, self._target() as target:
-            schemas = sorted({s for s, _ in keys})
+            report = VerificationReport(tables=[TableCheck.from_dict(c) for c in st.load_checks(target, run_id)])
+            schemas = sorted({s for s, _ in tables})
             report.sequences = verify_sequences(source, target, schemas)
-            report.invalid_constraints = invalid_constraints(target, list(keys))
+            report.invalid_constraints = invalid_constraints(target, tables)
             report.missing_objects = restore_pending(target, run_id)
+            checked = {t.table for t in report.tables}
+            report.unverified_tables = [f"{s}.{n}" for s, n in tables if f"{s}.{n}" not in checked]
         return report
 
+    # -- verify / status / rollback ---------------------------------------------------------------------
+    def verify(self, run_id: int | None = None) -> VerificationReport:
+        """Compare source and target now, every table afresh (``jobs`` tables at a time); stores nothing."""
+        with self._target() as target:
+            run = st.latest_run(target)
+            if run is None or (run_id is not None and run.id != run_id):
+                raise MigrationError("no migration recorded on the target; run `pgferry migrate run` first")
+            run_id = run.id
+            tables = [
+                (str(r[0]), str(r[1]), tuple(r[2]), int(r[3]))
+                for r in target.execute(
+                    "select schema_name, table_name, key_columns, row_estimate from pgferry.migration_tables "
+                    "where run_id = %s and state <> 'skipped' order by 1, 2",
+                    (run_id,),
+                )
+            ]
+        from concurrent.futures import ThreadPoolExecutor
+
+        def check(entry: tuple[str, str, tuple[str, ...], int]) -> TableCheck:
+            schema, name, keys, estimate = entry
+            result: TableCheck = self.retry(
+                lambda: verify_table(
+                    self.connect_source, self.connect_target, schema, name, keys, row_estimate=estimate
+                ),
+                f"verify {schema}.{name}",
+            )
+            return result
+
+        with ThreadPoolExecutor(max_workers=self.options.jobs, thread_name_prefix="pgferry-verify") as pool:
+            checks = list(pool.map(check, tables))
+        with self.connect_source() as source, self._target() as target:
+            schemas = sorted({s for s, _, _, _ in tables})
+            return VerificationReport(
+                tables=checks,
+                sequences=verify_sequences(source, target, schemas),
+                invalid_constraints=invalid_constraints(target, [(s, n) for s, n, _, _ in tables]),
+                missing_objects=restore_pending(target, run_id),
+            )
+
+    def status(self) -> MigrationStatus:
+        """The latest run as persisted on the target; safe to call while another process runs it."""
+        return self.status_of(self.options.target_url)
+
+    @staticmethod
+    def status_of(target_url: DatabaseUrl) -> MigrationStatus:
+        """:meth:`status` with only the target's URL (``pgferry migrate status`` needs no source)."""
+        with Migration._connect(target_url.get_secret_value(), "target") as conn:
+            run = st.latest_run(conn)
+            if run is None:
+                return MigrationStatus(run_id=None)
+            progress = st.progress_summary(conn, run.id)
+            elapsed = conn.execute(
+                "select extract(epoch from now() - started_at) from pgferry.migration_runs where id = %s", (run.id,)
+            ).fetchone()
+        total_rows = sum(t["row_estimate"] for t in progress["tables"]) or 0
+        seconds = float(elapsed[0]) if elapsed else 0.0
+        rate = progress["rows_copied"] / seconds if seconds else 0.0
+        remaining = max(0, total_rows - progress["rows_copied"])
+        return MigrationStatus(
+            run_id=run.id,
+            phase=run.phase,
+            status=run.status,
+            tables_total=len(progress["tables"]),
+            tables_completed=sum(1 for t in progress["tables"] if t["chunks"] and t["chunks"] == t["chunks_done"]),
+            chunks_total=progress["chunks_total"],
+            chunks_done=progress["chunks_done"],
+            records_migrated=progress["rows_copied"],
+            bytes_migrated=progress["bytes_copied"],
+            estimated_seconds_remaining=round(remaining / rate, 1) if rate and run.status == "running" else None,
+            phase_seconds=run.phase_seconds,
+            errors=progress["errors"],
+        )
+
+    def rollback(self, run_id: int | None = None) -> Any:
+        """Return the target to its state before the migration (see :mod:`pgferry.migrate.rollback`)."""
+        from pgferry.migrate.rollback import rollback
+
+        return rollback(self, run_id)
+
     def summary(self, run_id: int) -> MigrationSummary:
+        """The stored summary of run ``run_id`` (verification included, as the run stored it)."""
         with self._target() as target:
             row = target.execute(
                 "select status, phase_seconds, metrics from pgferry.migration_runs where id = %s", (run_id,)
@@ -855,11 +928,8 @@ class MigrationService:
                 )
             ]
             errors = st.progress_summary(target, run_id)["errors"]
-        skipped = [t.table for t in tables if t.state == "skipped"]
-        verification = None
         metrics = row[2] or {}
-        if "verification" in metrics:
-            verification = _report_from_dict(metrics["verification"])
+        verification = VerificationReport.from_dict(metrics["verification"]) if "verification" in metrics else None
         recorded = dict(row[1] or {})
         return MigrationSummary(
             run_id=run_id,
@@ -868,33 +938,50 @@ class MigrationService:
             tables=tables,
             retries=self.retries,
             errors=errors,
-            skipped_tables=skipped,
+            skipped_tables=[t.table for t in tables if t.state == "skipped"],
             verification=verification,
             resumed=False,
         )
 
 
-class VerificationFailedError(MigrationError):
-    def __init__(self, report: VerificationReport) -> None:
-        self.report = report
-        parts = [c.describe() for c in report.mismatched_chunks[:3]]
-        parts += [f"sequence {s['sequence']} behind the source" for s in report.lagging_sequences[:3]]
-        parts += report.invalid_constraints[:3] + report.missing_objects[:3]
-        super().__init__(
-            "verification failed: " + "; ".join(parts) + " (run `pgferry migrate verify --json` for the full report)"
-        )
+def _same_endpoint(pgconn: Any, url: str) -> bool:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return False
+    host = (pgconn.host or b"").decode(errors="replace")
+    port = (pgconn.port or b"").decode(errors="replace")
+    db = (pgconn.db or b"").decode(errors="replace")
+    return (
+        str(params.get("host", "")) == host
+        and str(params.get("port", "5432")) == (port or "5432")
+        and str(params.get("dbname", "")) == db
+    )
 
 
-def _report_from_dict(data: dict[str, Any]) -> VerificationReport:
-    from pgferry.migrate.verify import ChunkCheck
+def _referenced_table(definition: str, default_schema: str) -> str:
+    import re
 
-    report = VerificationReport()
-    for table, entry in data.get("tables", {}).items():
-        # A stored report keeps per-table totals; rebuild one aggregate check per table for display.
-        report.chunks.append(
-            ChunkCheck(table, -1, None, None, entry["rows"], entry["rows"], entry["mismatched_chunks"] == 0)
-        )
-    report.sequences = data.get("sequences", [])
-    report.invalid_constraints = data.get("invalid_constraints", [])
-    report.missing_objects = data.get("missing_objects", [])
-    return report
+    match = re.search(r"REFERENCES\s+([^\s(]+)\s*\(", definition, re.IGNORECASE)
+    referenced = match.group(1).replace('"', "") if match else ""
+    return referenced if "." in referenced else f"{default_schema}.{referenced}"
+
+
+def _owned_sequence_positions(target: psycopg.Connection[Any], tables: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Positions of the sequences owned by target tables that exist already, so a rollback can put them back."""
+    positions: list[dict[str, Any]] = []
+    for schema, table in tables:
+        for (seq,) in target.execute(
+            "select pg_get_serial_sequence(format('%%I.%%I', %s::text, %s::text), a.attname) from pg_attribute a "
+            "where a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) and a.attnum > 0 "
+            "and not a.attisdropped",
+            (schema, table, schema, table),
+        ).fetchall():
+            if seq is None:
+                continue
+            row = target.execute(sql.SQL("select last_value, is_called from {}").format(sql.SQL(seq))).fetchone()
+            if row is not None:
+                positions.append({"sequence": seq, "last_value": int(row[0]), "is_called": bool(row[1])})
+    return positions

@@ -8,6 +8,7 @@ reported so nobody is surprised afterwards (tables without keys, ownership that 
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -15,8 +16,10 @@ import psycopg
 from psycopg import sql
 
 from pgferry.migrate.catalog import ServerInfo, Table, TableFilter, list_sequences, list_tables, server_info
-from pgferry.migrate.chunks import rows_per_chunk
+from pgferry.migrate.chunks import count_chunks
 from pgferry.schema.models import Base
+
+__all__ = ["MigrationPlan", "Problem", "TablePlan", "build_plan", "same_database"]
 
 Severity = Literal["error", "warning", "info"]
 
@@ -168,9 +171,8 @@ def build_plan(
 
     model_tables = {t.name: t for t in Base.metadata.tables.values()}
     for table in tables:
-        key = ",".join(table.primary_key) if table.primary_key else "none (copied by block ranges)"
-        per_chunk = rows_per_chunk(table, batch_rows)
-        chunks = max(1, -(-table.row_estimate // per_chunk)) if table.row_estimate else 1
+        key = ",".join(table.primary_key) if table.primary_key else "none (verified by row hashes)"
+        chunks = count_chunks(table, batch_rows)
         target_cols = _target_columns(target, table.schema, table.name)
         state = "exists" if target_cols is not None else "missing"
         if target_cols is None and schema_from == "source":
@@ -188,8 +190,8 @@ def build_plan(
             problems.append(
                 Problem(
                     "warning",
-                    f"{table.qualified} has no primary key: it is copied by physical "
-                    "block ranges and verified as a whole",
+                    f"{table.qualified} has no primary key: verification compares it as a multiset of rows, and "
+                    "online replication (later) would need REPLICA IDENTITY FULL on the source",
                     table=table.qualified,
                 )
             )
@@ -248,6 +250,32 @@ def build_plan(
                 "connect to the target as postgres (Supabase) or a superuser",
             )
         )
+    if same_database(source, target):
+        problems.insert(
+            0,
+            Problem(
+                "error",
+                "the source and the target are the same database",
+                "point --target (SUPABASE_DB_URL) at Supabase and --source (NEON_DATABASE_URL) at Neon",
+            ),
+        )
+    problems.extend(_privilege_problems(target, plan, schema_from))
+    if src_info.version_num < 140000:
+        problems.append(
+            Problem(
+                "warning",
+                f"the source runs PostgreSQL {src_info.version}: before 14 a block range cannot be read on its "
+                "own, so each table is copied as one chunk (no parallelism within a table)",
+            )
+        )
+    if tgt_info.wal_level != "logical":
+        problems.append(
+            Problem(
+                "warning",
+                f"the target has wal_level = {tgt_info.wal_level}: Electric sync and Realtime need logical "
+                "(every Supabase project has it)",
+            )
+        )
     plan.sequences = len(list_sequences(source, table_filter.schemas or None))
     effective_jobs = max(1, min(jobs, sum(t.chunks for t in plan.tables)))
     plan.estimated_seconds = plan.total_bytes / (
@@ -299,3 +327,70 @@ def _can_disable_triggers(target: psycopg.Connection[Any]) -> bool:
         return True
     except psycopg.errors.InsufficientPrivilege:
         return False
+
+
+def same_database(source: psycopg.Connection[Any], target: psycopg.Connection[Any]) -> bool:
+    """Whether both connections reach one database of one cluster (migrating it onto itself would write the
+    source). Managed services hide the system identifier, so a session marker is looked for as well."""
+    ids = []
+    for conn in (source, target):
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    "select system_identifier::text, current_database() from pg_control_system()"
+                ).fetchone()
+            ids.append(tuple(row) if row else None)
+        except psycopg.errors.InsufficientPrivilege:
+            ids.append(None)
+    if ids[0] is not None and ids[1] is not None:
+        return ids[0] == ids[1]
+    marker = f"pgferry-same-database-probe-{uuid.uuid4().hex}"
+    previous = source.execute("select current_setting('application_name')").fetchone()
+    source.execute("select set_config('application_name', %s, false)", (marker,))
+    try:
+        row = target.execute(
+            "select exists (select 1 from pg_stat_activity where application_name = %s "
+            "and datname = current_database())",
+            (marker,),
+        ).fetchone()
+        return bool(row and row[0])
+    finally:
+        source.execute("select set_config('application_name', %s, false)", (previous[0] if previous else "",))
+
+
+def _privilege_problems(target: psycopg.Connection[Any], plan: MigrationPlan, schema_from: str) -> list[Problem]:
+    """What the target role must be allowed to create: the state schema, and the schemas and tables the
+    schema phase adds. Said before ``run`` writes anything, with the statement that grants it."""
+    problems: list[Problem] = []
+    row = target.execute(
+        "select current_user, current_database(), has_database_privilege(current_database(), 'CREATE'), "
+        "to_regnamespace('pgferry') is not null"
+    ).fetchone()
+    assert row is not None
+    role, database, can_create_schema, have_state_schema = row
+    grant = f"grant create on database {database} to {role}; or connect as postgres (Supabase) or a superuser"
+    if not have_state_schema and not can_create_schema:
+        problems.append(
+            Problem(
+                "error",
+                f"role {role} cannot create schema pgferry on the target (it keeps the migration's state there)",
+                grant,
+            )
+        )
+    created = [t.table for t in plan.tables if t.target == "created by schema phase"]
+    if schema_from == "source":
+        for schema in sorted({t.split(".", 1)[0] for t in created}):
+            exists = target.execute("select to_regnamespace(%s) is not null", (schema,)).fetchone()
+            if exists and exists[0]:
+                ok = target.execute("select has_schema_privilege(%s, 'CREATE')", (schema,)).fetchone()
+                if not (ok and ok[0]):
+                    problems.append(
+                        Problem(
+                            "error",
+                            f"role {role} cannot create tables in schema {schema} on the target",
+                            f"grant create on schema {schema} to {role}",
+                        )
+                    )
+            elif not can_create_schema:
+                problems.append(Problem("error", f"role {role} cannot create schema {schema} on the target", grant))
+    return problems

@@ -137,7 +137,10 @@ class SchemaApplyError(PgferryError):
 
     def __str__(self) -> str:
         where = f"line {self.line}: {self.statement}" if self.statement else "the schema SQL"
-        text = f"applying the schema failed at {where} — {self.server_message}; {self.hint}; target unchanged"
+        text = (
+            f"applying the schema failed at {where} — {self.server_message}; {self.hint}; the schema changes "
+            "were rolled back (one transaction): fix that and rerun `pgferry migrate run`"
+        )
         return _one_line(text)
 
 
@@ -1029,8 +1032,8 @@ def _hint(sqlstate: str | None, message: str, source_major: int | None, target_m
         )
     if sqlstate in ("42P07", "42710", "42723", "42P06", "42P16") or "already exists" in text:
         return (
-            "the object already exists on the target: migrate into a target without the source's schema, "
-            "or use --schema-from target to keep the target's"
+            "the object already exists on the target: drop it there, or create the missing tables on the "
+            "target yourself so that the schema phase has nothing to add (pgferry then copies into them)"
         )
     if "extension" in text and ("not available" in text or "control file" in text):
         return "install or enable that extension on the target (Supabase: Database > Extensions), then rerun"
@@ -1061,7 +1064,7 @@ def _dump_source_major(text: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def apply_schema_sql(target_url: str, sql: str) -> None:
+def apply_schema_sql(target_url: str, sql: str, *, dry_run: bool = False) -> None:
     """Run schema SQL (a pg_dump script) on the target in one transaction; all or nothing.
 
     psycopg rather than psql: each statement is sent on its own, so a failure names its statement and the
@@ -1069,7 +1072,8 @@ def apply_schema_sql(target_url: str, sql: str) -> None:
     versions wrap scripts in them) are skipped, any other meta-command is refused, and ``SET`` of a
     parameter the target does not know (``transaction_timeout`` from pg_dump 17+ on an older target) is
     skipped instead of aborting the transaction. The session settings the dump makes (an empty
-    ``search_path`` among them) end with the connection.
+    ``search_path`` among them) end with the connection. ``dry_run`` rolls the transaction back at the
+    end: ``plan`` uses it to find conflicts before ``run`` writes anything.
     """
     try:
         statements = _split_sql(sql)
@@ -1082,7 +1086,7 @@ def apply_schema_sql(target_url: str, sql: str) -> None:
         known = {str(name) for (name,) in conn.execute("select name from pg_settings").fetchall()}
         current: _Statement | None = None
         try:
-            with conn.transaction():
+            with conn.transaction(force_rollback=dry_run):
                 for current in statements:
                     sig = current.significant
                     if not sig:

@@ -36,6 +36,8 @@ create table if not exists pgferry.migration_runs (
   phase_seconds jsonb not null default '{}'::jsonb,
   metrics jsonb not null default '{}'::jsonb
 );
+alter table pgferry.migration_runs add column if not exists inventory_after_schema jsonb;
+alter table pgferry.migration_runs add column if not exists sequences_before jsonb;
 create table if not exists pgferry.migration_tables (
   run_id bigint not null references pgferry.migration_runs (id) on delete cascade,
   schema_name text not null,
@@ -46,6 +48,8 @@ create table if not exists pgferry.migration_tables (
   binary_copy boolean not null,
   row_estimate bigint not null,
   bytes_estimate bigint not null,
+  -- pending (chunks to copy) -> copied -> indexed; or skipped (--on-error skip-table), or differs
+  -- (verification or a unique index found the target's rows are not the source's; the next run repairs it)
   state text not null default 'pending',
   primary key (run_id, schema_name, table_name)
 );
@@ -79,6 +83,22 @@ create table if not exists pgferry.migration_deferred (
   -- a key constraint and its index share a name, and constraint names repeat across tables
   primary key (run_id, schema_name, table_name, kind, name)
 );
+create table if not exists pgferry.migration_checks (
+  run_id bigint not null,
+  schema_name text not null,
+  table_name text not null,
+  checked_at timestamptz not null default now(),
+  buckets integer not null,
+  hash_method text not null,
+  source_rows bigint not null,
+  target_rows bigint not null,
+  differing_buckets integer[] not null,
+  examples jsonb not null default '[]'::jsonb,
+  seconds double precision not null,
+  primary key (run_id, schema_name, table_name),
+  foreign key (run_id, schema_name, table_name)
+    references pgferry.migration_tables (run_id, schema_name, table_name) on delete cascade
+);
 create table if not exists pgferry.migration_events (
   id bigint generated always as identity primary key,
   run_id bigint not null references pgferry.migration_runs (id) on delete cascade,
@@ -93,6 +113,7 @@ create table if not exists pgferry.migration_events (
 
 STATE_TABLES = (
     "migration_events",
+    "migration_checks",
     "migration_deferred",
     "migration_chunks",
     "migration_tables",
@@ -125,11 +146,13 @@ class Run:
     inventory_before: list[list[str]] | None
     phase_seconds: dict[str, float]
     metrics: dict[str, Any]
+    inventory_after_schema: list[list[str]] | None = None
+    sequences_before: list[dict[str, Any]] | None = None
 
 
 _RUN_COLUMNS = (
     "id, source, target, options, phase, status, state_schema_created, alembic_revision_before, "
-    "inventory_before, phase_seconds, metrics"
+    "inventory_before, phase_seconds, metrics, inventory_after_schema, sequences_before"
 )
 
 
@@ -177,11 +200,14 @@ def add_phase_seconds(conn: psycopg.Connection[Any], run_id: int, phase: str, se
     )
 
 
+_JSON_RUN_FIELDS = frozenset({"inventory_before", "inventory_after_schema", "sequences_before", "metrics", "options"})
+
+
 def update_run(conn: psycopg.Connection[Any], run_id: int, **fields: Any) -> None:
     for column, value in fields.items():
-        if column not in {"alembic_revision_before", "inventory_before", "metrics", "options"}:
+        if column not in {"alembic_revision_before", *_JSON_RUN_FIELDS}:
             raise ValueError(column)
-        wrapped = Jsonb(value) if column in {"inventory_before", "metrics", "options"} else value
+        wrapped = Jsonb(value) if column in _JSON_RUN_FIELDS else value
         conn.execute(
             psycopg.sql.SQL("update pgferry.migration_runs set {} = %s, updated_at = now() where id = %s").format(
                 psycopg.sql.Identifier(column)
@@ -244,12 +270,20 @@ def insert_chunks(conn: psycopg.Connection[Any], run_id: int, chunks: Sequence[C
         )
 
 
-def load_chunks(conn: psycopg.Connection[Any], run_id: int, *, state: str | None = None) -> list[ChunkRecord]:
+def load_chunks(
+    conn: psycopg.Connection[Any],
+    run_id: int,
+    *,
+    state: str | None = None,
+    table: tuple[str, str] | None = None,
+) -> list[ChunkRecord]:
+    schema_name, table_name = table if table is not None else (None, None)
     rows = conn.execute(
         "select schema_name, table_name, chunk_no, kind, lower_bound, upper_bound, state, rows_copied, "
         "bytes_copied from pgferry.migration_chunks where run_id = %s and (%s::text is null or state = %s) "
+        "and (%s::text is null or (schema_name = %s and table_name = %s)) "
         "order by schema_name, table_name, chunk_no",
-        (run_id, state, state),
+        (run_id, state, state, schema_name, schema_name, table_name),
     ).fetchall()
     return [
         ChunkRecord(
@@ -264,6 +298,80 @@ def load_chunks(conn: psycopg.Connection[Any], run_id: int, *, state: str | None
             bytes_copied=r[8],
         )
         for r in rows
+    ]
+
+
+def set_table_state(
+    conn: psycopg.Connection[Any],
+    run_id: int,
+    table: tuple[str, str],
+    state: str,
+    *,
+    only_from: Sequence[str] | None = None,
+) -> None:
+    """Move a table to ``state`` (optionally only from one of ``only_from``)."""
+    conn.execute(
+        "update pgferry.migration_tables set state = %s where run_id = %s and schema_name = %s "
+        "and table_name = %s and (%s::text[] is null or state = any(%s::text[]))",
+        (
+            state,
+            run_id,
+            table[0],
+            table[1],
+            None if only_from is None else list(only_from),
+            None if only_from is None else list(only_from),
+        ),
+    )
+
+
+def save_check(conn: psycopg.Connection[Any], run_id: int, table: tuple[str, str], check: Any) -> None:
+    """Store a :class:`pgferry.migrate.verify.TableCheck` for ``table`` (replacing an earlier one)."""
+    conn.execute(
+        "insert into pgferry.migration_checks (run_id, schema_name, table_name, buckets, hash_method, source_rows, "
+        "target_rows, differing_buckets, examples, seconds) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "on conflict (run_id, schema_name, table_name) do update set checked_at = now(), buckets = excluded.buckets, "
+        "hash_method = excluded.hash_method, source_rows = excluded.source_rows, target_rows = excluded.target_rows, "
+        "differing_buckets = excluded.differing_buckets, examples = excluded.examples, seconds = excluded.seconds",
+        (
+            run_id,
+            table[0],
+            table[1],
+            check.buckets,
+            check.hash_method,
+            check.source_rows,
+            check.target_rows,
+            list(check.differing_buckets),
+            Jsonb(list(check.examples)),
+            check.seconds,
+        ),
+    )
+
+
+def forget_check(conn: psycopg.Connection[Any], run_id: int, table: tuple[str, str]) -> None:
+    conn.execute(
+        "delete from pgferry.migration_checks where run_id = %s and schema_name = %s and table_name = %s",
+        (run_id, table[0], table[1]),
+    )
+
+
+def load_checks(conn: psycopg.Connection[Any], run_id: int) -> list[dict[str, Any]]:
+    """Stored table checks as the dictionaries :meth:`TableCheck.from_dict` reads."""
+    return [
+        {
+            "table": f"{r[0]}.{r[1]}",
+            "buckets": r[2],
+            "hash_method": r[3],
+            "source_rows": r[4],
+            "target_rows": r[5],
+            "differing_buckets": list(r[6]),
+            "examples": list(r[7]),
+            "seconds": r[8],
+        }
+        for r in conn.execute(
+            "select schema_name, table_name, buckets, hash_method, source_rows, target_rows, differing_buckets, "
+            "examples, seconds from pgferry.migration_checks where run_id = %s order by 1, 2",
+            (run_id,),
+        )
     ]
 
 
