@@ -11,7 +11,9 @@ schema tends to be after a year in production:
 * **millions of small rows** in ``observability_events`` (1.6 million at ``scale=1``, about 250 bytes each),
   where per-row overheads dominate;
 * **wide vector rows**: 60,000 1536-dimension embeddings (``tasks`` and ``agent_memory``), each behind an
-  HNSW index, where per-byte costs and index builds dominate;
+  HNSW index, where per-byte costs and index builds dominate. Embeddings cluster by topic (32 centres plus
+  noise), as real ones do; uniformly random vectors are HNSW's worst case and would make every method's time
+  mostly the same two index builds;
 * a few thousand snapshots with 10–60 kB JSON states and binary blobs (out-of-line TOAST values).
 
 Everything is generated inside PostgreSQL with ``generate_series`` (``setseed`` makes the non-key values
@@ -76,7 +78,7 @@ _STEPS: tuple[tuple[str, str], ...] = (
                (array['pending', 'queued', 'running', 'completed', 'failed', 'cancelled'])[1 + i % 6],
                i % 5, array['t' || (i % 11), 'area-' || (i % 4)],
                jsonb_build_object('source', 'api', 'attempt', i % 3, 'labels', jsonb_build_array('x', i % 9)),
-               pgferry_bench_vector(), now() + (i % 30 || ' days')::interval,
+               pgferry_bench_vector(i), now() + (i % 30 || ' days')::interval,
                case when i % 6 = 3 then now() end, now() - (i || ' seconds')::interval, now()
         from generate_series(1, %(n)s) as i
         join pgferry_bench_environments e on e.n = 1 + i %% {count_environments}
@@ -90,7 +92,7 @@ _STEPS: tuple[tuple[str, str], ...] = (
         select gen_random_uuid(), pgferry_bench_user(i), 'agent-' || (i % 12),
                (array['episodic', 'semantic', 'procedural', 'working'])[1 + i % 4],
                'The user prefers ' || md5(i::text) || ' when deploying to ' || (i % 9),
-               jsonb_build_object('turn', i % 100), random(), pgferry_bench_vector(), i % 50,
+               jsonb_build_object('turn', i % 100), random(), pgferry_bench_vector(i), i % 50,
                now() - (i % 1000 || ' minutes')::interval, null, now() - (i || ' seconds')::interval, now()
         from generate_series(1, %(n)s) as i
         """,
@@ -164,13 +166,17 @@ _STEPS: tuple[tuple[str, str], ...] = (
 _HELPERS = """
 create or replace function pgferry_bench_user(i bigint) returns uuid language sql immutable as
 $$ select (lpad(to_hex(1 + i %% {users}), 8, '0') || '-0000-4000-8000-000000000000')::uuid $$;
-create or replace function pgferry_bench_vector() returns public.vector language sql volatile as
-$$ select array(select (random() * 2 - 1)::real from generate_series(1, 1536))::public.vector $$;
+create temporary table pgferry_bench_topics as
+  select t as topic, array(select (random() * 2 - 1)::real from generate_series(1, 1536)) as centre
+  from generate_series(0, 31) t;
+create or replace function pgferry_bench_vector(i bigint) returns public.vector language sql volatile as
+$$ select array(select c.centre[d] + ((random() - 0.5) * 0.6)::real from generate_series(1, 1536) d)::public.vector
+   from pgferry_bench_topics c where c.topic = i %% 32 $$;
 """
 
 _CLEANUP = """
 drop function pgferry_bench_user(bigint);
-drop function pgferry_bench_vector();
+drop function pgferry_bench_vector(bigint);
 """
 
 

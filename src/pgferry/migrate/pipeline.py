@@ -38,7 +38,7 @@ from psycopg import sql
 from pgferry.db.checksum import bucket_expression, hash_method_for, pin_output_settings, table_columns
 from pgferry.db.retry import classify_error
 from pgferry.migrate import state as st
-from pgferry.migrate.copy import ChunkResult, CopySpec, copy_table_chunk
+from pgferry.migrate.copy import ChunkResult, CopySpec, batched_copy_data, copy_table_chunk
 from pgferry.migrate.deferred import DeferredObject, restore_one
 from pgferry.migrate.errors import on_side
 from pgferry.migrate.verify import TableCheck, verify_table
@@ -603,7 +603,7 @@ def repair_table(
             deleted = target.execute(sql.SQL("delete from only {} where {}").format(table, in_buckets(target))).rowcount
             with source.cursor() as src, target.cursor() as tgt:
                 with src.copy(copy_out) as out, tgt.copy(copy_in) as into:
-                    for block in out:
+                    for block in batched_copy_data(out):
                         into.write(block)
                 copied = tgt.rowcount
     log.info("repaired", table=f"{spec.schema}.{spec.table}", deleted=deleted, copied=copied)
