@@ -48,7 +48,7 @@ def _run_state(target_url: str) -> tuple[str | None, int, int]:
 
 
 def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str) -> None:
-    manager = seed_source(source_url, scale=0.25, seed=5)
+    seed_source(source_url, scale=0.25, seed=5)
     rng = random.Random(20261125)
     run_args = ["migrate", "run", "--source", source_url, "--target", baseline_url]
     run_args += ["--jobs", "2", "--batch-rows", "400", "--json"]
@@ -96,8 +96,7 @@ def test_kill_9_at_random_points_then_resume(source_url: str, baseline_url: str)
     current = _done_chunks(baseline_url)
     for key, copied_at in seen_done.items():
         assert current.get(key) == copied_at, f"chunk {key} was copied again"
-    comparison = manager.compare_with(baseline_url)
-    assert comparison.identical, comparison.describe()
+    assert_same_rows(source_url, baseline_url)  # independent of the checksum the verifier uses
     verify = run_pgferry("migrate", "verify", "--source", source_url, "--target", baseline_url, "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert json.loads(verify.stdout)["ok"] is True
@@ -183,7 +182,7 @@ class _RestartServersMidCopy:
 
 
 def test_source_and_target_restart_mid_copy(server_pair: ServerPair, source_url: str, baseline_url: str) -> None:
-    manager = seed_source(source_url, scale=0.1, seed=9)
+    seed_source(source_url, scale=0.1, seed=9)
     reporter = _RestartServersMidCopy(server_pair)
     service = service_for(
         source_url,
@@ -198,8 +197,7 @@ def test_source_and_target_restart_mid_copy(server_pair: ServerPair, source_url:
     assert summary.status == "completed"
     assert summary.verification is not None and summary.verification.ok
     assert service.retries >= 1
-    comparison = manager.compare_with(baseline_url)
-    assert comparison.identical, comparison.describe()
+    assert_same_rows(source_url, baseline_url)
 
 
 def test_cli_plan_status_verify_rollback(source_url: str, baseline_url: str) -> None:

@@ -32,8 +32,10 @@ def run_reporting_errors(main: Callable[[], object]) -> None:
     except PgferryError as exc:
         fail(str(exc))
     except psycopg.OperationalError as exc:
+        side = getattr(exc, "pgferry_side", None)
+        which = f"the {side} database" if side else "the database"
         fail(
-            f"cannot connect to the database: {_first_line(exc)} (check the URL, that the server runs and "
+            f"cannot connect to {which}: {_first_line(exc)} (check the URL, that the server runs and "
             "that it accepts connections from here)"
         )
     except psycopg.Error as exc:

@@ -508,6 +508,8 @@ class Migration:
         begin = names.index(start_phase) if start_phase in names else (len(names) if start_phase == "complete" else 0)
         for name, step in steps[begin:]:
             if name == "verify" and not self.options.verify:
+                with self._target() as target:  # --no-verify: nothing left to do, the run is complete
+                    st.set_phase(target, run_id, "complete", status="completed")
                 continue
             self._phase = name
             self.reporter.phase(name)
@@ -738,7 +740,14 @@ class Migration:
             self.reporter.message(f"held back {held_back} foreign keys of skipped or differing tables")
 
     def _hold_back(self, target: psycopg.Connection[Any], run_id: int) -> int:
-        """Objects of skipped or differing tables, and foreign keys into them, cannot be built; say so."""
+        """Objects of skipped or differing tables, and foreign keys into them, cannot be built; say so.
+
+        What an earlier run held back is looked at again: a table repaired since is no longer blocked.
+        """
+        target.execute(
+            "update pgferry.migration_deferred set state = 'dropped' where run_id = %s and state = 'skipped'",
+            (run_id,),
+        )
         blocked = {
             f"{r[0]}.{r[1]}": str(r[2])
             for r in target.execute(

@@ -533,7 +533,9 @@ class DataPipeline:
         if check.differing_buckets:
             self.host.note(
                 f"{table.qualified}: copying {len(check.differing_buckets)} of {check.buckets} buckets again "
-                f"(source {check.source_rows:,} rows, target {check.target_rows:,})"
+                f"(source {check.source_rows:,} rows, target {check.target_rows:,})",
+                table=table.qualified,
+                level="warning",
             )
             self.host.retry(
                 lambda: repair_table(

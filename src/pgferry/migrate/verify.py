@@ -232,7 +232,8 @@ def _examples(
             method=method,
         )
 
-    label = f"key ({', '.join(key_columns)}) = " if key_columns else "row "
+    # Keyless rows are shown as the digest sees them: columns in name order.
+    label = f"key ({', '.join(key_columns)}) = " if key_columns else f"row ({_clip(', '.join(columns), 60)}) = "
 
     def order(row: tuple[str, int, str]) -> tuple[str, int]:
         # Keys are unique per side; keyless rows are a multiset, ordered by their hash (ties are equal rows).
