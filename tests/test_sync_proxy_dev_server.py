@@ -29,6 +29,7 @@ from pgferry.testing.asgi import ServedApp
 
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "test-only-jwt-secret-with-at-least-32-characters"
+SYNC_SECRET = "proxy-to-dev-server-secret-0123"  # the dev server's; only the proxy knows it
 SUPABASE_URL = "http://127.0.0.1:54321"
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
@@ -58,10 +59,10 @@ def node() -> str:
 @pytest.fixture
 def stack(target_url: str, tmp_path: Path) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
     """(proxy URL, a connection to the database behind it)."""
-    sync_app = create_sync_app(SyncServerConfig(database_url=target_url, data_dir=tmp_path / "sync", live_timeout=2))
-    with ServedApp(sync_app) as sync, psycopg.connect(target_url, autocommit=True) as conn:
+    config = SyncServerConfig(database_url=target_url, data_dir=tmp_path / "sync", live_timeout=2, secret=SYNC_SECRET)
+    with ServedApp(create_sync_app(config)) as sync, psycopg.connect(target_url, autocommit=True) as conn:
         verifier = TokenVerifier(jwt_secret=SECRET, supabase_url=SUPABASE_URL)
-        proxy_app = create_proxy_app(ProxyConfig(upstream=sync.url, verifier=verifier))
+        proxy_app = create_proxy_app(ProxyConfig(upstream=sync.url, verifier=verifier, electric_secret=SYNC_SECRET))
         with ServedApp(proxy_app) as proxy:
             yield proxy.url, conn
 
@@ -131,13 +132,19 @@ def test_a_user_cannot_widen_the_shape_with_a_where_clause(stack: tuple[str, Any
     add_task(conn, ALICE, "alice only")
     add_task(conn, BOB, "bob only")
     headers = {"Authorization": f"Bearer {token_for(ALICE)}"}
-    for where in ["true", "user_id <> '00000000-0000-4000-8000-00000000a11c'", "title = 'bob only' or true"]:
+    cases = {  # where clause -> what Alice must see: her own rows that match it, never Bob's
+        "true": ["alice only"],
+        "user_id <> '00000000-0000-4000-8000-00000000a11c'": [],
+        "title = 'bob only' or true": ["alice only"],
+        "title = 'bob only'": [],
+    }
+    for where, expected in cases.items():
         response = httpx.get(
             proxy_url + "/v1/shape", params={"table": "tasks", "offset": "-1", "where": where}, headers=headers
         )
         assert response.status_code == 200, response.text
         titles = [m["value"]["title"] for m in response.json() if "key" in m]
-        assert "bob only" not in titles
+        assert titles == expected, where
     hostile = httpx.get(
         proxy_url + "/v1/shape", params={"table": "tasks", "offset": "-1", "where": "true) or (true"}, headers=headers
     )
