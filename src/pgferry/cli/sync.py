@@ -35,17 +35,34 @@ def proxy(
         list[str] | None,
         typer.Option("--allow-origin", help="Browser origin allowed by CORS; repeat for several [default: *]."),
     ] = None,
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--columns",
+            help="Column allow-list of a table, like public.tasks=id,user_id,title (the primary key included); "
+            "other columns are never selected nor filtered on. Repeat for several tables [default: all columns].",
+        ),
+    ] = None,
+    max_shapes_per_user: Annotated[
+        int, typer.Option(min=1, help="Distinct shapes one user may use (within 10 minutes); more: 429.")
+    ] = 32,
+    max_snapshots_per_user: Annotated[
+        int, typer.Option(min=1, help="New shapes (offset=-1 requests) one user may load at once; more: 429.")
+    ] = 2,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward."""
     # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
     import uvicorn
 
-    from pgferry.sync.proxy import ProxyConfig, create_proxy_app
+    from pgferry.sync.limits import UserLimits
+    from pgferry.sync.proxy import ProxyConfig, create_proxy_app, parse_column_rules
 
     config = ProxyConfig.from_settings(
         upstream=upstream or settings().electric_url or DEFAULT_UPSTREAM,
         allow_origins=tuple(allow_origin or ("*",)),
+        tables=parse_column_rules(columns or ()),
+        limits=UserLimits(max_shapes=max_shapes_per_user, max_concurrent_snapshots=max_snapshots_per_user),
     )
     typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape", err=True)
     uvicorn.run(
