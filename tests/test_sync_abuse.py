@@ -316,6 +316,8 @@ def test_one_user_cannot_create_shapes_without_end(stack: Stack) -> None:
     stack.add(ALICE, "alice's task", priority=1)
     stack.add(BOB, "bob's task")
     bob = Follower(stack, BOB)
+    for i in range(3):  # shapes the sync server refuses hold nothing and do not count
+        assert_clean_error(stack.get(ALICE, where=f"priority = 'not a number {i}'"), 400)
     answers = [stack.get(ALICE, where=f"priority <> {1000 + i}") for i in range(8)]
     assert [a.status_code for a in answers[:5]] == [200] * 5
     for refused in answers[5:]:
@@ -359,6 +361,7 @@ def test_the_sync_server_requires_its_secret_and_serves_only_its_tables(stack: S
     assert "access-control-allow-origin" not in preflight.headers
     assert_flows(bob, "bob after the direct requests")
     assert stack.direct(offset="-1", secret=SYNC_SECRET).status_code == 200  # the secret itself works
+    assert stack.direct(offset="-1", api_secret=SYNC_SECRET).status_code == 200  # under its older name too
 
 
 def test_served_tables_never_include_pgferry_or_supabase_schemas(target_url: str, tmp_path: Path) -> None:
@@ -387,3 +390,38 @@ def test_cors_of_the_sync_server_follows_its_configuration(target_url: str, tmp_
         assert delete.status_code == 400 and "DELETE" not in delete.headers.get("access-control-allow-methods", "")
         other = httpx.get(sync.url + "/v1/health", headers={"origin": "https://evil.example"})
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_the_sync_server_bounds_shape_creation(target_url: str, tmp_path: Path) -> None:
+    """Shapes beyond --max-shapes are a 429; while the creation queue is full, a new shape is a 503; both with
+    Retry-After, and shapes that exist are still served."""
+    with psycopg.connect(target_url, autocommit=True) as db:
+        db.execute("insert into tasks (user_id, title) values (%s, 'x')", [ALICE])
+        with _sync_app(target_url, tmp_path / "a", max_shapes=2) as sync:
+
+            def direct(**params: str) -> httpx.Response:
+                query = {"table": "tasks", "offset": "-1", "secret": SYNC_SECRET, **params}
+                return httpx.get(sync.url + "/v1/shape", params=query, timeout=30)
+
+            assert direct(where="priority > 0").status_code == 200
+            assert direct(where="priority > 1").status_code == 200
+            refused = direct(where="priority > 2")
+            assert_clean_error(refused, 429)
+            assert int(refused.headers["retry-after"]) >= 1
+            assert direct(where="priority > 0").status_code == 200  # an existing shape is still served
+        # A creation waiting (here: for a transaction open since tasks joined the publication) fills a queue of
+        # one; the next new shape is told to come back.
+        with _sync_app(target_url, tmp_path / "b", tables=("public.agent_executions",)):
+            pass
+        with psycopg.connect(target_url) as open_since_the_join:
+            open_since_the_join.execute("insert into tasks (user_id, title) values (%s, 'y')", [ALICE])
+            with _sync_app(
+                target_url, tmp_path / "b", tables=("public.agent_executions", "public.tasks"), max_waiting_creations=1
+            ) as sync:
+                query = {"table": "tasks", "offset": "-1", "secret": SYNC_SECRET}
+                first = Later(lambda: httpx.get(sync.url + "/v1/shape", params={**query, "where": "true"}, timeout=30))
+                time.sleep(0.5)
+                second = httpx.get(sync.url + "/v1/shape", params={**query, "where": "false"}, timeout=30)
+                assert "being created" in assert_clean_error(second, 503)["errors"]["table"][0]
+                assert int(second.headers["retry-after"]) >= 1
+                assert first.result().status_code == 503  # it waited its 2 s and is told to retry, too

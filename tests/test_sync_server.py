@@ -413,6 +413,21 @@ def test_serve_refuses_a_role_without_replication_in_one_line(target_url: str) -
             conn.execute(f"drop role {role}")
 
 
+def test_serve_requires_a_secret_unless_insecure(target_url: str) -> None:
+    from tests.cli_helpers import run_pgferry
+
+    result = run_pgferry("sync", "serve", "--database-url", target_url, "--port", "1", env={"ELECTRIC_SECRET": ""})
+    assert result.returncode == 2
+    assert "ELECTRIC_SECRET" in result.stderr and "--insecure" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    short = run_pgferry("sync", "serve", "--database-url", target_url, "--port", "1", env={"ELECTRIC_SECRET": "short"})
+    assert short.returncode == 2 and "at least 16 characters" in short.stderr
+    forbidden = run_pgferry(
+        "sync", "serve", "--database-url", target_url, "--port", "1", "--insecure", "--table", "auth.users"
+    )
+    assert forbidden.returncode == 2 and "never serves" in forbidden.stderr
+
+
 def test_values_are_the_same_text_in_the_snapshot_and_in_live_changes(server: ServedApp, db: Any) -> None:
     """Snapshot rows come from a SQL session and live rows from the replication stream: every type the platform
     uses must print identically in both, or a client would see a value change that never happened."""

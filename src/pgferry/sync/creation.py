@@ -46,12 +46,14 @@ class ShapeCreator:
         self._url = url
         self._manager = manager
         self._tables = tables
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgferry-shape")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgferry-shape")  # see close()
         self._max_waiting = max_waiting
         self._max_shapes = max_shapes
         self._creating: dict[ShapeDefinition, asyncio.Future[Shape]] = {}
 
     def close(self) -> None:
+        """Drop queued work; a running snapshot stops at its next page (:meth:`ShapeManager.close`), so the
+        process does not wait for it at exit."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @property

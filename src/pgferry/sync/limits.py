@@ -79,6 +79,13 @@ class UserLimiter:
             used[shape] = now
             used.move_to_end(shape)
 
+    def forget_shape(self, user: UUID, shape: tuple[tuple[str, str], ...]) -> None:
+        """Stop counting a shape the sync service refused (a 400: it holds no copy of anything)."""
+        with self._lock:
+            used = self._shapes.get(user)
+            if used is not None:
+                used.pop(shape, None)
+
     @contextlib.contextmanager
     def snapshot(self, user: UUID) -> Iterator[None]:
         """Hold one of ``user``'s concurrent snapshot slots for the ``with`` block; 429 if none is free."""

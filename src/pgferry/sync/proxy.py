@@ -127,7 +127,9 @@ EXPOSED_HEADERS: Final = (
 )
 #: Upstream response headers relayed besides ``electric-*``. ``content-length`` is not: the body is streamed
 #: (chunked) and must not be promised a length the relay cannot guarantee if upstream breaks off.
-_RELAYED_HEADERS: Final = frozenset({"cache-control", "etag", "content-type", "content-encoding", "retry-after"})
+_RELAYED_HEADERS: Final = frozenset(
+    {"cache-control", "etag", "content-type", "content-encoding", "retry-after", "x-accel-buffering"}
+)
 
 _IDENT: Final = IDENT_PATTERN
 _COLUMN_RE: Final = re.compile(rf"^\s*({_IDENT})\s*$")
@@ -497,14 +499,19 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
             return _error(503, body, {"retry-after": "5"})
         try:
             query = build_upstream_params(list(request.query_params.multi_items()), user, config)
-            limiter.use_shape(user.user_id, _shape_key(query))
+            shape_key = _shape_key(query)
+            limiter.use_shape(user.user_id, shape_key)
             if _first(query, "offset") == "-1":
                 with limiter.snapshot(user.user_id):
-                    return await _forward(request, query)
+                    response = await _forward(request, query)
+            else:
+                response = await _forward(request, query)
         except ProtocolError as exc:
             log.info("shape request refused", user_id=str(user.user_id), field=exc.field, status=exc.status)
             return _error(exc.status, exc.body(), exc.headers())
-        return await _forward(request, query)
+        if response.status_code == 400:  # upstream refused the shape: it does not count against the user
+            limiter.forget_shape(user.user_id, shape_key)
+        return response
 
     async def _forward(request: Request, query: list[tuple[str, str]]) -> Response:
         headers = {

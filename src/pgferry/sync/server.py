@@ -228,9 +228,9 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             yield
         finally:
             stop_preparing.set()
-            await asyncio.to_thread(feed.stop)
+            manager.close()  # first: running snapshots stop at their next page
             creator.close()
-            manager.close()
+            await asyncio.to_thread(feed.stop)
 
     async def health(_request: Request) -> Response:
         feed = holder.get("feed")

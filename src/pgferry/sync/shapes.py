@@ -220,6 +220,7 @@ class ShapeManager:
         self._by_handle: dict[str, Shape] = {}
         self._by_definition: dict[ShapeDefinition, Shape] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = threading.Event()  # set at shutdown: running snapshots stop at their next page
         self.processed_lsn = 0  # commit LSN of the last transaction applied to every shape
         self.transactions_applied = 0
         self.shapes_invalidated = 0
@@ -282,6 +283,7 @@ class ShapeManager:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             for shape in self._by_handle.values():
                 shape.log.close()
@@ -438,6 +440,8 @@ class ShapeManager:
                 cursor.itersize = 5000
                 cursor.execute(query, params)
                 while True:
+                    if self._closing.is_set():
+                        raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
                     rows = cursor.fetchmany(5000)
                     if not rows:
                         break
