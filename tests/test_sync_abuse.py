@@ -425,3 +425,29 @@ def test_the_sync_server_bounds_shape_creation(target_url: str, tmp_path: Path) 
                 assert "being created" in assert_clean_error(second, 503)["errors"]["table"][0]
                 assert int(second.headers["retry-after"]) >= 1
                 assert first.result().status_code == 503  # it waited its 2 s and is told to retry, too
+
+
+def test_simple_comparisons_guard_the_other_terms_wherever_they_are_written(stack: Stack) -> None:
+    """The guard term is written last, after a term that fails on everyone else's rows. Evaluated in the order
+    written (as a select list is), the clause would fail on Bob's next row and the shape would be invalidated;
+    hoisted as a guard, the failing term never meets Bob's rows and the shape keeps following Alice's."""
+    stack.add(ALICE, "alice 1")
+    where = f"1 / CAST((user_id = '{ALICE}') AS int4) = 1 AND user_id = '{ALICE}'"
+    first = stack.direct(where=where, offset="-1", secret=SYNC_SECRET)
+    assert first.status_code == 200, first.text
+    stack.add(BOB, BOB_SECRET_TITLE)
+    stack.add(ALICE, "alice 2")
+    seen: list[str] = []
+    response = first
+    deadline = time.monotonic() + 30
+    while "alice 2" not in seen and time.monotonic() < deadline:
+        response = stack.direct(
+            where=where,
+            offset=response.headers["electric-offset"],
+            handle=response.headers["electric-handle"],
+            live="true",
+            secret=SYNC_SECRET,
+        )
+        assert response.status_code == 200, response.text  # a 409 here: the shape was invalidated
+        seen += [m["value"]["title"] for m in response.json() if "key" in m]
+    assert seen == ["alice 2"]

@@ -82,8 +82,13 @@ class ShapeCreator:
                 )
             future = asyncio.ensure_future(self._create(definition))
             self._creating[definition] = future
-            future.add_done_callback(lambda _done: self._creating.pop(definition, None))
+            future.add_done_callback(lambda done: self._finished(definition, done))
         return await asyncio.shield(future)
+
+    def _finished(self, definition: ShapeDefinition, done: asyncio.Future[Shape]) -> None:
+        self._creating.pop(definition, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every waiter may have hung up, and nobody else would
 
     async def _create(self, definition: ShapeDefinition) -> Shape:
         await self._wait_aligned(definition)
