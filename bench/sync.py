@@ -216,6 +216,7 @@ class SyncServer:
             "--port", str(self.port),
             "--data-dir", str(self.data_dir),
             "--live-timeout", str(self.live_timeout),
+            "--insecure",  # loopback only, for the length of the run: the benchmark measures sync, not auth
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(

@@ -47,6 +47,15 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
     synced = httpx.get(urls["proxy"] + "/v1/shape", params=shape, headers={"Authorization": f"Bearer {token}"})
     assert synced.status_code == 200, synced.text
     assert synced.headers["electric-handle"]
+    # The sync server itself only answers requests carrying the secret `dev up` generated for the stack (and gave
+    # to the proxy); it is private to the stack's home.
+    direct = httpx.get(urls["sync"] + "/v1/shape", params=shape)
+    assert direct.status_code == 401 and direct.json()["message"] == "Unauthorized", direct.text
+    assert httpx.get(urls["sync"] + "/v1/shape", params={**shape, "secret": "guess" * 8}).status_code == 401
+    secret_file = Path(stack_env["PGFERRY_HOME"]) / "dev" / "electric-secret"
+    assert secret_file.stat().st_mode & 0o077 == 0
+    with_secret = httpx.get(urls["sync"] + "/v1/shape", params={**shape, "secret": secret_file.read_text().strip()})
+    assert with_secret.status_code == 200, with_secret.text
     with psycopg.connect(urls["source"]) as conn:
         version = conn.execute("show server_version_num").fetchone()
         assert version is not None and int(str(version[0])) // 10000 == server_pair.install.major_version
@@ -60,7 +69,9 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
             "and relkind = 'r'"
         ).fetchone()
         assert rls == (True,)
-        assert conn.execute("select extversion is not null from pg_extension where extname = 'vector'").fetchone()
+        assert conn.execute("select extversion is not null from pg_extension where extname = 'vector'").fetchone() == (
+            True,
+        )
 
     again = run_pgferry("dev", "up", "--json", env=stack_env)  # harmless, keeps the original ports
     assert again.returncode == 0, again.stderr
@@ -70,8 +81,11 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
     assert via_psql.returncode == 0, via_psql.stderr
     assert via_psql.stdout.strip() == "postgres"
 
-    human = run_pgferry("dev", "status", env=stack_env)
-    assert urls["source"] in human.stdout.replace("\n", "") or "source" in human.stdout
+    human = run_pgferry("dev", "status", env={**stack_env, "COLUMNS": "250"})
+    assert human.returncode == 0, human.stderr
+    for name in ("source", "target", "sync", "proxy"):  # each server on its own row, with its URL and "up"
+        [row] = [line for line in human.stdout.splitlines() if f" {name} " in line]
+        assert urls[name] in row and " up " in row, human.stdout
 
     down = run_pgferry("dev", "down", env=stack_env)
     assert down.returncode == 0

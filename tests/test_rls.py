@@ -149,3 +149,82 @@ def test_claims_with_unknown_role_are_refused(target_url: str) -> None:
     with psycopg.connect(target_url, autocommit=True) as conn, pytest.raises(ClaimsError):
         with scoped_transaction(conn, {"role": "postgres", "sub": str(ALICE)}):
             pass
+
+
+# -- privileges that RLS does not govern ---------------------------------------------------------------------------
+
+_POLICY_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})  # each one checked against the policies
+_EXPECTED_TABLE_PRIVILEGES = {"anon": _POLICY_PRIVILEGES, "authenticated": _POLICY_PRIVILEGES}
+
+
+def test_effective_privileges_of_every_role_on_every_table_are_no_wider_than_the_policies_need(
+    target_url: str,
+) -> None:
+    """Every role, every table in public, every privilege: the API roles hold only what RLS governs, service_role
+    (a server key that bypasses RLS anyway) holds everything, every other role (but superusers) holds nothing."""
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        version = conn.execute("show server_version_num").fetchone()
+        assert version is not None
+        privileges = ["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"]
+        if int(str(version[0])) >= 170000:
+            privileges.append("MAINTAIN")
+        roles = [
+            str(r[0])
+            for r in conn.execute("select rolname from pg_roles where rolname !~ '^pg_' and not rolsuper").fetchall()
+        ]
+        tables = [
+            str(r[0])
+            for r in conn.execute(
+                "select relname from pg_class where relnamespace = 'public'::regnamespace and relkind in ('r', 'p')"
+            ).fetchall()
+        ]
+        assert {"anon", "authenticated", "service_role", "authenticator"} <= set(roles)
+        assert set(USER_OWNED_TABLES) <= set(tables)
+        wider: dict[tuple[str, str], set[str]] = {}
+        for role in roles:
+            expected = set(privileges) if role == "service_role" else _EXPECTED_TABLE_PRIVILEGES.get(role, set())
+            for table in tables:
+                held = {
+                    privilege
+                    for privilege in privileges
+                    if conn.execute(
+                        "select has_table_privilege(%s, %s, %s)", (role, f"public.{table}", privilege)
+                    ).fetchone()
+                    == (True,)
+                }
+                if held != expected:
+                    wider[(role, table)] = held ^ expected
+        assert wider == {}, wider
+        for role in ("anon", "authenticated"):  # setval on the identity sequence would break everyone's inserts
+            row = conn.execute(
+                "select has_sequence_privilege(%s, 'public.observability_events_id_seq', 'UPDATE')", (role,)
+            ).fetchone()
+            assert row == (False,), role
+        row = conn.execute(
+            "select has_sequence_privilege('authenticated', 'public.observability_events_id_seq', 'USAGE')"
+        ).fetchone()
+        assert row == (True,)  # inserts as the user still draw ids
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "truncate public.tasks cascade",
+        "create trigger spy before insert on public.tasks for each row execute function public.set_updated_at()",
+        "alter table public.workflows add constraint grab foreign key (id) references public.tasks (id)",
+        "select setval('public.observability_events_id_seq', 1)",
+    ],
+)
+def test_a_user_cannot_step_around_rls_with_table_privileges(target_url: str, tenants: Any, statement: str) -> None:
+    """TRUNCATE ignores RLS (Alice's truncate used to remove Bob's rows); triggers and foreign keys reach rows
+    RLS hides; setval breaks everyone's next insert. All refused; Bob's rows are intact."""
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with scoped_transaction(conn, user_claims(ALICE)):
+                conn.execute(statement)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            with scoped_transaction(conn, anon_claims()):
+                conn.execute(statement)
+        assert _count(conn, "tasks", "user_id = %s", (BOB,)) == 1
+        with scoped_transaction(conn, user_claims(ALICE)):  # positive control: what the policies need still works
+            assert conn.execute("delete from public.tasks where id = %s", (tenants[ALICE]["tasks"],)).rowcount == 1

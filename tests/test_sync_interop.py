@@ -37,6 +37,7 @@ from pgferry.localstack.cluster import free_port
 
 JS_DIR = Path(__file__).parent / "js"
 DEADLINE = 20.0
+SECRET = "interop-sync-secret-0123456789"  # the dev server's; clients send it as the `secret` parameter
 ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
 
@@ -208,6 +209,8 @@ def _pgferry_command() -> list[str]:
 class DevServer:
     database_url: str
     data_dir: Path
+    tables: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
@@ -233,8 +236,12 @@ class DevServer:
             "--data-dir",
             str(self.data_dir),
         ]
+        for table in self.tables:
+            command += ["--table", table]
+        command += self.extra_args
+        env = {**os.environ, "ELECTRIC_SECRET": SECRET}
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -266,7 +273,7 @@ class DevServer:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def request(self, method: str, query: str) -> int:
-        return httpx.request(method, f"{self.shape_url}?{query}", timeout=10).status_code
+        return httpx.request(method, f"{self.shape_url}?{query}&secret={SECRET}", timeout=10).status_code
 
 
 @pytest.fixture
@@ -311,7 +318,7 @@ def titles(rows: list[dict[str, Any]]) -> set[str]:
 
 
 def shape_config(server: DevServer, **extra: Any) -> dict[str, Any]:
-    return {"url": server.shape_url, "table": "tasks", **extra}
+    return {"url": server.shape_url, "table": "tasks", "secret": SECRET, **extra}
 
 
 def assert_no_errors(client: NodeScript) -> None:
@@ -524,12 +531,21 @@ def test_replica_full_sends_whole_rows_and_old_value(
     assert_no_errors(client)
 
 
-def test_composite_key_and_escaping(target_url: str, server: DevServer, clients: Callable[..., NodeScript]) -> None:
+def test_composite_key_and_escaping(target_url: str, clients: Callable[..., NodeScript], tmp_path: Path) -> None:
     """Electric's key: every pk column in pk order, `/` inside a value doubled, `"` left alone."""
     with psycopg.connect(target_url, autocommit=True) as conn:
         conn.execute("create table public.sync_pairs (a text, b int, note text, primary key (a, b))")
         conn.execute("""insert into public.sync_pairs values ('x/y"z', 2, 'first')""")
-    client = clients("shape-stream.mjs", {"url": server.shape_url, "table": "public.sync_pairs"})
+    server = DevServer(database_url=target_url, data_dir=tmp_path / "pairs", tables=("public.sync_pairs",))
+    server.start()
+    try:
+        _composite_key_and_escaping(target_url, server, clients)
+    finally:
+        server.stop()
+
+
+def _composite_key_and_escaping(target_url: str, server: DevServer, clients: Callable[..., NodeScript]) -> None:
+    client = clients("shape-stream.mjs", shape_config(server, table="public.sync_pairs"))
     event = client.wait_rows(lambda rows: len(rows) == 1, "the snapshot")
     assert event["keys"] == ['"public"."sync_pairs"/"x//y"z"/"2"'], event
     assert event["rows"] == [{"a": 'x/y"z', "b": 2, "note": "first"}]
@@ -539,12 +555,48 @@ def test_composite_key_and_escaping(target_url: str, server: DevServer, clients:
     assert_no_errors(client)
 
 
+def test_live_sse_with_the_official_client(target_url: str, clients: Callable[..., NodeScript], tmp_path: Path) -> None:
+    """``liveSse: true``: the client follows the shape over server-sent events; each stream ends after 2 s and the
+    client reconnects from the offset it derives from the last up-to-date, missing and repeating nothing."""
+    server = DevServer(database_url=target_url, data_dir=tmp_path / "sse", extra_args=("--sse-timeout", "2"))
+    server.start()
+    try:
+        first = insert_task(target_url, "first")
+        client = clients("shape-stream.mjs", shape_config(server, liveSse=True))
+        client.wait_rows(lambda rows: titles(rows) == {"first"}, "the snapshot")
+        second = insert_task(target_url, "second")
+        client.wait_rows(lambda rows: titles(rows) == {"first", "second"}, "a live insert over SSE")
+        sse_requests = 0
+
+        def second_stream(event: Event) -> bool:
+            nonlocal sse_requests
+            if event["event"] == "request" and "live_sse=true" in event["url"]:
+                sse_requests += 1
+            return sse_requests >= 2
+
+        client.wait_for(second_stream, "the client to reconnect after its first stream ended")
+        execute(target_url, "update public.tasks set title = 'second, edited' where id = %s", (second,))
+        execute(target_url, "delete from public.tasks where id = %s", (first,))
+        client.wait_rows(lambda rows: titles(rows) == {"second, edited"}, "the update and the delete over SSE")
+        streams = [r for r in client.seen("response") if "live_sse=true" in r["url"] and "status" in r]
+        assert len(streams) >= 2, client.transcript()
+        assert all(r["status"] == 200 for r in streams), client.transcript()
+        assert all(r["headers"]["content-type"].startswith("text/event-stream") for r in streams), streams
+        changes = change_messages(client)
+        inserts = [m["key"] for m in changes if m["headers"]["operation"] == "insert"]
+        assert len(inserts) == len(set(inserts)) == 2, changes
+        assert [m["headers"]["operation"] for m in changes[2:]] == ["update", "delete"], changes
+        assert_no_errors(client)
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # pglite-sync into a real PGlite
 
 
 def pglite_config(server: DevServer, data_dir: Path, **extra: Any) -> dict[str, Any]:
-    return {"url": server.shape_url, "dataDir": str(data_dir), "shapeKey": "tasks", **extra}
+    return {"url": server.shape_url, "dataDir": str(data_dir), "shapeKey": "tasks", "secret": SECRET, **extra}
 
 
 def test_pglite_sync_and_restart_resume(
@@ -611,10 +663,12 @@ def test_offset_beyond_the_log_is_rejected(target_url: str, server: DevServer) -
     that lsn as last_lsn and afterwards drops every change whose lsn is lower, silently.
     """
     insert_task(target_url, "x")
-    first = httpx.get(server.shape_url, params={"table": "tasks", "offset": "-1"}, timeout=10)
+    first = httpx.get(server.shape_url, params={"table": "tasks", "offset": "-1", "secret": SECRET}, timeout=10)
     handle = first.headers["electric-handle"]
     ahead = httpx.get(
-        server.shape_url, params={"table": "tasks", "offset": "999999999999_0", "handle": handle}, timeout=10
+        server.shape_url,
+        params={"table": "tasks", "offset": "999999999999_0", "handle": handle, "secret": SECRET},
+        timeout=10,
     )
     assert ahead.status_code == 400, (ahead.status_code, dict(ahead.headers), ahead.text)
 
@@ -643,6 +697,7 @@ def proxy(server: DevServer, tmp_path: Path) -> Iterator[str]:
         "SUPABASE_JWT_SECRET": PROXY_SECRET,
         "SUPABASE_URL": "http://127.0.0.1:54321",
         "SUPABASE_JWKS_URL": "",
+        "ELECTRIC_SECRET": SECRET,  # the proxy adds it to what it forwards, as `pgferry dev up` runs it
     }
     command = [*_pgferry_command(), "sync", "proxy", "--upstream", server.base, "--port", str(port)]
     with (tmp_path / "proxy.log").open("wb") as log:
@@ -686,3 +741,22 @@ def test_two_users_through_the_proxy_each_see_only_their_own_rows(
     assert_no_errors(bob)
     refused = httpx.get(proxy, params={"table": "tasks", "offset": "-1"}, timeout=10)
     assert refused.status_code == 401
+
+
+def test_live_sse_through_the_proxy(target_url: str, proxy: str, clients: Callable[..., NodeScript]) -> None:
+    """The proxy streams SSE through unbuffered: each user's live changes arrive over their own event stream."""
+    insert_task(target_url, "alice 1", user_id=ALICE)
+    insert_task(target_url, "bob 1", user_id=BOB)
+    alice = clients(
+        "shape-stream.mjs",
+        {"url": proxy, "table": "tasks", "liveSse": True, "headers": {"Authorization": f"Bearer {_token(ALICE)}"}},
+    )
+    alice.wait_rows(lambda rows: titles(rows) == {"alice 1"}, "alice's snapshot")
+    alice.wait_for(lambda e: e["event"] == "request" and "live_sse=true" in e["url"], "an SSE request")
+    insert_task(target_url, "bob 2", user_id=BOB)
+    insert_task(target_url, "alice 2", user_id=ALICE)
+    alice.wait_rows(lambda rows: titles(rows) == {"alice 1", "alice 2"}, "alice's live insert over SSE")
+    streams = [r for r in alice.seen("response") if "live_sse=true" in r["url"] and "status" in r]
+    assert streams and streams[0]["headers"]["content-type"].startswith("text/event-stream"), streams
+    assert all("bob" not in str(m["value"].get("title")) for m in change_messages(alice)), alice.transcript()
+    assert_no_errors(alice)

@@ -128,6 +128,8 @@ class FakeElectric:
     requests: list[Recorded] = field(default_factory=list)
     jwks: dict[str, Any] = field(default_factory=lambda: {"keys": []})
     jwks_fetches: int = 0
+    release: threading.Event = field(default_factory=threading.Event)  # lets the "stream" body finish
+    released: bool | None = None  # whether it finished because of release (not a 30 s timeout)
 
     def app(self) -> Starlette:
         async def shape(request: Request) -> Response:
@@ -156,7 +158,7 @@ class FakeElectric:
 
                 async def chunks() -> AsyncIterator[bytes]:
                     yield b'[{"headers": {"control": "snapshot-start"}}'
-                    await asyncio.sleep(1.0)
+                    self.released = await asyncio.to_thread(self.release.wait, 30)
                     yield b', {"headers": {"control": "up-to-date"}}]'
 
                 return StreamingResponse(chunks(), media_type="application/json", headers=headers)
@@ -423,7 +425,7 @@ def test_client_where_is_anded_with_owner_and_params_renumbered(env: Stack) -> N
     response = get(env.hs, params, bearer(hs_token()))
     assert response.status_code == 200, response.text
     [seen] = env.electric.requests
-    assert seen.get("where") == f'({render_text(parse_where(client_where))}) AND "user_id" = $3'
+    assert seen.get("where") == f'"user_id" = $3 AND ({render_text(parse_where(client_where))})'
     assert seen.get("params[1]") == "active"
     assert seen.get("params[2]") == "x' OR '1'='1"  # hostile values stay values
     assert seen.get("params[3]") == str(USER)
@@ -434,7 +436,7 @@ def test_client_where_without_params(env: Stack) -> None:
     response = get(env.hs, {**SHAPE, "where": client_where}, bearer(hs_token()))
     assert response.status_code == 200, response.text
     [seen] = env.electric.requests
-    assert seen.get("where") == f'({render_text(parse_where(client_where))}) AND "user_id" = $1'
+    assert seen.get("where") == f'"user_id" = $1 AND ({render_text(parse_where(client_where))})'
     assert seen.all("params[1]") == [str(USER)]
 
 
@@ -443,7 +445,7 @@ def test_client_cannot_widen_to_another_user(env: Stack) -> None:
     response = get(env.hs, params, bearer(hs_token()))
     assert response.status_code == 200
     [seen] = env.electric.requests
-    assert seen.get("where") == f'({render_text(parse_where("user_id = $1"))}) AND "user_id" = $2'
+    assert seen.get("where") == f'"user_id" = $2 AND ({render_text(parse_where("user_id = $1"))})'
     assert seen.get("params[2]") == str(USER)
 
 
@@ -632,15 +634,18 @@ def test_live_long_poll_waits_for_upstream(env: Stack) -> None:
 
 
 def test_body_is_streamed_not_buffered(env: Stack) -> None:
-    started = time.monotonic()
+    """The upstream holds the rest of its body until the client has seen the first chunk: a buffering proxy
+    could only deliver that chunk after the upstream gave up waiting (30 s), which the upstream records."""
+    env.electric.release.clear()
+    env.electric.released = None
     with httpx.stream(
-        "GET", f"{env.hs}/v1/shape", params={**SHAPE, "handle": "stream"}, headers=bearer(hs_token()), timeout=30
+        "GET", f"{env.hs}/v1/shape", params={**SHAPE, "handle": "stream"}, headers=bearer(hs_token()), timeout=60
     ) as response:
         chunks = response.iter_raw()
         first = next(chunks)
-        first_at = time.monotonic() - started
+        env.electric.release.set()
         rest = b"".join(chunks)
-    assert first_at < 0.8, "the first chunk waited for the whole upstream body"
+    assert env.electric.released is True, "the first chunk waited for the whole upstream body"
     expected = [{"headers": {"control": "snapshot-start"}}, {"headers": {"control": "up-to-date"}}]
     assert json.loads(first + rest) == expected
 
@@ -810,12 +815,33 @@ def test_default_tables_are_the_eight_platform_tables() -> None:
     assert "public.tasks" in tables and "public.agent_memory" in tables
 
 
+def test_unused_extra_params_never_share_a_number_with_the_owner() -> None:
+    """Electric accepts values the clause does not use; the owner's number must be past all of them, or the
+    upstream would get two values for it (one of them whatever the client chose: another user's id)."""
+    config = ProxyConfig(upstream="http://127.0.0.1:1", verifier=TokenVerifier(jwt_secret=JWT_SECRET))
+    user = AuthenticatedUser(user_id=USER, claims={})
+    items = [
+        ("table", "tasks"),
+        ("where", "title = $1"),
+        ("params[1]", "x"),
+        ("params[2]", str(OTHER_USER)),
+        ("params[3]", "unused too"),
+    ]
+    query = build_upstream_params(items, user, config)
+    numbers = [name for name, _ in query if name.startswith("params[")]
+    assert len(numbers) == len(set(numbers)) == 4, query
+    forwarded = dict(query)
+    assert forwarded["where"] == '"user_id" = $4 AND (("title" = $1))'
+    assert forwarded["params[4]"] == str(USER)
+    assert forwarded["params[2]"] == str(OTHER_USER)  # forwarded as the unused value it is, never as the owner
+
+
 def test_build_upstream_params_owner_index_follows_highest_client_param() -> None:
     config = ProxyConfig(upstream="http://127.0.0.1:1", verifier=TokenVerifier(jwt_secret=JWT_SECRET))
     user = AuthenticatedUser(user_id=USER, claims={})
     items = [("table", "tasks"), ("where", "priority > $1 AND status = $2"), ("params[1]", "3"), ("params[2]", "x")]
     query = dict(build_upstream_params(items, user, config))
-    assert query["where"].endswith('AND "user_id" = $3')
+    assert query["where"].startswith('"user_id" = $3 AND (')
     assert query["params[3]"] == str(USER)
     assert "secret" not in query
 
@@ -878,3 +904,56 @@ def test_cli_serves_the_proxy(env: Stack, tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.communicate(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-user limits and column allow-lists
+
+
+def test_user_limits_expire_unused_shapes_and_free_snapshot_slots() -> None:
+    from pgferry.sync.errors import TooManyRequestsError
+    from pgferry.sync.limits import UserLimiter, UserLimits
+
+    now = [1000.0]
+    limiter = UserLimiter(UserLimits(max_shapes=2, max_concurrent_snapshots=1, shape_ttl=60), clock=lambda: now[0])
+    limiter.use_shape(USER, (("where", "a"),))
+    now[0] += 30
+    limiter.use_shape(USER, (("where", "b"),))
+    limiter.use_shape(OTHER_USER, (("where", "c"),))  # every user has their own budget
+    with pytest.raises(TooManyRequestsError) as refused:
+        limiter.use_shape(USER, (("where", "c"),))
+    assert refused.value.status == 429 and refused.value.headers() == {"retry-after": "30"}
+    limiter.use_shape(USER, (("where", "a"),))  # using a shape again is always allowed, and refreshes it
+    now[0] += 31  # both last used 31 s ago: still within the TTL
+    with pytest.raises(TooManyRequestsError):
+        limiter.use_shape(USER, (("where", "c"),))
+    now[0] += 30  # both unused for 61 s: expired, so a new one fits
+    limiter.use_shape(USER, (("where", "c"),))
+    with limiter.snapshot(USER):
+        with pytest.raises(TooManyRequestsError) as busy:
+            with limiter.snapshot(USER):
+                pass
+        assert busy.value.headers() == {"retry-after": "1"}
+        with limiter.snapshot(OTHER_USER):
+            pass
+    with limiter.snapshot(USER):  # released
+        pass
+
+
+def test_column_rules_from_the_command_line() -> None:
+    from pgferry.sync.proxy import parse_column_rules
+
+    rules = parse_column_rules(["public.tasks=id,user_id,title,status", "agent_memory=id,content"])
+    assert rules["public.tasks"].allowed_columns == frozenset({"id", "user_id", "title", "status"})
+    assert rules["public.tasks"].owner_column == "user_id" and rules["public.tasks"].primary_key == ("id",)
+    assert rules["public.agent_memory"].allowed_columns == frozenset({"id", "content"})
+    assert rules["public.environments"].allowed_columns is None
+    for bad, message in [
+        ("public.tasks", "is not like"),
+        ("public.tasks=", "is not like"),
+        ("public.tasks=title", "primary key"),
+        ("public.nope=id", "not one of the tables"),
+        ("x y=id", "is not like"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            parse_column_rules([bad])

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pgferry.testing.asgi import ServedApp
 
 JS_DIR = Path(__file__).parent / "js"
 SECRET = "test-only-jwt-secret-with-at-least-32-characters"
+SYNC_SECRET = "proxy-to-dev-server-secret-0123"  # the dev server's; only the proxy knows it
 SUPABASE_URL = "http://127.0.0.1:54321"
 ALICE = uuid.UUID("00000000-0000-4000-8000-00000000a11c")
 BOB = uuid.UUID("00000000-0000-4000-8000-000000000b0b")
@@ -58,10 +60,10 @@ def node() -> str:
 @pytest.fixture
 def stack(target_url: str, tmp_path: Path) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
     """(proxy URL, a connection to the database behind it)."""
-    sync_app = create_sync_app(SyncServerConfig(database_url=target_url, data_dir=tmp_path / "sync", live_timeout=2))
-    with ServedApp(sync_app) as sync, psycopg.connect(target_url, autocommit=True) as conn:
+    config = SyncServerConfig(database_url=target_url, data_dir=tmp_path / "sync", live_timeout=2, secret=SYNC_SECRET)
+    with ServedApp(create_sync_app(config)) as sync, psycopg.connect(target_url, autocommit=True) as conn:
         verifier = TokenVerifier(jwt_secret=SECRET, supabase_url=SUPABASE_URL)
-        proxy_app = create_proxy_app(ProxyConfig(upstream=sync.url, verifier=verifier))
+        proxy_app = create_proxy_app(ProxyConfig(upstream=sync.url, verifier=verifier, electric_secret=SYNC_SECRET))
         with ServedApp(proxy_app) as proxy:
             yield proxy.url, conn
 
@@ -131,14 +133,91 @@ def test_a_user_cannot_widen_the_shape_with_a_where_clause(stack: tuple[str, Any
     add_task(conn, ALICE, "alice only")
     add_task(conn, BOB, "bob only")
     headers = {"Authorization": f"Bearer {token_for(ALICE)}"}
-    for where in ["true", "user_id <> '00000000-0000-4000-8000-00000000a11c'", "title = 'bob only' or true"]:
+    cases = {  # where clause -> what Alice must see: her own rows that match it, never Bob's
+        "true": ["alice only"],
+        "user_id <> '00000000-0000-4000-8000-00000000a11c'": [],
+        "title = 'bob only' or true": ["alice only"],
+        "title = 'bob only'": [],
+    }
+    for where, expected in cases.items():
         response = httpx.get(
             proxy_url + "/v1/shape", params={"table": "tasks", "offset": "-1", "where": where}, headers=headers
         )
         assert response.status_code == 200, response.text
         titles = [m["value"]["title"] for m in response.json() if "key" in m]
-        assert "bob only" not in titles
+        assert titles == expected, where
     hostile = httpx.get(
         proxy_url + "/v1/shape", params={"table": "tasks", "offset": "-1", "where": "true) or (true"}, headers=headers
     )
     assert hostile.status_code == 400
+
+
+def test_unused_extra_params_cannot_carry_another_users_id(stack: tuple[str, Any]) -> None:
+    """Alice sends a parameter her clause does not use, holding Bob's id. The owner's parameter is numbered past
+    it; numbered after the used ones only, it would share number 2 with Bob's id and the upstream would choose."""
+    proxy_url, conn = stack
+    add_task(conn, ALICE, "x")
+    add_task(conn, ALICE, "y")
+    add_task(conn, BOB, "x")
+    params = {"table": "tasks", "offset": "-1", "where": "title = $1", "params[1]": "x", "params[2]": str(BOB)}
+    response = httpx.get(
+        proxy_url + "/v1/shape", params=params, headers={"Authorization": f"Bearer {token_for(ALICE)}"}
+    )
+    assert response.status_code == 200, response.text
+    rows = [m["value"] for m in response.json() if "key" in m]
+    assert [(r["title"], r["user_id"]) for r in rows] == [("x", str(ALICE))]
+
+
+def test_column_allow_list_keeps_columns_out_of_every_shape(target_url: str, tmp_path: Path) -> None:
+    """`pgferry sync proxy --columns public.tasks=...`: embedding (and anything not listed) is never sent, neither
+    selected explicitly, by default, nor usable in a where clause."""
+    from pgferry.localstack.cluster import free_port
+
+    config = SyncServerConfig(database_url=target_url, data_dir=tmp_path / "sync", secret=SYNC_SECRET)
+    with ServedApp(create_sync_app(config)) as sync, psycopg.connect(target_url, autocommit=True) as conn:
+        conn.execute(
+            "insert into tasks (user_id, title, embedding) values (%s, 'with a vector',"
+            " array_fill(0.5::real, array[1536])::extensions.vector)",
+            [ALICE],
+        )
+        port = free_port()
+        env = {
+            **os.environ,
+            "SUPABASE_JWT_SECRET": SECRET,
+            "SUPABASE_URL": SUPABASE_URL,
+            "SUPABASE_JWKS_URL": "",
+            "ELECTRIC_SECRET": SYNC_SECRET,
+        }
+        command = [
+            sys.executable, "-m", "pgferry", "sync", "proxy", "--upstream", sync.url, "--port", str(port),
+            "--columns", "public.tasks=id,user_id,title,status",
+        ]  # fmt: skip
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            base = f"http://127.0.0.1:{port}/v1/shape"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None and time.monotonic() < deadline, "the proxy did not start"
+                time.sleep(0.1)
+            headers = {"Authorization": f"Bearer {token_for(ALICE)}"}
+            default = httpx.get(base, params={"table": "tasks", "offset": "-1"}, headers=headers)
+            assert default.status_code == 200, default.text
+            [row] = [m["value"] for m in default.json() if "key" in m]
+            assert set(row) == {"id", "user_id", "title", "status"} and row["title"] == "with a vector"
+            assert set(json.loads(default.headers["electric-schema"])) == {"id", "user_id", "title", "status"}
+            for params in (
+                {"columns": "id,title,embedding"},
+                {"where": "embedding is not null"},
+                {"columns": "id,description"},
+            ):
+                refused = httpx.get(base, params={"table": "tasks", "offset": "-1", **params}, headers=headers)
+                assert refused.status_code == 403, (params, refused.text)
+                assert refused.json()["message"] == "Forbidden"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)

@@ -7,7 +7,6 @@ bodies, up-to-date with ``global_last_seen_lsn``); tests/test_sync_interop.py ru
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,16 +17,24 @@ import httpx
 import psycopg
 import pytest
 
-from pgferry.sync.server import SyncServerConfig, create_sync_app
 from pgferry.testing.asgi import ServedApp
 from pgferry.testing.servers import ServerPair
-
-USER = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
+from tests.sync_helpers import (
+    SECRET,
+    USER,
+    Later,
+    changes,
+    controls,
+    insert_task,
+    live_after,
+    make_server,
+    shape,
+    sync_to_end,
+)
 
 
 def _server(url: str, data_dir: Path, *, live_timeout: float = 3.0) -> ServedApp:
-    app = create_sync_app(SyncServerConfig(database_url=url, data_dir=data_dir, live_timeout=live_timeout))
-    return ServedApp(app)
+    return make_server(url, data_dir, live_timeout=live_timeout)
 
 
 @pytest.fixture
@@ -40,68 +47,6 @@ def db(target_url: str) -> Iterator[psycopg.Connection[Any]]:
 def server(target_url: str, tmp_path: Path) -> Iterator[ServedApp]:
     with _server(target_url, tmp_path / "sync") as served:
         yield served
-
-
-def insert_task(conn: psycopg.Connection[Any], title: str, **values: Any) -> str:
-    columns = {"user_id": USER, "title": title, **values}
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = ", ".join(["%s"] * len(columns))
-    row = conn.execute(f"insert into tasks ({names}) values ({marks}) returning id::text", list(columns.values()))
-    fetched = row.fetchone()
-    assert fetched is not None
-    return str(fetched[0])
-
-
-def shape(served: ServedApp, **params: Any) -> httpx.Response:
-    query = {"table": "tasks", "offset": "-1", **{k: str(v) for k, v in params.items()}}
-    return httpx.get(served.url + "/v1/shape", params=query, timeout=30)
-
-
-def changes(response: httpx.Response) -> list[dict[str, Any]]:
-    return [m for m in response.json() if "key" in m]
-
-
-def controls(response: httpx.Response) -> list[str]:
-    return [m["headers"]["control"] for m in response.json() if "control" in m.get("headers", {})]
-
-
-def sync_to_end(served: ServedApp, **params: Any) -> tuple[httpx.Response, list[dict[str, Any]]]:
-    """Page through a new shape until up-to-date, as a client does; return the last response and all changes."""
-    response = shape(served, **params)
-    assert response.status_code == 200, response.text
-    seen = changes(response)
-    while "up-to-date" not in controls(response):
-        response = shape(
-            served, **params, offset=response.headers["electric-offset"], handle=response.headers["electric-handle"]
-        )
-        assert response.status_code == 200, response.text
-        seen += changes(response)
-    return response, seen
-
-
-def live_after(served: ServedApp, last: httpx.Response, **params: Any) -> httpx.Response:
-    return shape(
-        served,
-        **params,
-        offset=last.headers["electric-offset"],
-        handle=last.headers["electric-handle"],
-        live="true",
-        cursor="",
-    )
-
-
-class Later:
-    """Start a (live) request now, in a thread, and collect its response later."""
-
-    def __init__(self, call: Any) -> None:
-        self._result: list[httpx.Response] = []
-        self._thread = threading.Thread(target=lambda: self._result.append(call()))
-        self._thread.start()
-
-    def result(self) -> httpx.Response:
-        self._thread.join(30)
-        assert self._result, "request did not finish"
-        return self._result[0]
 
 
 def test_initial_snapshot_has_electric_headers_schema_and_text_values(server: ServedApp, db: Any) -> None:
@@ -282,7 +227,7 @@ def test_truncate_and_delete_rotate_the_shape(server: ServedApp, db: Any) -> Non
     assert response.status_code == 409
     new_handle = response.headers["electric-handle"]
     assert new_handle != last.headers["electric-handle"]
-    deleted = httpx.delete(server.url + "/v1/shape", params={"table": "tasks", "handle": new_handle})
+    deleted = httpx.delete(server.url + "/v1/shape", params={"table": "tasks", "handle": new_handle, "secret": SECRET})
     assert deleted.status_code == 202
     assert shape(server, offset="0_0", handle=new_handle).status_code == 409
 
@@ -331,12 +276,11 @@ def test_large_snapshot_is_paged_and_compressed(target_url: str, tmp_path: Path,
         " from generate_series(1, 3000) i",
         [USER],
     )
-    app = create_sync_app(
-        SyncServerConfig(database_url=target_url, data_dir=tmp_path / "s", max_chunk_bytes=256 * 1024)
-    )
-    with ServedApp(app) as served:
+    with make_server(target_url, tmp_path / "s", max_chunk_bytes=256 * 1024) as served:
         first = httpx.get(
-            served.url + "/v1/shape", params={"table": "tasks", "offset": "-1"}, headers={"accept-encoding": "gzip"}
+            served.url + "/v1/shape",
+            params={"table": "tasks", "offset": "-1", "secret": SECRET},
+            headers={"accept-encoding": "gzip"},
         )
         assert first.headers["content-encoding"] == "gzip"
         assert "up-to-date" not in controls(first)
@@ -372,7 +316,8 @@ def test_random_where_clauses_never_crash_the_server(server: ServedApp, db: Any)
             where = " ".join(rng.choice(pieces) for _ in range(rng.randint(1, 9)))
             params = {"params[1]": "1"} if "$1" in where else {}
             response = client.get(
-                server.url + "/v1/shape", params={"table": "tasks", "offset": "-1", "where": where, **params}
+                server.url + "/v1/shape",
+                params={"table": "tasks", "offset": "-1", "where": where, "secret": SECRET, **params},
             )
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             assert response.status_code in (200, 400), (where, response.text)
@@ -433,6 +378,7 @@ def test_abandoned_long_polls_are_released_at_once(target_url: str, tmp_path: Pa
             "offset": last.headers["electric-offset"],
             "handle": last.headers["electric-handle"],
             "live": "true",
+            "secret": SECRET,
         }
         for _ in range(3):
             with pytest.raises(httpx.ReadTimeout):
@@ -454,15 +400,32 @@ def test_serve_refuses_a_role_without_replication_in_one_line(target_url: str) -
     try:
         url = target_url.replace("postgres@", f"{role}:pw@", 1)
         assert f"{role}:pw@" in url
-        result = run_pgferry("sync", "serve", "--database-url", url, "--port", "1")
+        result = run_pgferry("sync", "serve", "--database-url", url, "--port", "1", "--insecure")
         assert result.returncode == 2
         assert "may not use replication" in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-        unreachable = run_pgferry("sync", "serve", "--database-url", "postgresql://u@127.0.0.1:1/db", "--port", "1")
+        unreachable = run_pgferry(
+            "sync", "serve", "--database-url", "postgresql://u@127.0.0.1:1/db", "--port", "1", "--insecure"
+        )
         assert unreachable.returncode == 2 and "cannot connect" in unreachable.stderr
     finally:
         with psycopg.connect(target_url, autocommit=True) as conn:
             conn.execute(f"drop role {role}")
+
+
+def test_serve_requires_a_secret_unless_insecure(target_url: str) -> None:
+    from tests.cli_helpers import run_pgferry
+
+    result = run_pgferry("sync", "serve", "--database-url", target_url, "--port", "1", env={"ELECTRIC_SECRET": ""})
+    assert result.returncode == 2
+    assert "ELECTRIC_SECRET" in result.stderr and "--insecure" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    short = run_pgferry("sync", "serve", "--database-url", target_url, "--port", "1", env={"ELECTRIC_SECRET": "short"})
+    assert short.returncode == 2 and "at least 16 characters" in short.stderr
+    forbidden = run_pgferry(
+        "sync", "serve", "--database-url", target_url, "--port", "1", "--insecure", "--table", "auth.users"
+    )
+    assert forbidden.returncode == 2 and "never serves" in forbidden.stderr
 
 
 def test_values_are_the_same_text_in_the_snapshot_and_in_live_changes(server: ServedApp, db: Any) -> None:
@@ -506,6 +469,7 @@ def test_values_are_the_same_text_in_the_snapshot_and_in_live_changes(server: Se
 def test_kill_9_of_the_server_loses_and_duplicates_nothing(target_url: str, tmp_path: Path, db: Any) -> None:
     """kill -9 while transactions stream in, start again on the same data dir: the client, resuming with its
     handle and offset, sees every row exactly once."""
+    import os
     import signal
     import subprocess
     import sys
@@ -516,9 +480,10 @@ def test_kill_9_of_the_server_loses_and_duplicates_nothing(target_url: str, tmp_
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "pgferry", "sync", "serve", "--database-url", target_url, "--port", str(port)]
     command += ["--data-dir", str(tmp_path / "s"), "--live-timeout", "1"]
+    env = {**os.environ, "ELECTRIC_SECRET": SECRET}
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:

@@ -514,3 +514,40 @@ def test_hostile_values_stay_values(where_db: psycopg.Connection[tuple[object, .
         _select(where_db, parse_where("note = 'back\\slash'"), {})
     where_db.execute("RESET standard_conforming_strings")
     assert _select(where_db, parse_where("note = 'back\\slash'"), {}) == [3]
+
+
+# -- cost budget ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('("priority"::numeric + 7.5) ^ 100000 < 0', "exponent of \\^ must be a number literal"),
+        ("2.5 ^ priority > 0", "exponent of \\^ must be a number literal"),
+        ("x ^ $1 > 0", "exponent of \\^ must be a number literal"),
+        (" OR ".join(["((x::numeric + 7.5) ^ 2) < 0"] * 3), "too expensive"),
+        ("x * " * 17 + "x > 0", "too expensive"),
+        ("title" + " || title" * 17 + " = ''", "too expensive"),
+        ("x * 1" + "0" * 40 + " > 0", "number literal longer than 40"),
+        ("x * 1e100000 > 0", "exponent beyond"),
+    ],
+)
+def test_cost_budget_refuses_clauses_that_could_be_expensive_per_row(text: str, message: str) -> None:
+    """A where clause runs on every row of a snapshot and on every changed row: what grows with the values
+    (powers, products of big numbers, concatenations) is capped before anything reaches PostgreSQL."""
+    with pytest.raises(WhereClauseError, match=message):
+        parse_where(text)
+
+
+def test_cost_budget_admits_ordinary_clauses() -> None:
+    parse_where("x ^ 2 + y ^ 0.5 < 10 AND z > -3")  # two powers (8 each) fill the budget of 16
+    parse_where("a * b * c > 0 AND title || '!' = $1 AND x < 1e308 AND price > 9.99")
+    parse_where(" AND ".join(f"(c{i} + {i}) > 0" for i in range(60)))  # additions and comparisons are free
+    with pytest.raises(WhereClauseError, match="too expensive"):
+        parse_where("x ^ 2 + y ^ 0.5 + z ^ -3 < 10")
+
+
+def test_param_values_are_bounded() -> None:
+    parse_params([("params[1]", "x" * 4096)])
+    with pytest.raises(ProtocolError, match="longer than 4096"):
+        parse_params([("params[1]", "x" * 4097)])

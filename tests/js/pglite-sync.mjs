@@ -8,6 +8,7 @@
 //   columns   remote columns to sync, default the local table's columns
 //   shapeKey  key under which pglite-sync stores handle/offset, default "tasks"
 //   headers   request headers                                         (optional)
+//   secret    the sync server's secret, sent as the `secret` parameter (optional)
 //
 // The local table is `tasks (id uuid primary key, title text not null, status text, priority int)`.
 //
@@ -53,6 +54,7 @@ emit('ready', { resumeFrom: stored ? stored.shape_metadata.shape : null, lastLsn
 const shapeParams = { table: config.table ?? 'public.tasks', columns }
 if (config.where) shapeParams.where = config.where
 if (config.params) shapeParams.params = config.params
+if (config.secret) shapeParams.secret = config.secret
 
 const sync = await pg.electric.syncShapeToTable({
   shape: {

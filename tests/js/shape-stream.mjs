@@ -10,6 +10,8 @@
 //   headers  object of request headers, e.g. {"Authorization": "Bearer x"} (optional)
 //   offset, handle   resume a stream from a stored position                 (optional)
 //   log      "full" | "changes_only"                                         (optional)
+//   secret   the sync server's secret, sent as the `secret` parameter          (optional)
+//   liveSse  true: follow live changes over server-sent events (live_sse)   (optional)
 //
 // Events printed (one JSON object per line):
 //   {"event":"request"|"response", ...}          every HTTP exchange (see common.mjs)
@@ -27,7 +29,7 @@ reportUncaught()
 const config = readConfig()
 
 const params = {}
-for (const name of ['table', 'where', 'params', 'columns', 'replica']) {
+for (const name of ['table', 'where', 'params', 'columns', 'replica', 'secret']) {
   if (config[name] !== undefined && config[name] !== null) params[name] = config[name]
 }
 
@@ -53,6 +55,7 @@ const options = {
 if (config.offset !== undefined) options.offset = config.offset
 if (config.handle !== undefined) options.handle = config.handle
 if (config.log !== undefined) options.log = config.log
+if (config.liveSse) options.liveSse = true
 
 const stream = new ShapeStream(options)
 // Shape subscribes first, so by the time our subscriber runs it has applied the batch.

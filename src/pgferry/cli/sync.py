@@ -18,7 +18,9 @@ __all__ = ["DEFAULT_PROXY_PORT", "sync_app"]
 DEFAULT_PROXY_PORT = 3001
 DEFAULT_UPSTREAM = "http://127.0.0.1:3000"
 
-sync_app = typer.Typer(help="ElectricSQL sync: the authorizing shape proxy.", no_args_is_help=True)
+sync_app = typer.Typer(
+    help="ElectricSQL sync: the authorizing shape proxy and the dev Shape server.", no_args_is_help=True
+)
 
 
 @sync_app.command()
@@ -33,17 +35,34 @@ def proxy(
         list[str] | None,
         typer.Option("--allow-origin", help="Browser origin allowed by CORS; repeat for several [default: *]."),
     ] = None,
+    columns: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--columns",
+            help="Column allow-list of a table, like public.tasks=id,user_id,title (the primary key included); "
+            "other columns are never selected nor filtered on. Repeat for several tables [default: all columns].",
+        ),
+    ] = None,
+    max_shapes_per_user: Annotated[
+        int, typer.Option(min=1, help="Distinct shapes one user may use (within 10 minutes); more: 429.")
+    ] = 32,
+    max_snapshots_per_user: Annotated[
+        int, typer.Option(min=1, help="New shapes (offset=-1 requests) one user may load at once; more: 429.")
+    ] = 2,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward."""
     # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
     import uvicorn
 
-    from pgferry.sync.proxy import ProxyConfig, create_proxy_app
+    from pgferry.sync.limits import UserLimits
+    from pgferry.sync.proxy import ProxyConfig, create_proxy_app, parse_column_rules
 
     config = ProxyConfig.from_settings(
         upstream=upstream or settings().electric_url or DEFAULT_UPSTREAM,
         allow_origins=tuple(allow_origin or ("*",)),
+        tables=parse_column_rules(columns or ()),
+        limits=UserLimits(max_shapes=max_shapes_per_user, max_concurrent_snapshots=max_snapshots_per_user),
     )
     typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape", err=True)
     uvicorn.run(
@@ -68,14 +87,42 @@ def serve(
         Path | None,
         typer.Option(help="Where shape logs live (kept across restarts) [default: $PGFERRY_HOME/sync/<port>]."),
     ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="Serve without a secret (like ELECTRIC_INSECURE): anyone who reaches the port reads."),
+    ] = False,
+    table: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--table", help="A table to serve, like public.tasks; repeat for several [default: the platform's]."
+        ),
+    ] = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option("--allow-origin", help="Browser origin allowed by CORS; repeat for several [default: none]."),
+    ] = None,
     live_timeout: Annotated[float, typer.Option(min=0.1, max=40.0, help="Seconds a live request waits.")] = 20.0,
+    sse_timeout: Annotated[
+        float, typer.Option(min=1.0, max=600.0, help="Seconds a live_sse stream stays open before it ends.")
+    ] = 60.0,
+    snapshot_workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Threads that create shapes (validation and snapshots).")
+    ] = 4,
+    max_shapes: Annotated[int, typer.Option(min=1, help="Shapes the server holds at most (more: 429).")] = 1000,
+    snapshot_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds one page of a shape's snapshot may take (more: 400).")
+    ] = 15.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
-    """The dev sync server: Electric's HTTP Shape API over logical replication, for local and CI use."""
+    """The dev sync server: Electric's HTTP Shape API over logical replication, for local and CI use.
+
+    Every request must carry the secret from ELECTRIC_SECRET as the `secret` query parameter (the shape proxy
+    adds it), unless --insecure."""
     import uvicorn
 
     from pgferry.config import parse_database_url
     from pgferry.sync.server import SyncServerConfig, create_sync_app
+    from pgferry.sync.tables import default_served_tables
 
     current = settings()
     if database_url is not None:
@@ -85,9 +132,24 @@ def serve(
     else:
         raise typer.BadParameter("give --database-url or set SUPABASE_DB_URL", param_hint="--database-url")
     directory = data_dir if data_dir is not None else current.home / "sync" / str(port)
+    secret = None if insecure or current.electric_secret is None else current.electric_secret.get_secret_value()
+    config = SyncServerConfig(
+        database_url=url.get_secret_value(),
+        data_dir=directory,
+        secret=secret or None,
+        insecure=insecure,
+        tables=tuple(table) if table else default_served_tables(),
+        allow_origins=tuple(allow_origin or ()),
+        live_timeout=live_timeout,
+        sse_timeout=sse_timeout,
+        snapshot_workers=snapshot_workers,
+        max_shapes=max_shapes,
+        snapshot_timeout_ms=int(snapshot_timeout * 1000),
+    )
     from pgferry.sync.feed import check_sync_database
+    from pgferry.sync.tables import ServedTables
 
-    check_sync_database(url.get_secret_value())  # a clear one-line error now rather than a failed startup
-    config = SyncServerConfig(database_url=url.get_secret_value(), data_dir=directory, live_timeout=live_timeout)
+    # A clear one-line error now rather than a failed startup.
+    check_sync_database(url.get_secret_value(), ServedTables(config.tables))
     typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
     uvicorn.run(create_sync_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -155,14 +155,16 @@ class LocalStack:
         prepare_target_database(target.url(TARGET_DBNAME))
         if with_sync:
             sync, proxy = self._services(state, target)
+            electric_secret = self.electric_secret()
+            sync_env = {"ELECTRIC_SECRET": electric_secret}  # the sync server refuses requests without it
             proxy_env = {  # the proxy verifies tokens the way it would for this stack's "Supabase"
                 "SUPABASE_JWT_SECRET": self.jwt_secret(),
                 "SUPABASE_URL": DEV_SUPABASE_URL,
                 "SUPABASE_JWKS_URL": "",
-                "ELECTRIC_SECRET": "",
+                "ELECTRIC_SECRET": electric_secret,  # and adds it to every request it forwards
             }
             for service, port, option, env in (
-                (sync, state.sync_port, "--sync-port", None),
+                (sync, state.sync_port, "--sync-port", sync_env),
                 (proxy, state.proxy_port, "--proxy-port", proxy_env),
             ):
                 if service.pid() is None and not port_is_free(port):
@@ -176,7 +178,15 @@ class LocalStack:
     def jwt_secret(self) -> str:
         """The local stack's JWT secret (created once, private to this home): what `supabase start` calls the
         project's JWT secret. The proxy verifies tokens with it and `pgferry dev token` signs them."""
-        path = self.root / "jwt-secret"
+        return self._private_secret("jwt-secret")
+
+    def electric_secret(self) -> str:
+        """The secret the dev sync server requires on every request (Electric's ``ELECTRIC_SECRET``); created once,
+        private to this home, given to the sync server and the shape proxy only."""
+        return self._private_secret("electric-secret")
+
+    def _private_secret(self, name: str) -> str:
+        path = self.root / name
         if not path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

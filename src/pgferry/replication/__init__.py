@@ -5,7 +5,9 @@ stream), the realtime change feed, and the ElectricSQL-protocol dev sync server 
 and owns everything about logical replication that they would otherwise each get subtly wrong:
 
 * publication and slot management (:mod:`~pgferry.replication.slots`): idempotent, easy to clean up,
-  because a forgotten slot keeps WAL until the disk is full;
+  because a forgotten slot keeps WAL until the disk is full; preparing tables for a publication
+  (:mod:`~pgferry.replication.tables`): membership and REPLICA IDENTITY FULL without queueing writers, and the
+  horizon a snapshot must wait for after a table joins;
 * snapshot export (:func:`~pgferry.replication.slots.exported_snapshot`): the slot and a snapshot of the
   data at exactly the slot's start, so a copy plus the stream see every row once;
 * decoding (:mod:`~pgferry.replication.decoder`, pure) into committed :class:`Transaction`\\ s of typed
@@ -52,6 +54,7 @@ from pgferry.replication.slots import (
     slot_exists,
     slot_lag_bytes,
 )
+from pgferry.replication.tables import PublishedTables, current_horizon, passed_horizon, publish_tables
 
 __all__ = [
     "RECONNECT_POLICY",
@@ -59,6 +62,7 @@ __all__ = [
     "ColumnInfo",
     "DecodeError",
     "Lsn",
+    "PublishedTables",
     "ReaderStats",
     "RelationInfo",
     "ReplicationError",
@@ -74,13 +78,16 @@ __all__ = [
     "TruncateChange",
     "classify_replication_error",
     "create_slot",
+    "current_horizon",
     "decode_message",
     "drop_publication",
     "drop_slot",
     "ensure_publication",
     "exported_snapshot",
     "get_slot",
+    "passed_horizon",
     "publication_tables",
+    "publish_tables",
     "slot_exists",
     "slot_lag_bytes",
 ]

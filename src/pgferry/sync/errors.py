@@ -14,17 +14,25 @@ evaluator and its caller ("I cannot decide this row exactly in Python; ask Postg
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import psycopg
 
 from pgferry.errors import PgferryError
 
 __all__ = [
     "NotEvaluable",
     "ProtocolError",
+    "ShapeUnavailableError",
     "SyncDatabaseError",
+    "TooManyRequestsError",
+    "UnauthorizedError",
     "UnsupportedFeatureError",
     "WhereClauseError",
+    "describe_error",
     "echo",
+    "is_connection_error",
 ]
 
 _ECHO_LIMIT = 80
@@ -62,6 +70,50 @@ class ProtocolError(PgferryError):
     def body(self) -> dict[str, Any]:
         """The JSON-able response body, mirroring Electric's ``{"message", "errors"}`` error body."""
         return {"message": "Invalid request", "errors": {self.field: [self.problem]}}
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` for the retryable statuses)."""
+        return {}
+
+
+class _RetryableError(ProtocolError):
+    """A request that is fine but cannot be served now; ``retry_after`` (seconds) becomes ``Retry-After``, which
+    the official client honours before retrying (it retries 429 and 5xx on its own)."""
+
+    message: str = "Service unavailable"
+
+    def __init__(self, field: str, problem: str, *, retry_after: int = 1) -> None:
+        super().__init__(field, problem)
+        self.retry_after = max(1, int(retry_after))
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "errors": {self.field: [self.problem]}}
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
+
+
+class ShapeUnavailableError(_RetryableError):
+    """503: the shape cannot be created yet (its table is still being prepared for replication, or every
+    snapshot worker is busy); nothing is wrong with the request."""
+
+    status = 503
+
+
+class TooManyRequestsError(_RetryableError):
+    """429: a configured limit (shapes, concurrent snapshots) is reached; retry after the given time."""
+
+    status = 429
+    message = "Too many requests"
+
+
+class UnauthorizedError(ProtocolError):
+    """401: the request lacks the server's secret (Electric: ``secret`` / ``api_secret`` query parameter)."""
+
+    status = 401
+
+    def body(self) -> dict[str, Any]:
+        return {"message": "Unauthorized", "errors": {self.field: [self.problem]}}
 
 
 class UnsupportedFeatureError(ProtocolError):
@@ -102,6 +154,36 @@ class NotEvaluable(Exception):  # noqa: N818 - the name says what the caller mus
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether a database error means the connection (or the server) went away, rather than this statement
+    failing: those are retried by reconnecting; statement failures are the statement's (the shape's) problem."""
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith(("08", "57P", "53"))
+
+
+def _words(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line about ``exc`` that never carries a row value, for health, logs and other users' eyes.
+
+    PostgreSQL's messages for data errors quote the value that failed (``invalid input syntax for type
+    integer: "<someone's title>"``), so a database error is described by its condition (the error class name
+    as words, e.g. ``division by zero``) and SQLSTATE only. Connection errors say nothing about rows and keep
+    their first line, because that is what an operator needs ("connection refused").
+    """
+    if isinstance(exc, psycopg.Error):
+        if exc.sqlstate is None:  # lost or refused connection: libpq's own text, no row data in it
+            text = str(exc).strip()
+            return text.splitlines()[0] if text else type(exc).__name__
+        return f"{_words(type(exc).__name__)} (SQLSTATE {exc.sqlstate})"
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class SyncDatabaseError(PgferryError):

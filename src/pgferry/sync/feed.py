@@ -1,7 +1,9 @@
 """The dev sync server's replication side: one slot, one thread, every shape fed from it.
 
 The server owns a slot and a publication (names kept in ``<data-dir>/state.json`` so a restart resumes the same
-slot). Each committed transaction is applied to the shape logs and fsynced *before* it is confirmed to the
+slot). The publication and its tables are managed by :mod:`pgferry.replication` (:func:`publish_tables`), through
+the server's table allow-list (:class:`~pgferry.sync.tables.ServedTables`), before the feed starts. Each committed
+transaction is applied to the shape logs and fsynced *before* it is confirmed to the
 server, so a crash at any point redelivers what was not stored and shapes skip what they already have.
 
 If the slot disappeared while the server was down (dropped by an operator, or invalidated for lack of WAL), the
@@ -19,15 +21,18 @@ from typing import Any, Literal
 
 import psycopg
 import structlog
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.db.retry import RetryPolicy
+from pgferry.errors import ConfigError
 from pgferry.replication import ReplicationReader, create_slot, get_slot, slot_lag_bytes
 from pgferry.replication._conn import conninfo
-from pgferry.sync.errors import SyncDatabaseError
-from pgferry.sync.shapes import ShapeManager, WhereEvaluator, connect_sql, session_options
+from pgferry.sync.errors import SyncDatabaseError, describe_error
+from pgferry.sync.evaluate import WhereEvaluator
+from pgferry.sync.session import connect_sql, session_options
+from pgferry.sync.shapes import ShapeManager
 from pgferry.sync.store import write_json_atomic
+from pgferry.sync.tables import ServedTables
 
 __all__ = ["ReplicationFeed", "ServerState", "prepare_server_state"]
 
@@ -51,10 +56,15 @@ def _identity(conn: psycopg.Connection[Any]) -> tuple[str, str]:
     return str(values[0]), str(values[1])
 
 
-def check_sync_database(url: str) -> None:
-    """Fail early, in one line, on a database the server could only fail on later: Electric needs the same."""
+def check_sync_database(url: str, tables: ServedTables | None = None) -> None:
+    """Fail early, in one line, on a database the server could only fail on later: Electric needs the same
+    (logical replication, a role that may use it); and every table to serve must exist."""
     with connect_sql(url) as conn:
         _check_sync_connection(conn)
+        for name in tables.names if tables is not None else ():
+            row = conn.execute("select pg_catalog.to_regclass(%s)", [name.qualified]).fetchone()
+            if row is None or row[0] is None:
+                raise ConfigError("--table", f"table {name} does not exist; create it before starting the sync server")
 
 
 def _check_sync_connection(conn: psycopg.Connection[Any]) -> None:
@@ -76,8 +86,11 @@ def _check_sync_connection(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def prepare_server_state(url: str, data_dir: Path, manager: ShapeManager | None = None) -> ServerState:
-    """Find or create the slot and publication this data directory uses; check it belongs to this database."""
+def prepare_server_state(
+    url: str, data_dir: Path, tables: ServedTables, manager: ShapeManager | None = None
+) -> ServerState:
+    """Find or create the slot and publication this data directory uses (check it belongs to this database) and
+    prepare the served tables for it."""
     data_dir.mkdir(parents=True, exist_ok=True)
     state_path = data_dir / "state.json"
     conn = connect_sql(url)
@@ -103,19 +116,14 @@ def prepare_server_state(url: str, data_dir: Path, manager: ShapeManager | None 
                 "database": database,
             }
         slot, publication = str(stored["slot"]), str(stored["publication"])
-        exists = conn.execute("select 1 from pg_catalog.pg_publication where pubname = %s", [publication]).fetchone()
-        if exists is None:
-            conn.execute(
-                sql.SQL("create publication {} with (publish_via_partition_root = true)").format(
-                    sql.Identifier(publication)
-                )
-            )
+        tables.prepare(conn, publication)
         slot_state = get_slot(conn, slot)
     finally:
         conn.close()
     if slot_state is None:
         if manager is not None:
             manager.clear()
+        _log.info("sync.creating_slot", slot=slot, note="PostgreSQL waits for every open write transaction to end")
         info = create_slot(url, slot)
         start_lsn = int(info.consistent_point)
     else:
@@ -190,7 +198,7 @@ class ReplicationFeed:
             except Exception as exc:  # log, back off, resume from the last confirmed transaction
                 failures += 1
                 self.status = "reconnecting"
-                self.last_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.last_error = describe_error(exc)  # never row values: health and logs are not for them
                 _log.warning("sync.feed_restarting", error=self.last_error, attempt=failures)
                 self._stop.wait(policy.delay(failures))
             finally:

@@ -7,13 +7,19 @@ browser or app goes through this proxy, which
    an anonymous caller learns nothing about which tables exist;
 2. allows only configured tables (and, per table, only configured columns);
 3. parses the client's ``where`` with :func:`pgferry.sync.where.parse_where` — the supported subset of SQL, with
-   no way to close a parenthesis early, add a statement or a comment — and forwards it *re-rendered* as
-   ``(<client where>) AND "<owner>" = $N``, the user id travelling only as parameter ``N``, never spliced into SQL;
+   no way to close a parenthesis early, add a statement or a comment, and within a cost budget — and forwards it
+   *re-rendered* as ``"<owner>" = $N AND (<client where>)``, the user id travelling only as parameter ``N`` (numbered
+   past every parameter the client sent, used or not), never spliced into SQL; the owner term comes first and at
+   the top level so it can guard the evaluation of the client's terms (see :mod:`pgferry.sync.evaluate`);
 4. forwards only the Electric protocol parameters (``ELECTRIC_PROTOCOL_QUERY_PARAMS`` of ``@electric-sql/client``)
    and adds Electric's API ``secret`` itself: whatever else the client sent (its own ``secret``, ``source_id``,
    made-up parameters) is dropped;
-5. streams the upstream answer back unbuffered and undecoded (long-polls and large snapshots pass straight
+5. limits each user's shapes and concurrent snapshot builds (:mod:`pgferry.sync.limits`; 429 + ``Retry-After``);
+6. streams the upstream answer back unbuffered and undecoded (long-polls, SSE and large snapshots pass straight
    through; gzip stays gzip), with ``Vary: Authorization`` so no cache serves one user's shape to another.
+
+Every path answers with a JSON error body, never a traceback: a query string longer than :data:`MAX_QUERY_LENGTH`
+is a 414 before anything is parsed.
 
 The Authorization header itself is never sent upstream: Electric does not need it and it must not end up in
 Electric's logs.
@@ -47,6 +53,7 @@ from pgferry.sync.auth import (
     TokenVerifier,
 )
 from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.limits import UserLimiter, UserLimits
 from pgferry.sync.longpoll import unless_client_leaves
 from pgferry.sync.protocol import (
     IDENT_PATTERN,
@@ -62,18 +69,24 @@ __all__ = [
     "DEFAULT_UPSTREAM_TIMEOUT",
     "EXPOSED_HEADERS",
     "FORWARDED_QUERY_PARAMS",
+    "MAX_QUERY_LENGTH",
     "ForbiddenShapeError",
     "ProxyConfig",
     "TableRule",
     "build_upstream_params",
     "create_proxy_app",
     "default_tables",
+    "parse_column_rules",
     "parse_columns",
     "parse_table",
     "quote_ident",
 ]
 
 log = structlog.get_logger("pgferry.sync.proxy")
+
+#: Characters of query string the proxy accepts (a where clause is at most 4096, a parameter value at most 4096);
+#: longer is a 414. Upstream URLs stay far below what HTTP clients and servers accept.
+MAX_QUERY_LENGTH: Final = 16 * 1024
 
 #: Seconds to wait for upstream bytes. Electric holds a ``live=true`` request open for about 20 s before answering
 #: "up-to-date"; a shorter read timeout would turn every quiet long-poll into a 504.
@@ -114,7 +127,9 @@ EXPOSED_HEADERS: Final = (
 )
 #: Upstream response headers relayed besides ``electric-*``. ``content-length`` is not: the body is streamed
 #: (chunked) and must not be promised a length the relay cannot guarantee if upstream breaks off.
-_RELAYED_HEADERS: Final = frozenset({"cache-control", "etag", "content-type", "content-encoding", "retry-after"})
+_RELAYED_HEADERS: Final = frozenset(
+    {"cache-control", "etag", "content-type", "content-encoding", "retry-after", "x-accel-buffering"}
+)
 
 _IDENT: Final = IDENT_PATTERN
 _COLUMN_RE: Final = re.compile(rf"^\s*({_IDENT})\s*$")
@@ -177,6 +192,28 @@ def default_tables() -> dict[str, TableRule]:
     return rules
 
 
+def parse_column_rules(specs: Iterable[str], tables: Mapping[str, TableRule] | None = None) -> dict[str, TableRule]:
+    """``tables`` (default: :func:`default_tables`) with column allow-lists from ``--columns`` specs, each
+    ``schema.table=col,col,...`` (e.g. ``public.tasks=id,user_id,title,status``: ``embedding`` and other large or
+    private columns then never reach a client, neither selected nor filtered on). The primary key must be listed."""
+    rules = dict(default_tables() if tables is None else tables)
+    for spec in specs:
+        name, sep, columns_text = spec.partition("=")
+        if not sep or not columns_text.strip():
+            raise ConfigError("--columns", f"{spec!r} is not like public.tasks=id,user_id,title")
+        try:
+            schema, table = parse_table(name)
+            columns = parse_columns(columns_text)
+        except ProtocolError:
+            raise ConfigError("--columns", f"{spec!r} is not like public.tasks=id,user_id,title") from None
+        key = f"{schema}.{table}"
+        rule = rules.get(key)
+        if rule is None:
+            raise ConfigError("--columns", f"{key} is not one of the tables the proxy serves")
+        rules[key] = TableRule(rule.owner_column, rule.primary_key, frozenset(columns))
+    return rules
+
+
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything the proxy needs; build with :meth:`from_settings` for the CLI or directly in tests.
@@ -195,6 +232,7 @@ class ProxyConfig:
     upstream_timeout: float = DEFAULT_UPSTREAM_TIMEOUT
     connect_timeout: float = 5.0
     max_upstream_connections: int = 1000
+    limits: UserLimits = field(default_factory=UserLimits)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -321,8 +359,10 @@ def _where(items: list[tuple[str, str]], user: AuthenticatedUser, rule: TableRul
     _check_columns_allowed(clause.columns, rule, "where")
     params = parse_params(param_items)
     check_params(clause, params)
+    # Past every parameter the client sent, used or not: numbering it after the used ones only would give that
+    # number two values (the client's unused one, maybe another user's id, and ours), and the upstream picks one.
     owner_index = max([0, *clause.params, *params]) + 1
-    result = [("where", f"({render_text(clause)}) AND {owner} = ${owner_index}")]
+    result = [("where", f"{owner} = ${owner_index} AND ({render_text(clause)})")]
     result.extend((f"params[{index}]", params[index]) for index in sorted(params))
     result.append((f"params[{owner_index}]", str(user.user_id)))
     return result
@@ -371,6 +411,14 @@ def _subset(items: list[tuple[str, str]], rule: TableRule) -> list[tuple[str, st
 # --------------------------------------------------------------------------------------------------------------
 # HTTP
 # --------------------------------------------------------------------------------------------------------------
+
+
+_SHAPE_DEFINING = ("table", "where", "columns", "replica")
+
+
+def _shape_key(query: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The shape an upstream request is for: its defining parameters (the params' values included)."""
+    return tuple((name, value) for name, value in query if name in _SHAPE_DEFINING or name.startswith("params["))
 
 
 def _vary(existing: str | None, *extra: str) -> str:
@@ -426,8 +474,20 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
     """The ASGI app: ``GET /v1/shape`` (authorized, rewritten, streamed) and ``GET /v1/health``."""
     upstream = _Upstream(config)
     shape_url = f"{config.upstream}/v1/shape"
+    limiter = UserLimiter(config.limits)
 
     async def shape(request: Request) -> Response:
+        """Every outcome is a response with a JSON body: an unexpected exception is one log line and a 500."""
+        try:
+            return await _shape(request)
+        except Exception as exc:
+            log.error("shape request failed", problem=type(exc).__name__)
+            return _error(500, {"message": "Internal server error"})
+
+    async def _shape(request: Request) -> Response:
+        if len(request.url.query) > MAX_QUERY_LENGTH:
+            body = {"message": "URI too long", "errors": {"query": [f"longer than {MAX_QUERY_LENGTH} characters"]}}
+            return _error(414, body)
         try:
             user = await config.verifier.verify_header(request.headers.get("authorization"))
         except InvalidTokenError as exc:
@@ -439,10 +499,19 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
             return _error(503, body, {"retry-after": "5"})
         try:
             query = build_upstream_params(list(request.query_params.multi_items()), user, config)
+            shape_key = _shape_key(query)
+            limiter.use_shape(user.user_id, shape_key)
+            if _first(query, "offset") == "-1":
+                with limiter.snapshot(user.user_id):
+                    response = await _forward(request, query)
+            else:
+                response = await _forward(request, query)
         except ProtocolError as exc:
             log.info("shape request refused", user_id=str(user.user_id), field=exc.field, status=exc.status)
-            return _error(exc.status, exc.body())
-        return await _forward(request, query)
+            return _error(exc.status, exc.body(), exc.headers())
+        if response.status_code == 400:  # upstream refused the shape: it does not count against the user
+            limiter.forget_shape(user.user_id, shape_key)
+        return response
 
     async def _forward(request: Request, query: list[tuple[str, str]]) -> Response:
         headers = {
@@ -467,6 +536,8 @@ def create_proxy_app(config: ProxyConfig) -> Starlette:
         except httpx.TransportError as exc:
             log.warning("upstream unreachable", upstream=config.upstream, problem=type(exc).__name__)
             return _error(502, {"message": "Bad gateway", "errors": {"upstream": ["sync service unreachable"]}})
+        except httpx.InvalidURL:  # a request the upstream URL cannot carry (MAX_QUERY_LENGTH should stop it first)
+            return _error(414, {"message": "URI too long", "errors": {"query": ["too long to forward"]}})
         relayed = {
             name: value
             for name, value in response.headers.items()

@@ -6,9 +6,15 @@ tests). Production points the proxy at real Electric instead.
 
 Request handling follows Electric's ``Electric.Shapes.Api``: the first request (``offset=-1``) creates or reuses
 the shape and serves its log from the start; later requests page through the log by ``offset`` + ``handle``;
-``live=true`` long-polls until the log grows or ``live_timeout`` passes and always ends with ``up-to-date``; an
-unknown or rotated handle is a 409 carrying the current handle and a ``must-refetch`` body; a bad definition is a
-400 with Electric's JSON error body and never reaches SQL unparsed.
+``live=true`` long-polls until the log grows or ``live_timeout`` passes and always ends with ``up-to-date``
+(``live_sse=true`` streams instead: :mod:`pgferry.sync.sse`); an unknown or rotated handle is a 409 carrying the
+current handle and a ``must-refetch`` body; a bad definition is a 400 with Electric's JSON error body and never
+reaches SQL unparsed.
+
+Like Electric, it requires its secret (``secret=`` or the older ``api_secret=`` query parameter) on every shape
+request unless started explicitly insecure; it serves only its table allow-list (:mod:`pgferry.sync.tables`) and
+answers browsers only from configured origins. Shape creation runs on a bounded pool of its own
+(:mod:`pgferry.sync.creation`).
 
 Owns HTTP, headers, caching and metrics. Must not know how shapes are stored or fed (shapes/feed modules).
 """
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,31 +38,67 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pgferry.errors import ConfigError
 from pgferry.sync import protocol as p
-from pgferry.sync.errors import ProtocolError, UnsupportedFeatureError
+from pgferry.sync.creation import ShapeCreator
+from pgferry.sync.errors import ProtocolError, UnauthorizedError, UnsupportedFeatureError
 from pgferry.sync.feed import ReplicationFeed, prepare_server_state
 from pgferry.sync.longpoll import unless_client_leaves
-from pgferry.sync.shapes import Shape, ShapeManager
+from pgferry.sync.session import connect_sql
+from pgferry.sync.shapes import DEFAULT_SNAPSHOT_TIMEOUT_MS, Shape, ShapeManager
+from pgferry.sync.sse import sse_events
+from pgferry.sync.store import normalise_offset
+from pgferry.sync.tables import ServedTables, default_served_tables
 from pgferry.sync.where import parse_params
 
-__all__ = ["SyncServerConfig", "create_sync_app"]
+__all__ = ["MAX_QUERY_LENGTH", "SyncServerConfig", "create_sync_app"]
 
 _log = structlog.get_logger("pgferry.sync.server")
 
 _AFTER_SNAPSHOT = p.LogOffset(0, 2**62)  # "0_inf"
+#: Characters of query string accepted (a where clause is at most 4096, each of up to 100 params at most 4096;
+#: real requests are far below this). Longer is a 414, before anything is parsed.
+MAX_QUERY_LENGTH = 32 * 1024
 
 
 @dataclass(frozen=True)
 class SyncServerConfig:
+    """The dev server's settings. ``secret`` is required unless ``insecure`` (Electric's ``ELECTRIC_SECRET`` /
+    ``ELECTRIC_INSECURE``); ``tables`` is the allow-list (default: the platform's tables); ``allow_origins`` the
+    browser origins CORS admits (default none: browsers talk to the proxy, not to this server)."""
+
     database_url: str
     data_dir: Path
+    secret: str | None = field(default=None, repr=False)
+    insecure: bool = False
+    tables: tuple[str | p.TableName, ...] = field(default_factory=default_served_tables)
     live_timeout: float = 20.0
+    sse_timeout: float = 60.0
+    sse_keepalive: float = 21.0
     max_chunk_bytes: int = 4 << 20
-    allow_origins: tuple[str, ...] = ("*",)
+    allow_origins: tuple[str, ...] = ()
     allow_shape_deletion: bool = True
+    snapshot_workers: int = 4
+    max_waiting_creations: int = 16
+    max_shapes: int = 1000
+    snapshot_timeout_ms: int = DEFAULT_SNAPSHOT_TIMEOUT_MS
+
+    def __post_init__(self) -> None:
+        if not self.insecure and not self.secret:
+            raise ConfigError(
+                "ELECTRIC_SECRET",
+                "the sync server needs a secret that every request must carry (set ELECTRIC_SECRET, at least 16 "
+                "characters), or --insecure to serve without one (local experiments only)",
+            )
+        if self.secret is not None and self.insecure:
+            raise ConfigError("--insecure", "give either a secret or --insecure, not both")
+        if self.secret is not None and len(self.secret) < 16:
+            raise ConfigError("ELECTRIC_SECRET", "must be at least 16 characters")
+        if self.snapshot_workers < 1 or self.max_shapes < 1 or self.max_waiting_creations < 1:
+            raise ConfigError("--snapshot-workers", "limits must be at least 1")
 
 
 class _Metrics:
@@ -87,7 +131,16 @@ class _Metrics:
 
 
 def _error(err: ProtocolError) -> Response:
-    return JSONResponse(err.body(), status_code=err.status, headers={"cache-control": "no-store"})
+    return JSONResponse(err.body(), status_code=err.status, headers={"cache-control": "no-store", **err.headers()})
+
+
+def _check_secret(request: Request, secret: str | None) -> None:
+    """Electric's check: the ``secret`` (or legacy ``api_secret``) query parameter must equal the server's."""
+    if secret is None:
+        return
+    given = request.query_params.get("secret") or request.query_params.get("api_secret") or ""
+    if not hmac.compare_digest(given.encode(), secret.encode()):
+        raise UnauthorizedError("secret", "a valid secret is required (query parameter secret)")
 
 
 def _flag(value: str | None, field: str) -> bool:
@@ -127,8 +180,18 @@ def _cursor(requested: str | None, live_timeout: float) -> str:
 
 
 def create_sync_app(config: SyncServerConfig) -> Starlette:
-    manager = ShapeManager(config.database_url, config.data_dir, publication="")
+    tables = ServedTables(config.tables)
+    manager = ShapeManager(config.database_url, config.data_dir, snapshot_timeout_ms=config.snapshot_timeout_ms)
+    creator = ShapeCreator(
+        config.database_url,
+        manager,
+        tables,
+        workers=config.snapshot_workers,
+        max_waiting=config.max_waiting_creations,
+        max_shapes=config.max_shapes,
+    )
     holder: dict[str, ReplicationFeed] = {}
+    stop_preparing = threading.Event()
 
     def feed_lag() -> int | None:
         feed = holder.get("feed")
@@ -138,27 +201,46 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        state = await asyncio.to_thread(prepare_server_state, config.database_url, config.data_dir, manager)
-        manager.set_publication(state.publication)
+        state = await asyncio.to_thread(prepare_server_state, config.database_url, config.data_dir, tables, manager)
         manager.processed_lsn = state.start_lsn
-        loaded = await asyncio.to_thread(manager.load)
+        loaded = await asyncio.to_thread(manager.load, lambda definition: definition.table in tables.names)
         manager.bind_loop(asyncio.get_running_loop())
         feed = ReplicationFeed(config.database_url, manager, state)
         holder["feed"] = feed
         feed.start()
-        _log.info("sync.server_started", slot=state.slot, shapes_loaded=loaded, data_dir=str(config.data_dir))
+        preparer = threading.Thread(
+            target=tables.retry_until_ready,
+            args=(lambda: connect_sql(config.database_url), state.publication, stop_preparing),
+            name="pgferry-sync-tables",
+            daemon=True,
+        )
+        preparer.start()
+        _log.info(
+            "sync.server_started",
+            slot=state.slot,
+            shapes_loaded=loaded,
+            data_dir=str(config.data_dir),
+            tables=len(tables.names),
+            tables_pending=sorted(tables.pending),
+            secret_required=config.secret is not None,
+        )
         try:
             yield
         finally:
+            stop_preparing.set()
+            manager.close()  # first: running snapshots stop at their next page
+            creator.close()
             await asyncio.to_thread(feed.stop)
-            manager.close()
 
     async def health(_request: Request) -> Response:
         feed = holder.get("feed")
         status = feed.status if feed is not None else "starting"
         body: dict[str, Any] = {"status": "active" if status == "active" else status}
         if feed is not None and feed.last_error and status != "active":
-            body["error"] = feed.last_error
+            body["error"] = feed.last_error  # describe_error(): a condition, never a row value
+        pending = tables.pending if feed is not None else {}
+        if pending:
+            body["tables_pending"] = sorted(pending)
         return JSONResponse(body, status_code=200 if status == "active" else 503)
 
     async def metrics_endpoint(_request: Request) -> Response:
@@ -167,13 +249,27 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
 
     async def shape_endpoint(request: Request) -> Response:
         live = request.query_params.get("live") == "true"
+        response: Response
         try:
-            if request.method == "DELETE":
-                response = await delete_shape(request)
+            if len(request.url.query) > MAX_QUERY_LENGTH:
+                response = JSONResponse(
+                    {"message": "URI too long", "errors": {"query": [f"longer than {MAX_QUERY_LENGTH} characters"]}},
+                    status_code=414,
+                    headers={"cache-control": "no-store"},
+                )
             else:
-                response = await get_shape(request)
+                _check_secret(request, config.secret)
+                if request.method == "DELETE":
+                    response = await delete_shape(request)
+                else:
+                    response = await get_shape(request)
         except ProtocolError as err:
             response = _error(err)
+        except Exception as exc:  # never a traceback to the client: one line in the log, a JSON 500
+            _log.error("sync.request_failed", error=type(exc).__name__)
+            response = JSONResponse(
+                {"message": "Internal server error"}, status_code=500, headers={"cache-control": "no-store"}
+            )
         metrics.requests.labels(status=str(response.status_code), live=str(live).lower()).inc()
         return response
 
@@ -191,7 +287,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         return Response(status_code=202)
 
     async def must_refetch(definition: p.ShapeDefinition) -> Response:
-        shape = await asyncio.to_thread(manager.get_or_create, definition)
+        shape = await creator.get_or_create(definition)
         return Response(
             p.encode_messages([p.control_message("must-refetch")]),
             status_code=409,
@@ -204,6 +300,9 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         definition = _definition(request)
         offset = p.parse_offset(query.get("offset"))
         live = _flag(query.get("live"), "live")
+        sse = live and (
+            _flag(query.get("live_sse"), "live_sse") or _flag(query.get("experimental_live_sse"), "live_sse")
+        )
         handle = query.get("handle") or None
         if offset != p.BEFORE_ALL and offset != "now" and handle is None:
             raise ProtocolError("handle", "can't be blank when offset != -1 (send the electric-handle you received)")
@@ -216,10 +315,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                 return await must_refetch(definition)
             shape = known
         else:
-            existing = manager.current(definition)
-            if existing is None:
-                existing = await asyncio.to_thread(manager.get_or_create, definition)
-            shape = existing
+            shape = await creator.get_or_create(definition)
 
         while shape.snapshotting:
             # Serve full pages of a snapshot that is still being written; wait for the rest (never an empty
@@ -246,10 +342,14 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             return await must_refetch(definition)
 
         if isinstance(offset, p.LogOffset) and offset != p.BEFORE_ALL and offset != _AFTER_SNAPSHOT:
-            last_offset = shape.log.last_offset
-            if last_offset is None or offset > last_offset:
-                # Only offsets this server handed out are valid; answering a future one with up-to-date would make
-                # pglite-sync record that position and drop every real change below it (Electric: 400 too).
+            last_offset = shape.log.last_offset or p.LogOffset(0, 0)
+            beyond = offset.tx > max(last_offset.tx, manager.processed_lsn) or (
+                offset.tx == last_offset.tx and offset.op > last_offset.op
+            )
+            if beyond:
+                # Only offsets this server handed out (or an SSE client derived from an up-to-date) are valid;
+                # answering a future one with up-to-date would make pglite-sync record that position and drop
+                # every real change below it (Electric: 400 too).
                 raise ProtocolError("offset", "out of bounds for this shape")
 
         if offset == "now":
@@ -265,9 +365,13 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                 global_lsn=manager.processed_lsn,
             )
 
+        assert isinstance(offset, p.LogOffset)
+        if sse:
+            return _stream(shape, offset, request)
+        position = normalise_offset(offset)
         event = shape.changed_event()  # taken before reading the log, so a change in between still wakes us
         global_lsn = manager.processed_lsn  # read before the log: see the up-to-date note in _respond
-        chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+        chunk = shape.log.read_after(position, max_bytes=config.max_chunk_bytes)
         if live and not chunk.messages:
             metrics.live_clients.inc()
             try:
@@ -279,7 +383,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             if shape.gone:
                 return await must_refetch(definition)
             global_lsn = manager.processed_lsn
-            chunk = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+            chunk = shape.log.read_after(position, max_bytes=config.max_chunk_bytes)
             if chunk.messages and shape.last_commit_ts is not None:
                 metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
         if chunk.last_offset is not None:
@@ -287,7 +391,6 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         elif offset == p.BEFORE_ALL:
             end = _AFTER_SNAPSHOT
         else:
-            assert isinstance(offset, p.LogOffset)
             end = offset
         return _respond(
             shape,
@@ -299,6 +402,38 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             requested=str(offset),
             global_lsn=global_lsn,
         )
+
+    def _stream(shape: Shape, offset: p.LogOffset, request: Request) -> Response:
+        """``live_sse``: an event stream of the shape's log (see :mod:`pgferry.sync.sse`)."""
+
+        def observed(streamed: Shape) -> None:
+            if streamed.last_commit_ts is not None:
+                metrics.commit_to_response.observe(max(0.0, time.time() - streamed.last_commit_ts))
+
+        async def events() -> AsyncIterator[bytes]:
+            metrics.live_clients.inc()
+            try:
+                async for chunk in sse_events(
+                    shape,
+                    offset,
+                    global_lsn=lambda: manager.processed_lsn,
+                    max_bytes=config.max_chunk_bytes,
+                    duration=config.sse_timeout,
+                    keepalive=config.sse_keepalive,
+                    on_change=observed,
+                ):
+                    yield chunk
+            finally:
+                metrics.live_clients.dec()
+
+        headers = {
+            p.HANDLE_HEADER: shape.handle,
+            p.OFFSET_HEADER: str(offset),  # the client moves on only with each up-to-date's global_last_seen_lsn
+            p.CURSOR_HEADER: _cursor(request.query_params.get("cursor"), config.live_timeout),
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",  # a buffering reverse proxy would hold every event back
+        }
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def _respond(
         shape: Shape,
@@ -345,17 +480,23 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         Route("/v1/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    middleware = [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=list(config.allow_origins),
-            allow_methods=["GET", "DELETE", "OPTIONS"],
-            allow_headers=["*"],
-            expose_headers=list(p.ELECTRIC_HEADERS),
-        ),
-        Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1),  # level 9 (the default) costs 6x the CPU
-    ]
+    middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)]  # level 9 costs 6x the CPU
+    if config.allow_origins:
+        middleware.insert(0, _cors(config.allow_origins))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.manager = manager
     app.state.metrics = metrics
+    app.state.tables = tables
     return app
+
+
+def _cors(origins: Iterable[str]) -> Middleware:
+    """CORS for the configured origins only: GET (reads) and the headers a shape client reads. Never DELETE from
+    a browser: deleting shapes is an operator's action."""
+    return Middleware(
+        CORSMiddleware,
+        allow_origins=list(origins),
+        allow_methods=["GET", "OPTIONS"],
+        allow_headers=["Content-Type"],
+        expose_headers=list(p.ELECTRIC_HEADERS),
+    )

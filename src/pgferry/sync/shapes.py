@@ -35,7 +35,14 @@ from psycopg import sql
 
 from pgferry.replication import RowChange, Transaction, TruncateChange
 from pgferry.sync.catalog import TableInfo, load_table_info
-from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.errors import (
+    ProtocolError,
+    ShapeUnavailableError,
+    WhereClauseError,
+    describe_error,
+    is_connection_error,
+)
+from pgferry.sync.evaluate import WhereEvaluator, guarded_where
 from pgferry.sync.protocol import (
     LogOffset,
     ShapeDefinition,
@@ -43,50 +50,56 @@ from pgferry.sync.protocol import (
     encode_message,
     row_key,
 )
+from pgferry.sync.session import SESSION_SETTINGS, connect_sql, session_options
 from pgferry.sync.store import ShapeLog, write_json_atomic
-from pgferry.sync.where import WhereClause, check_params, parse_where, render_sql
+from pgferry.sync.where import WhereClause, check_params, parse_where
 
-__all__ = ["SESSION_SETTINGS", "Shape", "ShapeManager", "SnapshotInfo", "WhereEvaluator"]
+__all__ = [
+    "SESSION_SETTINGS",
+    "Shape",
+    "ShapeManager",
+    "SnapshotInfo",
+    "WhereEvaluator",
+    "connect_sql",
+    "session_options",
+    "snapshot_failure",
+]
 
 _log = structlog.get_logger("pgferry.sync.shapes")
 
-# Both the snapshot connection and the replication stream must print values the same way, or a row's text in
-# the snapshot would differ from the same row's text in the log.
-SESSION_SETTINGS: dict[str, str] = {
-    "TimeZone": "UTC",
-    "DateStyle": "ISO, MDY",
-    "IntervalStyle": "postgres",
-    "extra_float_digits": "1",
-    "bytea_output": "hex",
-}
-_EVAL_BATCH = 500
-_EVAL_SHAPES = 50
-_STATEMENT_TIMEOUT_MS = 30_000
+_VALIDATE_TIMEOUT_MS = 5_000  # type-checking a where clause plans it; constant folding must not run away
+DEFAULT_SNAPSHOT_TIMEOUT_MS = 15_000  # one page (one FETCH) of a snapshot
 
 RowValues = Mapping[str, str | None]
-
-
-def session_options() -> str:
-    return " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS.items())
-
-
-def connect_sql(url: str) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(url, autocommit=True, options=session_options(), application_name="pgferry-sync")
-    conn.execute(f"set statement_timeout = {_STATEMENT_TIMEOUT_MS}")
-    return conn
 
 
 def render_where(
     clause: WhereClause, definition: ShapeDefinition, column: Callable[[str], sql.Composable], params: list[Any]
 ) -> sql.Composable:
-    """``clause`` as SQL with placeholders; the values of its ``$n`` are appended to ``params`` in order."""
+    """``clause`` as guarded SQL with placeholders (:func:`~pgferry.sync.evaluate.guarded_where`); the values of
+    its ``$n`` are appended to ``params`` in order."""
     values = dict(definition.params)
 
     def param(number: int) -> sql.Composable:
         params.append(values[number])
         return sql.Placeholder()
 
-    return render_sql(clause, column=column, param=param)
+    return guarded_where(clause, column, param)
+
+
+def snapshot_failure(error: BaseException, *, timeout_ms: int) -> ProtocolError | BaseException:
+    """What a client is told when its shape's snapshot failed: a 400 naming the condition (never the failing
+    row's value: the message may reach whoever asks for that shape), 503 for a lost connection."""
+    if isinstance(error, psycopg.errors.QueryCanceled):
+        return WhereClauseError(
+            f"the shape's query ran longer than {timeout_ms / 1000:g} s for one page (the per-shape statement "
+            "timeout); narrow the where clause or add an index"
+        )
+    if isinstance(error, psycopg.Error):
+        if is_connection_error(error):
+            return ShapeUnavailableError("table", "the database connection was lost; retry", retry_after=2)
+        return WhereClauseError(f"the shape's query failed: {describe_error(error)}")
+    return error
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,73 +127,6 @@ class SnapshotInfo:
 
     def to_json(self) -> list[Any]:
         return [self.xmin, self.xmax, sorted(self.xip)]
-
-
-class WhereEvaluator:
-    """Decides, in PostgreSQL, which of a batch of rows satisfy a shape's where clause.
-
-    One per thread (it holds a connection); reconnects lazily after the database went away.
-    """
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = connect_sql(self._url)
-        return self._conn
-
-    def matches(self, shapes: Sequence[Shape], rows: Sequence[RowValues]) -> dict[str, list[bool]]:
-        """``{handle: [row matches]}`` for shapes of one table: one round trip per batch of shapes and rows, so a
-        commit costs the same whether 1 or 100 filtered shapes watch the table."""
-        result: dict[str, list[bool]] = {}
-        filtered = []
-        for shape in shapes:
-            if shape.clause is None:
-                result[shape.handle] = [True] * len(rows)
-            else:
-                result[shape.handle] = []
-                filtered.append(shape)
-        if not rows:
-            return result
-        for first in range(0, len(filtered), _EVAL_SHAPES):
-            group = filtered[first : first + _EVAL_SHAPES]
-            for start in range(0, len(rows), _EVAL_BATCH):
-                verdicts = self._matches_batch(group, rows[start : start + _EVAL_BATCH])
-                for shape, column in zip(group, verdicts, strict=True):
-                    result[shape.handle].extend(column)
-        return result
-
-    def _matches_batch(self, shapes: Sequence[Shape], rows: Sequence[RowValues]) -> list[list[bool]]:
-        table = shapes[0].table
-        columns = sorted(set().union(*(shape.clause.columns for shape in shapes if shape.clause is not None)))
-        params: list[Any] = []
-        tests = [
-            sql.SQL("coalesce({}, false)").format(
-                shape.render_where(lambda name: sql.SQL("v.") + sql.Identifier(name), params)
-            )
-            for shape in shapes
-        ]
-        tuples = []
-        for index, row in enumerate(rows):
-            cells = [sql.SQL("{}::int").format(sql.Literal(index))]
-            for name in columns:
-                cells.append(sql.SQL("{}::text::" + table.column(name).sql_type).format(sql.Placeholder()))
-                params.append(row.get(name))
-            tuples.append(sql.SQL("(") + sql.SQL(", ").join(cells) + sql.SQL(")"))
-        query = sql.SQL("select v.i, {} from (values {}) as v(i, {})").format(
-            sql.SQL(", ").join(tests),
-            sql.SQL(", ").join(tuples),
-            sql.SQL(", ").join(sql.Identifier(c) for c in columns),
-        )
-        found = {int(row[0]): row[1:] for row in self._connection().execute(query, params).fetchall()}
-        return [[bool(found[i][n]) for i in range(len(rows))] for n in range(len(shapes))]
 
 
 @dataclass
@@ -225,6 +171,13 @@ class Shape:
         assert self.clause is not None
         return render_where(self.clause, self.definition, column, params)
 
+    @property
+    def params(self) -> Mapping[int, str]:
+        return dict(self.definition.params)
+
+    def column_type(self, name: str) -> str:
+        return self.table.column(name).sql_type
+
     # -- waking long-polls (called from any thread) ------------------------------------------------------------
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -251,20 +204,26 @@ class Shape:
 
 
 class ShapeManager:
-    """Registry of shapes, on disk under ``data_dir/shapes/<handle>/``."""
+    """Registry of shapes, on disk under ``data_dir/shapes/<handle>/``.
 
-    def __init__(self, url: str, data_dir: Path, *, publication: str) -> None:
+    Creating a shape is split so that the HTTP layer can run the database work on a bounded pool of its own
+    (:mod:`pgferry.sync.creation`): :meth:`validate` (everything that makes a request a 400), :meth:`register`
+    (the shape starts buffering replicated transactions) and :meth:`take_snapshot` (the long part).
+    """
+
+    def __init__(self, url: str, data_dir: Path, *, snapshot_timeout_ms: int = DEFAULT_SNAPSHOT_TIMEOUT_MS) -> None:
         self._url = url
         self._dir = data_dir / "shapes"
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._publication = publication
+        self.snapshot_timeout_ms = snapshot_timeout_ms
         self._lock = threading.RLock()
         self._by_handle: dict[str, Shape] = {}
         self._by_definition: dict[ShapeDefinition, Shape] = {}
-        self._creating: dict[ShapeDefinition, threading.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = threading.Event()  # set at shutdown: running snapshots stop at their next page
         self.processed_lsn = 0  # commit LSN of the last transaction applied to every shape
         self.transactions_applied = 0
+        self.shapes_invalidated = 0
         self.last_commit_latency: float | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -275,8 +234,9 @@ class ShapeManager:
             for shape in self._by_handle.values():
                 shape.bind_loop(loop)
 
-    def load(self) -> int:
-        """Load the shapes a previous run completed; drop half-made ones. Returns how many were loaded."""
+    def load(self, served: Callable[[ShapeDefinition], bool] = lambda _definition: True) -> int:
+        """Load the shapes a previous run completed; drop half-made ones and those on tables no longer
+        ``served``. Returns how many were loaded."""
         conn = connect_sql(self._url)
         try:
             for directory in sorted(self._dir.iterdir()):
@@ -286,6 +246,9 @@ class ShapeManager:
                     continue
                 meta = json.loads(meta_path.read_text())
                 definition = ShapeDefinition.from_json(meta["definition"])
+                if not served(definition):
+                    shutil.rmtree(directory, ignore_errors=True)  # the table is no longer served
+                    continue
                 try:
                     table = load_table_info(conn, definition.table)
                 except ProtocolError:
@@ -320,12 +283,10 @@ class ShapeManager:
                 shutil.rmtree(directory, ignore_errors=True)
 
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             for shape in self._by_handle.values():
                 shape.log.close()
-
-    def set_publication(self, name: str) -> None:
-        self._publication = name
 
     # -- lookup ---------------------------------------------------------------------------------------------
 
@@ -344,6 +305,11 @@ class ShapeManager:
         with self._lock:
             return [s for s in self._by_handle.values() if s.state == "ready"]
 
+    def count(self) -> int:
+        """Live shapes, those whose snapshot is still running included."""
+        with self._lock:
+            return sum(1 for s in self._by_handle.values() if s.state != "gone")
+
     def delete(self, handle: str) -> bool:
         with self._lock:
             shape = self._by_handle.get(handle)
@@ -354,28 +320,29 @@ class ShapeManager:
 
     # -- creating shapes ------------------------------------------------------------------------------------
 
-    def _validate(
-        self, conn: psycopg.Connection[Any], definition: ShapeDefinition
-    ) -> tuple[TableInfo, WhereClause | None]:
+    def validate(self, definition: ShapeDefinition) -> tuple[TableInfo, WhereClause | None]:
         """Everything that makes a request a 400, checked before anything is created."""
-        table = load_table_info(conn, definition.table)
-        if definition.columns is not None:
-            unknown = [c for c in definition.columns if c not in table.column_names]
-            if unknown:
-                raise ProtocolError("columns", f"unknown column {unknown[0]!r} in table {str(table.name)!r}")
-            missing = [c for c in table.primary_key if c not in definition.columns]
-            if missing:
-                raise ProtocolError("columns", f"must include all primary key columns, missing: {', '.join(missing)}")
-        clause = None
-        if definition.where is not None:
-            clause = parse_where(definition.where)
-            unknown = sorted(clause.columns - set(table.column_names))
-            if unknown:
-                raise WhereClauseError(f"unknown reference {unknown[0]!r} (not a column of {table.name})")
-            check_params(clause, dict(definition.params))
-            self._typecheck(conn, definition, table, clause)
-        elif definition.params:
-            raise ProtocolError("params", "params were given but there is no where clause using them")
+        with connect_sql(self._url, statement_timeout_ms=_VALIDATE_TIMEOUT_MS) as conn:
+            table = load_table_info(conn, definition.table)
+            if definition.columns is not None:
+                unknown = [c for c in definition.columns if c not in table.column_names]
+                if unknown:
+                    raise ProtocolError("columns", f"unknown column {unknown[0]!r} in table {str(table.name)!r}")
+                missing = [c for c in table.primary_key if c not in definition.columns]
+                if missing:
+                    raise ProtocolError(
+                        "columns", f"must include all primary key columns, missing: {', '.join(missing)}"
+                    )
+            clause = None
+            if definition.where is not None:
+                clause = parse_where(definition.where)
+                unknown = sorted(clause.columns - set(table.column_names))
+                if unknown:
+                    raise WhereClauseError(f"unknown reference {unknown[0]!r} (not a column of {table.name})")
+                check_params(clause, dict(definition.params))
+                self._typecheck(conn, definition, table, clause)
+            elif definition.params:
+                raise ProtocolError("params", "params were given but there is no where clause using them")
         return table, clause
 
     def _typecheck(
@@ -389,84 +356,44 @@ class ShapeManager:
         )
         try:
             conn.execute(query, params)
+        except psycopg.errors.QueryCanceled as exc:
+            raise WhereClauseError(
+                f"planning the where clause took longer than {_VALIDATE_TIMEOUT_MS / 1000:g} s (cost budget)"
+            ) from exc
         except psycopg.errors.Error as exc:
-            if isinstance(exc, psycopg.OperationalError):
+            if is_connection_error(exc):
                 raise
+            # Planning sees no rows, so the message can only quote the client's own constants.
             message = (exc.diag.message_primary or str(exc)).strip()
             raise WhereClauseError(f"invalid where clause: {message}") from exc
 
-    def get_or_create(self, definition: ShapeDefinition) -> Shape:
-        """The shape for ``definition``, creating it if there is none. Blocks until a new shape's snapshot has
-        produced its first rows (so an error in the snapshot query is still a 400), not until it has finished:
-        clients page through a big snapshot while it is being written, as Electric serves snapshot chunks."""
-        while True:
-            with self._lock:
-                shape = self._by_definition.get(definition)
-                if shape is not None and shape.state != "gone":
-                    return shape
-                waiting = self._creating.get(definition)
-                if waiting is None:
-                    waiting = threading.Event()
-                    self._creating[definition] = waiting
-                    break
-            waiting.wait(timeout=300)
-        try:
-            return self._create(definition)
-        finally:
-            with self._lock:
-                self._creating.pop(definition, None)
-            waiting.set()
-
-    def _create(self, definition: ShapeDefinition) -> Shape:
-        with connect_sql(self._url) as conn:
-            table, clause = self._validate(conn, definition)
-            self._prepare_table(conn, table)
-        handle = f"{definition.fingerprint()}-{time.time_ns() // 1000}"
-        directory = self._dir / handle
-        shape = Shape(handle, definition, table, clause, ShapeLog(directory))
+    def register(self, definition: ShapeDefinition, table: TableInfo, clause: WhereClause | None) -> tuple[Shape, bool]:
+        """A new shape for ``definition`` (it buffers replicated transactions from now on) and True; the existing
+        one and False if another request registered it first. The caller runs :meth:`take_snapshot` on a new one."""
         with self._lock:
+            existing = self._by_definition.get(definition)
+            if existing is not None and existing.state != "gone":
+                return existing, False
+            handle = f"{definition.fingerprint()}-{time.time_ns() // 1000}"
+            shape = Shape(handle, definition, table, clause, ShapeLog(self._dir / handle))
             self._register(shape)
-        threading.Thread(
-            target=self._snapshot_in_background, args=(shape,), name="pgferry-snapshot", daemon=True
-        ).start()
-        shape.first_rows.wait(timeout=600)
-        error = shape.snapshot_error
-        if error is not None:
-            if isinstance(error, psycopg.Error) and not isinstance(error, psycopg.OperationalError):
-                message = (error.diag.message_primary or str(error)).strip()
-                raise WhereClauseError(f"the shape's query failed: {message}") from error
-            raise error
-        return shape
+            return shape, True
 
-    def _snapshot_in_background(self, shape: Shape) -> None:
+    def take_snapshot(self, shape: Shape) -> None:
+        """Run the shape's snapshot; on failure the shape is dropped and the error kept in ``snapshot_error``
+        (waiting clients turn it into a 400 or a refetch). Never raises."""
         try:
             self._take_snapshot(shape)
         except BaseException as exc:  # the shape cannot be completed: drop it, waiting clients refetch
             shape.snapshot_error = exc
-            _log.warning("sync.snapshot_failed", handle=shape.handle, table=str(shape.table.name), error=str(exc))
+            _log.warning(
+                "sync.snapshot_failed", handle=shape.handle, table=str(shape.table.name), error=describe_error(exc)
+            )
             with self._lock:
                 self._drop(shape)
         finally:
             shape.first_rows.set()
             shape.notify()
-
-    def _prepare_table(self, conn: psycopg.Connection[Any], table: TableInfo) -> None:
-        """Publish the table with full old rows (Electric does the same), so moves out of a where are seen."""
-        ident = sql.Identifier(table.name.schema, table.name.name)
-        identity = conn.execute("select relreplident from pg_catalog.pg_class where oid = %s", [table.oid])
-        row = identity.fetchone()
-        if row is not None and row[0] != "f":
-            conn.execute(sql.SQL("alter table {} replica identity full").format(ident))
-        published = conn.execute(
-            "select 1 from pg_catalog.pg_publication_rel pr join pg_catalog.pg_publication p on p.oid = pr.prpubid"
-            " where p.pubname = %s and pr.prrelid = %s",
-            [self._publication, table.oid],
-        ).fetchone()
-        if published is None:
-            with contextlib.suppress(psycopg.errors.DuplicateObject):
-                conn.execute(
-                    sql.SQL("alter publication {} add table {}").format(sql.Identifier(self._publication), ident)
-                )
 
     def _snapshot_query(self, shape: Shape, params: list[Any]) -> sql.Composed:
         """One JSON message per row, built by PostgreSQL (fast: Python only writes the bytes to the log)."""
@@ -497,7 +424,7 @@ class ShapeManager:
         return query
 
     def _take_snapshot(self, shape: Shape) -> None:
-        conn = connect_sql(self._url)
+        conn = connect_sql(self._url, statement_timeout_ms=self.snapshot_timeout_ms)
         evaluator = WhereEvaluator(self._url)
         try:
             conn.autocommit = False
@@ -513,6 +440,8 @@ class ShapeManager:
                 cursor.itersize = 5000
                 cursor.execute(query, params)
                 while True:
+                    if self._closing.is_set():
+                        raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
                     rows = cursor.fetchmany(5000)
                     if not rows:
                         break
@@ -523,9 +452,13 @@ class ShapeManager:
             conn.rollback()
             shape.log.sync()
             with self._lock:
+                if shape.gone:  # deleted or invalidated while its snapshot ran
+                    return
                 shape.snapshot = snapshot
                 for txn in shape.buffered:
                     self._apply_to_shapes([shape], txn, evaluator)
+                    if shape.gone:
+                        return
                 shape.buffered.clear()
                 shape.log.sync()
                 write_json_atomic(
@@ -629,7 +562,12 @@ class ShapeManager:
         rows = [r for r in (*befores, *afters) if r is not None]
         verdicts = evaluator.matches(pending, rows)
         for shape in pending:
-            column = iter(verdicts[shape.handle])
+            failure = verdicts.failed.get(shape.handle)
+            if failure is not None:  # its clause fails on these rows: its problem, never the feed's
+                self._gone(shape, f"its where clause failed on a change: {describe_error(failure)}")
+                touched.append(shape)
+                continue
+            column = iter(verdicts.matches[shape.handle])
             before_in = [_verdict(row, shape, column) for row in befores]
             after_in = [_verdict(row, shape, column) for row in afters]
             messages = self._messages_for(shape, changes, befores, afters, before_in, after_in, txn)
@@ -728,7 +666,9 @@ class ShapeManager:
             shape.bind_loop(self._loop)
 
     def _gone(self, shape: Shape, reason: str) -> None:
+        """Invalidate: clients holding the handle get 409 must-refetch. ``reason`` must carry no row values."""
         _log.info("sync.shape_invalidated", handle=shape.handle, table=str(shape.table.name), reason=reason)
+        self.shapes_invalidated += 1
         self._drop(shape)
 
     def _drop(self, shape: Shape) -> None:

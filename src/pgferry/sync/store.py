@@ -151,7 +151,11 @@ class ShapeLog:
         os.fsync(self._writer.fileno())
 
     def read_after(self, offset: LogOffset, *, max_bytes: int = 4 << 20) -> LogChunk:
-        """Entries strictly after ``offset``, up to about ``max_bytes`` (at least one entry)."""
+        """Entries strictly after ``offset``, up to about ``max_bytes`` (at least one entry).
+
+        A chunk never ends on op 0 of a replicated transaction that has more ops, so every offset handed out as
+        ``<lsn>_0`` (lsn > 0) means "all of transaction lsn", which is how an SSE client resumes (see
+        :func:`normalise_offset`)."""
         with self._lock:
             count = len(self._tx)
             start = bisect.bisect_right(range(count), (offset.tx, offset.op), key=lambda i: (self._tx[i], self._op[i]))
@@ -160,6 +164,8 @@ class ShapeLog:
             while end < count and (end == start or total + self._len[end] <= max_bytes):
                 total += self._len[end] + 1
                 end += 1
+            if end < count and self._tx[end - 1] > 0 and self._op[end - 1] == 0 and self._tx[end] == self._tx[end - 1]:
+                end += 1  # never end a chunk on op 0 of a transaction with more: see normalise_offset
             if start == end:
                 return LogChunk([], None, True)
             first_pos = self._pos[start]
@@ -169,3 +175,19 @@ class ShapeLog:
             at_end = end == count
             blob = os.pread(self._reader_fd, last_pos - first_pos, first_pos)
         return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
+
+
+def normalise_offset(offset: LogOffset) -> LogOffset:
+    """``<lsn>_0`` of a replicated transaction read as "after every op of that transaction".
+
+    The official client in SSE mode resumes from ``<global_last_seen_lsn>_0`` (``getOffset`` in its helpers),
+    built from the ``up-to-date`` message that follows a complete transaction; read literally, that offset would
+    resend the transaction's ops 1..n. The reading is exact for every offset this server hands out, because
+    :meth:`ShapeLog.read_after` never ends a chunk on op 0 of a transaction that has more ops.
+    """
+    if offset.tx > 0 and offset.op == 0:
+        return LogOffset(offset.tx, _LAST_OP)
+    return offset
+
+
+_LAST_OP = 2**62

@@ -28,16 +28,26 @@ from psycopg import sql
 from pgferry.sync.errors import ProtocolError, WhereClauseError, echo
 
 __all__ = [
-    "MAX_DEPTH", "MAX_LENGTH", "MAX_NODES", "MAX_PARAM", "AnyAll", "ArrayExpr", "Between", "Binary", "BoolOp",
-    "Boolean", "Cast", "Column", "FuncCall", "InList", "IsDistinct", "IsTest", "Node", "Not", "Null", "Number",
-    "Param", "String", "TypeName", "Unary", "WhereClause", "check_params", "children", "parse_params",
-    "parse_where", "render_sql", "render_text", "walk",
+    "MAX_COST", "MAX_DEPTH", "MAX_EXPONENT", "MAX_LENGTH", "MAX_NODES", "MAX_PARAM", "MAX_PARAM_LENGTH", "AnyAll",
+    "ArrayExpr", "Between", "Binary", "BoolOp", "Boolean", "Cast", "Column", "FuncCall", "InList", "IsDistinct",
+    "IsTest", "Node", "Not", "Null", "Number", "Param", "String", "TypeName", "Unary", "WhereClause",
+    "check_params", "children", "parse_params", "parse_where", "render_sql", "render_text", "walk",
 ]  # fmt: skip
 
 MAX_LENGTH = 4096  # characters of where text
 MAX_DEPTH = 64  # levels of the AST
 MAX_NODES = 500  # AST nodes
 MAX_PARAM = 100  # highest $n
+MAX_PARAM_LENGTH = 4096  # characters of one $n value
+# The cost budget: what one row's evaluation may cost, whatever the planner does. Comparisons, AND/OR and
+# additions are cheap whatever the values; what grows with the values is multiplying numerics (digits add up),
+# concatenating strings or arrays (copies grow) and powers (digits multiply), so those are counted and capped.
+MAX_COST = 16
+MAX_EXPONENT = 64  # the exponent of ^ must be a number literal within +-64
+_MAX_NUMBER_CHARS = 40  # digits of a number literal (a 4000-digit numeric makes every product expensive)
+_MAX_NUMBER_EXPONENT = 400  # e+NNN of a number literal: 1e308 (float8's range) fits, 1e100000 does not
+_COST = {"*": 1, "||": 1, "^": 8}
+_COSTLY_FUNCTIONS = {"array_cat": 1, "array_append": 1, "array_prepend": 1}
 # Recursion guard of the parser itself, in nested parse_expr calls. Redundant parentheses cost a level without
 # adding AST depth, and render_text adds up to three per AST level, so this stays above 3 * MAX_DEPTH (our own
 # output always parses again) while keeping Python's stack far from its limit however the input is shaped.
@@ -321,6 +331,15 @@ def _check_ident(name: str, pos: int) -> None:
         raise WhereClauseError(f"identifier is longer than {_MAX_IDENT_BYTES} bytes", pos)
 
 
+def _check_number(literal: str, pos: int) -> None:
+    """Part of the cost budget: a number literal stays small, so no product or power of it gets huge."""
+    if len(literal) > _MAX_NUMBER_CHARS:
+        raise WhereClauseError(f"number literal longer than {_MAX_NUMBER_CHARS} characters", pos)
+    exponent = literal.lower().partition("e")[2]
+    if exponent and abs(int(exponent)) > _MAX_NUMBER_EXPONENT:
+        raise WhereClauseError(f"number literal exponent beyond +-{_MAX_NUMBER_EXPONENT}", pos)
+
+
 def _tokenize(text: str) -> list[_Tok]:
     toks: list[_Tok] = []
     i, n = 0, len(text)
@@ -369,6 +388,7 @@ def _tokenize(text: str) -> list[_Tok]:
             i = m.end()
             if i < n and _ident_char(text[i]):
                 raise WhereClauseError("trailing junk after numeric literal", start)
+            _check_number(m.group(), start)
             toks.append(_Tok("number", m.group(), start, i))
         elif c == "$":
             j = i + 1
@@ -776,6 +796,7 @@ def parse_where(text: str) -> WhereClause:
     columns: set[str] = set()
     params: set[int] = set()
     count = 0
+    cost = 0
     stack: list[tuple[Node, int]] = [(node, 1)]
     while stack:
         current, depth = stack.pop()
@@ -788,8 +809,32 @@ def parse_where(text: str) -> WhereClause:
             columns.add(current.name)
         elif isinstance(current, Param):
             params.add(current.number)
+        cost += _node_cost(current)
+        if cost > MAX_COST:
+            raise WhereClauseError(
+                f"where clause is too expensive (more than {MAX_COST} units of * || ^ and array functions, "
+                "^ counting 8)",
+                current.pos,
+            )
         stack.extend((child, depth + 1) for child in children(current))
     return WhereClause(text, node, frozenset(columns), frozenset(params))
+
+
+def _node_cost(node: Node) -> int:
+    """The cost budget's price of one node (see MAX_COST); raises for a power whose exponent is not bounded."""
+    if isinstance(node, Binary):
+        if node.op == "^":
+            exponent = node.right
+            if isinstance(exponent, Unary) and isinstance(exponent.operand, Number):
+                exponent = exponent.operand
+            if not isinstance(exponent, Number) or abs(float(exponent.text)) > MAX_EXPONENT:
+                raise WhereClauseError(
+                    f"the exponent of ^ must be a number literal between -{MAX_EXPONENT} and {MAX_EXPONENT}", node.pos
+                )
+        return _COST.get(node.op, 0)
+    if isinstance(node, FuncCall):
+        return _COSTLY_FUNCTIONS.get(node.name, 0)
+    return 0
 
 
 # Rendering goes through a flat list of pieces, so render_sql and render_text share one traversal and params
@@ -875,7 +920,7 @@ def _string_sql(value: str) -> str:
 
 
 def render_sql(
-    clause: WhereClause,
+    clause: WhereClause | Node,
     *,
     column: Callable[[str], sql.Composable],
     param: Callable[[int], sql.Composable],
@@ -891,7 +936,7 @@ def render_sql(
     it with a search_path that does not put an untrusted schema before ``pg_catalog`` (PostgreSQL's default).
     """
     pieces: list[_Piece] = []
-    _pieces(clause.node, pieces, True)
+    _pieces(clause.node if isinstance(clause, WhereClause) else clause, pieces, True)
     parts: list[sql.Composable] = []
     text: list[str] = []
     for piece in pieces:
@@ -958,6 +1003,8 @@ def parse_params(items: Iterable[tuple[str, str]], *, name: str = "params") -> d
             raise ProtocolError(name, f"the value of parameter {int(key)} must be a string")
         if "\x00" in value:
             raise ProtocolError(name, f"the value of parameter {int(key)} contains a NUL character")
+        if len(value) > MAX_PARAM_LENGTH:
+            raise ProtocolError(name, f"the value of parameter {int(key)} is longer than {MAX_PARAM_LENGTH} characters")
         try:
             value.encode()
         except UnicodeEncodeError:

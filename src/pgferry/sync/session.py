@@ -1,0 +1,34 @@
+"""SQL sessions of the dev sync server: how values print, and how long one statement may run.
+
+Both the snapshot connection and the replication stream must print values the same way, or a row's text in the
+snapshot would differ from the same row's text in the log; every connection the server opens uses these settings.
+Every connection also has a statement timeout, so no shape (however its where clause is written) can hold a
+database core or a server thread for long: the budget is part of the cost limits of the Shape API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+__all__ = ["SESSION_SETTINGS", "connect_sql", "session_options"]
+
+SESSION_SETTINGS: dict[str, str] = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+}
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+
+
+def session_options() -> str:
+    return " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS.items())
+
+
+def connect_sql(url: str, *, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(url, autocommit=True, options=session_options(), application_name="pgferry-sync")
+    conn.execute(f"set statement_timeout = {int(statement_timeout_ms)}")
+    return conn
