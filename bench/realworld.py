@@ -14,7 +14,7 @@ schema tends to be after a year in production:
   HNSW index, where per-byte costs and index builds dominate. Embeddings cluster by topic (32 centres plus
   noise), as real ones do; uniformly random vectors are HNSW's worst case and would make every method's time
   mostly the same two index builds;
-* a few thousand snapshots with 10–60 kB JSON states and binary blobs (out-of-line TOAST values).
+* a few thousand snapshots with 10-60 kB JSON states and binary blobs (out-of-line TOAST values).
 
 Everything is generated inside PostgreSQL with ``generate_series`` (``setseed`` makes the non-key values
 repeatable; keys come from ``gen_random_uuid()`` and differ from run to run, as they would). At ``scale=1``
