@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgferry.config import DatabaseUrl, Settings, load_settings, parse_database_url
 from pgferry.errors import ConfigError
-from pgferry.localstack.stack import LocalStack
+
+if TYPE_CHECKING:
+    from pgferry.localstack.stack import LocalStack
 
 
 def settings() -> Settings:
@@ -14,6 +17,8 @@ def settings() -> Settings:
 
 
 def stack(home: Path | None = None) -> LocalStack:
+    from pgferry.localstack.stack import LocalStack  # only the commands that need servers pay for it
+
     return LocalStack(home or settings().home)
 
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import NoReturn
 
 import psycopg
-from alembic.util.exc import CommandError
 
 from pgferry.errors import PgferryError
 from pgferry.observability.logging import redact_text
@@ -41,5 +40,8 @@ def run_reporting_errors(main: Callable[[], object]) -> None:
     except psycopg.Error as exc:
         state = getattr(exc, "sqlstate", None)
         fail(f"database error{f' [{state}]' if state else ''}: {_first_line(exc)}")
-    except CommandError as exc:
-        fail(f"migration error: {_first_line(exc)}")
+    except Exception as exc:
+        # Alembic is imported only by the commands that use it; its errors are one line too.
+        if type(exc).__module__.startswith("alembic.") and type(exc).__name__ == "CommandError":
+            fail(f"migration error: {_first_line(exc)}")
+        raise

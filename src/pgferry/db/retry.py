@@ -83,6 +83,7 @@ import random
 import re
 import socket
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -90,7 +91,6 @@ from typing import Final, TypeVar
 
 import psycopg
 import structlog
-from sqlalchemy import exc as sa_exc
 
 from pgferry.errors import PgferryError
 from pgferry.observability.logging import redact_text
@@ -296,7 +296,8 @@ def classify_error(exc: BaseException) -> ErrorClassification:
     Pure function of the exception: no I/O, safe to call from any thread. See the module docstring for
     the full table and the reasoning behind the borderline cases.
     """
-    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # a SQLAlchemy error can only exist if SQLAlchemy is loaded
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
         inner = classify_error(exc.orig)
         if exc.connection_invalidated and inner.retryable and not inner.reconnect:
             return _retry(inner.sqlstate, inner.reason, reconnect=True, hint=inner.hint)

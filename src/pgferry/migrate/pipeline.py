@@ -47,6 +47,8 @@ __all__ = ["DataPipeline", "PipelineHost", "SnapshotLostError", "TableWork", "re
 
 log = structlog.get_logger("pgferry.migrate")
 
+PARALLEL_BUILD_BYTES = 64 * 1024 * 1024
+"""Tables at least this large (heap and TOAST) build their indexes with parallel workers."""
 EXPENSIVE_INDEX_METHODS = ("using hnsw", "using ivfflat", "using gin", "using gist", "using spgist")
 
 
@@ -89,11 +91,15 @@ class TableWork:
 
     @property
     def expensive(self) -> bool:
-        return any(m in o.definition.lower() for o in self.deferred for m in EXPENSIVE_INDEX_METHODS)
+        return any(_expensive(o) for o in self.deferred)
 
     @property
     def copy_priority(self) -> tuple[int, int]:
         return (0 if self.expensive else 1, -self.bytes_estimate)
+
+
+def _expensive(obj: DeferredObject) -> bool:
+    return any(m in obj.definition.lower() for m in EXPENSIVE_INDEX_METHODS)
 
 
 class ExportedSnapshot:
@@ -272,6 +278,7 @@ class DataPipeline:
         self._outstanding = _Outstanding()
         self.copies = _WorkQueue(self._outstanding)
         self.builds = _WorkQueue(self._outstanding)
+        self.heavy_builds = _WorkQueue(self._outstanding)
         self.checks = _WorkQueue(self._outstanding)
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -286,6 +293,7 @@ class DataPipeline:
         threads = [
             *(self._thread(f"copy-{i}", self.copies) for i in range(self.jobs)),
             *(self._thread(f"index-{i}", self.builds) for i in range(self.jobs)),
+            self._thread("heavy-index", self.heavy_builds),
             self._thread("verify", self.checks),
         ]
         try:
@@ -341,10 +349,13 @@ class DataPipeline:
         table.remaining_indexes = len(builds)
         if not builds:
             self._attach(table)
-        for obj in sorted(builds, key=lambda o: not any(m in o.definition.lower() for m in EXPENSIVE_INDEX_METHODS)):
-            expensive = any(m in obj.definition.lower() for m in EXPENSIVE_INDEX_METHODS)
-            self.builds.put(
-                (0 if expensive else 1, -table.bytes_estimate, obj.name),
+        for obj in builds:
+            # Expensive builds (HNSW above all) go one at a time, each with the server's parallel workers: two
+            # single-threaded HNSW builds side by side leave a core idle for as long as the longer one lasts
+            # alone, and two parallel ones oversubscribe the cores and spend the difference on lock waits.
+            queue = self.heavy_builds if _expensive(obj) else self.builds
+            queue.put(
+                (-table.bytes_estimate, obj.name),
                 lambda obj=obj: self._guard(table, "indexes", self._build_index, table, obj),  # type: ignore[misc]
             )
         if self.verify and not table.verified:
@@ -424,6 +435,11 @@ class DataPipeline:
         def build() -> None:
             with on_side("target"), self.host.connect_target() as conn:
                 conn.execute(sql.SQL("set maintenance_work_mem = {}").format(sql.Literal(self.maintenance_work_mem)))
+                if _expensive(obj) or table.bytes_estimate >= PARALLEL_BUILD_BYTES:
+                    # PostgreSQL sizes parallel index builds by the heap alone; a vector table keeps its rows in
+                    # TOAST and gets no worker, leaving one HNSW build on one core for a minute while the others
+                    # idle. Let max_parallel_maintenance_workers (the server's setting) apply.
+                    conn.execute("set min_parallel_table_scan_size = 0")
                 restore_one(conn, self.run_id, obj)
 
         started = time.monotonic()

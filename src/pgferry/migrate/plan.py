@@ -17,7 +17,6 @@ from psycopg import sql
 
 from pgferry.migrate.catalog import ServerInfo, Table, TableFilter, list_sequences, list_tables, server_info
 from pgferry.migrate.chunks import count_chunks
-from pgferry.schema.models import Base
 
 __all__ = ["MigrationPlan", "Problem", "TablePlan", "build_plan", "same_database"]
 
@@ -169,7 +168,11 @@ def build_plan(
         else:
             problems.append(Problem("info", f"extension {ext} will be created on the target"))
 
-    model_tables = {t.name: t for t in Base.metadata.tables.values()}
+    model_tables: dict[str, Any] = {}
+    if schema_from == "pgferry":
+        from pgferry.schema.models import Base  # SQLAlchemy loads only when pgferry's schema is the one applied
+
+        model_tables = {t.name: t for t in Base.metadata.tables.values()}
     for table in tables:
         key = ",".join(table.primary_key) if table.primary_key else "none (verified by row hashes)"
         chunks = count_chunks(table, batch_rows)
