@@ -17,7 +17,7 @@ PostgreSQL installation, loopback TCP) is started, and each data shape of ``--sh
 turn:
 
 ``platform``
-    A clone of the Neon-shaped template seeded with :class:`pgferry.testing.data.TestDataManager` at
+    A clone of the Neon-shaped template seeded with :class:`pgferry.sampledata.TestDataManager` at
     ``--scale`` (1.0 is about 130 MB; the default 8 about 1.5 GB): integer and UUID keys, large JSON,
     multi-MB snapshots.
 ``realworld``
@@ -123,8 +123,8 @@ from realworld import seed_realworld
 from pgferry.localstack.binaries import PostgresInstall, find_install
 from pgferry.localstack.cluster import PostgresCluster
 from pgferry.migrate.engine import PHASES
+from pgferry.sampledata import TestDataManager
 from pgferry.schema.models import PLATFORM_TABLES
-from pgferry.testing.data import TestDataManager
 from pgferry.testing.servers import BASELINE_TEMPLATE, NEON_TEMPLATE, ServerPair
 
 BENCH_DIR = Path(__file__).resolve().parent

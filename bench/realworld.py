@@ -1,6 +1,6 @@
 """A second data shape for the benchmarks, one that pgferry's own test-data generator never produces.
 
-``pgferry.testing.data.TestDataManager`` writes rows in the order it generates them, with a few thousand
+``pgferry.sampledata.TestDataManager`` writes rows in the order it generates them, with a few thousand
 rows per table and an integer key on the events table. Real platforms look different, and a tool tuned on
 its own generator can look fast for the wrong reasons. This shape is what a user's database of the same
 schema tends to be after a year in production:

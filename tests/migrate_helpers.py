@@ -12,8 +12,8 @@ from psycopg import sql
 from pgferry.config import parse_database_url
 from pgferry.migrate import Migration, MigrationOptions, ProgressReporter
 from pgferry.migrate.catalog import TableFilter
+from pgferry.sampledata import TestDataManager
 from pgferry.schema.models import PLATFORM_TABLES
-from pgferry.testing.data import TestDataManager
 
 
 def seed_source(url: str, scale: float = 0.03, seed: int = 11) -> TestDataManager:

@@ -15,8 +15,8 @@ import pytest
 from psycopg import sql
 
 from pgferry.db.checksum import ChecksumError, TableChecksum, table_checksum
+from pgferry.sampledata import BASE_COUNTS, TestDataError, TestDataManager, scaled_counts
 from pgferry.schema.models import PLATFORM_TABLES
-from pgferry.testing.data import BASE_COUNTS, TestDataError, TestDataManager, scaled_counts
 
 SCALE = 0.02
 

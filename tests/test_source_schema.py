@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgferry.migrate import source_schema as ss
+from pgferry.db.programs import PostgresProgramError, find_pg_tool, program_major
 from pgferry.migrate.source_schema import (
     MANAGED_SCHEMAS,
     ExtensionMember,
@@ -21,10 +21,11 @@ from pgferry.migrate.source_schema import (
     SchemaDumpError,
     SchemaInventory,
     SchemaRewriteError,
+    _dump,
+    _sql,
     apply_schema_sql,
     drop_statements,
     dump_source_schema,
-    find_pg_tool,
     rewrite_extension_schemas,
     rewrite_for_target,
     schema_sql_for_target,
@@ -203,7 +204,7 @@ def test_split_sql_follows_psql_rules() -> None:
         "-- trailing; comment\n"
         "\\unrestrict abc\n"
     )
-    statements = ss._split_sql(text)
+    statements = _sql._split_sql(text)
     assert "".join(s.text for s in statements) == text
     bodies = [s.body.strip() for s in statements if s.significant]
     assert bodies[0] == "\\restrict abc"
@@ -216,18 +217,18 @@ def test_split_sql_follows_psql_rules() -> None:
 
 
 def test_server_managed_column_options_are_stripped() -> None:
-    [only] = ss._split_sql('ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (pg_attver=12);')
-    assert ss._strip_server_managed_options(only) is None
-    [mixed] = ss._split_sql('ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (pg_attver=12, n_distinct=5);')
-    assert ss._strip_server_managed_options(mixed) == 'ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (n_distinct=5);'
+    [only] = _sql._split_sql('ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (pg_attver=12);')
+    assert _dump._strip_server_managed_options(only) is None
+    [mixed] = _sql._split_sql('ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (pg_attver=12, n_distinct=5);')
+    assert _dump._strip_server_managed_options(mixed) == 'ALTER TABLE ONLY "a"."b" ALTER COLUMN "c" SET (n_distinct=5);'
 
 
 def test_dump_patterns_keep_case_and_wildcards() -> None:
-    assert ss._table_pattern("app.Order") == '"app"."Order"'
-    assert ss._table_pattern("Order") == '*."Order"'
-    assert ss._table_pattern("app.events_*") == '"app"."events_"*'
-    assert ss._dump_pattern("App") == '"App"'
-    assert ss._table_pattern("app.t[!0-9]") == '"app"."t"[^0-9]'
+    assert _dump._table_pattern("app.Order") == '"app"."Order"'
+    assert _dump._table_pattern("Order") == '*."Order"'
+    assert _dump._table_pattern("app.events_*") == '"app"."events_"*'
+    assert _dump._dump_pattern("App") == '"App"'
+    assert _dump._table_pattern("app.t[!0-9]") == '"app"."t"[^0-9]'
 
 
 VECTOR_MEMBERS = [
@@ -336,11 +337,11 @@ def test_drop_statements_order_and_cascade() -> None:
 def test_find_pg_tool_picks_a_new_enough_program() -> None:
     tool = find_pg_tool("pg_dump", 15)
     assert tool.name == "pg_dump" and tool.exists()
-    assert (ss._program_major(str(tool)) or 0) >= 15
+    assert (program_major(str(tool)) or 0) >= 15
 
 
 def test_find_pg_tool_explains_when_none_is_new_enough() -> None:
-    with pytest.raises(SchemaDumpError) as err:
+    with pytest.raises(PostgresProgramError) as err:
         find_pg_tool("pg_dump", 99)
     message = str(err.value)
     assert "PostgreSQL 99" in message and "PGFERRY_PG_BINDIR" in message and "\n" not in message

@@ -15,7 +15,6 @@ asks for it explicitly with ``get_secret_value()``.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Final, Literal, Self
 from urllib.parse import SplitResult, parse_qsl, quote, urlencode, urlsplit
@@ -41,6 +40,8 @@ from pydantic_settings import (
 )
 
 from pgferry.errors import ConfigError, DatabaseUrlError
+from pgferry.redaction import REDACTED as _REDACTED
+from pgferry.redaction import redact_text
 
 __all__ = [
     "DATABASE_URL_EXAMPLE",
@@ -59,7 +60,6 @@ SUPABASE_URL_EXAMPLE: Final = "https://<project-ref>.supabase.co"
 ELECTRIC_URL_EXAMPLE: Final = "http://localhost:3000"
 JWKS_URL_EXAMPLE: Final = "https://<project-ref>.supabase.co/auth/v1/.well-known/jwks.json"
 
-_REDACTED: Final = "***"
 _DEFAULT_PORT: Final = 5432
 
 # SQLAlchemy-style driver suffixes are accepted because people paste URLs from their
@@ -80,25 +80,6 @@ _ERROR_TYPE: Final = "pgferry_config"
 # Redaction
 # --------------------------------------------------------------------------------------
 
-_USERINFO_RE: Final = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@")
-_PASSWORD_PARAM_RE: Final = re.compile(r"(?i)(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^&\s]*)")
-
-
-def _redact_text(text: str) -> str:
-    """Best-effort password removal for strings that did not even parse as a URL.
-
-    Used only to echo bad input back in error messages. It errs on the side of hiding
-    too much: everything between ``scheme://user:`` and the *last* ``@`` is treated as
-    the password, because a malformed URL is often malformed precisely because the
-    password contains an unescaped ``@`` or ``/``.
-    """
-    match = _USERINFO_RE.match(text)
-    if match:
-        user, colon, _password = match["userinfo"].partition(":")
-        if colon:
-            text = f"{match['scheme']}{user}:{_REDACTED}@{text[match.end() :]}"
-    return _PASSWORD_PARAM_RE.sub(lambda m: f"{m['key']}{_REDACTED}", text)
-
 
 def _unsplit(parts: SplitResult) -> str:
     """``urlunsplit`` that keeps ``//`` even with an empty host (``postgresql:///db?host=...``)."""
@@ -117,7 +98,7 @@ def _redact_split(parts: SplitResult) -> str:
         user, colon, _password = userinfo.partition(":")
         if colon:
             netloc = f"{user}:{_REDACTED}@{hostport}"
-    query = _PASSWORD_PARAM_RE.sub(lambda m: f"{m['key']}{_REDACTED}", parts.query)
+    query = redact_text(parts.query)
     return _unsplit(parts._replace(netloc=netloc, query=query))
 
 
@@ -140,7 +121,7 @@ def _check_database_url(value: str, setting: str) -> tuple[str, dict[str, Any]]:
     means quietly talking to the wrong database.
     """
     text = value.strip()
-    shown = _redact_text(text)
+    shown = redact_text(text)
     scheme, sep, rest = text.partition("://")
     if not sep:
         raise DatabaseUrlError(setting, f"must be a PostgreSQL URL like {DATABASE_URL_EXAMPLE} (got {shown!r})")
@@ -151,7 +132,7 @@ def _check_database_url(value: str, setting: str) -> tuple[str, dict[str, Any]]:
             f"must start with postgresql:// or postgres://, like {DATABASE_URL_EXAMPLE} (got {shown!r})",
         )
     url = f"{normalized_scheme}://{rest}"
-    shown = _redact_text(url)
+    shown = redact_text(url)
     try:
         params = conninfo_to_dict(url)
     except psycopg.Error:
@@ -238,7 +219,7 @@ class DatabaseUrl:
         try:
             return _redact_split(urlsplit(self._url))
         except ValueError:  # pragma: no cover - the URL already passed validation
-            return _redact_text(self._url)
+            return redact_text(self._url)
 
     def __str__(self) -> str:
         return self.redacted
@@ -363,7 +344,7 @@ def _check_http_url(value: str, *, example: str, allow_path: bool) -> str:
     text = value.strip()
     parts = _split_http(text)
     if parts is None:
-        raise _problem(f"must be an http(s) URL like {example} (got {_redact_text(text)!r})")
+        raise _problem(f"must be an http(s) URL like {example} (got {redact_text(text)!r})")
     if not allow_path and (parts.path not in ("", "/") or parts.query or parts.fragment):
         raise _problem(f"must be the base URL without a path, like {example} (got {_redact_split(parts)!r})")
     path = parts.path.rstrip("/") if allow_path else ""
@@ -558,7 +539,7 @@ def _config_error(exc: ValidationError) -> ConfigError:
         problem = problem[:1].lower() + problem[1:]
         value = first.get("input")
         if field not in _SECRET_FIELDS and isinstance(value, str) and len(value) <= 200:
-            problem += f" (got {_redact_text(value)!r})"
+            problem += f" (got {redact_text(value)!r})"
     others = sorted({_env_name(err["loc"])[0] for err in errors[1:]} - {setting})
     if others:
         problem += f" [also invalid: {', '.join(others)}]"

@@ -9,7 +9,7 @@ that they still produce a full traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatabaseUrlError", "PgferryError"]
+__all__ = ["ConfigError", "DatabaseUrlError", "PgferryError", "ToolError"]
 
 
 class PgferryError(Exception):
@@ -51,3 +51,20 @@ class DatabaseUrlError(ConfigError):
     (environment, ``--database-url``, ``--target``) can catch URL problems specifically.
     Messages only ever echo the redacted URL, never the password.
     """
+
+
+class ToolError(PgferryError):
+    """A program pgferry runs (a server, ``pg_ctl``, a background service) failed.
+
+    The message is one line that says what failed and where its log is; the program's own output (often
+    many lines) travels in :attr:`output`, for a caller that wants to show or keep it. Both pickle.
+    """
+
+    output: str
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(" ".join(message.split()), output)
+        self.output = output
+
+    def __str__(self) -> str:
+        return str(self.args[0])

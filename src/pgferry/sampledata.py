@@ -1,4 +1,4 @@
-"""Deterministic, realistic platform data for pgferry's tests and benchmarks.
+"""Deterministic, realistic platform data for pgferry's demo, tests and benchmarks.
 
 A migration tool is only as trustworthy as the data it was tested with. Toy rows hide exactly the things
 that break moves: 1536-dimension vectors stored out of line, multi-megabyte rows, jsonb with unicode,
@@ -41,6 +41,7 @@ from psycopg.copy import QueuedLibpqWriter
 from psycopg.types import TypeInfo
 
 from pgferry.db.checksum import TableDiff, compare_tables
+from pgferry.db.connect import connect
 from pgferry.errors import PgferryError
 from pgferry.schema.models import EMBEDDING_DIMENSIONS, PLATFORM_TABLES
 from pgferry.schema.neon import create_neon_schema, neon_schema_exists
@@ -1113,7 +1114,7 @@ class TestDataManager:
         generator = _Generator(self.seed_value, scale, counts, self.user_ids(counts["users"]), self.anchor)
         rows: dict[str, int] = {}
         started = time.perf_counter()
-        with psycopg.connect(self.conninfo) as conn:
+        with connect(self.conninfo, application_name="pgferry-sampledata", autocommit=False) as conn:
             nonempty = [t for t in PLATFORM_TABLES if _has_rows(conn, t)]
             if nonempty:
                 raise TestDataError(f"tables already hold rows ({', '.join(nonempty)}); call cleanup() before seed()")
@@ -1140,7 +1141,7 @@ class TestDataManager:
 
         A no-op on databases without ``auth.users`` (Neon), so callers need not know which side they hold.
         """
-        with psycopg.connect(self.conninfo) as conn:
+        with connect(self.conninfo, application_name="pgferry-sampledata", autocommit=False) as conn:
             exists = conn.execute("select to_regclass('auth.users') is not null").fetchone()
             if exists is None or not exists[0]:
                 return
@@ -1163,7 +1164,7 @@ class TestDataManager:
 
     def cleanup(self) -> None:
         """Empty every platform table and reset the event id sequence, so the next seed is byte-identical."""
-        with psycopg.connect(self.conninfo) as conn:
+        with connect(self.conninfo, application_name="pgferry-sampledata", autocommit=False) as conn:
             conn.execute(
                 sql.SQL("truncate table {} restart identity cascade").format(
                     sql.SQL(", ").join(sql.Identifier("public", t) for t in PLATFORM_TABLES)
@@ -1172,7 +1173,10 @@ class TestDataManager:
 
     def compare_with(self, other_conninfo: str) -> DatasetComparison:
         """Checksum every platform table here and in ``other_conninfo`` with the verifier's own mechanism."""
-        with psycopg.connect(self.conninfo) as mine, psycopg.connect(other_conninfo) as theirs:
+        with (
+            connect(self.conninfo, application_name="pgferry-sampledata", autocommit=False) as mine,
+            connect(other_conninfo, application_name="pgferry-sampledata", autocommit=False) as theirs,
+        ):
             return DatasetComparison(tables=compare_tables(mine, theirs, PLATFORM_TABLES))
 
 

@@ -17,6 +17,7 @@ from pgferry.cli.dev import print_status
 from pgferry.cli.migrate import print_summary, print_verification
 from pgferry.cli.progress import RichReporter
 from pgferry.config import parse_database_url
+from pgferry.db.connect import connect
 from pgferry.localstack.stack import DEFAULT_SOURCE_PORT, DEFAULT_TARGET_PORT
 from pgferry.migrate import Migration, MigrationOptions
 
@@ -32,7 +33,7 @@ def demo(
 ) -> None:
     """Start the local stack, seed the source ("Neon") and migrate it into the target ("Supabase")."""
     from pgferry.migrate.state import latest_run
-    from pgferry.testing.data import TestDataManager  # numpy and the generator load only for the demo
+    from pgferry.sampledata import TestDataManager  # numpy and the generator load only for the demo
 
     cfg = settings()
     local = stack(cfg.home)
@@ -50,9 +51,8 @@ def demo(
         target_url=parse_database_url(target_url, "target"),
         jobs=jobs,
     )
-    import psycopg
 
-    with psycopg.connect(target_url, autocommit=True) as conn:
+    with connect(target_url) as conn:
         previous = latest_run(conn)
     if previous is not None:
         with console.status(f"rolling back the previous demo migration (run {previous.id})"):

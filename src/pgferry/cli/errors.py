@@ -9,7 +9,7 @@ from typing import NoReturn
 import psycopg
 
 from pgferry.errors import PgferryError
-from pgferry.observability.logging import redact_text
+from pgferry.redaction import redact_text
 
 EXIT_USAGE = 2
 

@@ -8,14 +8,16 @@ a second of start-up for the others.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import typer
-
-from pgferry.cli.errors import run_reporting_errors
 from pgferry.observability.logging import configure_logging
+
+if TYPE_CHECKING:
+    import typer
 
 GROUPS: dict[str, tuple[str, str]] = {
     "dev": ("pgferry.cli.dev", "app"),
@@ -27,6 +29,8 @@ GROUPS: dict[str, tuple[str, str]] = {
 
 def build_app(argv: Sequence[str] = ()) -> typer.Typer:
     """The ``pgferry`` command with the group named in ``argv`` (every group when none or unknown)."""
+    import typer
+
     app = typer.Typer(
         name="pgferry",
         help="Move the agent platform's database from Neon to Supabase and run its data layer.",
@@ -40,10 +44,24 @@ def build_app(argv: Sequence[str] = ()) -> typer.Typer:
     known = wanted in GROUPS or wanted == "demo"
     for name, (module, attribute) in GROUPS.items():
         if not known or wanted == name:
-            app.add_typer(getattr(importlib.import_module(module), attribute), name=name)
+            app.add_typer(getattr(_import(module, name), attribute), name=name)
     if not known or wanted == "demo":
-        app.command("demo")(importlib.import_module("pgferry.cli.demo").demo)
+        app.command("demo")(_import("pgferry.cli.demo", "demo").demo)
     return app
+
+
+def _import(module: str, command: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("pgferry"):
+            raise
+        _missing(f"`pgferry {command}` needs the package {exc.name}")
+
+
+def _missing(what: str) -> NoReturn:
+    print(f"pgferry: error: {what}; install the extras: pip install 'pgferry[all]'", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _group() -> None:
@@ -53,6 +71,10 @@ def _group() -> None:
 def run() -> None:
     # Logs go to stderr, secrets scrubbed, so stdout stays the command's output (one JSON document with --json).
     configure_logging(os.environ.get("PGFERRY_LOG_LEVEL", "warning"))
+    if importlib.util.find_spec("typer") is None or importlib.util.find_spec("rich") is None:
+        _missing("the pgferry command needs typer and rich")
+    from pgferry.cli.errors import run_reporting_errors
+
     run_reporting_errors(build_app(sys.argv[1:2]))
 
 

@@ -93,7 +93,7 @@ import psycopg
 import structlog
 
 from pgferry.errors import PgferryError
-from pgferry.observability.logging import redact_text
+from pgferry.redaction import redact_text
 
 __all__ = [
     "DEFAULT_POLICY",

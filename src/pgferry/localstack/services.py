@@ -18,14 +18,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgferry.errors import PgferryError
+from pgferry.errors import ToolError
 from pgferry.localstack.cluster import live_pid
 
 __all__ = ["BackgroundService", "ServiceError"]
 
 
-class ServiceError(PgferryError):
-    """A local service did not start or stop as asked."""
+class ServiceError(ToolError):
+    """A local service did not start or stop as asked (the end of its log is in :attr:`output`)."""
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class BackgroundService:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServiceError(
-                    f"the {self.name} exited with status {process.returncode}; see {self.log_file}:\n"
-                    + _tail(self.log_file)
+                    f"the {self.name} exited with status {process.returncode}; see {self.log_file}",
+                    _tail(self.log_file),
                 )
             if self.healthy(timeout=1.0):
                 return

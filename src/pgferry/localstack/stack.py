@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 
+from pgferry.db.connect import connect
 from pgferry.errors import PgferryError
 from pgferry.localstack.binaries import PostgresInstall, describe_install, find_install
 from pgferry.localstack.cluster import (
@@ -279,7 +280,9 @@ def _server_status(name: str, cluster: PostgresCluster, dbname: str) -> ServerSt
     reachable = False
     if running:
         try:
-            with psycopg.connect(cluster.url(dbname), connect_timeout=3) as conn:
+            with connect(
+                cluster.url(dbname), application_name="pgferry-localstack", autocommit=False, connect_timeout=3
+            ) as conn:
                 row = conn.execute("show server_version").fetchone()
                 version = None if row is None else str(row[0])
                 reachable = True

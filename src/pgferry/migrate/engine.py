@@ -24,6 +24,7 @@ import structlog
 from psycopg import sql
 
 from pgferry.config import DatabaseUrl
+from pgferry.db.connect import connect
 from pgferry.db.retry import (
     ErrorClass,
     ErrorClassification,
@@ -55,8 +56,8 @@ from pgferry.migrate.verify import (
     verify_sequences,
     verify_table,
 )
-from pgferry.observability.logging import redact_text
 from pgferry.observability.metrics import MigrationMetrics
+from pgferry.redaction import redact_text
 
 __all__ = [
     "PHASES",
@@ -257,7 +258,7 @@ class Migration:
     @staticmethod
     def _connect(url: str, side: str) -> psycopg.Connection[Any]:
         try:
-            conn = psycopg.connect(url, autocommit=True, application_name="pgferry-migrate", connect_timeout=10)
+            conn = connect(url, application_name="pgferry-migrate")
         except psycopg.Error as exc:
             exc.pgferry_side = side  # type: ignore[attr-defined]
             raise

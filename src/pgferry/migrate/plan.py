@@ -113,6 +113,23 @@ def _normalise_type(type_sql: str) -> str:
     return type_sql.split(".")[-1].replace('"', "")
 
 
+@dataclass
+class _Context:
+    """What every check may look at: both connections, the options, and the plan being filled in."""
+
+    source: psycopg.Connection[Any]
+    target: psycopg.Connection[Any]
+    plan: MigrationPlan
+    tables: list[Table]
+    table_filter: TableFilter
+    schema_from: str
+    batch_rows: int | None
+    resuming: bool
+
+    def add(self, severity: Severity, message: str, fix: str = "", table: str | None = None) -> None:
+        self.plan.problems.append(Problem(severity, message, fix, table))
+
+
 def build_plan(
     source: psycopg.Connection[Any],
     target: psycopg.Connection[Any],
@@ -123,168 +140,178 @@ def build_plan(
     batch_rows: int | None = None,
     resuming: bool = False,
 ) -> MigrationPlan:
-    src_info = server_info(source)
-    tgt_info = server_info(target)
-    plan = MigrationPlan(source=src_info, target=tgt_info, schema_from=schema_from, jobs=jobs)
-    problems = plan.problems
-    tables = list_tables(source, table_filter)
-    if not tables:
-        problems.append(
-            Problem(
-                "error",
-                "no tables on the source match the filters",
-                "check --schemas/--tables/--exclude-tables",
-            )
+    """Every check, in the order an operator would want to read their findings."""
+    plan = MigrationPlan(source=server_info(source), target=server_info(target), schema_from=schema_from, jobs=jobs)
+    ctx = _Context(
+        source, target, plan, list_tables(source, table_filter), table_filter, schema_from, batch_rows, resuming
+    )
+    for check in (
+        _check_same_database,
+        _check_tables_selected,
+        _check_supabase_target,
+        _check_extensions,
+        _check_tables,
+        _check_owners,
+        _check_trigger_control,
+        _check_privileges,
+        _check_server_versions,
+    ):
+        check(ctx)
+    plan.sequences = len(list_sequences(source, table_filter.schemas or None))
+    plan.estimated_seconds = _estimate_seconds(plan)
+    return plan
+
+
+def _estimate_seconds(plan: MigrationPlan) -> float:
+    effective_jobs = max(1, min(plan.jobs, sum(t.chunks for t in plan.tables)))
+    copy = plan.total_bytes / (COPY_BYTES_PER_SECOND_PER_JOB * effective_jobs)
+    return copy + plan.total_bytes / 1e9 * INDEX_SECONDS_PER_GB / max(1, plan.jobs)
+
+
+def _check_same_database(ctx: _Context) -> None:
+    if same_database(ctx.source, ctx.target):
+        ctx.add(
+            "error",
+            "the source and the target are the same database",
+            "point --target (SUPABASE_DB_URL) at Supabase and --source (NEON_DATABASE_URL) at Neon",
         )
 
-    if schema_from == "pgferry" and target.execute("select to_regnamespace('auth')").fetchone() == (None,):
-        problems.append(
-            Problem(
-                "error",
-                "the target has no auth schema, so pgferry's migrations (RLS policies) cannot apply",
-                "point --target at a Supabase database, or for a local server run `pgferry db baseline` first",
-            )
+
+def _check_tables_selected(ctx: _Context) -> None:
+    if not ctx.tables:
+        ctx.add("error", "no tables on the source match the filters", "check --schemas/--tables/--exclude-tables")
+
+
+def _check_supabase_target(ctx: _Context) -> None:
+    if ctx.schema_from == "pgferry" and ctx.target.execute("select to_regnamespace('auth')").fetchone() == (None,):
+        ctx.add(
+            "error",
+            "the target has no auth schema, so pgferry's migrations (RLS policies) cannot apply",
+            "point --target at a Supabase database, or for a local server run `pgferry db baseline` first",
         )
-    for ext, ext_schema in sorted(src_info.extensions.items()):
+
+
+def _check_extensions(ctx: _Context) -> None:
+    source, target = ctx.plan.source, ctx.plan.target
+    for ext, ext_schema in sorted(source.extensions.items()):
         if ext in IGNORED_EXTENSIONS:
             continue
-        if ext in tgt_info.extensions:
-            if tgt_info.extensions[ext] != ext_schema:
-                problems.append(
-                    Problem(
-                        "info",
-                        f"extension {ext} is in schema {ext_schema} on the source and "
-                        f"{tgt_info.extensions[ext]} on the target; references are rewritten",
-                    )
+        if ext in target.extensions:
+            if target.extensions[ext] != ext_schema:
+                ctx.add(
+                    "info",
+                    f"extension {ext} is in schema {ext_schema} on the source and {target.extensions[ext]} on the "
+                    "target; references are rewritten",
                 )
-        elif ext not in tgt_info.available_extensions:
-            problems.append(
-                Problem(
-                    "error",
-                    f"extension {ext} is used on the source but not available on the target",
-                    "enable it in the Supabase dashboard (Database → Extensions) or exclude the tables that need it",
-                )
+        elif ext not in target.available_extensions:
+            ctx.add(
+                "error",
+                f"extension {ext} is used on the source but not available on the target",
+                "enable it in the Supabase dashboard (Database → Extensions) or exclude the tables that need it",
             )
         else:
-            problems.append(Problem("info", f"extension {ext} will be created on the target"))
+            ctx.add("info", f"extension {ext} will be created on the target")
 
+
+def _check_tables(ctx: _Context) -> None:
+    """Per table: where it will come from on the target, whether its columns fit, whether it is empty."""
     model_tables: dict[str, Any] = {}
-    if schema_from == "pgferry":
+    if ctx.schema_from == "pgferry":
         from pgferry.schema.models import Base  # SQLAlchemy loads only when pgferry's schema is the one applied
 
         model_tables = {t.name: t for t in Base.metadata.tables.values()}
-    for table in tables:
-        key = ",".join(table.primary_key) if table.primary_key else "none (verified by row hashes)"
-        chunks = count_chunks(table, batch_rows)
-        target_cols = _target_columns(target, table.schema, table.name)
+    for table in ctx.tables:
+        target_cols = _target_columns(ctx.target, table.schema, table.name)
         state = "exists" if target_cols is not None else "missing"
-        if target_cols is None and schema_from == "source":
+        if target_cols is None and ctx.schema_from == "source":
             state = "created by schema phase"
-        elif (
-            target_cols is None and schema_from == "pgferry" and table.schema == "public" and table.name in model_tables
-        ):
+        elif target_cols is None and table.schema == "public" and table.name in model_tables:
             state = "created by schema phase"
             target_cols = {
                 c.name: ("", not c.nullable, c.server_default is not None or bool(c.identity))
                 for c in model_tables[table.name].columns
             }
-        plan.tables.append(TablePlan(table.qualified, table.row_estimate, table.total_bytes, chunks, key, state))
+        key = ",".join(table.primary_key) if table.primary_key else "none (verified by row hashes)"
+        chunks = count_chunks(table, ctx.batch_rows)
+        ctx.plan.tables.append(TablePlan(table.qualified, table.row_estimate, table.total_bytes, chunks, key, state))
         if not table.primary_key:
-            problems.append(
-                Problem(
-                    "warning",
-                    f"{table.qualified} has no primary key: verification compares it as a multiset of rows, and "
-                    "online replication (later) would need REPLICA IDENTITY FULL on the source",
-                    table=table.qualified,
-                )
+            ctx.add(
+                "warning",
+                f"{table.qualified} has no primary key: verification compares it as a multiset of rows, and "
+                "online replication (later) would need REPLICA IDENTITY FULL on the source",
+                table=table.qualified,
             )
         if state == "missing":
-            problems.append(
-                Problem(
-                    "error",
-                    f"{table.qualified} does not exist on the target and pgferry's schema does not define it",
-                    f"use --schema-from source, or --exclude-tables {table.qualified}",
-                    table=table.qualified,
-                )
+            ctx.add(
+                "error",
+                f"{table.qualified} does not exist on the target and pgferry's schema does not define it",
+                f"use --schema-from source, or --exclude-tables {table.qualified}",
+                table=table.qualified,
             )
-            continue
-        if target_cols is None:
-            continue  # created from the source's own schema (--schema-from source): same columns by construction
-        _compare_columns(table, target_cols, problems)
-        if state == "exists" and not resuming:
-            has_rows = target.execute(
-                sql.SQL("select exists (select 1 from {}.{})").format(
-                    sql.Identifier(table.schema), sql.Identifier(table.name)
-                )
-            ).fetchone()
-            if has_rows and has_rows[0]:
-                problems.append(
-                    Problem(
-                        "error",
-                        f"{table.qualified} already has rows on the target; copying would duplicate them",
-                        f"empty it (truncate {table.qualified}) or exclude it with --exclude-tables",
-                        table=table.qualified,
-                    )
-                )
+        elif target_cols is not None:  # None: created from the source's own schema, same columns by construction
+            _compare_columns(table, target_cols, ctx.plan.problems)
+            if state == "exists" and not ctx.resuming:
+                _check_empty(ctx, table)
 
+
+def _check_empty(ctx: _Context, table: Table) -> None:
+    has_rows = ctx.target.execute(
+        sql.SQL("select exists (select 1 from {})").format(sql.Identifier(table.schema, table.name))
+    ).fetchone()
+    if has_rows and has_rows[0]:
+        ctx.add(
+            "error",
+            f"{table.qualified} already has rows on the target; copying would duplicate them",
+            f"empty it (truncate {table.qualified}) or exclude it with --exclude-tables",
+            table=table.qualified,
+        )
+
+
+def _check_owners(ctx: _Context) -> None:
     owners = {
         r[0]
-        for r in source.execute(
+        for r in ctx.source.execute(
             "select distinct pg_get_userbyid(c.relowner) from pg_class c join pg_namespace n on n.oid = c.relnamespace "
             "where c.relkind in ('r', 'p', 'v', 'm', 'S') and n.nspname not in ('pg_catalog', 'information_schema') "
             "and n.nspname not like 'pg\\_%'"
         )
     }
-    target_roles = {r[0] for r in target.execute("select rolname from pg_roles")}
-    foreign = sorted(owners - target_roles)
+    foreign = sorted(owners - {r[0] for r in ctx.target.execute("select rolname from pg_roles")})
     if foreign:
-        problems.append(
-            Problem(
-                "info",
-                f"objects owned by {', '.join(foreign)} on the source will be owned by the "
-                "migrating role on the target (those roles do not exist there)",
-            )
+        ctx.add(
+            "info",
+            f"objects owned by {', '.join(foreign)} on the source will be owned by the migrating role on the "
+            "target (those roles do not exist there)",
         )
-    if not _can_disable_triggers(target):
-        problems.append(
-            Problem(
-                "error",
-                "the target role cannot set session_replication_role, needed to load without firing triggers",
-                "connect to the target as postgres (Supabase) or a superuser",
-            )
+
+
+def _check_trigger_control(ctx: _Context) -> None:
+    if not _can_disable_triggers(ctx.target):
+        ctx.add(
+            "error",
+            "the target role cannot set session_replication_role, needed to load without firing triggers",
+            "connect to the target as postgres (Supabase) or a superuser",
         )
-    if same_database(source, target):
-        problems.insert(
-            0,
-            Problem(
-                "error",
-                "the source and the target are the same database",
-                "point --target (SUPABASE_DB_URL) at Supabase and --source (NEON_DATABASE_URL) at Neon",
-            ),
+
+
+def _check_privileges(ctx: _Context) -> None:
+    ctx.plan.problems.extend(_privilege_problems(ctx.target, ctx.plan, ctx.schema_from))
+
+
+def _check_server_versions(ctx: _Context) -> None:
+    source, target = ctx.plan.source, ctx.plan.target
+    if source.version_num < 140000:
+        ctx.add(
+            "warning",
+            f"the source runs PostgreSQL {source.version}: before 14 a block range cannot be read on its own, so "
+            "each table is copied as one chunk (no parallelism within a table)",
         )
-    problems.extend(_privilege_problems(target, plan, schema_from))
-    if src_info.version_num < 140000:
-        problems.append(
-            Problem(
-                "warning",
-                f"the source runs PostgreSQL {src_info.version}: before 14 a block range cannot be read on its "
-                "own, so each table is copied as one chunk (no parallelism within a table)",
-            )
+    if target.wal_level != "logical":
+        ctx.add(
+            "warning",
+            f"the target has wal_level = {target.wal_level}: Electric sync and Realtime need logical "
+            "(every Supabase project has it)",
         )
-    if tgt_info.wal_level != "logical":
-        problems.append(
-            Problem(
-                "warning",
-                f"the target has wal_level = {tgt_info.wal_level}: Electric sync and Realtime need logical "
-                "(every Supabase project has it)",
-            )
-        )
-    plan.sequences = len(list_sequences(source, table_filter.schemas or None))
-    effective_jobs = max(1, min(jobs, sum(t.chunks for t in plan.tables)))
-    plan.estimated_seconds = plan.total_bytes / (
-        COPY_BYTES_PER_SECOND_PER_JOB * effective_jobs
-    ) + plan.total_bytes / 1e9 * INDEX_SECONDS_PER_GB / max(1, jobs)
-    return plan
 
 
 def _compare_columns(table: Table, target_cols: dict[str, tuple[str, bool, bool]], problems: list[Problem]) -> None:

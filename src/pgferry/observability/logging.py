@@ -14,14 +14,11 @@ from typing import Any
 
 import structlog
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@\s]+)@", re.I)
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]+")
+from pgferry.redaction import redact_text
+
+__all__ = ["configure_logging", "redact_secrets", "redact_text"]
+
 _SECRET_KEYS = re.compile(r"(password|secret|token|api_?key|service_role|authorization)", re.I)
-
-
-def redact_text(text: str) -> str:
-    text = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _JWT.sub("<jwt redacted>", text)
 
 
 def redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

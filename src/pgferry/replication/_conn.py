@@ -20,6 +20,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.config import DatabaseUrl
+from pgferry.db.connect import CONNECT_PARAMS
+from pgferry.db.quoting import quote_ident, quote_literal
 from pgferry.errors import PgferryError
 
 __all__ = [
@@ -28,7 +30,6 @@ __all__ = [
     "connect_replication",
     "conninfo",
     "publication_names_option",
-    "quote_literal",
 ]
 
 # ReplicationSlotValidateName(): lower-case letters, digits and underscores, at most NAMEDATALEN - 1.
@@ -38,10 +39,8 @@ _SLOT_NAME_RE: Final = re.compile(r"^[a-z0-9_]{1,63}$")
 # the URL wins. keepalives cover an idle socket; tcp_user_timeout covers unacknowledged writes (feedback).
 _STREAM_DEFAULTS: Final[dict[str, Any]] = {
     "application_name": "pgferry-replication",
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
+    # On top of pgferry's connection defaults (keepalives): a stream that stops being acknowledged by the
+    # network is given up after a minute, so the reader reconnects instead of waiting on a dead socket.
     "tcp_user_timeout": 60_000,
 }
 
@@ -62,16 +61,11 @@ def check_slot_name(name: str) -> str:
     return name
 
 
-def quote_literal(text: str) -> str:
-    """A standard SQL string literal (the replication grammar's options are ``name 'value'``)."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 def publication_names_option(names: list[str]) -> str:
     """pgoutput's ``publication_names`` value: a comma-separated list of (double-quoted) identifiers."""
     if not names:
         raise ReplicationError("at least one publication name is needed to stream changes")
-    idents = ",".join('"' + name.replace('"', '""') + '"' for name in names)
+    idents = ",".join(quote_ident(name) for name in names)
     return quote_literal(idents)
 
 
@@ -94,9 +88,9 @@ def connect_replication(dsn: str | DatabaseUrl, *, connect_timeout: float = 10.0
     Such a connection runs replication commands and plain SQL (simple protocol only: no bind parameters).
     """
     params = conninfo_to_dict(conninfo(dsn))
-    for key, value in _STREAM_DEFAULTS.items():
-        params.setdefault(key, value)
     params.setdefault("connect_timeout", max(1, round(connect_timeout)))
+    for key, value in {**CONNECT_PARAMS, **_STREAM_DEFAULTS}.items():
+        params.setdefault(key, value)
     params["replication"] = "database"
     params["client_encoding"] = "UTF8"
     return psycopg.connect(make_conninfo("", **params), autocommit=True)

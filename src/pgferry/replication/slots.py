@@ -36,6 +36,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from pgferry.config import DatabaseUrl
+from pgferry.db.connect import connect
 from pgferry.replication._conn import ReplicationError, check_slot_name, connect_replication, conninfo
 from pgferry.replication.lsn import Lsn
 
@@ -258,7 +259,7 @@ def _drop_after_failure(conn: psycopg.Connection[Any], dsn: str | DatabaseUrl, n
     except psycopg.Error as exc:
         _log.warning("replication.slot_drop_failed", slot=name, error=str(exc).strip(), via="replication connection")
     try:
-        with psycopg.connect(conninfo(dsn), autocommit=True) as plain:
+        with connect(conninfo(dsn), application_name="pgferry-replication") as plain:
             drop_slot(plain, name)
     except (psycopg.Error, ReplicationError) as exc:
         _log.warning("replication.slot_drop_failed", slot=name, error=str(exc).strip(), via="sql")

@@ -12,21 +12,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import Script, ScriptDirectory
 
+from pgferry.db.connect import connect
 from pgferry.errors import PgferryError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
-class MigrationError(PgferryError):
-    """The platform migrations could not be applied."""
+class SchemaMigrationError(PgferryError):
+    """The platform's schema migrations could not be applied."""
 
 
-class NotSupabaseError(MigrationError):
+class NotSupabaseError(SchemaMigrationError):
     """The database lacks what Supabase provides (``auth`` schema, API roles, realtime publication)."""
 
 
@@ -51,7 +51,7 @@ def revisions() -> list[Script]:
 
 def check_supabase_prerequisites(conninfo: str) -> None:
     """Fail early, in words, when the target cannot take the migrations."""
-    with psycopg.connect(conninfo, connect_timeout=10) as conn:
+    with connect(conninfo, application_name="pgferry-schema", autocommit=False) as conn:
         missing: list[str] = []
         if conn.execute("select 1 from pg_namespace where nspname = 'auth'").fetchone() is None:
             missing.append("schema auth")
@@ -90,7 +90,7 @@ def downgrade(conninfo: str, revision: str) -> str | None:
 
 
 def current_revision(conninfo: str) -> str | None:
-    with psycopg.connect(conninfo) as conn:
+    with connect(conninfo, application_name="pgferry-schema", autocommit=False) as conn:
         exists = conn.execute("select to_regclass('pgferry.alembic_version')").fetchone()
         if exists is None or exists[0] is None:
             return None

@@ -8,9 +8,9 @@ differ from the Supabase side in the ways the move itself has to handle.
 
 from __future__ import annotations
 
-import psycopg
 from sqlalchemy import create_engine, pool, text
 
+from pgferry.db.connect import connect
 from pgferry.schema.migrator import sqlalchemy_url
 from pgferry.schema.models import UPDATED_AT_TABLES, Base
 
@@ -28,7 +28,7 @@ $$
 
 
 def neon_schema_exists(conninfo: str) -> bool:
-    with psycopg.connect(conninfo) as conn:
+    with connect(conninfo, application_name="pgferry-schema", autocommit=False) as conn:
         row = conn.execute("select to_regclass('public.tasks')").fetchone()
         return row is not None and row[0] is not None
 

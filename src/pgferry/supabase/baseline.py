@@ -13,6 +13,7 @@ from importlib import resources
 
 import psycopg
 
+from pgferry.db.connect import connect
 from pgferry.errors import PgferryError
 
 BASELINE_MARKER = "pgferry local baseline"
@@ -42,7 +43,7 @@ def apply_local_baseline(conninfo: str) -> bool:
 
     Runs in one transaction, so a failure leaves the database as it was.
     """
-    with psycopg.connect(conninfo) as conn:
+    with connect(conninfo, application_name="pgferry-baseline", autocommit=False) as conn:
         state = auth_schema_state(conn)
         if state == "supabase":
             raise BaselineRefusedError(

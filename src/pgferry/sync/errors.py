@@ -7,9 +7,6 @@ HTTP layer needs to answer with, an HTTP status and a JSON body shaped like Elec
 ``Electric.Shapes.Api.Response.invalid_request/2``), so the dev server and the proxy render client mistakes the
 same way Electric does and ``@electric-sql/client`` surfaces them the same way (as a ``FetchError`` whose
 ``json`` is that body).
-
-:class:`NotEvaluable` is deliberately *not* a PgferryError: it is a control-flow signal between the where-clause
-evaluator and its caller ("I cannot decide this row exactly in Python; ask PostgreSQL"), never shown to a user.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ import psycopg
 from pgferry.errors import PgferryError
 
 __all__ = [
-    "NotEvaluable",
     "ProtocolError",
     "ShapeUnavailableError",
     "SyncDatabaseError",
@@ -138,22 +134,6 @@ class WhereClauseError(ProtocolError):
             problem = f"At location {position}: {problem}"
         super().__init__(field, problem)
         self.position = position
-
-
-class NotEvaluable(Exception):  # noqa: N818 - the name says what the caller must do: treat as "not evaluable"
-    """``evaluate`` cannot decide this clause for this row *exactly* as PostgreSQL would.
-
-    The caller must fall back to asking PostgreSQL (``select ... where <to_sql>``). Raised for constructs whose
-    Python evaluation could disagree with the server (collation-dependent text ordering, numeric division,
-    timestamps written without a zone, ...) and for rows where PostgreSQL itself would raise an error (division
-    by zero, integer overflow), so that error surfaces from the server instead of being guessed here.
-    """
-
-    reason: str
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from pgferry.db.quoting import quote_ident
 from pgferry.sync.errors import ProtocolError
 
 __all__ = [
@@ -104,10 +105,6 @@ class TableName:
 
     def __str__(self) -> str:
         return f"{self.schema}.{self.name}"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 IDENT_PATTERN: Final = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'

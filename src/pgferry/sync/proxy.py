@@ -44,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pgferry.db.quoting import quote_ident
 from pgferry.errors import ConfigError
 from pgferry.sync.auth import (
     AuthenticatedUser,
@@ -59,7 +60,6 @@ from pgferry.sync.protocol import (
     IDENT_PATTERN,
     parse_columns,
     parse_table_name,
-    quote_ident,
     split_outside_quotes,
     unquote_ident,
 )

@@ -12,6 +12,8 @@ from typing import Any
 
 import psycopg
 
+from pgferry.db.connect import connect
+
 __all__ = ["SESSION_SETTINGS", "connect_sql", "session_options"]
 
 SESSION_SETTINGS: dict[str, str] = {
@@ -29,6 +31,6 @@ def session_options() -> str:
 
 
 def connect_sql(url: str, *, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(url, autocommit=True, options=session_options(), application_name="pgferry-sync")
+    conn = connect(url, application_name="pgferry-sync", options=session_options())
     conn.execute(f"set statement_timeout = {int(statement_timeout_ms)}")
     return conn

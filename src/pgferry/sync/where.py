@@ -25,6 +25,7 @@ from typing import TypeAlias, TypeGuard
 
 from psycopg import sql
 
+from pgferry.db.quoting import quote_ident
 from pgferry.sync.errors import ProtocolError, WhereClauseError, echo
 
 __all__ = [
@@ -901,10 +902,6 @@ def _pieces(node: Node, out: list[_Piece], for_psycopg: bool) -> None:
             join(f"{'pg_catalog.' if for_psycopg else ''}{name}(", args, ", ", ")")
 
 
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _string_sql(value: str) -> str:
     """A string constant that means the same whatever ``standard_conforming_strings`` is and holds no '%'.
 
@@ -969,7 +966,7 @@ def render_text(clause: WhereClause, *, param_offset: int = 0) -> str:
         if isinstance(piece, str):
             out.append(piece)
         elif isinstance(piece, Column):
-            out.append(_quote_ident(piece.name))
+            out.append(quote_ident(piece.name))
         elif isinstance(piece, Param):
             out.append(f"${piece.number + param_offset}")
         else:

@@ -6,7 +6,6 @@ see in production, including streaming, compression and long-polls.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from types import TracebackType
@@ -14,13 +13,9 @@ from types import TracebackType
 import uvicorn
 from starlette.types import ASGIApp
 
+from pgferry.localstack.cluster import free_port
+
 __all__ = ["ServedApp", "free_port"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServedApp:

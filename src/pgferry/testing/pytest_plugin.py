@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from pgferry.db.programs import embedded_bindir
 from pgferry.localstack.binaries import (
     PostgresInstall,
     available_installs,
     describe_install,
-    embedded_bindir,
 )
 from pgferry.testing.servers import (
     BASELINE_TEMPLATE,

@@ -1,7 +1,7 @@
 """vector search
 
 HNSW indexes (cosine) on both embedding columns and the ``match_tasks`` / ``match_agent_memory`` functions
-that the API and ``pgferry.vector`` call. The functions are SECURITY INVOKER (the default), so RLS decides
+that PostgREST (``supabase.rpc``) and SQL callers use. The functions are SECURITY INVOKER (the default), so RLS decides
 which rows they can return: a user only ever matches their own tasks and memories.
 
 An index scan on HNSW returns its ``ef_search`` nearest candidates and only then applies filters, so with
