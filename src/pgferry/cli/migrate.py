@@ -177,6 +177,9 @@ def run(
         str, typer.Option(help="Memory per index build on the target (HNSW builds want the whole graph in it).")
     ] = "512MB",
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")] = None,
+    online: Annotated[
+        bool, typer.Option(help="After the copy, follow the source by logical replication until `cutover`.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Run (or resume) the migration: schema, data, indexes, sequences, verification."""
@@ -196,6 +199,7 @@ def run(
         verify=verify,
         on_error=on_error,
         maintenance_work_mem=maintenance_work_mem,
+        online=online,
     )
     if metrics_port is not None:
         migration.metrics.serve(metrics_port)
@@ -248,11 +252,47 @@ def rollback(source: SourceOption = None, target: TargetOption = None, as_json: 
 
 
 @app.command()
+def cutover(
+    source: SourceOption = None,
+    target: TargetOption = None,
+    grace: Annotated[float, typer.Option(help="Seconds open sessions get to finish before they are ended.")] = 5.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the target to catch up.")] = 120.0,
+    verify: Annotated[bool, typer.Option(help="Verify both servers before announcing the switch.")] = True,
+    as_json: JsonOption = False,
+) -> None:
+    """Switch an online migration to the target: fence the source, catch up, verify, start the way back."""
+    from pgferry.migrate.online import cutover as run_cutover
+
+    report = run_cutover(_migration(source, target), grace=grace, timeout=timeout, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    console.print(
+        f"[bold green]cut over[/]: writes were stopped for {report.downtime_seconds:.2f}s; the target has every "
+        f"change up to {report.fence_lsn}{' and was verified' if report.verified else ''}."
+    )
+    console.print(f"switch the application now: DATABASE_URL={report.target_url}")
+    console.print(
+        "the source follows the target from now on: `pgferry migrate rollback` goes back without "
+        "losing a write, `pgferry migrate finish` makes the move final"
+    )
+
+
+@app.command()
+def finish(source: SourceOption = None, target: TargetOption = None) -> None:
+    """End an online migration after its cut-over: stop the way back, remove slots and publications."""
+    from pgferry.migrate.online import finish as run_finish
+
+    run_finish(_migration(source, target))
+    console.print("[bold green]migration finished[/]: the target is the primary; the source stays read-only")
+
+
+@app.command()
 def status(target: TargetOption = None, as_json: JsonOption = False) -> None:
     """Show the persisted state of the latest migration (safe to run from another terminal)."""
     cfg = settings()
     target_url = database_url(target, env_name="SUPABASE_DB_URL", fallback=cfg.supabase_db_url, option="--target")
-    payload = Migration.status_of(target_url).as_dict()
+    payload = Migration.status_of(target_url, cfg.neon_database_url).as_dict()
     if as_json:
         typer.echo(json.dumps(payload, indent=2, default=str))
         return
@@ -270,5 +310,15 @@ def status(target: TargetOption = None, as_json: JsonOption = False) -> None:
             else ""
         )
     )
+    for stream in payload["streams"]:
+        lag = stream.get("lag_bytes")
+        console.print(
+            f"{stream['direction']} stream (slot {stream['slot']}): {stream['changes_applied']:,} changes applied, "
+            f"applied up to {stream['applied_lsn'] or '-'}"
+            + (f", {lag:,} bytes behind" if lag is not None else "")
+            + (f", {stream['lag_seconds']:.1f}s behind" if stream.get("lag_seconds") else "")
+        )
+    for warning in payload["warnings"]:
+        console.print(f"[bold red]warning[/] {warning}")
     for error in payload["errors"]:
         console.print(f"[red]error[/] {error['at']} [{error['phase']}] {error['table'] or ''} {error['message']}")

@@ -60,6 +60,7 @@ from pgferry.observability.metrics import MigrationMetrics
 from pgferry.redaction import redact_text
 
 __all__ = [
+    "ONLINE_PHASES",
     "PHASES",
     "Migration",
     "MigrationStatus",
@@ -72,6 +73,9 @@ __all__ = [
 log = structlog.get_logger("pgferry.migrate")
 
 PHASES = ("plan", "schema", "prepare", "data", "indexes", "sequences", "verify", "complete")
+ONLINE_PHASES = ("plan", "schema", "prepare", "data", "indexes", "follow", "reverse", "complete")
+"""An online run follows the source after the copy; ``cutover`` moves it to ``reverse``, ``finish`` or
+``rollback`` end it (sequences and verification happen at the cut-over)."""
 MAX_DATA_PASSES = 5
 """How many times the data phase may find chunks missing on the target (a restart) before giving up."""
 
@@ -191,6 +195,8 @@ class MigrationStatus:
     estimated_seconds_remaining: float | None = None
     phase_seconds: dict[str, float] | None = None
     errors: list[dict[str, Any]] | None = None
+    streams: list[dict[str, Any]] | None = None
+    warnings: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         if self.run_id is None:
@@ -208,6 +214,8 @@ class MigrationStatus:
             "errors": self.errors or [],
             "estimated_seconds_remaining": self.estimated_seconds_remaining,
             "phase_seconds": self.phase_seconds or {},
+            "streams": self.streams or [],
+            "warnings": self.warnings or [],
         }
 
 
@@ -251,8 +259,10 @@ class Migration:
         """A new autocommit connection to the target whose commits are durable when they return."""
         conn = self._connect(self.options.target_url.get_secret_value(), "target")
         # Whatever the target's default: every change pgferry trusts on resume must be on disk when its
-        # commit returns (a chunk's rows and its done-marker included).
+        # commit returns (a chunk's rows and its done-marker included). And pgferry keeps recording its state
+        # on a target it fenced itself (read-only by default after an online rollback).
         conn.execute("set synchronous_commit = on")
+        conn.execute("set default_transaction_read_only = off")
         return conn
 
     @staticmethod
@@ -353,6 +363,7 @@ class Migration:
                 jobs=self.options.jobs,
                 batch_rows=self.options.batch_rows,
                 resuming=resuming,
+                online=self.options.online,
             )
         if (
             self.options.schema_from == "source"
@@ -500,11 +511,13 @@ class Migration:
         steps: list[tuple[str, Callable[[int], None]]] = [
             ("schema", self._phase_schema),
             ("prepare", self._phase_prepare),
-            ("data", lambda r: self._phase_data(r, repair=resumed)),
+            ("data", lambda r: self._phase_data(r, repair=resumed and not self.options.online)),
             ("indexes", self._phase_indexes),
-            ("sequences", self._phase_sequences),
-            ("verify", self._phase_verify),
         ]
+        if self.options.online:
+            steps += [("follow", self._phase_follow), ("reverse", self._phase_reverse)]
+        else:
+            steps += [("sequences", self._phase_sequences), ("verify", self._phase_verify)]
         names = [name for name, _ in steps]
         begin = names.index(start_phase) if start_phase in names else (len(names) if start_phase == "complete" else 0)
         for name, step in steps[begin:]:
@@ -517,6 +530,12 @@ class Migration:
             self.metrics.enter_phase(name)
             started = time.monotonic()
             following = names[names.index(name) + 1] if name != names[-1] else "complete"
+            if name in {"follow", "reverse"}:
+                # Their ends are decided elsewhere (cutover; finish or rollback), which set the next phase.
+                step(run_id)
+                with self._target() as target:
+                    st.add_phase_seconds(target, run_id, name, time.monotonic() - started)
+                continue
             for attempt in range(1, MAX_DATA_PASSES + 1):
                 step(run_id)
                 try:
@@ -698,6 +717,20 @@ class Migration:
         return work
 
     def _phase_data(self, run_id: int, *, repair: bool) -> None:
+        if not self.options.online:
+            self._copy(run_id, repair=repair)
+            return
+        from pgferry.migrate.online import online_snapshot, reset_unfinished_tables
+
+        with online_snapshot(self, run_id) as (snapshot, position):
+            with self._target() as target:
+                for table in reset_unfinished_tables(target, run_id, position):
+                    self.note(
+                        f"{table}: copied again from the start under a new snapshot", table=table, level="warning"
+                    )
+            self._copy(run_id, repair=False, snapshot=snapshot)
+
+    def _copy(self, run_id: int, *, repair: bool, snapshot: str | None = None) -> None:
         with self._target() as target, self.connect_source() as source:
             tables = self._table_work(target, source, run_id)
         for table in sorted(tables, key=lambda t: t.copy_priority):
@@ -714,7 +747,33 @@ class Migration:
             repair=repair,
             maintenance_work_mem=self.options.maintenance_work_mem,
             on_bytes=self.reporter.bytes_copied,
+            snapshot=snapshot,
+            connect_verify_source=None if snapshot is None else lambda: self._source_in_snapshot(snapshot),
         ).run()
+
+    def _source_in_snapshot(self, snapshot: str) -> psycopg.Connection[Any]:
+        """A source connection that sees the copy's snapshot: an online copy is verified against what it read."""
+        conn = self.connect_source()
+        conn.execute("begin isolation level repeatable read read only")
+        conn.execute(sql.SQL("set transaction snapshot {}").format(sql.Literal(snapshot)))
+        return conn
+
+    def _phase_follow(self, run_id: int) -> None:
+        from pgferry.migrate.online import follow
+
+        self.reporter.message("following the source; run `pgferry migrate cutover` to switch to the target")
+        follow(self, run_id)
+
+    def _phase_reverse(self, run_id: int) -> None:
+        from pgferry.migrate.online import drop_forward_stream, reverse
+
+        with self._target() as target:
+            row = target.execute("select phase from pgferry.migration_runs where id = %s", (run_id,)).fetchone()
+        if row is None or row[0] != "reverse":
+            return  # rolled back or finished before the cut-over
+        drop_forward_stream(self, run_id)
+        self.reporter.message("cut over: the source now follows the target (`pgferry migrate finish` ends it)")
+        reverse(self, run_id)
 
     def _phase_indexes(self, run_id: int) -> None:
         """Foreign keys (every referenced key exists now) and anything the data phase did not rebuild."""
@@ -882,11 +941,12 @@ class Migration:
 
     def status(self) -> MigrationStatus:
         """The latest run as persisted on the target; safe to call while another process runs it."""
-        return self.status_of(self.options.target_url)
+        return self.status_of(self.options.target_url, self.options.source_url)
 
     @staticmethod
-    def status_of(target_url: DatabaseUrl) -> MigrationStatus:
-        """:meth:`status` with only the target's URL (``pgferry migrate status`` needs no source)."""
+    def status_of(target_url: DatabaseUrl, source_url: DatabaseUrl | None = None) -> MigrationStatus:
+        """:meth:`status` with only the target's URL (``pgferry migrate status`` needs no source; with one, the
+        source's replication slot is checked too)."""
         with Migration._connect(target_url.get_secret_value(), "target") as conn:
             run = st.latest_run(conn)
             if run is None:
@@ -895,6 +955,7 @@ class Migration:
             elapsed = conn.execute(
                 "select extract(epoch from now() - started_at) from pgferry.migration_runs where id = %s", (run.id,)
             ).fetchone()
+            streams, warnings = _stream_status(conn, run.id, source_url)
         total_rows = sum(t["row_estimate"] for t in progress["tables"]) or 0
         seconds = float(elapsed[0]) if elapsed else 0.0
         rate = progress["rows_copied"] / seconds if seconds else 0.0
@@ -912,6 +973,8 @@ class Migration:
             estimated_seconds_remaining=round(remaining / rate, 1) if rate and run.status == "running" else None,
             phase_seconds=run.phase_seconds,
             errors=progress["errors"],
+            streams=streams,
+            warnings=warnings,
         )
 
     def rollback(self, run_id: int | None = None) -> Any:
@@ -952,6 +1015,61 @@ class Migration:
             verification=verification,
             resumed=False,
         )
+
+
+def _stream_status(
+    target: psycopg.Connection[Any], run_id: int, source_url: DatabaseUrl | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """An online run's streams: position, lag, and whether each slot is alive and how much WAL it holds.
+
+    A slot is the one thing that can silently end an online migration: Neon drops slots inactive for about
+    40 hours and a branch restore removes them, and a live slot nobody reads fills the disk with WAL.
+    """
+    from pgferry.replication import get_slot, slot_lag_bytes
+
+    if target.execute("select to_regclass('pgferry.migration_streams')").fetchone() == (None,):
+        return [], []
+    streams: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for direction in ("forward", "reverse"):
+        stream = st.load_stream(target, run_id, direction)
+        if stream is None:
+            continue
+        entry: dict[str, Any] = {
+            "direction": direction,
+            "slot": stream.slot,
+            "applied_lsn": None if stream.applied_lsn is None else str(stream.applied_lsn),
+            "changes_applied": stream.changes_applied,
+            "lag_bytes": stream.lag_bytes,
+            "lag_seconds": stream.lag_seconds,
+        }
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            if direction == "reverse":
+                conn = target
+            elif source_url is not None:
+                conn = Migration._connect(source_url.get_secret_value(), "source")
+            if conn is not None:
+                slot = get_slot(conn, stream.slot)
+                entry["slot_alive"] = slot is not None
+                if slot is None:
+                    warnings.append(f"replication slot {stream.slot} ({direction}) is GONE: the stream cannot resume")
+                else:
+                    entry["slot_active"] = slot.active
+                    entry["retained_wal_bytes"] = slot_lag_bytes(conn, stream.slot)
+                    if not slot.active:
+                        warnings.append(
+                            f"replication slot {stream.slot} ({direction}) is not being read: it holds "
+                            f"{entry['retained_wal_bytes']:,} bytes of WAL and Neon drops inactive slots after about "
+                            "40 hours; is `pgferry migrate run --online` running?"
+                        )
+        except psycopg.Error as exc:
+            warnings.append(f"could not check slot {stream.slot}: {str(exc).splitlines()[0] if str(exc) else exc}")
+        finally:
+            if conn is not None and conn is not target:
+                conn.close()
+        streams.append(entry)
+    return streams, warnings
 
 
 def _same_endpoint(pgconn: Any, url: str) -> bool:

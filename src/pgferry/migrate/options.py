@@ -41,6 +41,8 @@ class MigrationOptions:
     verify: bool = True
     on_error: OnError = "stop"
     maintenance_work_mem: str = "512MB"
+    online: bool = False
+    """Follow the source by logical replication after the copy, until ``cutover`` (see ``migrate.online``)."""
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
@@ -77,4 +79,5 @@ class MigrationOptions:
             "verify": self.verify,
             "on_error": self.on_error,
             "maintenance_work_mem": self.maintenance_work_mem,
+            "online": self.online,
         }

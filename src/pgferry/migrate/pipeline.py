@@ -40,7 +40,7 @@ from pgferry.db.retry import classify_error
 from pgferry.migrate import state as st
 from pgferry.migrate.copy import ChunkResult, CopySpec, batched_copy_data, copy_table_chunk
 from pgferry.migrate.deferred import DeferredObject, restore_one
-from pgferry.migrate.errors import on_side
+from pgferry.migrate.errors import MigrationError, on_side
 from pgferry.migrate.verify import TableCheck, verify_table
 
 __all__ = ["DataPipeline", "PipelineHost", "SnapshotLostError", "TableWork", "repair_table"]
@@ -103,16 +103,25 @@ def _expensive(obj: DeferredObject) -> bool:
 
 
 class ExportedSnapshot:
-    """The exported snapshot all copy workers read, re-exported if the source loses it (a restart)."""
+    """The exported snapshot all copy workers read, re-exported if the source loses it (a restart).
 
-    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
+    An online migration passes ``fixed``: the snapshot its replication slot exported, which the stream lines up
+    with. It cannot be replaced by another one, so losing it stops the copy (a rerun starts the unfinished
+    tables over under a new snapshot).
+    """
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]], fixed: str | None = None) -> None:
         self._connect = connect
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None
-        self.snapshot_id: str | None = None
+        self.snapshot_id: str | None = fixed
+        self.fixed = fixed is not None
         self.exports = 0
 
     def current(self) -> str:
+        if self.fixed:
+            assert self.snapshot_id is not None
+            return self.snapshot_id
         with self._lock:
             if self.snapshot_id is None or self._conn is None or self._conn.closed or self._conn.broken:
                 self._export()
@@ -120,6 +129,11 @@ class ExportedSnapshot:
             return self.snapshot_id
 
     def invalidate(self, snapshot_id: str) -> None:
+        if self.fixed:
+            raise MigrationError(
+                "the copy's snapshot is gone (pgferry or the source restarted during an online copy); run the same "
+                "command again: tables not finished are emptied and copied again under a new snapshot"
+            )
         with self._lock:
             if self.snapshot_id == snapshot_id:
                 self._close()
@@ -265,6 +279,8 @@ class DataPipeline:
         repair: bool,
         maintenance_work_mem: str,
         on_bytes: Callable[[str, int], None],
+        snapshot: str | None = None,
+        connect_verify_source: Callable[[], psycopg.Connection[Any]] | None = None,
     ) -> None:
         self.host = host
         self.run_id = run_id
@@ -274,7 +290,8 @@ class DataPipeline:
         self.repair = repair
         self.maintenance_work_mem = maintenance_work_mem
         self.on_bytes = on_bytes
-        self.snapshot = ExportedSnapshot(host.connect_source)
+        self.snapshot = ExportedSnapshot(host.connect_source, fixed=snapshot)
+        self.connect_verify_source = connect_verify_source or host.connect_source
         self._outstanding = _Outstanding()
         self.copies = _WorkQueue(self._outstanding)
         self.builds = _WorkQueue(self._outstanding)
@@ -487,7 +504,7 @@ class DataPipeline:
             return
         check: TableCheck = self.host.retry(
             lambda: verify_table(
-                self.host.connect_source,
+                self.connect_verify_source,
                 self.host.connect_target,
                 table.spec.schema,
                 table.spec.table,

@@ -125,6 +125,7 @@ class _Context:
     schema_from: str
     batch_rows: int | None
     resuming: bool
+    online: bool = False
 
     def add(self, severity: Severity, message: str, fix: str = "", table: str | None = None) -> None:
         self.plan.problems.append(Problem(severity, message, fix, table))
@@ -139,11 +140,12 @@ def build_plan(
     jobs: int,
     batch_rows: int | None = None,
     resuming: bool = False,
+    online: bool = False,
 ) -> MigrationPlan:
     """Every check, in the order an operator would want to read their findings."""
     plan = MigrationPlan(source=server_info(source), target=server_info(target), schema_from=schema_from, jobs=jobs)
     ctx = _Context(
-        source, target, plan, list_tables(source, table_filter), table_filter, schema_from, batch_rows, resuming
+        source, target, plan, list_tables(source, table_filter), table_filter, schema_from, batch_rows, resuming, online
     )
     for check in (
         _check_same_database,
@@ -155,6 +157,7 @@ def build_plan(
         _check_trigger_control,
         _check_privileges,
         _check_server_versions,
+        _check_online,
     ):
         check(ctx)
     plan.sequences = len(list_sequences(source, table_filter.schemas or None))
@@ -296,6 +299,50 @@ def _check_trigger_control(ctx: _Context) -> None:
 
 def _check_privileges(ctx: _Context) -> None:
     ctx.plan.problems.extend(_privilege_problems(ctx.target, ctx.plan, ctx.schema_from))
+
+
+def _check_online(ctx: _Context) -> None:
+    """What following the source by logical replication needs, said before anything is created."""
+    if not ctx.online:
+        return
+    if ctx.plan.source.wal_level != "logical":
+        ctx.add(
+            "error",
+            f"logical replication is not enabled on the source (wal_level = {ctx.plan.source.wal_level})",
+            "Neon: Project settings → Logical Replication → Enable (restarts its computes, cannot be undone); "
+            "plain PostgreSQL: ALTER SYSTEM SET wal_level = logical and restart",
+        )
+    row = ctx.source.execute(
+        "select rolreplication or rolsuper, current_user from pg_roles where rolname = current_user"
+    ).fetchone()
+    if row is not None and not row[0]:
+        ctx.add(
+            "error",
+            f"role {row[1]} on the source cannot use logical replication (no REPLICATION)",
+            "Neon: use a role created in the Console, CLI or API (they belong to neon_superuser); roles created "
+            "in SQL cannot get REPLICATION there",
+        )
+    for table in ctx.tables:
+        identity = ctx.source.execute(
+            "select relreplident from pg_class where oid = to_regclass(%s)",
+            (sql.Identifier(table.schema, table.name).as_string(ctx.source),),
+        ).fetchone()
+        if not table.primary_key and identity is not None and identity[0] not in ("f", "i"):
+            ctx.add(
+                "error",
+                f"{table.qualified} has no primary key and no usable replica identity: its updates and deletes "
+                "cannot be followed",
+                f"add a primary key, or run on the source: alter table {table.qualified} replica identity full",
+                table=table.qualified,
+            )
+    if ctx.plan.source.size_bytes > 1.5 * max(ctx.plan.target.size_bytes, 1):
+        ctx.add(
+            "warning",
+            f"the source ({ctx.plan.source.size_bytes / 1e9:.1f} GB) is more than 1.5 times the target's database "
+            "size: Supabase turns a database read-only when a load grows it that much, or at 95 % of its disk",
+            "grow the disk by hand first (Supabase dashboard → Database → Settings → Disk), with room for the "
+            "WAL the follow produces",
+        )
 
 
 def _check_server_versions(ctx: _Context) -> None:

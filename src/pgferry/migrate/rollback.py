@@ -76,7 +76,11 @@ def rollback(migration: Migration, run_id: int | None = None) -> RollbackReport:
         )
     if run_id is not None and run.id != run_id:
         raise MigrationError(f"run {run_id} is not the latest migration on the target (run {run.id} is)")
+    if run.options.get("online") and run.phase == "reverse":
+        return _rollback_after_cutover(migration, run)
     report = RollbackReport(run.id)
+    if run.options.get("online"):
+        _drop_online_streams(migration, run, report)
     migrated = _migrated_tables(migration, run.id)
     _empty_loaded_tables(migration, run, migrated, report)
     _downgrade_pgferry_migrations(migration, run, report)
@@ -87,6 +91,35 @@ def rollback(migration: Migration, run_id: int | None = None) -> RollbackReport:
         failed = [s.name for s in report.steps if not s.verified]
         raise MigrationError(f"rollback could not verify: {', '.join(failed)}; the target needs a manual look")
     return report
+
+
+def _rollback_after_cutover(migration: Migration, run: st.Run) -> RollbackReport:
+    """After the cut-over the source follows the target: wait for it, then make it the primary again."""
+    from pgferry.migrate.online import rollback_after_cutover
+
+    seconds = rollback_after_cutover(migration)
+    return RollbackReport(
+        run.id,
+        [
+            RollbackStep(
+                "return to the source",
+                f"the source caught up with every write made on the target and is writable again; the target is "
+                f"read-only (writes stopped for {seconds:.1f}s); slots and publications removed",
+                True,
+            )
+        ],
+    )
+
+
+def _drop_online_streams(migration: Migration, run: st.Run, report: RollbackReport) -> None:
+    """An online run rolled back before its cut-over: its slot and publication on the source go first."""
+    from pgferry.migrate.online import drop_forward_stream, forward_names
+    from pgferry.replication import get_slot
+
+    drop_forward_stream(migration, run.id)
+    with migration.connect_source() as source:
+        gone = get_slot(source, forward_names(run.id)[0]) is None
+    report.steps.append(RollbackStep("drop the replication slot and publication on the source", "", gone))
 
 
 def _migrated_tables(migration: Migration, run_id: int) -> list[tuple[str, str, bool]]:

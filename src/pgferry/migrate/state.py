@@ -16,6 +16,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from pgferry.replication.lsn import Lsn
+
 STATE_SCHEMA = "pgferry"
 
 STATE_DDL = """
@@ -37,6 +39,21 @@ create table if not exists pgferry.migration_runs (
   metrics jsonb not null default '{}'::jsonb
 );
 alter table pgferry.migration_runs add column if not exists inventory_after_schema jsonb;
+create table if not exists pgferry.migration_streams (
+  run_id bigint not null references pgferry.migration_runs (id) on delete cascade,
+  direction text not null,  -- forward: source -> target (online follow); reverse: target -> source (after cut-over)
+  slot text not null,
+  publication text not null,
+  start_lsn pg_lsn not null,  -- the slot's consistent point
+  applied_lsn pg_lsn,  -- commit position of the last transaction applied (forward only; reverse keeps it on the source)
+  marker text,  -- the last pgferry marker (pg_logical_emit_message) applied
+  changes_applied bigint not null default 0,
+  last_commit_at timestamptz,
+  lag_bytes bigint,
+  lag_seconds double precision,
+  updated_at timestamptz not null default now(),
+  primary key (run_id, direction)
+);
 alter table pgferry.migration_runs add column if not exists sequences_before jsonb;
 create table if not exists pgferry.migration_tables (
   run_id bigint not null references pgferry.migration_runs (id) on delete cascade,
@@ -83,6 +100,7 @@ create table if not exists pgferry.migration_deferred (
   -- a key constraint and its index share a name, and constraint names repeat across tables
   primary key (run_id, schema_name, table_name, kind, name)
 );
+alter table pgferry.migration_tables add column if not exists copy_lsn pg_lsn;
 create table if not exists pgferry.migration_checks (
   run_id bigint not null,
   schema_name text not null,
@@ -113,6 +131,7 @@ create table if not exists pgferry.migration_events (
 
 STATE_TABLES = (
     "migration_events",
+    "migration_streams",
     "migration_checks",
     "migration_deferred",
     "migration_chunks",
@@ -443,6 +462,53 @@ def progress_summary(conn: psycopg.Connection[Any], run_id: int) -> dict[str, An
             {"at": e[0].isoformat(), "phase": e[1], "table": e[2], "sqlstate": e[3], "message": e[4]} for e in errors
         ],
     }
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A replication stream of an online migration, as the state on the target records it."""
+
+    direction: str
+    slot: str
+    publication: str
+    start_lsn: Lsn
+    applied_lsn: Lsn | None
+    marker: str | None
+    changes_applied: int
+    lag_bytes: int | None
+    lag_seconds: float | None
+
+
+def save_stream(
+    conn: psycopg.Connection[Any], run_id: int, direction: str, *, slot: str, publication: str, start_lsn: Lsn
+) -> None:
+    conn.execute(
+        "insert into pgferry.migration_streams (run_id, direction, slot, publication, start_lsn) "
+        "values (%s, %s, %s, %s, %s) on conflict (run_id, direction) do update set slot = excluded.slot, "
+        "publication = excluded.publication, start_lsn = excluded.start_lsn, applied_lsn = null, marker = null",
+        (run_id, direction, slot, publication, str(start_lsn)),
+    )
+
+
+def load_stream(conn: psycopg.Connection[Any], run_id: int, direction: str) -> Stream | None:
+    row = conn.execute(
+        "select direction, slot, publication, start_lsn::text, applied_lsn::text, marker, changes_applied, "
+        "lag_bytes, lag_seconds from pgferry.migration_streams where run_id = %s and direction = %s",
+        (run_id, direction),
+    ).fetchone()
+    if row is None:
+        return None
+    return Stream(
+        direction=str(row[0]),
+        slot=str(row[1]),
+        publication=str(row[2]),
+        start_lsn=Lsn.parse(str(row[3])),
+        applied_lsn=None if row[4] is None else Lsn.parse(str(row[4])),
+        marker=row[5],
+        changes_applied=int(row[6]),
+        lag_bytes=row[7],
+        lag_seconds=row[8],
+    )
 
 
 def dumps(value: Any) -> str:

@@ -34,6 +34,24 @@ class MigrationMetrics:
         self.phase = Gauge(
             "pgferry_migrate_phase", "1 for the phase the migration is in", ["phase"], registry=self.registry
         )
+        self.applied_changes = Counter(
+            "pgferry_migrate_applied_changes",
+            "Row changes applied from a replication stream (forward: to the target; reverse: to the source)",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.lag_bytes = Gauge(
+            "pgferry_migrate_replication_lag_bytes",
+            "WAL the applier is behind its origin",
+            ["direction"],
+            registry=self.registry,
+        )
+        self.lag_seconds = Gauge(
+            "pgferry_migrate_replication_lag_seconds",
+            "Seconds between the origin's last commit applied and now, while a backlog is being applied",
+            ["direction"],
+            registry=self.registry,
+        )
         self.current_phase: str | None = None
 
     def enter_phase(self, name: str) -> None:
