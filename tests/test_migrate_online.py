@@ -94,7 +94,8 @@ class WriteLoad:
             )
         elif choice < 0.95:
             conn.execute(  # a large value (TOAST), unchanged by later updates of other columns
-                "update public.execution_snapshots set state = jsonb_build_object('blob', repeat(md5(random()::text), 400)) "
+                "update public.execution_snapshots "
+                "set state = jsonb_build_object('blob', repeat(md5(random()::text), 400)) "
                 "where id = (select id from public.execution_snapshots order by random() limit 1)"
             )
         else:
