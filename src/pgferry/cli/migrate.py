@@ -139,6 +139,7 @@ def plan(
     schemas: SchemasOption = None,
     schema_from: SchemaFromOption = "pgferry",
     batch_rows: BatchRowsOption = None,
+    online: Annotated[bool, typer.Option(help="Also check what following the source needs.")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Validate and estimate; changes nothing anywhere."""
@@ -151,6 +152,7 @@ def plan(
         schemas=schemas,
         schema_from=schema_from,
         batch_rows=batch_rows,
+        online=online,
     )
     result = migration.plan()
     if as_json:

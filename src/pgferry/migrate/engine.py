@@ -405,9 +405,11 @@ class Migration:
             return self.summary(existing.id)
         self.reporter.phase("plan")
         started = time.monotonic()
-        plan = self.plan(resuming=resumed)
-        if plan.errors and not (resumed and existing is not None and existing.phase not in {"plan", "schema"}):
-            raise PlanBlockedError.from_plan(plan)
+        following = resumed and existing is not None and existing.phase in {"follow", "reverse"}
+        if not following:  # a follow resumes at once: the source may be fenced, and nothing is copied again
+            plan = self.plan(resuming=resumed)
+            if plan.errors and not (resumed and existing is not None and existing.phase not in {"plan", "schema"}):
+                raise PlanBlockedError.from_plan(plan)
         with self._target() as target:
             if resumed and existing is not None:
                 run = existing

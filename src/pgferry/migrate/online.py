@@ -368,23 +368,29 @@ def _database(conn: psycopg.Connection[Any]) -> str:
 
 
 def fence(conn: psycopg.Connection[Any], grace: float) -> None:
-    """Stop writes to ``conn``'s database: read-only by default for new sessions; after ``grace`` seconds,
-    end every other client session of that database (replication connections stay)."""
+    """Stop writes to ``conn``'s database: read-only by default for new sessions; open sessions are ended as
+    soon as they are between transactions (an application reconnects into a read-only session), and any still
+    inside a transaction after ``grace`` seconds is ended too. Replication connections stay."""
     database = sql.Identifier(_database(conn))
     _writable(conn)
     conn.execute(sql.SQL("alter database {} set default_transaction_read_only = on").format(database))
-    deadline = time.monotonic() + grace
-    others = (
-        "select pid from pg_stat_activity where datname = current_database() and pid <> pg_backend_pid() "
-        "and backend_type = 'client backend'"
+    sessions = (
+        "select pid, state in ('idle', 'disabled') or backend_xid is null and state <> 'active' from pg_stat_activity "
+        "where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend'"
     )
-    while time.monotonic() < deadline:
-        writing = conn.execute(others + " and backend_xid is not null").fetchall()
-        if not writing:
-            break
-        time.sleep(0.05)
-    for (pid,) in conn.execute(others).fetchall():
-        conn.execute("select pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + grace
+    while True:
+        rows = conn.execute(sessions).fetchall()
+        late = time.monotonic() >= deadline
+        busy = False
+        for pid, between_transactions in rows:
+            if between_transactions or late:
+                conn.execute("select pg_terminate_backend(%s)", (pid,))
+            else:
+                busy = True
+        if not busy:
+            return
+        time.sleep(0.02)
 
 
 def unfence(conn: psycopg.Connection[Any]) -> None:
@@ -431,6 +437,13 @@ def cutover(migration: Migration, *, grace: float = 5.0, timeout: float = 120.0,
         if run.phase != "follow":
             raise CutoverError(f"run {run.id} is in phase {run.phase}; only a following run can be cut over")
         tables = _tables(target, run.id)
+    with migration.connect_source() as source:
+        following = get_slot(source, forward_names(run.id)[0])
+    if following is None or not following.active:
+        raise CutoverError(
+            "nothing is following the source right now (its replication slot is not being read); start "
+            "`pgferry migrate run --online` (it resumes the follow), then cut over; the source was not touched"
+        )
     started = time.monotonic()
     created_reverse = False
     with migration.connect_source() as source:

@@ -160,7 +160,15 @@ def build_plan(
         _check_online,
     ):
         check(ctx)
-    plan.sequences = len(list_sequences(source, table_filter.schemas or None))
+    try:
+        with source.transaction():
+            plan.sequences = len(list_sequences(source, table_filter.schemas or None))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        ctx.add(
+            "error",
+            f"the source role cannot read every sequence ({exc.diag.message_primary or exc})",
+            "grant select on all sequences in schema public (and every migrated schema) to that role",
+        )
     plan.estimated_seconds = _estimate_seconds(plan)
     return plan
 
