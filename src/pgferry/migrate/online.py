@@ -28,6 +28,7 @@ It must not copy data itself (the pipeline does) nor build verification (``verif
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 import uuid
@@ -40,13 +41,15 @@ import structlog
 from psycopg import sql
 
 from pgferry.migrate import state as st
-from pgferry.migrate.apply import ApplyResult, ChangeApplier, collect_batch
+from pgferry.migrate.apply import ApplyResult, ChangeApplier
 from pgferry.migrate.errors import MigrationError
 from pgferry.migrate.verify import verify_sequences
 from pgferry.replication import (
     Lsn,
     ReplicationReader,
+    ReplicationStreamEndedError,
     SlotNotFoundError,
+    Transaction,
     create_slot,
     drop_publication,
     drop_slot,
@@ -75,6 +78,7 @@ __all__ = [
 log = structlog.get_logger("pgferry.migrate.online")
 
 BATCH_CHANGES = 20_000
+QUEUED_TRANSACTIONS = 20_000
 BATCH_SECONDS = 0.05
 POLL_SECONDS = 0.05
 SOURCE_PROGRESS_DDL = """
@@ -264,26 +268,65 @@ def _stream_loop(
     lag: _LagMeter,
     done: Callable[[], bool],
 ) -> None:
+    """Decode on one thread, apply on this one: decoding is Python work, applying mostly waits on the server,
+    so the two overlap (about twice the rate of doing them one after the other)."""
+    arrived: queue.Queue[Transaction | BaseException | None] = queue.Queue(maxsize=QUEUED_TRANSACTIONS)
+
+    def decode() -> None:
+        try:
+            for txn in reader.transactions():
+                arrived.put(txn)
+        except BaseException as exc:  # handed to the applying thread, which raises it
+            arrived.put(exc)
+        finally:
+            arrived.put(None)
+
+    decoder = threading.Thread(target=decode, name="pgferry-decode", daemon=True)
+    decoder.start()
     last_poll = 0.0
-    while True:
-        now = time.monotonic()
-        if now - last_poll >= 0.5:
-            last_poll = now
-            if done():
-                return
-            lag.sample(applier.conn)
-        batch = [
-            t
-            for t in collect_batch(reader.transactions, max_changes=BATCH_CHANGES, max_wait=BATCH_SECONDS)
-            if t.commit_lsn > applied
-        ]
-        if not batch:
-            continue
-        result = applier.apply(batch, record)
-        if result.last is not None:
-            applied = result.last.commit_lsn
-            reader.confirm(result.last)
-            lag.applied(result)
+    try:
+        while True:
+            now = time.monotonic()
+            if now - last_poll >= 0.5:
+                last_poll = now
+                if done():
+                    return
+                lag.sample(applier.conn)
+            batch = _next_batch(arrived)
+            batch = [t for t in batch if t.commit_lsn > applied]
+            if not batch:
+                continue
+            result = applier.apply(batch, record)
+            if result.last is not None:
+                applied = result.last.commit_lsn
+                reader.confirm(result.last)
+                lag.applied(result)
+    finally:
+        reader.stop()
+        with contextlib.suppress(queue.Empty):
+            while True:  # unblock a decoder waiting on a full queue
+                arrived.get_nowait()
+        decoder.join(10)
+
+
+def _next_batch(arrived: queue.Queue[Transaction | BaseException | None]) -> list[Transaction]:
+    """What has arrived, up to :data:`BATCH_CHANGES` changes; waits at most :data:`BATCH_SECONDS` for a first."""
+    batch: list[Transaction] = []
+    changes = 0
+    timeout: float | None = BATCH_SECONDS
+    while changes < BATCH_CHANGES:
+        try:
+            item = arrived.get(timeout=timeout) if timeout is not None else arrived.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            raise ReplicationStreamEndedError("the replication stream ended")
+        if isinstance(item, BaseException):
+            raise item
+        batch.append(item)
+        changes += len(item.changes)
+        timeout = None  # then take only what is already there
+    return batch
 
 
 def _record_forward(conn: psycopg.Connection[Any], run_id: int, result: ApplyResult) -> None:

@@ -397,12 +397,16 @@ def _values(relation: RelationInfo, data: d.TupleData, *, keys_only: bool, uncha
     for column, value in zip(relation.columns, data, strict=True):
         if keys_only and not column.is_key:
             continue  # a 'K' tuple carries the key; the other columns are placeholders (NULL)
-        if value.kind == "u":
+        kind = value.kind
+        if kind == "t":
+            assert value.data is not None
+            values[column.name] = value.data.decode("utf-8")
+        elif kind == "n":
+            values[column.name] = None
+        elif kind == "u":
             unchanged.append(column.name)
-        elif value.kind == "b":
-            raise ReplicationError(f"binary value for {relation.qualified_name}.{column.name}: not requested")
         else:
-            values[column.name] = value.text()
+            raise ReplicationError(f"binary value for {relation.qualified_name}.{column.name}: not requested")
     return values
 
 
