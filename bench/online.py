@@ -13,7 +13,7 @@ finish``) in their own processes:
     The follower is paused (SIGSTOP) while the source commits a backlog of small-row changes (inserts, then
     updates, then deletes of ``observability_events`` rows, 1,000 rows per statement), then resumed; the rate
     is the backlog divided by the time until the target's ``migration_streams.changes_applied`` has grown by
-    it. pgcopydb's follow applies 350–1,500 statements/s on one connection (``../shared/facts/migration.md``).
+    it. pgcopydb's follow applies 350 to 1,500 statements/s on one connection (``../shared/facts/migration.md``).
 ``lag under load``
     A generator commits ``--rate`` row changes per second for ``--duration`` seconds (one transaction every
     100 ms: inserts and updates of small rows) plus a probe row every 100 ms; a watcher on the target times
