@@ -376,3 +376,55 @@ def test_status_reports_the_streams_and_warns_about_an_unread_slot(online_pair: 
     rollback = run_pgferry("migrate", "rollback", "--source", source, "--target", target)
     assert rollback.returncode == 0, rollback.stderr
     assert _slots_and_publications(source) == ([], [])
+
+
+@pytest.fixture
+def neon_like_source(online_pair: tuple[str, str]) -> Iterator[tuple[str, str]]:
+    """The source as a Neon role sees it: owns the database and its tables, has REPLICATION, is no superuser
+    (so it may not set session_replication_role, which the reverse stream then does without)."""
+    source, target = online_pair
+    role = f"neonish_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(source, autocommit=True) as conn:
+        database = conn.execute("select current_database()").fetchone()
+        assert database is not None
+        conn.execute(f"create role {role} login replication")
+        conn.execute(f'alter database "{database[0]}" owner to {role}')
+        conn.execute(f"alter schema public owner to {role}")
+        for (table,) in conn.execute("select tablename from pg_tables where schemaname = 'public'").fetchall():
+            conn.execute(f"alter table public.{table} owner to {role}")
+        conn.execute(f"grant pg_signal_backend to {role}")
+    yield source.replace("postgresql://postgres@", f"postgresql://{role}@"), target
+
+
+def test_reverse_stream_without_superuser_disables_and_restores_the_sources_triggers(
+    neon_like_source: tuple[str, str],
+) -> None:
+    source, target = neon_like_source
+    process = _start(_run_args(source, target))
+    try:
+        _wait(lambda: _state(target).get("phase") == "follow", process, 180, "the follow")
+        cut = run_pgferry("migrate", "cutover", "--source", source, "--target", target, "--grace", "1")
+        assert cut.returncode == 0, cut.stderr
+        with psycopg.connect(target, autocommit=True) as conn:  # updated_at is decided here, on the target
+            conn.execute(
+                "update public.tasks set title = 'edited on the target', updated_at = '2001-01-01 00:00Z' "
+                "where id = (select id from public.tasks order by id limit 1)"
+            )
+        _wait(lambda: _edited_on_source(source), None, 30, "the edit to reach the source")
+        assert_same_rows(source, target)  # had the source's updated_at trigger fired, updated_at would differ
+        assert run_pgferry("migrate", "finish", "--source", source, "--target", target).returncode == 0
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with psycopg.connect(source, autocommit=True) as conn:
+        states = conn.execute(
+            "select distinct tgenabled from pg_trigger where tgrelid = 'public.tasks'::regclass and not tgisinternal"
+        ).fetchall()
+        assert states == [("O",)]  # enabled again
+        assert conn.execute("select to_regclass('pgferry.reverse_disabled_triggers')").fetchone() == (None,)
+
+
+def _edited_on_source(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("select 1 from public.tasks where title = 'edited on the target'").fetchone() is not None

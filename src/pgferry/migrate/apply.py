@@ -10,6 +10,10 @@ exact copy of the target with it (target → source). Both directions need the s
   times a second instead of once per source transaction; statements are prepared by psycopg after a few
   uses. The session runs with ``session_replication_role = replica``: no triggers (a target's ``updated_at``
   trigger would rewrite what the source decided), no foreign-key checks (the source checked them already).
+  Where the role may not set that (it is reserved to superusers, and Neon's roles are not), the user triggers
+  of each table are disabled by name the first time the table is written, in the same transaction, and
+  recorded by the caller (``on_triggers_disabled``) so that they can be enabled again; foreign keys are
+  then checked, which commit order satisfies.
 * **Exactly once.** The position of the last applied transaction (its commit LSN) is written by the caller's
   ``record`` callback *inside the same target transaction* as the changes, so after a crash anywhere the
   stream is resumed from the slot and every transaction at or below the stored position is skipped.
@@ -82,14 +86,29 @@ class ChangeApplier:
     committed before it are already in the copy (it was copied under a later snapshot) and are skipped.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], *, skip_before: Mapping[str, Lsn] | None = None) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        skip_before: Mapping[str, Lsn] | None = None,
+        on_triggers_disabled: Callable[[psycopg.Connection[Any], str, list[str]], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.skip_before = dict(skip_before or {})
+        self.on_triggers_disabled = on_triggers_disabled
+        self._quiet_tables: set[tuple[str, str]] = set()
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self._columns: dict[tuple[str, str], set[str]] = {}
         self._checked: set[tuple[int, tuple[str, ...]]] = set()
         self._type_names: dict[tuple[str, str], dict[str, str]] = {}
-        conn.execute("set session_replication_role = replica")
+        try:
+            with conn.transaction():
+                conn.execute("set session_replication_role = replica")
+            self.disables_triggers = False
+        except psycopg.errors.InsufficientPrivilege:
+            if on_triggers_disabled is None:
+                raise
+            self.disables_triggers = True  # see the module docstring
 
     def apply(
         self, transactions: Iterable[Transaction], record: Callable[[psycopg.Connection[Any], ApplyResult], None]
@@ -128,6 +147,10 @@ class ChangeApplier:
     def _add(self, run: _Run | None, change: RowChange) -> _Run:
         table = (change.schema, change.table)
         self._check_columns(change.relation)
+        if self.disables_triggers and table not in self._quiet_tables:
+            self._flush(run)
+            run = None
+            self._disable_user_triggers(table)
         if change.kind == "insert":
             assert change.new is not None
             columns = tuple(change.new)
@@ -150,6 +173,23 @@ class ChangeApplier:
             run = _Run(change.kind, table, columns, key, exact)
         run.rows.append(values)
         return run
+
+    def _disable_user_triggers(self, table: tuple[str, str]) -> None:
+        """Without ``session_replication_role``: the table's enabled user triggers off, by name, recorded."""
+        qualified = sql.Identifier(*table)
+        names = [
+            str(r[0])
+            for r in self.conn.execute(
+                "select tgname from pg_catalog.pg_trigger where tgrelid = to_regclass(%s) and not tgisinternal "
+                "and tgenabled <> 'D' order by tgname",
+                (qualified.as_string(self.conn),),
+            )
+        ]
+        for name in names:
+            self.conn.execute(sql.SQL("alter table {} disable trigger {}").format(qualified, sql.Identifier(name)))
+        if names and self.on_triggers_disabled is not None:
+            self.on_triggers_disabled(self.conn, f"{table[0]}.{table[1]}", names)
+        self._quiet_tables.add(table)
 
     def _key(self, table: tuple[str, str], relation: RelationInfo) -> tuple[tuple[str, ...], bool]:
         """The target's primary key (matched with ``=``, so its index serves it), else the stream's replica

@@ -90,6 +90,12 @@ create table if not exists pgferry.reverse_progress (
   changes_applied bigint not null default 0,
   updated_at timestamptz not null default now()
 );
+-- user triggers the reverse stream had to disable (a role that may not set session_replication_role)
+create table if not exists pgferry.reverse_disabled_triggers (
+  table_name text not null,
+  trigger_name text not null,
+  primary key (table_name, trigger_name)
+);
 """
 
 
@@ -583,9 +589,16 @@ def reverse(migration: Migration, run_id: int, stop: threading.Event | None = No
             ),
         )
 
+    def remember(conn: psycopg.Connection[Any], table: str, triggers: list[str]) -> None:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "insert into pgferry.reverse_disabled_triggers values (%s, %s) on conflict do nothing",
+                [(table, name) for name in triggers],
+            )
+
     with migration.connect_source() as source, ReplicationReader(migration.options.target_url, messages=True) as reader:
         _writable(source)
-        applier = ChangeApplier(source)
+        applier = ChangeApplier(source, on_triggers_disabled=remember)
         reader.start(slot, [publication], start_lsn=applied)
         lag = _LagMeter(migration, run_id, "reverse", migration.connect_target)
         try:
@@ -645,11 +658,27 @@ def rollback_after_cutover(migration: Migration, *, grace: float = 5.0, timeout:
             unfence(target)
         raise
     with migration.connect_source() as source:
+        _writable(source)
+        _enable_triggers_again(source)  # before the application can write there again
         unfence(source)
     with migration.connect_target() as target:
         st.set_phase(target, run.id, "rolled_back", status="rolled_back")
     _drop_streams(migration, run.id)
     return time.monotonic() - started
+
+
+def _enable_triggers_again(source: psycopg.Connection[Any]) -> None:
+    """The user triggers the reverse stream disabled (by name), enabled again."""
+    if source.execute("select to_regclass('pgferry.reverse_disabled_triggers')").fetchone() == (None,):
+        return
+    for table, name in source.execute(
+        "select table_name, trigger_name from pgferry.reverse_disabled_triggers"
+    ).fetchall():
+        schema, relname = str(table).split(".", 1)
+        source.execute(
+            sql.SQL("alter table {} enable trigger {}").format(sql.Identifier(schema, relname), sql.Identifier(name))
+        )
+    source.execute("delete from pgferry.reverse_disabled_triggers")
 
 
 def drop_forward_stream(migration: Migration, run_id: int) -> None:
@@ -672,7 +701,8 @@ def _drop_streams(migration: Migration, run_id: int) -> None:
         _writable(source)
         drop_slot(source, fwd_slot)
         drop_publication(source, fwd_pub)
-        source.execute("drop table if exists pgferry.reverse_progress")
+        _enable_triggers_again(source)
+        source.execute("drop table if exists pgferry.reverse_progress, pgferry.reverse_disabled_triggers")
         source.execute(
             "do $$ begin if not exists (select 1 from pg_class where relnamespace = 'pgferry'::regnamespace) "
             "then drop schema pgferry; end if; exception when invalid_schema_name then null; end $$"
