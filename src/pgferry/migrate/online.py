@@ -79,6 +79,7 @@ log = structlog.get_logger("pgferry.migrate.online")
 
 BATCH_CHANGES = 20_000
 QUEUED_TRANSACTIONS = 20_000
+REPORT_SECONDS = 10.0
 BATCH_SECONDS = 0.05
 POLL_SECONDS = 0.05
 SOURCE_PROGRESS_DDL = """
@@ -367,6 +368,7 @@ class _LagMeter:
         self.connect_origin = connect_origin
         self.last_commit: Any = None
         self.backlog = False
+        self.last_report = 0.0
 
     def applied(self, result: ApplyResult) -> None:
         if result.last is not None:
@@ -399,6 +401,12 @@ class _LagMeter:
         )
         self.migration.metrics.lag_bytes.labels(self.direction).set(lag_bytes)
         self.migration.metrics.lag_seconds.labels(self.direction).set(seconds)
+        now = time.monotonic()
+        if now - self.last_report >= REPORT_SECONDS:
+            self.last_report = now
+            self.migration.reporter.message(
+                f"following: {lag_bytes:,} bytes of WAL and {seconds:.1f}s behind the source"
+            )
 
 
 def _phase(migration: Migration, run_id: int) -> str:
