@@ -395,8 +395,12 @@ class _AuthBase:
         pending, self._pending = self._pending, []
         return pending
 
-    def _needs_verification(self, session: GoTrueSession) -> bool:
-        return self._session is None or self._session.access_token != session.access_token
+    def _known_verification(self, session: GoTrueSession) -> AuthenticatedUser | None:
+        """The verification of ``session``'s access token when it is the current one (a refresh can return the
+        same token with a new refresh token: the new refresh token must still be adopted)."""
+        if self._session is not None and self._session.access_token == session.access_token:
+            return self._session.verified
+        return None
 
     def _adopt(self, session: GoTrueSession, verified: AuthenticatedUser) -> AuthSession:
         user = User.from_gotrue(session.user)
@@ -475,7 +479,9 @@ class AuthService(_AuthBase):
         for event, session in self._take():
             if session is None:
                 self._session = None
-            elif self._needs_verification(session):
+            elif (known := self._known_verification(session)) is not None:
+                self._adopt(session, known)
+            else:
                 try:
                     verified = self._project.verify_sync(session.access_token)
                     self._adopt(session, verified)
@@ -609,7 +615,9 @@ class AsyncAuthService(_AuthBase):
         for event, session in self._take():
             if session is None:
                 self._session = None
-            elif self._needs_verification(session):
+            elif (known := self._known_verification(session)) is not None:
+                self._adopt(session, known)
+            else:
                 try:
                     verified = await self._project.verify(session.access_token)
                     self._adopt(session, verified)
