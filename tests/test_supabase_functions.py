@@ -208,3 +208,14 @@ def test_async_functions_contract() -> None:
             await s.project.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_service_role_key_is_refused_as_a_users_token() -> None:
+    with stack() as s:
+        s.server.functions["whoami"] = lambda r: Reply(200, {"bearer": r.bearer})
+        for token in (s.server.service_role_key, "sb_secret_abcdef"):
+            with pytest.raises(e.ServiceRoleKeyRefusedError, match="with_service_role"):
+                FunctionsService(s.project, token).invoke("whoami")
+        assert s.server.requests_to("/functions/v1/") == []
+        server_side = FunctionsService.with_service_role(s.project)
+        assert server_side.invoke("whoami")["bearer"] == s.server.service_role_key

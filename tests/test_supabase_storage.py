@@ -270,6 +270,11 @@ def test_async_storage_contract() -> None:
             assert await bob.fetch_signed_url(url) == b"\x01"  # a signed URL works for whoever holds it
             assert await alice.remove("artifacts", ["a/x.bin"]) == ["a/x.bin"]
             assert await alice.bucket_exists("artifacts")
+            upload = await alice.create_signed_upload_url("artifacts", "a/up.bin")
+            assert (await alice.upload_to_signed_url(upload, b"\x02")).key == "artifacts/a/up.bin"
+            with pytest.raises(e.StorageAccessDeniedError, match="with_service_role"):
+                await alice.ensure_bucket("more")
+            assert (await AsyncStorageService.with_service_role(s.project).ensure_bucket("more")).name == "more"
             await s.project.aclose()
 
     asyncio.run(scenario())

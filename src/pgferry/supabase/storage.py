@@ -675,6 +675,53 @@ class AsyncStorageService(_StorageBase):
                 raise storage_error(record.last, "fetching a signed URL", self._project.storage_url)
             return response.content
 
+    async def create_signed_upload_url(self, bucket: str, path: str, *, upsert: bool = False) -> SignedUpload:
+        _check_path(bucket, path)
+        from storage3.types import CreateSignedUploadUrlOptions
+
+        options = CreateSignedUploadUrlOptions(upsert="true") if upsert else None
+        result = await self._run(
+            f"signing an upload to {bucket}/{path}",
+            lambda c: c.from_(bucket).create_signed_upload_url(path, options),
+        )
+        return SignedUpload(bucket=bucket, path=path, url=result["signed_url"], token=result["token"])
+
+    async def upload_to_signed_url(
+        self, upload: SignedUpload, data: Data, *, content_type: str | None = None
+    ) -> StoredObject:
+        content = _read(data)
+        file_options: Any = {"content-type": content_type or "application/octet-stream"}
+        response = await self._run(
+            f"upload to {upload.bucket}/{upload.path} by signed URL",
+            lambda c: c.from_(upload.bucket).upload_to_signed_url(upload.path, upload.token, content, file_options),
+        )
+        return StoredObject(bucket=upload.bucket, path=upload.path, key=response.full_path)
+
+    async def ensure_bucket(
+        self,
+        bucket: str,
+        *,
+        public: bool = False,
+        file_size_limit: int | None = None,
+        allowed_mime_types: Sequence[str] | None = None,
+    ) -> BucketInfo:
+        """Server-side only (service role): see :meth:`StorageService.ensure_bucket`."""
+        if not self._service_role:
+            raise StorageAccessDeniedError(
+                "ensure_bucket creates buckets and needs the service role; use AsyncStorageService.with_service_role "
+                "in server code"
+            )
+        if await self.bucket_exists(bucket):
+            return await self.get_bucket(bucket)
+        options: dict[str, Any] = {"public": public}
+        if file_size_limit is not None:
+            options["file_size_limit"] = file_size_limit
+        if allowed_mime_types is not None:
+            options["allowed_mime_types"] = list(allowed_mime_types)
+        with contextlib.suppress(ObjectExistsError):  # created concurrently
+            await self._run(f"creating bucket {bucket}", lambda c: c.create_bucket(bucket, bucket, options))  # type: ignore[arg-type]
+        return await self.get_bucket(bucket)
+
     async def list(
         self, bucket: str, prefix: str = "", *, limit: int = 100, offset: int = 0, search: str | None = None
     ) -> list[ObjectInfo]:
