@@ -100,6 +100,7 @@ class ChangeApplier:
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self._columns: dict[tuple[str, str], set[str]] = {}
         self._checked: set[tuple[int, tuple[str, ...]]] = set()
+        self._checked_relations: dict[int, RelationInfo] = {}
         self._type_names: dict[tuple[str, str], dict[str, str]] = {}
         try:
             with conn.transaction():
@@ -141,6 +142,8 @@ class ChangeApplier:
 
     # -- building runs -----------------------------------------------------------------------------------
     def _skipped(self, change: RowChange, txn: Transaction) -> bool:
+        if not self.skip_before:
+            return False
         floor = self.skip_before.get(change.qualified_name)
         return floor is not None and txn.commit_lsn < floor
 
@@ -208,8 +211,11 @@ class ChangeApplier:
 
     def _check_columns(self, relation: RelationInfo) -> None:
         """A column the stream has and this side lacks means the source's schema changed: stop, name it."""
+        if id(relation) in self._checked_relations:  # the same RelationInfo object until the stream resends it
+            return
         names = tuple(c.name for c in relation.columns)
         if (relation.oid, names) in self._checked:
+            self._checked_relations[id(relation)] = relation
             return
         table = (relation.schema, relation.table)
         if table not in self._columns:
@@ -234,6 +240,7 @@ class ChangeApplier:
                 "add column …), then rerun the same command: it resumes where it stopped, nothing is lost"
             )
         self._checked.add((relation.oid, names))
+        self._checked_relations[id(relation)] = relation  # kept alive, so the id is never reused
 
     # -- sending runs ------------------------------------------------------------------------------------
     def _flush(self, run: _Run | None) -> None:
