@@ -8,6 +8,7 @@ fixture's DROP DATABASE).
 from __future__ import annotations
 
 import datetime as dt
+import random
 import secrets
 import struct
 import threading
@@ -371,6 +372,90 @@ def test_assembler_groups_changes_into_typed_transactions() -> None:
     assembler.feed(decode_message(begin_msg(0xA00, 78)))
     with pytest.raises(ReplicationError, match="before its Relation"):
         assembler.feed(decode_message(b"I" + struct.pack("!I", 999) + b"N" + tuple_data(1)))
+
+
+def _feed_both_ways(payloads: list[bytes]) -> tuple[Transaction | None, Transaction | None]:
+    """The same stream through the general decoder and through the reader's row-change fast path."""
+    general, fast = TransactionAssembler(), TransactionAssembler()
+    results: list[Transaction | None] = [None, None]
+    for index, payload in enumerate(payloads):
+        lsn = Lsn(0x100 + index)
+        results[0] = general.feed(decode_message(payload), lsn)
+        if payload[0] in d.ROW_CHANGE_TAGS:
+            fast.feed_row_change(payload, lsn)
+            results[1] = None
+        else:
+            results[1] = fast.feed(decode_message(payload), lsn)
+    return results[0], results[1]
+
+
+def test_row_change_fast_path_equals_the_general_decoder() -> None:
+    """The reader decodes Insert/Update/Delete straight into values; the general decoder (TupleField by
+    TupleField, then named) is the oracle, on random rows: text, UTF-8, empty strings, NULLs, unchanged
+    TOAST values, key-only and whole old tuples, and a Relation resent with other columns mid-stream."""
+    rng = random.Random(20261130)
+
+    def value() -> str | object | None:
+        return rng.choice([None, "", "héllo ✓", str(rng.randint(-(10**12), 10**12)), "x" * rng.randint(0, 300)])
+
+    def row(width: int, unchanged: bool) -> list[str | object | None]:
+        return [str(rng.randint(1, 10**6))] + [
+            UNCHANGED if unchanged and rng.random() < 0.2 else value() for _ in range(width - 1)
+        ]
+
+    two_columns = [(1, "id", 23, -1), (1, "label", 25, -1)]
+    payloads = [begin_msg(0x900, 77), relation_msg(16400, b"d", ITEMS_COLUMNS)]
+    for step in range(400):
+        if step == 200:  # DDL: the table's Relation is resent with another column list
+            payloads.append(relation_msg(16400, b"f", two_columns))
+        width = 4 if step < 200 else 2
+        oid = struct.pack("!I", 16400)
+        kind = rng.choice(["I", "UN", "UK", "UO", "DK", "DO"])
+        if kind == "I":
+            payloads.append(b"I" + oid + b"N" + tuple_data(*row(width, False)))
+        elif kind == "UN":
+            payloads.append(b"U" + oid + b"N" + tuple_data(*row(width, True)))
+        elif kind == "UK":
+            old = tuple_data(*row(width, False))  # a 'K' tuple: only the key counts, the rest is ignored
+            payloads.append(b"U" + oid + b"K" + old + b"N" + tuple_data(*row(width, True)))
+        elif kind == "UO":
+            payloads.append(b"U" + oid + b"O" + tuple_data(*row(width, False)) + b"N" + tuple_data(*row(width, True)))
+        elif kind == "DK":
+            payloads.append(b"D" + oid + b"K" + tuple_data(*row(width, False)))
+        else:
+            payloads.append(b"D" + oid + b"O" + tuple_data(*row(width, False)))
+    payloads.append(commit_msg(0x900, 0x930))
+    general, fast = _feed_both_ways(payloads)
+    assert general is not None and fast is not None
+    assert len(fast.changes) == 400
+    assert fast == general
+    assert {c.relation.replica_identity for c in rows(fast)} == {"d", "f"}
+
+    def fast_decode(payload: bytes) -> None:
+        d.decode_row_change(payload, ("id", "title", "body", "embedding"), (True, False, False, False))
+
+    good = b"I" + struct.pack("!I", 16400) + b"N" + tuple_data(1, "x", None, None)
+    bad = {
+        good[:-1]: "truncated",
+        good + b"\0": "trailing",
+        b"I" + struct.pack("!I", 16400) + b"N" + tuple_data(1, "x"): "2 columns, its Relation message 4",
+        b"I" + struct.pack("!I", 16400) + b"X" + tuple_data(1, "x", None, None): "expected 'N'",
+        b"U" + struct.pack("!I", 16400) + b"Q": "expected 'K', 'O' or 'N'",
+        b"D" + struct.pack("!I", 16400) + b"N" + tuple_data(1, None, None, None): "'K' or 'O'",
+        b"I" + struct.pack("!I", 16400) + b"N" + struct.pack("!h", 4) + b"z": "column kind",
+        b"I" + struct.pack("!I", 16400) + b"N" + struct.pack("!hci", 4, b"t", 2) + b"\xff\xfennn": "not UTF-8",
+    }
+    for payload, problem in bad.items():
+        with pytest.raises(DecodeError, match=problem):
+            fast_decode(payload)
+    with pytest.raises(DecodeError, match="truncated"):
+        d.row_change_relation(b"I\0")
+    assembler = TransactionAssembler()
+    with pytest.raises(ReplicationError, match="before its Relation"):
+        assembler.feed_row_change(good, Lsn(1))
+    assembler.feed(decode_message(relation_msg(16400, b"d", ITEMS_COLUMNS)))
+    with pytest.raises(ReplicationError, match="Insert message outside a transaction"):
+        assembler.feed_row_change(good, Lsn(1))
 
 
 # --------------------------------------------------------------------------------------

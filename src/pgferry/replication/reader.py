@@ -116,6 +116,7 @@ _KEEPALIVE: Final = struct.Struct("!QqB")  # after 'k': walEnd, sendTime, replyR
 _STATUS: Final = struct.Struct("!cQQQqB")  # 'r', write, flush, apply, clock, replyRequested
 _XLOGDATA_HEADER: Final = 1 + _XLOGDATA.size
 _STOP_POLL: Final = 0.1
+_BUSY_CHECK_EVERY: Final = 64  # messages between stop/feedback checks on a busy stream (~3 ms at 20k/s)
 _STABLE_AFTER: Final = 5.0  # a stream that lived this long resets the consecutive-failure count
 
 
@@ -259,6 +260,14 @@ class _Pending:
     messages: list[d.Message] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class _RelationShape:
+    relation: RelationInfo
+    names: tuple[str, ...]
+    key_flags: tuple[bool, ...]
+    key_columns: tuple[str, ...]
+
+
 class TransactionAssembler:
     """Turns decoded pgoutput messages into :class:`Transaction` objects.
 
@@ -270,6 +279,7 @@ class TransactionAssembler:
 
     def __init__(self) -> None:
         self._relations: dict[int, RelationInfo] = {}
+        self._shapes: dict[int, _RelationShape] = {}  # per relation: what the row-change fast path needs
         self._types: dict[int, str] = {}
         self._pending: _Pending | None = None
 
@@ -297,6 +307,7 @@ class TransactionAssembler:
             return self._commit(message)
         elif isinstance(message, d.Relation):
             self._relations[message.oid] = self._relation_info(message)
+            self._shapes.pop(message.oid, None)
         elif isinstance(message, d.Type):
             self._types[message.oid] = f"{message.namespace}.{message.name}" if message.namespace else message.name
         elif isinstance(message, d.Insert):
@@ -341,6 +352,45 @@ class TransactionAssembler:
             changes=tuple(pending.changes),
             origin=pending.origin,
             messages=tuple(pending.messages),
+        )
+
+    def feed_row_change(self, payload: bytes, lsn: Lsn) -> None:
+        """Take one Insert, Update or Delete payload (see :data:`decoder.ROW_CHANGE_TAGS`) undecoded.
+
+        Equivalent to ``feed(decode_message(payload), lsn)`` but decodes straight into column values, which
+        on a busy stream is about twice as fast: this is the reader's hot path.
+        """
+        oid = d.row_change_relation(payload)
+        shape = self._shapes.get(oid)
+        if shape is None:
+            relation = self._relation(oid)
+            shape = self._shapes[oid] = _RelationShape(
+                relation,
+                tuple(c.name for c in relation.columns),
+                tuple(c.is_key for c in relation.columns),
+                relation.key_columns,
+            )
+        pending = self._pending
+        if pending is None:
+            kind = {0x49: "Insert", 0x55: "Update", 0x44: "Delete"}.get(payload[0], "row change")
+            raise ReplicationError(f"pgoutput protocol violation: {kind} message outside a transaction")
+        try:
+            values = d.decode_row_change(payload, shape.names, shape.key_flags)
+        except d.DecodeError as exc:
+            raise d.DecodeError(f"{exc} (table {shape.relation.qualified_name})") from None
+        relation = shape.relation
+        pending.changes.append(
+            RowChange(
+                kind=values.kind,
+                schema=relation.schema,
+                table=relation.table,
+                new=values.new,
+                old=values.old,
+                key_columns=shape.key_columns,
+                unchanged_toast_columns=tuple(dict.fromkeys(values.unchanged)) if values.unchanged else (),
+                relation=relation,
+                lsn=lsn,
+            )
         )
 
     def _require(self, what: str) -> _Pending:
@@ -645,15 +695,20 @@ class ReplicationReader:
 
     def _next(self, deadline: float | None) -> Transaction | None:
         """Read until a transaction completes; ``None`` at ``deadline`` or when stopped."""
+        checks_due = 0  # while messages keep coming, stop and status checks run once every _BUSY_CHECK_EVERY
         while True:
-            if self._stopping():
+            if checks_due <= 0 and self._stopping():
                 return None
             try:
                 if self._conn is None:
                     self._reconnect()
-                self._maybe_send_status()
+                if checks_due <= 0:
+                    self._maybe_send_status()
+                    checks_due = _BUSY_CHECK_EVERY
+                checks_due -= 1
                 payload = self._read()
                 if payload is None:
+                    checks_due = 0
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         return None
@@ -662,6 +717,7 @@ class ReplicationReader:
             except _StoppedError:
                 return None
             except Exception as exc:
+                checks_due = 0
                 self._close_connection()
                 self._assembler.discard_partial()
                 if self._stopping():
@@ -692,8 +748,11 @@ class ReplicationReader:
         tag = payload[:1]
         if tag == b"w":
             data_start, _wal_end, _sent = _XLOGDATA.unpack_from(payload, 1)
-            message = d.decode_message(payload[_XLOGDATA_HEADER:])
-            txn = self._assembler.feed(message, Lsn(data_start))
+            body = payload[_XLOGDATA_HEADER:]
+            if body and body[0] in d.ROW_CHANGE_TAGS:
+                self._assembler.feed_row_change(body, Lsn(data_start))
+                return None
+            txn = self._assembler.feed(d.decode_message(body), Lsn(data_start))
             if txn is None:
                 return None
             self._received_end = max(self._received_end, txn.end_lsn)
