@@ -9,6 +9,7 @@ from typing import Any
 import jwt
 
 from pgferry.db.rls import user_claims
+from pgferry.supabase.project import SupabaseProject
 from pgferry.sync.auth import TokenVerifier
 
 SECRET = "runtime-test-jwt-secret-0123456789abcdef"
@@ -33,3 +34,14 @@ def service_role_key(*, secret: str = SECRET) -> str:
 
 def verifier() -> TokenVerifier:
     return TokenVerifier(jwt_secret=SECRET, supabase_url=SUPABASE_URL)
+
+
+def anon_key(*, secret: str = SECRET) -> str:
+    """A legacy anon API key (role anon), what SUPABASE_ANON_KEY holds."""
+    now = int(time.time())
+    return jwt.encode({"role": "anon", "iss": "supabase", "iat": now, "exp": now + 3600}, secret, algorithm="HS256")
+
+
+def project() -> SupabaseProject:
+    """The project as server code sees it: verification with the legacy secret, sync and async."""
+    return SupabaseProject(SUPABASE_URL, anon_key(), jwt_secret=SECRET)

@@ -19,11 +19,11 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgferry.runtime.errors import ServiceRoleRefusedError
 from pgferry.runtime.scoped import auser_transaction, service_role_transaction, user_transaction
-from pgferry.runtime.tokens import BlockingTokenVerifier
 from pgferry.schema.models import USER_OWNED_TABLES
+from pgferry.supabase.project import SupabaseProject
 from pgferry.sync.auth import AuthenticatedUser, ExpiredTokenError, InvalidTokenError, NotAUserTokenError
 from tests.platform_rows import insert_row, insert_tree, row_values
-from tests.runtime_helpers import service_role_key, token_for, verifier
+from tests.runtime_helpers import project, service_role_key, token_for
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
@@ -43,8 +43,8 @@ def pool(target_url: str) -> Iterator[ConnectionPool[Any]]:
 
 
 @pytest.fixture
-def tokens() -> Iterator[BlockingTokenVerifier]:
-    with BlockingTokenVerifier(verifier()) as blocking:
+def tokens() -> Iterator[SupabaseProject]:
+    with project() as blocking:
         yield blocking
 
 
@@ -57,9 +57,9 @@ def _count(conn: psycopg.Connection[Any], table: str, where: str = "true", param
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_verified_token_sees_only_its_users_rows(
-    pool: ConnectionPool[Any], tokens: BlockingTokenVerifier, tenants: Any, table: str
+    pool: ConnectionPool[Any], tokens: SupabaseProject, tenants: Any, table: str
 ) -> None:
-    alice = tokens.verify(token_for(ALICE))
+    alice = tokens.verify_sync(token_for(ALICE))
     with user_transaction(pool, alice) as conn:
         assert _count(conn, table) == 1
         assert _count(conn, table, "id = %s", (tenants[ALICE][table],)) == 1  # positive control
@@ -79,9 +79,9 @@ def test_verified_token_sees_only_its_users_rows(
 
 @pytest.mark.parametrize("table", USER_OWNED_TABLES)
 def test_verified_user_cannot_write_rows_for_another_tenant(
-    pool: ConnectionPool[Any], tokens: BlockingTokenVerifier, tenants: Any, table: str
+    pool: ConnectionPool[Any], tokens: SupabaseProject, tenants: Any, table: str
 ) -> None:
-    alice = tokens.verify(token_for(ALICE))
+    alice = tokens.verify_sync(token_for(ALICE))
     with user_transaction(pool, alice) as conn:  # positive control: her own row goes in
         insert_row(conn, table, row_values(table, ALICE, tenants[ALICE]))
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
@@ -90,11 +90,11 @@ def test_verified_user_cannot_write_rows_for_another_tenant(
 
 
 def test_role_and_claims_do_not_outlive_the_transaction(
-    pool: ConnectionPool[Any], tokens: BlockingTokenVerifier, tenants: Any
+    pool: ConnectionPool[Any], tokens: SupabaseProject, tenants: Any
 ) -> None:
     with pool.connection() as conn:
         login_role = conn.execute("select current_user").fetchone()
-    with user_transaction(pool, tokens.verify(token_for(ALICE))) as conn:
+    with user_transaction(pool, tokens.verify_sync(token_for(ALICE))) as conn:
         inside = conn.execute("select current_user, auth.uid(), auth.role()").fetchone()
     assert inside == ("authenticated", ALICE, "authenticated")
     with pool.connection() as conn:  # the same (only) server session, next checkout
@@ -106,9 +106,9 @@ def test_role_and_claims_do_not_outlive_the_transaction(
 
 
 def test_failed_statement_rolls_back_the_users_whole_transaction(
-    pool: ConnectionPool[Any], tokens: BlockingTokenVerifier, tenants: Any
+    pool: ConnectionPool[Any], tokens: SupabaseProject, tenants: Any
 ) -> None:
-    alice = tokens.verify(token_for(ALICE))
+    alice = tokens.verify_sync(token_for(ALICE))
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         with user_transaction(pool, alice) as conn:
             conn.execute("update public.tasks set title = 'renamed' where user_id = %s", (ALICE,))
@@ -131,10 +131,10 @@ def test_failed_statement_rolls_back_the_users_whole_transaction(
     ids=["expired", "wrong-secret", "service-role-claim", "anon-claim", "service-role-key", "audience", "issuer"],
 )
 def test_tokens_that_are_not_a_signed_in_user_never_reach_the_database(
-    tokens: BlockingTokenVerifier, make_token: Any, error: type[Exception]
+    tokens: SupabaseProject, make_token: Any, error: type[Exception]
 ) -> None:
     with pytest.raises(error):
-        tokens.verify(make_token())
+        tokens.verify_sync(make_token())
 
 
 def test_decoded_but_unverified_claims_are_refused(pool: ConnectionPool[Any], tenants: Any) -> None:
@@ -150,7 +150,8 @@ def test_decoded_but_unverified_claims_are_refused(pool: ConnectionPool[Any], te
 
 def test_async_user_transaction_is_scoped_the_same_way(target_url: str, tenants: Any) -> None:
     async def main() -> tuple[Any, Any, int]:
-        user = await verifier().verify(token_for(BOB))
+        async with project() as server:
+            user = await server.verify(token_for(BOB))
         async with AsyncConnectionPool(target_url, kwargs={"autocommit": True}, min_size=1, max_size=1) as apool:
             async with auser_transaction(apool, user) as conn:
                 cur = await conn.execute("select count(*), count(*) filter (where user_id = %s) from public.tasks",

@@ -18,9 +18,8 @@ from psycopg_pool import ConnectionPool
 from pgferry.runtime.errors import SearchInputError
 from pgferry.runtime.scoped import user_transaction
 from pgferry.runtime.search import search_memory, search_tasks
-from pgferry.runtime.tokens import BlockingTokenVerifier
 from pgferry.sync.auth import AuthenticatedUser
-from tests.runtime_helpers import token_for, verifier
+from tests.runtime_helpers import project, token_for
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
@@ -75,8 +74,8 @@ def pool(target_url: str) -> Iterator[ConnectionPool[Any]]:
 
 @pytest.fixture
 def users() -> Iterator[dict[uuid.UUID, AuthenticatedUser]]:
-    with BlockingTokenVerifier(verifier()) as tokens:
-        yield {user: tokens.verify(token_for(user)) for user in (ALICE, BOB)}
+    with project() as tokens:
+        yield {user: tokens.verify_sync(token_for(user)) for user in (ALICE, BOB)}
 
 
 def _exact(ids: list[uuid.UUID], vectors: np.ndarray, query: np.ndarray, threshold: float, k: int) -> list[uuid.UUID]:

@@ -4,7 +4,6 @@ Modules (each imported on its own; this package imports none of them, so ``pgfer
 in SQLAlchemy or supabase-py):
 
 * ``errors`` — the named errors of the runtime layer.
-* ``tokens`` — a blocking face of :class:`pgferry.sync.auth.TokenVerifier` for synchronous server code.
 * ``scoped`` — RLS-scoped transactions on pooled connections (sync and async), as PostgREST runs a request.
 * ``search`` — ``search_tasks`` / ``search_memory`` over the ``match_*`` SQL functions, as the calling user.
 
