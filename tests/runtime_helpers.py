@@ -8,6 +8,7 @@ from typing import Any
 
 import jwt
 
+from pgferry.config import Settings, load_settings
 from pgferry.db.rls import user_claims
 from pgferry.supabase.project import SupabaseProject
 from pgferry.sync.auth import TokenVerifier
@@ -45,3 +46,13 @@ def anon_key(*, secret: str = SECRET) -> str:
 def project() -> SupabaseProject:
     """The project as server code sees it: verification with the legacy secret, sync and async."""
     return SupabaseProject(SUPABASE_URL, anon_key(), jwt_secret=SECRET)
+
+
+def settings_for(url: str, **overrides: Any) -> Settings:
+    """Settings as a service on the local stack has them: the database URL, the project, the JWT secret."""
+    values: dict[str, Any] = {
+        "supabase_db_url": url, "supabase_url": SUPABASE_URL, "supabase_anon_key": anon_key(),
+        "supabase_jwt_secret": SECRET, "profile": "dev",
+    }
+    values.update(overrides)
+    return load_settings(**values)
