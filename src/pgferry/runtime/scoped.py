@@ -41,11 +41,13 @@ __all__ = [
     "apply_user_to_session",
     "auser_transaction",
     "service_role_transaction",
+    "user_claims_of",
     "user_transaction",
 ]
 
 
-def _user_claims(user: AuthenticatedUser) -> Mapping[str, Any]:
+def user_claims_of(user: AuthenticatedUser) -> Mapping[str, Any]:
+    """The verified claims of ``user``; :class:`ServiceRoleRefusedError` for anything that is not a verified user."""
     if not isinstance(user, AuthenticatedUser):
         raise ServiceRoleRefusedError(
             "a user transaction needs an AuthenticatedUser from TokenVerifier.verify(); verify the token first"
@@ -64,7 +66,7 @@ def user_transaction(pool: ConnectionPool[Any], user: AuthenticatedUser) -> Iter
 
     Commits when the block ends, rolls back on an exception; the role and claims end with the transaction.
     """
-    claims = _user_claims(user)
+    claims = user_claims_of(user)
     with pool.connection() as conn, scoped_transaction(conn, claims):
         yield conn
 
@@ -81,7 +83,7 @@ async def auser_transaction(
     pool: AsyncConnectionPool[Any], user: AuthenticatedUser | None = None
 ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     """The async :func:`user_transaction`; ``user=None`` is the service role (server code only)."""
-    claims = service_role_claims() if user is None else _user_claims(user)
+    claims = service_role_claims() if user is None else user_claims_of(user)
     parameters = claims_parameters(claims)
     async with pool.connection() as conn:
         if conn.info.transaction_status != TransactionStatus.IDLE:
@@ -97,5 +99,5 @@ def apply_user_to_session(session: Session, user: AuthenticatedUser | None) -> N
     Call it first thing in a transaction (``with Session.begin(): apply_user_to_session(...)``); the setting ends
     with that transaction, as PostgREST's does.
     """
-    claims = service_role_claims() if user is None else _user_claims(user)
+    claims = service_role_claims() if user is None else user_claims_of(user)
     session.connection().exec_driver_sql(CLAIMS_SQL, claims_parameters(claims))
