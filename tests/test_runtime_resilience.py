@@ -209,3 +209,31 @@ def test_queue_survives_a_restart_of_the_service(own_server: PostgresCluster, lo
         )
 
 
+
+
+def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster, log_row: uuid.UUID,
+                                                     tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with create_database_client(settings_for(own_server.url()), max_size=2, timeout=5) as client:
+        db = ResilientDatabase(client, tmp_path / "state", write_policy=FAST)
+        alice = client.verify(token_for(ALICE))
+        db.write(alice, Operation(APPEND, {"n": "1", "log": log_row}))
+        own_server.stop(mode="immediate")
+        try:
+            assert db.write(alice, Operation(APPEND, {"n": "2", "log": log_row})) is WriteOutcome.QUEUED
+            text = generate_latest(db.metrics.registry).decode()
+        finally:
+            own_server.start()
+        db.close()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    assert samples[("pgferry_runtime_query_seconds_count", (("operation", "write"),))] == 2
+    assert samples[("pgferry_runtime_queue_depth", ())] == 1
+    assert samples[("pgferry_runtime_queued_writes_total", ())] == 1
+    assert sum(v for (name, _labels), v in samples.items() if name == "pgferry_runtime_retries_total") >= 1
+    assert {("pgferry_runtime_pool_connections", (("state", s),)) for s in ("in_use", "idle")} <= set(samples)
+    assert ("pgferry_runtime_pool_waiting", ()) in samples

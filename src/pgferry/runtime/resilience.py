@@ -137,7 +137,10 @@ class ResilientDatabase:
         self.client = client
         self.queue = OperationQueue(state_dir / "queue.sqlite3")
         self.cache = ReadCache(state_dir / "cache.sqlite3")
-        self.metrics = metrics or RuntimeMetrics()
+        if metrics is None:  # a caller that passes its own registry decides which pools it exports
+            metrics = RuntimeMetrics()
+            metrics.watch_pool(client.pool.get_stats)
+        self.metrics = metrics
         self._write_policy = write_policy
         self._read_policy = read_policy
         self._checkout_timeout = checkout_timeout
