@@ -27,16 +27,24 @@ def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
 
 
 def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
-    ports = [str(free_port()) for _ in range(4)]
+    ports = [str(free_port()) for _ in range(5)]
     up = run_pgferry(
         "dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--sync-port", ports[2],
-        "--proxy-port", ports[3], "--json", env=stack_env,
+        "--proxy-port", ports[3], "--pooler-port", ports[4], "--json", env=stack_env,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
     status = run_pgferry("dev", "status", "--json", env=stack_env)
     assert status.returncode == 0, status.stderr
     urls = json.loads(status.stdout)
-    assert set(urls) >= {"source", "target", "sync", "proxy"}
+    assert set(urls) >= {"source", "target", "pooler", "sync", "proxy"}
+    # The pooler is PgBouncer in transaction mode in front of the target: two clients open at once share one
+    # server session between their transactions (impossible directly or in session mode).
+    with psycopg.connect(urls["pooler"], autocommit=True, prepare_threshold=None) as first, psycopg.connect(
+        urls["pooler"], autocommit=True, prepare_threshold=None
+    ) as second:
+        pid = first.execute("select pg_backend_pid(), current_database()").fetchone()
+        assert pid is not None and pid[1] == "postgres"
+        assert second.execute("select pg_backend_pid()").fetchone() == (pid[0],)
     assert httpx.get(urls["sync"] + "/v1/health").json() == {"status": "active"}
 
     # The proxy in front of the sync server takes only tokens signed with the stack's secret.

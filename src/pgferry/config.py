@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 Profile = Literal["dev", "prod"]
+DatabaseMode = Literal["auto", "direct", "session", "transaction"]
 
 DATABASE_URL_EXAMPLE: Final = "postgresql://user:password@host:5432/dbname"
 SUPABASE_URL_EXAMPLE: Final = "https://<project-ref>.supabase.co"
@@ -415,6 +416,10 @@ class Settings(BaseSettings):
 
     supabase_pooler_url: DatabaseUrl | None = None
     """Supavisor pooler connection, for short-lived application queries."""
+
+    db_mode: DatabaseMode = Field(default="auto", validation_alias="PGFERRY_DB_MODE")
+    """How the runtime client's URL reaches PostgreSQL: ``direct`` (5432 on ``db.<ref>``), Supavisor ``session``
+    mode or ``transaction`` mode (6543: no server-side prepared statements). ``auto`` reads it from the URL."""
 
     neon_database_url: DatabaseUrl | None = None
     """Source database being migrated away from."""

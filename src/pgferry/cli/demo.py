@@ -42,6 +42,7 @@ def demo(
             source_port=source_port,
             target_port=target_port,
             with_sync=False,
+            with_pooler=False,
             bindir=str(cfg.pg_bindir) if cfg.pg_bindir else None,
         )
     print_status([server for server in servers if server.name in ("source", "target")], as_json=False)

@@ -15,6 +15,7 @@ from rich.table import Table
 from pgferry.cli.common import settings, stack
 from pgferry.errors import PgferryError
 from pgferry.localstack.stack import (
+    DEFAULT_POOLER_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_SOURCE_PORT,
     DEFAULT_SYNC_PORT,
@@ -38,7 +39,10 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
     for column in ("server", "stands in for", "url", "version", "state"):
         # URLs are meant to be copied: wrap them rather than cut them with an ellipsis.
         table.add_column(column, overflow="fold", no_wrap=False)
-    role = {"source": "Neon", "target": "Supabase", "sync": "Electric", "proxy": "shape proxy"}
+    role = {
+        "source": "Neon", "target": "Supabase", "pooler": "Supavisor 6543 (PgBouncer, transaction mode)",
+        "sync": "Electric", "proxy": "shape proxy",
+    }
     for server in servers:
         state = "up" if server.reachable else ("starting" if server.running else "stopped")
         table.add_row(server.name, role[server.name], server.url, server.version or "-", state)
@@ -51,14 +55,19 @@ def up(
     target_port: Annotated[int, typer.Option(help="TCP port of the target (Supabase) server.")] = DEFAULT_TARGET_PORT,
     sync_port: Annotated[int, typer.Option(help="TCP port of the dev sync server (Electric).")] = DEFAULT_SYNC_PORT,
     proxy_port: Annotated[int, typer.Option(help="TCP port of the shape proxy.")] = DEFAULT_PROXY_PORT,
+    pooler_port: Annotated[
+        int, typer.Option(help="TCP port of PgBouncer in transaction mode (Supavisor's 6543).")
+    ] = DEFAULT_POOLER_PORT,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create (first run) and start both servers, apply the Neon schema and the Supabase migrations, then start
-    the dev sync server (Electric's Shape API on the target) and the shape proxy in front of it."""
+    PgBouncer in transaction mode in front of the target (Supavisor's port 6543), the dev sync server (Electric's
+    Shape API on the target) and the shape proxy in front of it."""
     cfg = settings()
     bindir = str(cfg.pg_bindir) if cfg.pg_bindir else None
     servers = stack(cfg.home).up(
-        source_port=source_port, target_port=target_port, bindir=bindir, sync_port=sync_port, proxy_port=proxy_port
+        source_port=source_port, target_port=target_port, bindir=bindir, sync_port=sync_port, proxy_port=proxy_port,
+        pooler_port=pooler_port,
     )
     print_status(servers, as_json=as_json)
 

@@ -1,4 +1,4 @@
-"""Entry point: ``pgferry dev …``, ``pgferry db …``, ``pgferry migrate …``, ``pgferry sync …``, ``pgferry demo``.
+"""Entry point: ``pgferry dev …``, ``db …``, ``migrate …``, ``sync …``, ``pgferry demo``, ``pgferry doctor``.
 
 Only the command group being run is imported: each group pulls in what it needs (Alembic and SQLAlchemy for
 ``db``, the local stack for ``dev``, ASGI servers for ``sync``), and a ``pgferry migrate run`` should not pay
@@ -41,12 +41,14 @@ def build_app(argv: Sequence[str] = ()) -> typer.Typer:
     # A callback keeps typer in "group" mode even when only one command is registered.
     app.callback()(_group)
     wanted = argv[0] if argv else None
-    known = wanted in GROUPS or wanted == "demo"
+    known = wanted in GROUPS or wanted in ("demo", "doctor")
     for name, (module, attribute) in GROUPS.items():
         if not known or wanted == name:
             app.add_typer(getattr(_import(module, name), attribute), name=name)
     if not known or wanted == "demo":
         app.command("demo")(_import("pgferry.cli.demo", "demo").demo)
+    if not known or wanted == "doctor":
+        app.command("doctor")(_import("pgferry.cli.doctor", "doctor").doctor)
     return app
 
 

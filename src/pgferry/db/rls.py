@@ -14,10 +14,9 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import psycopg
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgferry.errors import PgferryError
@@ -63,15 +62,28 @@ def service_role_claims() -> dict[str, Any]:
 
 
 def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> None:
-    """Switch the current transaction to the claims' role; must be called inside a transaction."""
+    """Switch the current transaction to the claims' role; must be called inside a transaction.
+
+    One statement, as PostgREST sends it (``set_config('role', …, true)`` is ``SET LOCAL ROLE``): the
+    runtime's pooled point queries pay one round trip for the switch, not four.
+    """
+    conn.execute(CLAIMS_SQL, claims_parameters(claims))
+
+
+CLAIMS_SQL: Final = (
+    "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true), "
+    "set_config('request.jwt.claim.sub', %s, true), set_config('request.jwt.claim.role', %s, true)"
+)
+"""The statement :func:`apply_claims` runs, for callers holding another driver's connection (SQLAlchemy, async)."""
+
+
+def claims_parameters(claims: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    """The parameters of :data:`CLAIMS_SQL` for ``claims``; :class:`ClaimsError` for a role outside the API roles."""
     role = claims.get("role")
     if role not in API_ROLES:
         raise ClaimsError(f"role claim {role!r} is not one of {sorted(API_ROLES)}; refusing to switch role")
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(str(role))))
-    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(dict(claims)),))
-    if "sub" in claims:
-        conn.execute("select set_config('request.jwt.claim.sub', %s, true)", (str(claims["sub"]),))
-    conn.execute("select set_config('request.jwt.claim.role', %s, true)", (str(role),))
+    sub = str(claims["sub"]) if "sub" in claims else ""
+    return str(role), json.dumps(dict(claims)), sub, str(role)
 
 
 @contextmanager

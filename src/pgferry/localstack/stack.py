@@ -29,6 +29,7 @@ from pgferry.localstack.cluster import (
     service_user,
 )
 from pgferry.localstack.databases import create_database, database_exists
+from pgferry.localstack.pgbouncer import PgBouncer, PgBouncerError, pgbouncer_program
 from pgferry.localstack.services import BackgroundService
 from pgferry.schema.migrator import upgrade
 from pgferry.schema.neon import create_neon_schema
@@ -38,6 +39,8 @@ DEFAULT_SOURCE_PORT = 54330
 DEFAULT_TARGET_PORT = 54322
 DEFAULT_SYNC_PORT = 54350
 DEFAULT_PROXY_PORT = 54351
+DEFAULT_POOLER_PORT = 54329
+"""PgBouncer in transaction mode in front of the target: what `supabase start` calls the pooler (Supavisor 6543)."""
 # What `supabase start` calls the project URL; dev tokens are issued for it (iss = <url>/auth/v1).
 DEV_SUPABASE_URL = "http://127.0.0.1:54321"
 SOURCE_DBNAME = "neondb"
@@ -66,6 +69,7 @@ class StackState:
     target_port: int
     sync_port: int = DEFAULT_SYNC_PORT
     proxy_port: int = DEFAULT_PROXY_PORT
+    pooler_port: int = DEFAULT_POOLER_PORT
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +87,7 @@ class StackState:
             target_port=int(data["target_port"]),
             sync_port=int(data.get("sync_port", DEFAULT_SYNC_PORT)),
             proxy_port=int(data.get("proxy_port", DEFAULT_PROXY_PORT)),
+            pooler_port=int(data.get("pooler_port", DEFAULT_POOLER_PORT)),
         )
 
 
@@ -121,12 +126,17 @@ class LocalStack:
         bindir: str | None = None,
         sync_port: int = DEFAULT_SYNC_PORT,
         proxy_port: int = DEFAULT_PROXY_PORT,
+        pooler_port: int = DEFAULT_POOLER_PORT,
         with_sync: bool = True,
+        with_pooler: bool = True,
     ) -> list[ServerStatus]:
-        """Create (first time), start and prepare both servers; then the sync server and the shape proxy."""
+        """Create (first time), start and prepare both servers; PgBouncer in transaction mode in front of the target
+        (when installed); then the sync server and the shape proxy."""
         state = StackState.load(self.state_file)
         if state is None:
             options = {"--source-port": source_port, "--target-port": target_port}
+            if with_pooler:
+                options["--pooler-port"] = pooler_port
             if with_sync:
                 options.update({"--sync-port": sync_port, "--proxy-port": proxy_port})
             for option, port in options.items():
@@ -142,6 +152,7 @@ class LocalStack:
                 target_port=target_port,
                 sync_port=sync_port,
                 proxy_port=proxy_port,
+                pooler_port=pooler_port,
             )
             source, target = self._clusters(state)
             source.init(ClusterSettings(port=source_port))
@@ -154,6 +165,16 @@ class LocalStack:
             create_database(source, SOURCE_DBNAME)
         prepare_source_database(source.url(SOURCE_DBNAME))
         prepare_target_database(target.url(TARGET_DBNAME))
+        pooler = self._pooler(state)
+        try:
+            if not with_pooler:
+                raise PgBouncerError("not asked for")
+            pgbouncer_program()
+        except PgBouncerError as exc:  # the stack works without it; only transaction-mode testing needs it
+            if with_pooler:
+                print(f"pgferry: note: no pooler on the local stack: {exc}", file=sys.stderr)
+        else:
+            self._start_pooler(pooler, state)
         if with_sync:
             sync, proxy = self._services(state, target)
             electric_secret = self.electric_secret()
@@ -224,10 +245,25 @@ class LocalStack:
         )
         return sync, proxy
 
+    @staticmethod
+    def _start_pooler(pooler: PgBouncer, state: StackState) -> None:
+        if pooler.pid() is None and not port_is_free(state.pooler_port):
+            raise PortInUseError(
+                f"port {state.pooler_port} on 127.0.0.1 (the pooler) is already in use; stop what holds it, or "
+                "`pgferry dev down --destroy` and `pgferry dev up --pooler-port N`"
+            )
+        pooler.start()
+
+    def _pooler(self, state: StackState) -> PgBouncer:
+        return PgBouncer(
+            self.root / "pooler", upstream_port=state.target_port, port=state.pooler_port, user=service_user()
+        )
+
     def down(self, *, destroy: bool = False) -> None:
         state = StackState.load(self.state_file)
         if state is None:
             return
+        self._pooler(state).stop()
         _source, target = self._clusters(state)
         for service in reversed(self._services(state, target)):
             service.stop()
@@ -248,6 +284,19 @@ class LocalStack:
             _server_status("source", source, SOURCE_DBNAME),
             _server_status("target", target, TARGET_DBNAME),
         ]
+        pooler = self._pooler(state)
+        pooler_running = pooler.pid() is not None
+        statuses.append(
+            ServerStatus(
+                name="pooler",
+                url=pooler.url(TARGET_DBNAME),
+                port=state.pooler_port,
+                running=pooler_running,
+                reachable=pooler_running and _accepts(pooler.url(TARGET_DBNAME)),
+                version=None,
+                datadir=str(pooler.directory),
+            )
+        )
         for name, service, port in zip(
             ("sync", "proxy"), self._services(state, target), (state.sync_port, state.proxy_port), strict=True
         ):
@@ -272,6 +321,15 @@ class LocalStack:
                     raise StackError(f"the {name} server is not running; run `pgferry dev up`")
                 return server.url
         raise StackError(f"no server named {name!r}; the stack has 'source' and 'target'")
+
+
+def _accepts(url: str) -> bool:
+    try:
+        with connect(url, application_name="pgferry-dev-status", connect_timeout=2) as conn:
+            conn.execute("select 1")
+    except psycopg.Error:
+        return False
+    return True
 
 
 def _server_status(name: str, cluster: PostgresCluster, dbname: str) -> ServerStatus:

@@ -13,8 +13,11 @@ Environment:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -24,6 +27,8 @@ from pgferry.localstack.binaries import (
     available_installs,
     describe_install,
 )
+from pgferry.localstack.cluster import service_user
+from pgferry.localstack.pgbouncer import PgBouncer
 from pgferry.testing.servers import (
     BASELINE_TEMPLATE,
     NEON_TEMPLATE,
@@ -144,3 +149,28 @@ def blank_url(server_pair: ServerPair) -> Iterator[str]:
     name, url = server_pair.clone(server_pair.target, None, "blank")
     yield url
     server_pair.drop(server_pair.target, name)
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[Callable[..., str]]:
+    """Start PgBouncer in transaction mode (Supavisor port 6543's stand-in) in front of a test database's server.
+
+    ``pgbouncer(database_url, pool_size=2)`` returns the same database's URL through a new PgBouncer on a free
+    port; every PgBouncer started is stopped when the test ends.
+    """
+    started: list[PgBouncer] = []
+
+    def start(database_url: str, *, pool_size: int = 2, pool_mode: str = "transaction") -> str:
+        parts = urlsplit(database_url)
+        root = Path(tempfile.mkdtemp(prefix="pgferry-pgbouncer-"))
+        root.chmod(0o755)  # the service account the bouncer runs as must reach its files
+        bouncer = PgBouncer(root / "pgbouncer", upstream_port=parts.port or 5432, pool_size=pool_size,
+                            pool_mode=pool_mode, user=service_user())
+        started.append(bouncer)
+        bouncer.start()
+        return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{bouncer.port}"))
+
+    yield start
+    for bouncer in started:
+        bouncer.stop()
+        shutil.rmtree(bouncer.directory.parent, ignore_errors=True)

@@ -1,0 +1,246 @@
+"""``create_database_client(settings)``: the one handle a platform service needs for Supabase's database.
+
+It holds a psycopg_pool pool (sync, or async for :class:`AsyncDatabaseClient`), a SQLAlchemy engine and session
+factory drawing from that same pool (``close_returns=True`` + ``NullPool``: SQLAlchemy hands connections back to
+psycopg_pool instead of keeping a second pool of its own), the project (token verification) and supabase-py's
+client with the anon key. The connection mode (direct, Supavisor session, Supavisor transaction) comes from
+:mod:`pgferry.runtime.endpoints`; in transaction mode no server-side prepared statement is ever created.
+
+Every user-facing path runs as the verified user (:mod:`pgferry.runtime.scoped`); the service role is reachable
+only through methods named ``service_role_…`` that take no token, and the service-role key is read from
+``SUPABASE_SERVICE_ROLE_KEY`` only by :meth:`DatabaseClient.service_role_supabase`.
+
+Owns building and closing these resources; it does not decide retry policy (``pgferry.runtime.resilience``) or
+what a user may see (the database's policies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
+
+from pgferry.config import DatabaseMode, Settings
+from pgferry.db.connect import CONNECT_PARAMS
+from pgferry.errors import ConfigError
+from pgferry.runtime.endpoints import ConnectionPlan, plan_connection
+from pgferry.runtime.scoped import (
+    apply_user_to_session,
+    auser_transaction,
+    service_role_transaction,
+    user_transaction,
+)
+from pgferry.supabase.project import SupabaseProject
+from pgferry.sync.auth import AuthenticatedUser
+
+if TYPE_CHECKING:
+    from supabase import Client as SupabaseClient
+
+__all__ = ["AsyncDatabaseClient", "DatabaseClient", "create_async_database_client", "create_database_client"]
+
+APPLICATION_NAME = "pgferry-runtime"
+
+
+def _connection_kwargs(plan: ConnectionPlan) -> dict[str, Any]:
+    return {**CONNECT_PARAMS, "application_name": APPLICATION_NAME, "autocommit": True, **plan.psycopg_options()}
+
+
+def _to_autocommit(conn: psycopg.Connection[Any]) -> None:
+    """Pool ``reset``: SQLAlchemy borrowed the connection with ``autocommit=False``; give the pool its own back."""
+    conn.autocommit = True
+
+
+async def _ato_autocommit(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.set_autocommit(True)
+
+
+def _project(settings: Settings) -> SupabaseProject | None:
+    if settings.supabase_url is None or settings.supabase_anon_key is None:
+        return None
+    return SupabaseProject.from_settings(settings)
+
+
+def _require(project: SupabaseProject | None) -> SupabaseProject:
+    if project is None:
+        raise ConfigError(
+            "SUPABASE_URL", "and SUPABASE_ANON_KEY must be set to verify users' tokens or use supabase-py"
+        )
+    return project
+
+
+class DatabaseClient:
+    """The synchronous handle; build it with :func:`create_database_client` and ``close()`` it (or ``with``)."""
+
+    def __init__(self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int,
+                 timeout: float) -> None:
+        self.plan = plan
+        self.project = project
+        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            plan.url, kwargs=_connection_kwargs(plan), min_size=min_size, max_size=max_size, timeout=timeout,
+            reset=_to_autocommit, close_returns=True, name="pgferry-runtime", open=False,
+        )
+        self.engine: Engine = create_engine(
+            "postgresql+psycopg://", creator=self._sqlalchemy_connection, poolclass=NullPool
+        )
+        self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        self._supabase: SupabaseClient | None = None
+
+    def _sqlalchemy_connection(self) -> psycopg.Connection[Any]:
+        conn = self.pool.getconn()
+        conn.autocommit = False  # SQLAlchemy manages transactions itself
+        return conn
+
+    @property
+    def mode(self) -> str:
+        return self.plan.mode.value
+
+    def open(self, *, wait: bool = False) -> DatabaseClient:
+        self.pool.open(wait=wait)
+        return self
+
+    # -- users ---------------------------------------------------------------------------------------------------
+
+    def verify(self, token: str) -> AuthenticatedUser:
+        """The user of an access token, verified (signature, expiry, audience, issuer, role ``authenticated``)."""
+        return _require(self.project).verify_sync(token)
+
+    def user_transaction(self, user: AuthenticatedUser) -> Any:
+        """``with client.user_transaction(user) as conn:`` psycopg connection in a transaction as ``user``."""
+        return user_transaction(self.pool, user)
+
+    def service_role_transaction(self) -> Any:
+        """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""
+        return service_role_transaction(self.pool)
+
+    @contextmanager
+    def session(self, user: AuthenticatedUser) -> Iterator[Session]:
+        """A SQLAlchemy session whose one transaction runs as ``user``; committed at the end of the block."""
+        with self.sessions.begin() as session:
+            apply_user_to_session(session, user)
+            yield session
+
+    @contextmanager
+    def service_role_session(self) -> Iterator[Session]:
+        with self.sessions.begin() as session:
+            apply_user_to_session(session, None)
+            yield session
+
+    # -- supabase-py ---------------------------------------------------------------------------------------------
+
+    @property
+    def supabase(self) -> SupabaseClient:
+        """supabase-py's client with the anon key (what the project's clients also hold); created on first use."""
+        if self._supabase is None:
+            from supabase import create_client
+
+            project = _require(self.project)
+            self._supabase = create_client(project.url, project.anon_key)
+        return self._supabase
+
+    def service_role_supabase(self) -> SupabaseClient:
+        """supabase-py's client with ``SUPABASE_SERVICE_ROLE_KEY``: bypasses RLS; never hand it to a client."""
+        from supabase import create_client
+
+        project = _require(self.project)
+        return create_client(project.url, project.service_role_key())
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.pool.close()
+        if self.project is not None:
+            self.project.close()
+
+    def __enter__(self) -> DatabaseClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"DatabaseClient({self.plan!r})"
+
+
+def create_database_client(
+    settings: Settings, *, url: str | None = None, mode: DatabaseMode | None = None, min_size: int = 1,
+    max_size: int = 10, timeout: float = 30.0,
+) -> DatabaseClient:
+    """A ready :class:`DatabaseClient` for ``settings`` (``SUPABASE_POOLER_URL`` or ``SUPABASE_DB_URL``,
+    ``PGFERRY_DB_MODE``, ``SUPABASE_URL`` + keys + JWT secret/JWKS); ``url``/``mode`` override the settings.
+
+    The pool opens without waiting for the database: a service starts while the database is down and its first
+    query waits (up to ``timeout``) or fails with a retryable error.
+    """
+    plan = plan_connection(settings, url=url, mode=mode)
+    client = DatabaseClient(plan, _project(settings), min_size=min_size, max_size=max_size, timeout=timeout)
+    return client.open()
+
+
+class AsyncDatabaseClient:
+    """The asyncio handle; build it with :func:`create_async_database_client` and ``await aclose()``."""
+
+    def __init__(self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int,
+                 timeout: float) -> None:
+        self.plan = plan
+        self.project = project
+        self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            plan.url, kwargs=_connection_kwargs(plan), min_size=min_size, max_size=max_size, timeout=timeout,
+            reset=_ato_autocommit, close_returns=True, name="pgferry-runtime-async", open=False,
+        )
+        self.engine: AsyncEngine = create_async_engine(
+            "postgresql+psycopg://", async_creator=self._sqlalchemy_connection, poolclass=NullPool
+        )
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def _sqlalchemy_connection(self) -> psycopg.AsyncConnection[Any]:
+        conn = await self.pool.getconn()
+        await conn.set_autocommit(False)
+        return conn
+
+    async def verify(self, token: str) -> AuthenticatedUser:
+        return await _require(self.project).verify(token)
+
+    def user_transaction(self, user: AuthenticatedUser) -> Any:
+        """``async with client.user_transaction(user) as conn:``"""
+        return auser_transaction(self.pool, user)
+
+    def service_role_transaction(self) -> Any:
+        return auser_transaction(self.pool, None)
+
+    @asynccontextmanager
+    async def session(self, user: AuthenticatedUser | None) -> AsyncIterator[AsyncSession]:
+        """An async SQLAlchemy session whose transaction runs as ``user`` (``None``: service role, server code)."""
+        async with self.sessions.begin() as session:
+            await session.run_sync(apply_user_to_session, user)
+            yield session
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+        await self.pool.close()
+        if self.project is not None:
+            await self.project.aclose()
+
+    async def __aenter__(self) -> AsyncDatabaseClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def create_async_database_client(
+    settings: Settings, *, url: str | None = None, mode: DatabaseMode | None = None, min_size: int = 1,
+    max_size: int = 10, timeout: float = 30.0,
+) -> AsyncDatabaseClient:
+    """The asyncio :func:`create_database_client`; call it inside the event loop that will use it."""
+    plan = plan_connection(settings, url=url, mode=mode)
+    client = AsyncDatabaseClient(plan, _project(settings), min_size=min_size, max_size=max_size, timeout=timeout)
+    await client.pool.open(wait=False)
+    return client

@@ -1,0 +1,297 @@
+"""Keeping a service working through database outages: health checks, retries, stale reads, queued writes.
+
+* **Reconnect with backoff and jitter**: psycopg_pool replaces broken connections itself (exponential backoff with
+  jitter between attempts); each operation here is one transaction retried by :func:`pgferry.db.retry.call_with_retry`
+  under a short :class:`~pgferry.db.retry.RetryPolicy` (full jitter), and only for errors that policy calls safe to
+  retry (connection loss, restarts, deadlocks, serialization failures). Everything else reaches the caller at once.
+* **Writes** (:meth:`ResilientDatabase.write`) carry an idempotency key. The key is inserted into
+  ``pgferry.applied_operations`` in the same transaction as the write, so a write whose commit acknowledgement was
+  lost, retried or replayed, still applies exactly once. A write that cannot reach the database goes to the
+  durable queue (:mod:`pgferry.runtime.queue`) and, while anything is queued, later writes queue behind it, so
+  :meth:`ResilientDatabase.sync_queued_operations` applies them in the order they were accepted.
+* **Reads** (:meth:`ResilientDatabase.read`) fall back to the last answer for the same user and key
+  (:mod:`pgferry.runtime.cache`) when the database is unreachable, marked ``stale``.
+
+Queued writes run, when replayed, under the claims verified when they were accepted (the token may have expired
+since; the write was authorized then). Writes are applied as the user: RLS still decides.
+
+Owns these policies; connections come from :class:`pgferry.runtime.client.DatabaseClient`, classification from
+:mod:`pgferry.db.retry`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import psycopg
+import structlog
+from psycopg.rows import dict_row
+
+from pgferry.db.retry import RetriesExhaustedError, RetryAttempt, RetryPolicy, call_with_retry, classify_error
+from pgferry.db.rls import CLAIMS_SQL, claims_parameters, service_role_claims
+from pgferry.observability.metrics import RuntimeMetrics
+from pgferry.runtime.cache import ReadCache
+from pgferry.runtime.client import DatabaseClient
+from pgferry.runtime.errors import DatabaseUnavailableError
+from pgferry.runtime.queue import Operation, OperationQueue, QueuedOperation
+from pgferry.runtime.scoped import user_claims_of
+from pgferry.sync.auth import AuthenticatedUser
+
+__all__ = ["Health", "ReadResult", "ResilientDatabase", "SyncReport", "WriteOutcome", "health_check"]
+
+T = TypeVar("T")
+_log = structlog.get_logger("pgferry.runtime.resilience")
+
+IDEMPOTENCY_DDL: Final = """
+create schema if not exists pgferry;
+create table if not exists pgferry.applied_operations (
+  key uuid primary key,
+  applied_at timestamptz not null default now()
+);
+revoke all on pgferry.applied_operations from public;
+"""
+_SEEN: Final = "select key from pgferry.applied_operations where key = any(%s)"
+_RECORD: Final = "insert into pgferry.applied_operations (key) select unnest(%s::uuid[])"
+
+#: Writes wait this long at most before being queued: a user should not wait through a whole outage.
+WRITE_POLICY: Final = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.5, deadline=3.0)
+READ_POLICY: Final = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.5, deadline=3.0)
+
+
+class WriteOutcome(enum.Enum):
+    APPLIED = "applied"
+    """Committed now."""
+    DUPLICATE = "duplicate"
+    """Its key had already been applied (a retry of a write that got through): nothing done, nothing lost."""
+    QUEUED = "queued"
+    """On disk in the durable queue; :meth:`ResilientDatabase.sync_queued_operations` applies it later."""
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    rows: list[dict[str, Any]]
+    stale: bool
+    """True when the database was unreachable and these rows come from the local cache."""
+    as_of: float
+    """Unix time at which the database produced the rows."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    applied: int
+    duplicates: int
+    dead_lettered: int
+    remaining: int
+    error: str | None = None
+    """Why replay stopped early (the database became unreachable again), else None."""
+
+
+@dataclass(frozen=True)
+class Health:
+    ok: bool
+    latency_ms: float | None
+    mode: str
+    error: str | None = None
+
+
+def health_check(client: DatabaseClient, *, timeout: float = 3.0) -> Health:
+    """Whether the database answers a query through the client's pool within ``timeout`` seconds."""
+    started = time.perf_counter()
+    try:
+        with client.pool.connection(timeout=timeout) as conn:
+            conn.execute("select 1")
+    except psycopg.Error as exc:
+        return Health(False, None, client.mode, f"{classify_error(exc).reason}: {str(exc).splitlines()[0]}")
+    return Health(True, (time.perf_counter() - started) * 1000, client.mode)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RetriesExhaustedError) and exc.classification is not None:
+        return exc.classification.reason
+    return classify_error(exc).reason
+
+
+def _unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, RetriesExhaustedError):
+        return True
+    return classify_error(exc).retryable
+
+
+class ResilientDatabase:
+    """Writes that survive outages and reads that degrade to stale ones, over a :class:`DatabaseClient`.
+
+    ``state_dir`` holds ``queue.sqlite3`` and ``cache.sqlite3``; it must be on a disk that survives a restart of
+    the service (the queue is the only copy of writes accepted during an outage).
+    """
+
+    def __init__(
+        self, client: DatabaseClient, state_dir: Path, *, metrics: RuntimeMetrics | None = None,
+        write_policy: RetryPolicy = WRITE_POLICY, read_policy: RetryPolicy = READ_POLICY, checkout_timeout: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.queue = OperationQueue(state_dir / "queue.sqlite3")
+        self.cache = ReadCache(state_dir / "cache.sqlite3")
+        if metrics is None:  # a caller that passes its own registry decides which pools it exports
+            metrics = RuntimeMetrics()
+            metrics.watch_pool(client.pool.get_stats)
+        self.metrics = metrics
+        self._write_policy = write_policy
+        self._read_policy = read_policy
+        self._checkout_timeout = checkout_timeout
+        self._ready = False
+        self.metrics.queue_depth.set(self.queue.depth())
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _on_retry(self, attempt: RetryAttempt) -> None:
+        self.metrics.retries.labels(attempt.classification.reason).inc()
+        _log.warning("db.retry", attempt=attempt.attempt, delay=round(attempt.delay, 3),
+                     reason=attempt.classification.reason, sqlstate=attempt.classification.sqlstate)
+
+    def _retry(self, fn: Callable[[], T], policy: RetryPolicy, operation: str) -> T:
+        started = time.perf_counter()
+        try:
+            return call_with_retry(fn, policy=policy, on_retry=self._on_retry, operation=operation)
+        finally:
+            self.metrics.query_seconds.labels(operation).observe(time.perf_counter() - started)
+
+    def _ensure_idempotency_table(self, conn: psycopg.Connection[Any]) -> None:
+        if not self._ready:
+            conn.execute(IDEMPOTENCY_DDL)
+            self._ready = True
+
+    def _apply(self, items: Sequence[tuple[Operation, Mapping[str, Any]]]) -> tuple[int, int]:
+        """Apply ``items`` in one transaction, each once: ``(applied, duplicates)``."""
+        with self.client.pool.connection(timeout=self._checkout_timeout) as conn:
+            self._ensure_idempotency_table(conn)
+            with conn.transaction():
+                keys = [op.key for op, _claims in items]
+                seen = {row[0] for row in conn.execute(_SEEN, (keys,))}
+                fresh = [(op, claims) for op, claims in items if op.key not in seen]
+                if fresh:
+                    conn.execute(_RECORD, ([op.key for op, _claims in fresh],))  # as the login role, before any switch
+                    with conn.pipeline():
+                        for op, claims in fresh:
+                            conn.execute(CLAIMS_SQL, claims_parameters(claims))
+                            conn.execute(op.statement, dict(op.params))
+        return len(fresh), len(items) - len(fresh)
+
+    # -- writes --------------------------------------------------------------------------------------------------
+
+    def write(self, user: AuthenticatedUser | None, operation: Operation) -> WriteOutcome:
+        """Apply ``operation`` as ``user`` (``None``: the service role, server code only) now, or queue it.
+
+        Errors that retrying cannot fix (a policy refusing the row, a constraint, bad SQL) are raised here and
+        nothing is queued. While earlier writes are queued this one queues behind them, to keep the order.
+        """
+        claims = service_role_claims() if user is None else user_claims_of(user)
+        if self.queue.depth() == 0:
+            try:
+                applied, _ = self._retry(lambda: self._apply([(operation, claims)]), self._write_policy, "write")
+            except Exception as exc:
+                if not _unavailable(exc):
+                    raise
+                _log.warning("db.write_queued", key=str(operation.key), reason=_reason(exc))
+            else:
+                return WriteOutcome.APPLIED if applied else WriteOutcome.DUPLICATE
+        self.queue.put(operation, claims)
+        self.metrics.queued.inc()
+        self.metrics.queue_depth.set(self.queue.depth())
+        return WriteOutcome.QUEUED
+
+    def sync_queued_operations(self, *, batch_size: int = 500) -> SyncReport:
+        """Apply queued writes oldest first, each exactly once, until the queue is empty or the database is gone.
+
+        A batch is one transaction. When a batch fails for a reason retrying cannot fix, its operations are tried
+        one by one: the one the database refuses moves to the dead-letter table (with the error), the rest apply.
+        """
+        applied = duplicates = dead = 0
+        error: str | None = None
+        while True:
+            batch = self.queue.peek(batch_size)
+            if not batch:
+                break
+            try:
+                done, dup = self._retry(lambda b=batch: self._apply([(i.operation, i.claims) for i in b]),  # type: ignore[misc]
+                                        self._write_policy, "replay")
+            except Exception as exc:
+                if _unavailable(exc):
+                    error = f"database unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                    break
+                done, dup, dead_here = self._replay_one_by_one(batch)
+                dead += dead_here
+            else:
+                self.queue.remove(batch)
+            applied += done
+            duplicates += dup
+            self.metrics.replayed.inc(done)
+            self.metrics.queue_depth.set(self.queue.depth())
+        remaining = self.queue.depth()
+        self.metrics.queue_depth.set(remaining)
+        return SyncReport(applied, duplicates, dead, remaining, error)
+
+    def _replay_one_by_one(self, batch: Sequence[QueuedOperation]) -> tuple[int, int, int]:
+        applied = duplicates = dead = 0
+        for item in batch:
+            try:
+                done, dup = self._retry(lambda i=item: self._apply([(i.operation, i.claims)]),  # type: ignore[misc]
+                                        self._write_policy, "replay")
+            except Exception as exc:
+                if _unavailable(exc):
+                    raise DatabaseUnavailableError(
+                        "the database became unreachable while replaying queued writes; call "
+                        "sync_queued_operations() again when it is back"
+                    ) from exc
+                self.queue.dead_letter(item, " ".join(str(exc).split())[:500])
+                _log.error("db.write_dead_lettered", key=str(item.operation.key), error=type(exc).__name__)
+                dead += 1
+                continue
+            self.queue.remove([item])
+            applied += done
+            duplicates += dup
+        return applied, duplicates, dead
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    def read(self, user: AuthenticatedUser, cache_key: str, statement: str,
+             params: Mapping[str, Any] | Sequence[Any] = ()) -> ReadResult:
+        """Run ``statement`` as ``user``; when the database is unreachable, that user's last result for
+        ``cache_key``, marked stale. :class:`DatabaseUnavailableError` when there is no such result either."""
+        claims = user_claims_of(user)
+
+        def attempt() -> list[dict[str, Any]]:
+            with self.client.pool.connection(timeout=self._checkout_timeout) as conn, conn.transaction():
+                conn.execute(CLAIMS_SQL, claims_parameters(claims))
+                with conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(statement, params)
+                    return cur.fetchall()
+
+        try:
+            rows = self._retry(attempt, self._read_policy, "read")
+        except Exception as exc:
+            if not _unavailable(exc):
+                raise
+            cached = self.cache.load(str(user.user_id), cache_key)
+            if cached is None:
+                raise DatabaseUnavailableError(
+                    f"the database is unreachable and there is no cached result for {cache_key!r}; retry later"
+                ) from exc
+            self.metrics.stale_reads.inc()
+            return ReadResult(cached.rows, True, cached.as_of)
+        self.cache.store(str(user.user_id), cache_key, rows)
+        return ReadResult(rows, False, time.time())
+
+    def close(self) -> None:
+        self.queue.close()
+        self.cache.close()
+
+
+def new_key() -> uuid.UUID:
+    """A fresh idempotency key (for callers that have no request id to derive one from)."""
+    return uuid.uuid4()

@@ -1,0 +1,138 @@
+"""Vector search as the calling user: ``search_tasks`` and ``search_memory`` over the ``match_*`` SQL functions.
+
+Both run on a connection that is already inside an RLS-scoped transaction (:mod:`pgferry.runtime.scoped`), so a
+user only ever matches their own rows; nothing here filters by owner itself. With the default ``ef_search`` they
+call ``public.match_tasks`` / ``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would. Those functions
+pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so a tuned
+``ef_search`` runs the functions' own query inline instead, with ``hnsw.ef_search`` and pgvector 0.8's
+``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
+(``tests/test_runtime_search.py`` checks them against exact search).
+
+Owns argument checking and the two queries; must not open connections or decide who the user is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg.rows import class_row
+
+from pgferry.runtime.errors import SearchInputError
+
+__all__ = ["DIMENSIONS", "MAX_MATCHES", "MemoryMatch", "TaskMatch", "search_memory", "search_tasks"]
+
+DIMENSIONS: Final = 1536
+"""Embedding width of ``tasks.embedding`` and ``agent_memory.embedding``."""
+MAX_MATCHES: Final = 200
+"""The ``match_*`` functions cap ``match_count`` here; asking for more is an error rather than a silent cut."""
+DEFAULT_EF_SEARCH: Final = 100
+"""What the ``match_*`` functions pin; passing it (or ``None``) calls the functions themselves."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMatch:
+    id: uuid.UUID
+    title: str
+    description: str | None
+    status: str
+    environment_id: uuid.UUID | None
+    similarity: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryMatch:
+    id: uuid.UUID
+    agent_name: str
+    memory_type: str
+    content: str
+    importance: float | None
+    similarity: float
+
+
+_TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
+_MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
+# The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
+_TUNE: Final = (
+    "select set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', 'strict_order', true), "
+    "set_config('search_path', 'public, extensions, pg_temp', true)"
+)
+_TASKS_INLINE: Final = """
+  select t.id, t.title, t.description, t.status, t.environment_id,
+         1 - (t.embedding <=> %(q)s::vector) as similarity
+  from public.tasks t
+  where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
+  order by t.embedding <=> %(q)s::vector asc, t.id
+  limit %(k)s
+"""
+_MEMORY_INLINE: Final = """
+  select m.id, m.agent_name, m.memory_type, m.content, m.importance,
+         1 - (m.embedding <=> %(q)s::vector) as similarity
+  from public.agent_memory m
+  where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
+    and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
+    and (m.expires_at is null or m.expires_at > now())
+  order by m.embedding <=> %(q)s::vector asc, m.id
+  limit %(k)s
+"""
+
+
+def _vector_literal(embedding: Sequence[float] | Any) -> str:
+    """``'[x, y, …]'``, pgvector's text form; accepts lists, tuples and numpy arrays."""
+    values = [float(x) for x in embedding]
+    if len(values) != DIMENSIONS:
+        raise SearchInputError(f"embedding has {len(values)} dimensions; pass a {DIMENSIONS}-dimensional vector")
+    if not all(math.isfinite(x) for x in values):
+        raise SearchInputError("embedding contains NaN or infinity; pass finite numbers only")
+    if not any(values):
+        raise SearchInputError("embedding is all zeros, which has no cosine similarity; pass a real embedding")
+    return json.dumps(values)
+
+
+def _check(threshold: float, k: int, ef_search: int | None) -> None:
+    if not -1.0 <= threshold <= 1.0 or math.isnan(threshold):
+        raise SearchInputError(f"threshold {threshold!r} is not a cosine similarity; pass a number from -1 to 1")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_MATCHES:
+        raise SearchInputError(f"k={k!r}: pass a whole number of matches from 1 to {MAX_MATCHES}")
+    if ef_search is not None and (isinstance(ef_search, bool) or not 1 <= ef_search <= 1000):
+        raise SearchInputError(f"ef_search={ef_search!r}: pgvector accepts 1 to 1000 (higher: better recall, slower)")
+
+
+def search_tasks(
+    conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
+    ef_search: int | None = None,
+) -> list[TaskMatch]:
+    """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
+
+    ``conn`` must be in a user transaction (RLS decides whose tasks exist); ordered by similarity, best first.
+    """
+    _check(threshold, k, ef_search)
+    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
+    with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
+        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+            cur.execute(_TASKS_BY_FUNCTION, params)
+        else:
+            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_TASKS_INLINE, params)
+        return cur.fetchall()
+
+
+def search_memory(
+    conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
+    agent_name: str | None = None, ef_search: int | None = None,
+) -> list[MemoryMatch]:
+    """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
+    _check(threshold, k, ef_search)
+    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k, "agent": agent_name}
+    with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
+        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+            cur.execute(_MEMORY_BY_FUNCTION, params)
+        else:
+            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_MEMORY_INLINE, params)
+        return cur.fetchall()

@@ -1,0 +1,172 @@
+"""``search_tasks`` / ``search_memory`` as the calling user, judged against exact (brute-force) search in numpy.
+
+Real PostgreSQL with pgvector, real policies, real verified tokens; another tenant's perfect match must never
+appear, and a tuned ``ef_search`` must give the same rows as the SQL functions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from pgferry.runtime.errors import SearchInputError
+from pgferry.runtime.scoped import user_transaction
+from pgferry.runtime.search import search_memory, search_tasks
+from pgferry.sync.auth import AuthenticatedUser
+from tests.runtime_helpers import project, token_for
+
+ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
+BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
+DIM = 1536
+
+
+def _clustered(rng: np.random.Generator, n: int, centroids: np.ndarray) -> np.ndarray:
+    vectors = centroids[rng.integers(0, len(centroids), n)] + rng.normal(0, 0.35, (n, DIM)) / np.sqrt(DIM) * 4
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32)
+
+
+def _literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+
+
+@pytest.fixture
+def seeded(target_url: str) -> dict[str, Any]:
+    rng = np.random.default_rng(11)
+    centroids = rng.normal(size=(5, DIM))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    data: dict[str, Any] = {}
+    with psycopg.connect(target_url, autocommit=True) as conn, conn.cursor() as cur:
+        for user in (ALICE, BOB):
+            vectors = _clustered(rng, 250, centroids)
+            ids = [uuid.uuid4() for _ in vectors]
+            cur.executemany(
+                "insert into public.tasks (id, user_id, title, embedding) values (%s, %s, %s, %s)",
+                [(i, user, f"task {n}", _literal(v)) for n, (i, v) in enumerate(zip(ids, vectors, strict=True))],
+            )
+            memory = _clustered(rng, 120, centroids)
+            memory_ids = [uuid.uuid4() for _ in memory]
+            agents = ["planner" if n % 3 else "coder" for n in range(len(memory))]
+            cur.executemany(
+                "insert into public.agent_memory (id, user_id, agent_name, content, embedding) "
+                "values (%s, %s, %s, %s, %s)",
+                [(i, user, a, f"memory {n}", _literal(v))
+                 for n, (i, a, v) in enumerate(zip(memory_ids, agents, memory, strict=True))],
+            )
+            data[user] = {"tasks": (ids, vectors), "memory": (memory_ids, memory, agents)}
+        cur.execute("analyze public.tasks")
+        cur.execute("analyze public.agent_memory")
+    data["queries"] = _clustered(rng, 4, centroids)
+    return data
+
+
+@pytest.fixture
+def pool(target_url: str) -> Iterator[ConnectionPool[Any]]:
+    with ConnectionPool(target_url, kwargs={"autocommit": True}, min_size=1, max_size=2) as pool:
+        yield pool
+
+
+@pytest.fixture
+def users() -> Iterator[dict[uuid.UUID, AuthenticatedUser]]:
+    with project() as tokens:
+        yield {user: tokens.verify_sync(token_for(user)) for user in (ALICE, BOB)}
+
+
+def _exact(ids: list[uuid.UUID], vectors: np.ndarray, query: np.ndarray, threshold: float, k: int) -> list[uuid.UUID]:
+    v = vectors.astype(np.float64)
+    q = query.astype(np.float64)
+    sims = v @ q / (np.linalg.norm(v, axis=1) * np.linalg.norm(q))
+    order = sorted(range(len(ids)), key=lambda i: (-sims[i], str(ids[i])))
+    return [ids[i] for i in order if sims[i] > threshold][:k]
+
+
+@pytest.mark.parametrize("ef_search", [None, 60, 400], ids=["function", "ef60", "ef400"])
+def test_search_tasks_equals_exact_search_for_the_caller(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser],
+    ef_search: int | None,
+) -> None:
+    ids, vectors = seeded[ALICE]["tasks"]
+    for query in seeded["queries"]:
+        for threshold, k in ((0.0, 10), (0.3, 25)):
+            with user_transaction(pool, users[ALICE]) as conn:
+                conn.execute("set local enable_seqscan = off")  # the HNSW index answers, not a sort
+                found = search_tasks(conn, query, threshold, k, ef_search=ef_search)
+            assert [m.id for m in found] == _exact(ids, vectors, query, threshold, k)
+            similarities = [m.similarity for m in found]
+            assert similarities == sorted(similarities, reverse=True)
+            assert all(s > threshold for s in similarities)
+
+
+def test_search_never_returns_another_tenants_perfect_match(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
+) -> None:
+    alice_ids, alice_vectors = seeded[ALICE]["tasks"]
+    bob_ids = set(seeded[BOB]["tasks"][0])
+    for ef_search in (None, 300):
+        with user_transaction(pool, users[BOB]) as conn:
+            found = {m.id for m in search_tasks(conn, alice_vectors[0], -1.0, 200, ef_search=ef_search)}
+        assert found and found <= bob_ids
+        with user_transaction(pool, users[ALICE]) as conn:  # positive control: Alice finds it first
+            top = search_tasks(conn, alice_vectors[0], 0.99, 1, ef_search=ef_search)
+        assert [m.id for m in top] == [alice_ids[0]]
+        assert top[0].similarity == pytest.approx(1.0, abs=1e-5)
+    memory_ids = set(seeded[ALICE]["memory"][0])
+    with user_transaction(pool, users[BOB]) as conn:
+        assert not {m.id for m in search_memory(conn, seeded[ALICE]["memory"][1][0], -1.0, 200)} & memory_ids
+
+
+@pytest.mark.parametrize("ef_search", [None, 250], ids=["function", "ef250"])
+def test_search_memory_filters_by_agent_as_the_caller(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser],
+    ef_search: int | None,
+) -> None:
+    ids, vectors, agents = seeded[ALICE]["memory"]
+    planners = [a == "planner" for a in agents]
+    planner_ids = [i for i, keep in zip(ids, planners, strict=True) if keep]
+    for query in seeded["queries"]:
+        with user_transaction(pool, users[ALICE]) as conn:
+            found = search_memory(conn, query, 0.1, 15, agent_name="planner", ef_search=ef_search)
+        assert [m.id for m in found] == _exact(planner_ids, vectors[planners], query, 0.1, 15)
+        assert {m.agent_name for m in found} <= {"planner"}
+
+
+def test_tuned_ef_search_applies_to_that_transaction_only(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
+) -> None:
+    with user_transaction(pool, users[ALICE]) as conn:
+        search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=321)
+        inside = conn.execute("select current_setting('hnsw.ef_search'), current_setting('hnsw.iterative_scan')")
+        assert inside.fetchone() == ("321", "strict_order")
+    with user_transaction(pool, users[ALICE]) as conn:
+        after = conn.execute("select current_setting('hnsw.ef_search', true)").fetchone()
+    assert after is not None and after[0] in (None, "40")  # pgvector's default, not ours
+
+
+@pytest.mark.parametrize(
+    ("embedding", "threshold", "k", "ef_search", "message"),
+    [
+        ([0.1] * 3, 0.5, 10, None, "has 3 dimensions; pass a 1536-dimensional vector"),
+        ([float("nan")] * DIM, 0.5, 10, None, "NaN or infinity"),
+        ([0.0] * DIM, 0.5, 10, None, "all zeros"),
+        ([0.1] * DIM, 1.5, 10, None, "from -1 to 1"),
+        ([0.1] * DIM, 0.5, 0, None, "from 1 to 200"),
+        ([0.1] * DIM, 0.5, 201, None, "from 1 to 200"),
+        ([0.1] * DIM, 0.5, 10, 0, "1 to 1000"),
+    ],
+    ids=["dimension", "nan", "zeros", "threshold", "k-zero", "k-too-many", "ef-zero"],
+)
+def test_bad_search_input_is_one_clear_line_and_touches_nothing(
+    pool: ConnectionPool[Any], users: dict[uuid.UUID, AuthenticatedUser], embedding: list[float], threshold: float,
+    k: int, ef_search: int | None, message: str,
+) -> None:
+    with user_transaction(pool, users[ALICE]) as conn:
+        with pytest.raises(SearchInputError, match=message) as raised:
+            search_tasks(conn, embedding, threshold, k, ef_search=ef_search)
+        assert "\n" not in str(raised.value)
+        conn.execute("select 1")  # the transaction is still usable: nothing was sent
