@@ -1,4 +1,4 @@
-"""Entry point: ``pgferry dev …``, ``pgferry db …``, ``pgferry migrate …``, ``pgferry sync …``, ``pgferry demo``.
+"""Entry point: ``pgferry dev …``, ``db …``, ``migrate …``, ``sync …``, ``realtime …``, ``pgferry demo``.
 
 Only the command group being run is imported: each group pulls in what it needs (Alembic and SQLAlchemy for
 ``db``, the local stack for ``dev``, ASGI servers for ``sync``), and a ``pgferry migrate run`` should not pay
@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "db": ("pgferry.cli.db", "app"),
     "migrate": ("pgferry.cli.migrate", "app"),
     "sync": ("pgferry.cli.sync", "sync_app"),
+    "realtime": ("pgferry.cli.realtime", "realtime_app"),
 }
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -168,12 +169,11 @@ class ChangeFeed:
                     break
             fresh = [txn for txn in batch if txn.commit_lsn > self._dispatched]
             entry = confirmations.open(batch[-1].end_lsn)
-            try:
-                if fresh:
-                    self._dispatch(fresh, authorizer, confirmations, entry)
-                    self._dispatched = fresh[-1].commit_lsn
-            finally:
-                confirmations.done(entry)
+            if fresh:
+                # A failure here leaves the batch unconfirmed: the next reader gets it again from the slot.
+                self._dispatch(fresh, authorizer, confirmations, entry)
+                self._dispatched = fresh[-1].commit_lsn
+            confirmations.done(entry)
 
     # -- one batch ---------------------------------------------------------------------------------------------
 
@@ -214,7 +214,13 @@ class ChangeFeed:
         if not work:
             return
         tables = list(work.values())
-        results = authorizer.evaluate([(t.catalog, t.images, t.groups) for t in tables])
+        requests = [(t.catalog, t.images, t.groups) for t in tables]
+        try:
+            results = authorizer.evaluate(requests)
+        except psycopg.OperationalError:
+            # Most often a connection from before a database restart: one fresh attempt before giving up the batch.
+            authorizer.reset()
+            results = authorizer.evaluate(requests)
         sends: list[tuple[Channel, str]] = []
         for table, result in zip(tables, results, strict=True):
             sends.extend(self._frames(table, result))
