@@ -15,11 +15,13 @@ from rich.table import Table
 from pgferry.cli.common import settings, stack
 from pgferry.errors import PgferryError
 from pgferry.localstack.stack import (
+    DEFAULT_API_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_SOURCE_PORT,
     DEFAULT_SYNC_PORT,
     DEFAULT_TARGET_PORT,
     DEV_SUPABASE_URL,
+    LocalStack,
     ServerStatus,
     StackState,
 )
@@ -28,9 +30,11 @@ app = typer.Typer(help="Local stack: `source` stands in for Neon, `target` for S
 console = Console()
 
 
-def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
+def print_status(servers: list[ServerStatus], *, as_json: bool, api: dict[str, str] | None = None) -> None:
+    """``api``: the Supabase-style entry points (``api`` URL, ``anon_key``), added to the JSON output."""
     if as_json:
         payload: dict[str, object] = {server.name: server.url for server in servers}
+        payload.update(api or {})
         payload["servers"] = [asdict(server) for server in servers]
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -38,7 +42,13 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
     for column in ("server", "stands in for", "url", "version", "state"):
         # URLs are meant to be copied: wrap them rather than cut them with an ellipsis.
         table.add_column(column, overflow="fold", no_wrap=False)
-    role = {"source": "Neon", "target": "Supabase", "sync": "Electric", "proxy": "shape proxy"}
+    role = {
+        "source": "Neon",
+        "target": "Supabase",
+        "sync": "Electric",
+        "proxy": "shape proxy",
+        "realtime": "Supabase Realtime",
+    }
     for server in servers:
         state = "up" if server.reachable else ("starting" if server.running else "stopped")
         table.add_row(server.name, role[server.name], server.url, server.version or "-", state)
@@ -51,16 +61,30 @@ def up(
     target_port: Annotated[int, typer.Option(help="TCP port of the target (Supabase) server.")] = DEFAULT_TARGET_PORT,
     sync_port: Annotated[int, typer.Option(help="TCP port of the dev sync server (Electric).")] = DEFAULT_SYNC_PORT,
     proxy_port: Annotated[int, typer.Option(help="TCP port of the shape proxy.")] = DEFAULT_PROXY_PORT,
+    api_port: Annotated[
+        int, typer.Option(help="TCP port of the Supabase-style API (Realtime at /realtime/v1).")
+    ] = DEFAULT_API_PORT,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create (first run) and start both servers, apply the Neon schema and the Supabase migrations, then start
-    the dev sync server (Electric's Shape API on the target) and the shape proxy in front of it."""
+    the dev sync server (Electric's Shape API on the target), the shape proxy in front of it and the Realtime server
+    on the API port."""
     cfg = settings()
     bindir = str(cfg.pg_bindir) if cfg.pg_bindir else None
-    servers = stack(cfg.home).up(
-        source_port=source_port, target_port=target_port, bindir=bindir, sync_port=sync_port, proxy_port=proxy_port
+    local = stack(cfg.home)
+    servers = local.up(
+        source_port=source_port,
+        target_port=target_port,
+        bindir=bindir,
+        sync_port=sync_port,
+        proxy_port=proxy_port,
+        api_port=api_port,
     )
-    print_status(servers, as_json=as_json)
+    print_status(servers, as_json=as_json, api=_api(local))
+
+
+def _api(local: LocalStack) -> dict[str, str]:
+    return {"api": local.api_url(), "anon_key": local.anon_key()}
 
 
 @app.command()
@@ -75,7 +99,8 @@ def down(
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Show the servers, their URLs and whether they answer."""
-    print_status(stack().status(), as_json=as_json)
+    local = stack()
+    print_status(local.status(), as_json=as_json, api=_api(local))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -38,6 +38,8 @@ DEFAULT_SOURCE_PORT = 54330
 DEFAULT_TARGET_PORT = 54322
 DEFAULT_SYNC_PORT = 54350
 DEFAULT_PROXY_PORT = 54351
+# `supabase start`'s API port: the Realtime server answers there (/realtime/v1/websocket), as Supabase's gateway does.
+DEFAULT_API_PORT = 54321
 # What `supabase start` calls the project URL; dev tokens are issued for it (iss = <url>/auth/v1).
 DEV_SUPABASE_URL = "http://127.0.0.1:54321"
 SOURCE_DBNAME = "neondb"
@@ -66,6 +68,7 @@ class StackState:
     target_port: int
     sync_port: int = DEFAULT_SYNC_PORT
     proxy_port: int = DEFAULT_PROXY_PORT
+    api_port: int = DEFAULT_API_PORT
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,6 +86,7 @@ class StackState:
             target_port=int(data["target_port"]),
             sync_port=int(data.get("sync_port", DEFAULT_SYNC_PORT)),
             proxy_port=int(data.get("proxy_port", DEFAULT_PROXY_PORT)),
+            api_port=int(data.get("api_port", DEFAULT_API_PORT)),
         )
 
 
@@ -121,14 +125,16 @@ class LocalStack:
         bindir: str | None = None,
         sync_port: int = DEFAULT_SYNC_PORT,
         proxy_port: int = DEFAULT_PROXY_PORT,
+        api_port: int = DEFAULT_API_PORT,
         with_sync: bool = True,
     ) -> list[ServerStatus]:
-        """Create (first time), start and prepare both servers; then the sync server and the shape proxy."""
+        """Create (first time), start and prepare both servers; then the sync server, the shape proxy and the
+        Realtime server on the API port."""
         state = StackState.load(self.state_file)
         if state is None:
             options = {"--source-port": source_port, "--target-port": target_port}
             if with_sync:
-                options.update({"--sync-port": sync_port, "--proxy-port": proxy_port})
+                options.update({"--sync-port": sync_port, "--proxy-port": proxy_port, "--api-port": api_port})
             for option, port in options.items():
                 if not port_is_free(port):
                     raise PortInUseError(
@@ -142,6 +148,7 @@ class LocalStack:
                 target_port=target_port,
                 sync_port=sync_port,
                 proxy_port=proxy_port,
+                api_port=api_port,
             )
             source, target = self._clusters(state)
             source.init(ClusterSettings(port=source_port))
@@ -155,7 +162,7 @@ class LocalStack:
         prepare_source_database(source.url(SOURCE_DBNAME))
         prepare_target_database(target.url(TARGET_DBNAME))
         if with_sync:
-            sync, proxy = self._services(state, target)
+            sync, proxy, realtime = self._services(state, target)
             electric_secret = self.electric_secret()
             sync_env = {"ELECTRIC_SECRET": electric_secret}  # the sync server refuses requests without it
             proxy_env = {  # the proxy verifies tokens the way it would for this stack's "Supabase"
@@ -164,9 +171,15 @@ class LocalStack:
                 "SUPABASE_JWKS_URL": "",
                 "ELECTRIC_SECRET": electric_secret,  # and adds it to every request it forwards
             }
+            realtime_env = {  # Realtime verifies API keys and users' tokens with the stack's JWT secret
+                "SUPABASE_JWT_SECRET": self.jwt_secret(),
+                "SUPABASE_URL": DEV_SUPABASE_URL,
+                "SUPABASE_JWKS_URL": "",
+            }
             for service, port, option, env in (
                 (sync, state.sync_port, "--sync-port", sync_env),
                 (proxy, state.proxy_port, "--proxy-port", proxy_env),
+                (realtime, state.api_port, "--api-port", realtime_env),
             ):
                 if service.pid() is None and not port_is_free(port):
                     raise PortInUseError(
@@ -180,6 +193,19 @@ class LocalStack:
         """The local stack's JWT secret (created once, private to this home): what `supabase start` calls the
         project's JWT secret. The proxy verifies tokens with it and `pgferry dev token` signs them."""
         return self._private_secret("jwt-secret")
+
+    def anon_key(self) -> str:
+        """The stack's public API key: a JWT with role ``anon`` signed with the stack's JWT secret, fixed for the
+        secret's life (as `supabase start`'s demo keys are), for ``create_client(api, anon_key)``."""
+        import jwt
+
+        issued = 1_700_000_000
+        claims = {"iss": "supabase", "ref": "local", "role": "anon", "iat": issued, "exp": issued + 20 * 365 * 86400}
+        return jwt.encode(claims, self.jwt_secret(), algorithm="HS256")
+
+    def api_url(self) -> str:
+        state = StackState.load(self.state_file)
+        return f"http://127.0.0.1:{state.api_port if state else DEFAULT_API_PORT}"
 
     def electric_secret(self) -> str:
         """The secret the dev sync server requires on every request (Electric's ``ELECTRIC_SECRET``); created once,
@@ -195,7 +221,9 @@ class LocalStack:
                 handle.write(secrets.token_urlsafe(48) + "\n")
         return path.read_text().strip()
 
-    def _services(self, state: StackState, target: PostgresCluster) -> tuple[BackgroundService, BackgroundService]:
+    def _services(
+        self, state: StackState, target: PostgresCluster
+    ) -> tuple[BackgroundService, BackgroundService, BackgroundService]:
         python = sys.executable
         sync_url = f"http://127.0.0.1:{state.sync_port}"
         sync = BackgroundService(
@@ -222,7 +250,16 @@ class LocalStack:
             argv=[python, "-m", "pgferry", "sync", "proxy", "--upstream", sync_url, "--port", str(state.proxy_port)],
             health_url=f"http://127.0.0.1:{state.proxy_port}/v1/health",
         )
-        return sync, proxy
+        realtime = BackgroundService(
+            name="realtime server",
+            directory=self.root / "realtime",
+            argv=[
+                *(python, "-m", "pgferry", "realtime", "serve", "--database-url", target.url(TARGET_DBNAME)),
+                *("--port", str(state.api_port), "--data-dir", str(self.root / "realtime" / "state")),
+            ],
+            health_url=f"http://127.0.0.1:{state.api_port}/realtime/v1/health",
+        )
+        return sync, proxy, realtime
 
     def down(self, *, destroy: bool = False) -> None:
         state = StackState.load(self.state_file)
@@ -249,7 +286,10 @@ class LocalStack:
             _server_status("target", target, TARGET_DBNAME),
         ]
         for name, service, port in zip(
-            ("sync", "proxy"), self._services(state, target), (state.sync_port, state.proxy_port), strict=True
+            ("sync", "proxy", "realtime"),
+            self._services(state, target),
+            (state.sync_port, state.proxy_port, state.api_port),
+            strict=True,
         ):
             running = service.pid() is not None
             statuses.append(

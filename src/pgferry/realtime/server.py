@@ -272,7 +272,8 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
         body: dict[str, Any] = {"status": status, "subscriptions": registry.count, "resumed": ready.is_set()}
         if feed is not None and feed.last_error and status != "active":
             body["error"] = feed.last_error
-        return JSONResponse(body, status_code=200 if status == "active" else 503)
+        # Starting (or waiting for earlier subscribers to rejoin) is healthy: clients may connect and join now.
+        return JSONResponse(body, status_code=503 if status in ("reconnecting", "stopped") else 200)
 
     async def deny(websocket: WebSocket, status: int, message: str) -> None:
         try:
