@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jwt
 import psycopg
 import pytest
 
@@ -27,25 +32,29 @@ def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
 
 
 def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
-    ports = [str(free_port()) for _ in range(5)]
+    ports = [str(free_port()) for _ in range(6)]
     up = run_pgferry(
         "dev", "up", "--source-port", ports[0], "--target-port", ports[1], "--sync-port", ports[2],
-        "--proxy-port", ports[3], "--pooler-port", ports[4], "--json", env=stack_env,
+        "--proxy-port", ports[3], "--pooler-port", ports[4], "--api-port", ports[5], "--json", env=stack_env,
     )  # fmt: skip
     assert up.returncode == 0, up.stderr
     status = run_pgferry("dev", "status", "--json", env=stack_env)
     assert status.returncode == 0, status.stderr
     urls = json.loads(status.stdout)
-    assert set(urls) >= {"source", "target", "pooler", "sync", "proxy"}
+    assert set(urls) >= {"source", "target", "pooler", "sync", "proxy", "realtime", "api", "anon_key"}
+    assert urls["api"] == f"http://127.0.0.1:{ports[5]}"
     # The pooler is PgBouncer in transaction mode in front of the target: two clients open at once share one
     # server session between their transactions (impossible directly or in session mode).
-    with psycopg.connect(urls["pooler"], autocommit=True, prepare_threshold=None) as first, psycopg.connect(
-        urls["pooler"], autocommit=True, prepare_threshold=None
-    ) as second:
+    with (
+        psycopg.connect(urls["pooler"], autocommit=True, prepare_threshold=None) as first,
+        psycopg.connect(urls["pooler"], autocommit=True, prepare_threshold=None) as second,
+    ):
         pid = first.execute("select pg_backend_pid(), current_database()").fetchone()
         assert pid is not None and pid[1] == "postgres"
         assert second.execute("select pg_backend_pid()").fetchone() == (pid[0],)
     assert httpx.get(urls["sync"] + "/v1/health").json() == {"status": "active"}
+    anon = jwt.decode(urls["anon_key"], options={"verify_signature": False})
+    assert anon["role"] == "anon" and anon["exp"] > time.time() + 365 * 86400
 
     # The proxy in front of the sync server takes only tokens signed with the stack's secret.
     user = "6f1c2d4e-0000-4000-8000-000000000001"
@@ -55,6 +64,9 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
     synced = httpx.get(urls["proxy"] + "/v1/shape", params=shape, headers={"Authorization": f"Bearer {token}"})
     assert synced.status_code == 200, synced.text
     assert synced.headers["electric-handle"]
+    # Realtime on the API port, as `supabase start` has it: the official client with the anon key and a user token.
+    _realtime_receives_own_insert(urls["api"], urls["anon_key"], token, urls["target"], user)
+
     # The sync server itself only answers requests carrying the secret `dev up` generated for the stack (and gave
     # to the proxy); it is private to the stack's home.
     direct = httpx.get(urls["sync"] + "/v1/shape", params=shape)
@@ -107,6 +119,31 @@ def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) 
         headers={"Authorization": f"Bearer {token}"},
     )
     assert resumed.status_code == 200, resumed.text  # the shape log survived the restart
+
+
+def _realtime_receives_own_insert(api: str, anon_key: str, token: str, target: str, user: str) -> None:
+    from realtime import AsyncRealtimeClient
+
+    async def scenario() -> None:
+        client = AsyncRealtimeClient(f"{api}/realtime/v1", anon_key)
+        received: asyncio.Queue[Any] = asyncio.Queue()
+        subscribed = asyncio.Event()
+        try:
+            await client.set_auth(token)
+            channel = client.channel("dev-tasks")
+            channel.on_postgres_changes("*", table="tasks", callback=received.put_nowait)  # type: ignore[arg-type]
+            channel.on_system(lambda payload: subscribed.set())
+            await channel.subscribe()
+            await asyncio.wait_for(subscribed.wait(), 20)
+            with psycopg.connect(target, autocommit=True) as conn:
+                conn.execute("insert into tasks (user_id, title) values (%s, 'someone else''s')", [str(uuid.uuid4())])
+                conn.execute("insert into tasks (user_id, title) values (%s, 'mine')", [user])
+            payload = await asyncio.wait_for(received.get(), 20)
+            assert payload["data"]["record"]["title"] == "mine"
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
 
 
 def test_dev_up_on_a_busy_port_fails_clearly(stack_env: dict[str, str]) -> None:

@@ -15,12 +15,14 @@ from rich.table import Table
 from pgferry.cli.common import settings, stack
 from pgferry.errors import PgferryError
 from pgferry.localstack.stack import (
+    DEFAULT_API_PORT,
     DEFAULT_POOLER_PORT,
     DEFAULT_PROXY_PORT,
     DEFAULT_SOURCE_PORT,
     DEFAULT_SYNC_PORT,
     DEFAULT_TARGET_PORT,
     DEV_SUPABASE_URL,
+    LocalStack,
     ServerStatus,
     StackState,
 )
@@ -29,9 +31,11 @@ app = typer.Typer(help="Local stack: `source` stands in for Neon, `target` for S
 console = Console()
 
 
-def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
+def print_status(servers: list[ServerStatus], *, as_json: bool, api: dict[str, str] | None = None) -> None:
+    """``api``: the Supabase-style entry points (``api`` URL, ``anon_key``), added to the JSON output."""
     if as_json:
         payload: dict[str, object] = {server.name: server.url for server in servers}
+        payload.update(api or {})
         payload["servers"] = [asdict(server) for server in servers]
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -40,8 +44,12 @@ def print_status(servers: list[ServerStatus], *, as_json: bool) -> None:
         # URLs are meant to be copied: wrap them rather than cut them with an ellipsis.
         table.add_column(column, overflow="fold", no_wrap=False)
     role = {
-        "source": "Neon", "target": "Supabase", "pooler": "Supavisor 6543 (PgBouncer, transaction mode)",
-        "sync": "Electric", "proxy": "shape proxy",
+        "source": "Neon",
+        "target": "Supabase",
+        "pooler": "Supavisor 6543 (PgBouncer, transaction mode)",
+        "sync": "Electric",
+        "proxy": "shape proxy",
+        "realtime": "Supabase Realtime",
     }
     for server in servers:
         state = "up" if server.reachable else ("starting" if server.running else "stopped")
@@ -58,18 +66,31 @@ def up(
     pooler_port: Annotated[
         int, typer.Option(help="TCP port of PgBouncer in transaction mode (Supavisor's 6543).")
     ] = DEFAULT_POOLER_PORT,
+    api_port: Annotated[
+        int, typer.Option(help="TCP port of the Supabase-style API (Realtime at /realtime/v1).")
+    ] = DEFAULT_API_PORT,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Create (first run) and start both servers, apply the Neon schema and the Supabase migrations, then start
     PgBouncer in transaction mode in front of the target (Supavisor's port 6543), the dev sync server (Electric's
-    Shape API on the target) and the shape proxy in front of it."""
+    Shape API on the target), the shape proxy in front of it and the Realtime server on the API port."""
     cfg = settings()
     bindir = str(cfg.pg_bindir) if cfg.pg_bindir else None
-    servers = stack(cfg.home).up(
-        source_port=source_port, target_port=target_port, bindir=bindir, sync_port=sync_port, proxy_port=proxy_port,
+    local = stack(cfg.home)
+    servers = local.up(
+        source_port=source_port,
+        target_port=target_port,
+        bindir=bindir,
+        sync_port=sync_port,
+        proxy_port=proxy_port,
         pooler_port=pooler_port,
+        api_port=api_port,
     )
-    print_status(servers, as_json=as_json)
+    print_status(servers, as_json=as_json, api=_api(local))
+
+
+def _api(local: LocalStack) -> dict[str, str]:
+    return {"api": local.api_url(), "anon_key": local.anon_key()}
 
 
 @app.command()
@@ -84,7 +105,8 @@ def down(
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Show the servers, their URLs and whether they answer."""
-    print_status(stack().status(), as_json=as_json)
+    local = stack()
+    print_status(local.status(), as_json=as_json, api=_api(local))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -1,4 +1,5 @@
-"""Entry point: ``pgferry dev …``, ``db …``, ``migrate …``, ``sync …``, ``pgferry demo``, ``pgferry doctor``.
+"""Entry point: ``pgferry dev …``, ``db …``, ``migrate …``, ``sync …``, ``realtime …``, ``pgferry demo``,
+``pgferry doctor``.
 
 Only the command group being run is imported: each group pulls in what it needs (Alembic and SQLAlchemy for
 ``db``, the local stack for ``dev``, ASGI servers for ``sync``), and a ``pgferry migrate run`` should not pay
@@ -24,6 +25,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "db": ("pgferry.cli.db", "app"),
     "migrate": ("pgferry.cli.migrate", "app"),
     "sync": ("pgferry.cli.sync", "sync_app"),
+    "realtime": ("pgferry.cli.realtime", "realtime_app"),
 }
 
 

@@ -41,6 +41,8 @@ DEFAULT_SYNC_PORT = 54350
 DEFAULT_PROXY_PORT = 54351
 DEFAULT_POOLER_PORT = 54329
 """PgBouncer in transaction mode in front of the target: what `supabase start` calls the pooler (Supavisor 6543)."""
+# `supabase start`'s API port: the Realtime server answers there (/realtime/v1/websocket), as Supabase's gateway does.
+DEFAULT_API_PORT = 54321
 # What `supabase start` calls the project URL; dev tokens are issued for it (iss = <url>/auth/v1).
 DEV_SUPABASE_URL = "http://127.0.0.1:54321"
 SOURCE_DBNAME = "neondb"
@@ -70,6 +72,7 @@ class StackState:
     sync_port: int = DEFAULT_SYNC_PORT
     proxy_port: int = DEFAULT_PROXY_PORT
     pooler_port: int = DEFAULT_POOLER_PORT
+    api_port: int = DEFAULT_API_PORT
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +91,7 @@ class StackState:
             sync_port=int(data.get("sync_port", DEFAULT_SYNC_PORT)),
             proxy_port=int(data.get("proxy_port", DEFAULT_PROXY_PORT)),
             pooler_port=int(data.get("pooler_port", DEFAULT_POOLER_PORT)),
+            api_port=int(data.get("api_port", DEFAULT_API_PORT)),
         )
 
 
@@ -127,18 +131,19 @@ class LocalStack:
         sync_port: int = DEFAULT_SYNC_PORT,
         proxy_port: int = DEFAULT_PROXY_PORT,
         pooler_port: int = DEFAULT_POOLER_PORT,
+        api_port: int = DEFAULT_API_PORT,
         with_sync: bool = True,
         with_pooler: bool = True,
     ) -> list[ServerStatus]:
         """Create (first time), start and prepare both servers; PgBouncer in transaction mode in front of the target
-        (when installed); then the sync server and the shape proxy."""
+        (when installed); then the sync server, the shape proxy and the Realtime server on the API port."""
         state = StackState.load(self.state_file)
         if state is None:
             options = {"--source-port": source_port, "--target-port": target_port}
             if with_pooler:
                 options["--pooler-port"] = pooler_port
             if with_sync:
-                options.update({"--sync-port": sync_port, "--proxy-port": proxy_port})
+                options.update({"--sync-port": sync_port, "--proxy-port": proxy_port, "--api-port": api_port})
             for option, port in options.items():
                 if not port_is_free(port):
                     raise PortInUseError(
@@ -153,6 +158,7 @@ class LocalStack:
                 sync_port=sync_port,
                 proxy_port=proxy_port,
                 pooler_port=pooler_port,
+                api_port=api_port,
             )
             source, target = self._clusters(state)
             source.init(ClusterSettings(port=source_port))
@@ -176,7 +182,7 @@ class LocalStack:
         else:
             self._start_pooler(pooler, state)
         if with_sync:
-            sync, proxy = self._services(state, target)
+            sync, proxy, realtime = self._services(state, target)
             electric_secret = self.electric_secret()
             sync_env = {"ELECTRIC_SECRET": electric_secret}  # the sync server refuses requests without it
             proxy_env = {  # the proxy verifies tokens the way it would for this stack's "Supabase"
@@ -185,9 +191,15 @@ class LocalStack:
                 "SUPABASE_JWKS_URL": "",
                 "ELECTRIC_SECRET": electric_secret,  # and adds it to every request it forwards
             }
+            realtime_env = {  # Realtime verifies API keys and users' tokens with the stack's JWT secret
+                "SUPABASE_JWT_SECRET": self.jwt_secret(),
+                "SUPABASE_URL": DEV_SUPABASE_URL,
+                "SUPABASE_JWKS_URL": "",
+            }
             for service, port, option, env in (
                 (sync, state.sync_port, "--sync-port", sync_env),
                 (proxy, state.proxy_port, "--proxy-port", proxy_env),
+                (realtime, state.api_port, "--api-port", realtime_env),
             ):
                 if service.pid() is None and not port_is_free(port):
                     raise PortInUseError(
@@ -201,6 +213,19 @@ class LocalStack:
         """The local stack's JWT secret (created once, private to this home): what `supabase start` calls the
         project's JWT secret. The proxy verifies tokens with it and `pgferry dev token` signs them."""
         return self._private_secret("jwt-secret")
+
+    def anon_key(self) -> str:
+        """The stack's public API key: a JWT with role ``anon`` signed with the stack's JWT secret, fixed for the
+        secret's life (as `supabase start`'s demo keys are), for ``create_client(api, anon_key)``."""
+        import jwt
+
+        issued = 1_700_000_000
+        claims = {"iss": "supabase", "ref": "local", "role": "anon", "iat": issued, "exp": issued + 20 * 365 * 86400}
+        return jwt.encode(claims, self.jwt_secret(), algorithm="HS256")
+
+    def api_url(self) -> str:
+        state = StackState.load(self.state_file)
+        return f"http://127.0.0.1:{state.api_port if state else DEFAULT_API_PORT}"
 
     def electric_secret(self) -> str:
         """The secret the dev sync server requires on every request (Electric's ``ELECTRIC_SECRET``); created once,
@@ -216,7 +241,9 @@ class LocalStack:
                 handle.write(secrets.token_urlsafe(48) + "\n")
         return path.read_text().strip()
 
-    def _services(self, state: StackState, target: PostgresCluster) -> tuple[BackgroundService, BackgroundService]:
+    def _services(
+        self, state: StackState, target: PostgresCluster
+    ) -> tuple[BackgroundService, BackgroundService, BackgroundService]:
         python = sys.executable
         sync_url = f"http://127.0.0.1:{state.sync_port}"
         sync = BackgroundService(
@@ -243,7 +270,16 @@ class LocalStack:
             argv=[python, "-m", "pgferry", "sync", "proxy", "--upstream", sync_url, "--port", str(state.proxy_port)],
             health_url=f"http://127.0.0.1:{state.proxy_port}/v1/health",
         )
-        return sync, proxy
+        realtime = BackgroundService(
+            name="realtime server",
+            directory=self.root / "realtime",
+            argv=[
+                *(python, "-m", "pgferry", "realtime", "serve", "--database-url", target.url(TARGET_DBNAME)),
+                *("--port", str(state.api_port), "--data-dir", str(self.root / "realtime" / "state")),
+            ],
+            health_url=f"http://127.0.0.1:{state.api_port}/realtime/v1/health",
+        )
+        return sync, proxy, realtime
 
     @staticmethod
     def _start_pooler(pooler: PgBouncer, state: StackState) -> None:
@@ -298,7 +334,10 @@ class LocalStack:
             )
         )
         for name, service, port in zip(
-            ("sync", "proxy"), self._services(state, target), (state.sync_port, state.proxy_port), strict=True
+            ("sync", "proxy", "realtime"),
+            self._services(state, target),
+            (state.sync_port, state.proxy_port, state.api_port),
+            strict=True,
         ):
             running = service.pid() is not None
             statuses.append(

@@ -34,6 +34,7 @@ from pgferry.config import Settings
 from pgferry.errors import ConfigError, PgferryError
 
 __all__ = [
+    "API_ROLES",
     "AUDIENCE",
     "USER_ROLE",
     "AuthenticatedUser",
@@ -48,6 +49,8 @@ __all__ = [
 
 AUDIENCE: Final = "authenticated"
 USER_ROLE: Final = "authenticated"
+#: The roles Supabase's API keys and tokens carry (the public key, signed-in users, the server-only key).
+API_ROLES: Final = frozenset({"anon", "authenticated", "service_role"})
 
 #: Seconds of clock skew tolerated on ``exp``/``nbf``/``iat``. Small on purpose: it only absorbs drift between the
 #: Auth server's clock and ours, it must not noticeably extend a token's life.
@@ -251,6 +254,50 @@ class TokenVerifier:
             # means the token was minted by something else that happens to share the secret.
             raise InvalidTokenError("token lacks the 'iss' claim")
         return claims
+
+    async def verify_api_token(self, token: str, *, roles: frozenset[str] = API_ROLES) -> Mapping[str, Any]:
+        """The verified claims of a token that acts for *any* Supabase API role, as Realtime accepts them: the
+        public ``anon`` key and ``service_role`` keys as well as users' access tokens.
+
+        Same algorithm rules and signature check as :meth:`verify`; ``role`` (one of ``roles``) and ``exp`` are
+        required. A user's token (role ``authenticated``) must also pass everything :meth:`verify` checks (audience,
+        issuer, a UUID ``sub``); the project's API keys carry neither audience nor the Auth server's issuer, so those
+        checks apply to user tokens only. The caller decides what the role may do (Realtime lets PostgreSQL's RLS
+        decide, as the role)."""
+        if len(token) > _MAX_TOKEN_LENGTH:
+            raise InvalidTokenError("token too large")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidTokenError("malformed token") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise InvalidTokenError("token algorithm not accepted")
+        key: Any = self._secret if alg == _HMAC else await self._jwks_key(header.get("kid"), alg)
+        try:
+            unverified = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                leeway=self._leeway,
+                options={"require": ["exp", "role"], "verify_signature": True, "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ExpiredTokenError("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidTokenError("token not yet valid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidTokenError(f"token lacks the {exc.claim!r} claim") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidTokenError("bad token signature") from None
+        except jwt.PyJWTError:
+            raise InvalidTokenError("malformed token") from None
+        role = unverified.get("role")
+        if role not in roles:
+            raise NotAUserTokenError(f"token role must be one of {', '.join(sorted(roles))}")
+        if role == USER_ROLE:
+            return (await self.verify(token)).claims
+        return _freeze(unverified)
 
     @staticmethod
     def _user(claims: dict[str, Any]) -> AuthenticatedUser:

@@ -1,0 +1,100 @@
+"""Joined channels and their postgres_changes subscriptions, shared by the websocket side and the feed thread.
+
+The event loop adds and removes subscriptions; the feed thread takes a snapshot of the candidates for a table
+under the registry's lock once per batch. A channel's claims and expiry are replaced as a whole (one attribute
+assignment), so the feed thread always sees a consistent pair. Must not touch the database or the socket.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pgferry.realtime.filters import Filter
+from pgferry.realtime.protocol import Binding, Vsn
+
+__all__ = ["Channel", "Registry", "Subscription", "Token"]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """Verified claims of the token a channel acts with; ``exp`` in Unix seconds."""
+
+    claims: Mapping[str, Any]
+    key: str
+    exp: float
+
+    @property
+    def role(self) -> str:
+        return str(self.claims.get("role"))
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.exp
+
+
+@dataclass(eq=False)
+class Channel:
+    """One joined topic on one socket. ``send`` queues a finished frame on the socket (thread-safe: it hops to
+    the event loop when called from the feed thread); ``on_sent`` tells the feed the frame left."""
+
+    topic: str
+    join_ref: str | None
+    vsn: Vsn
+    token: Token
+    send: Callable[[str, Callable[[], None] | None], None]
+    subscriptions: list[Subscription] = field(default_factory=list)
+    closed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.topic.removeprefix("realtime:")
+
+    def receives(self, now: float) -> bool:
+        return not self.closed and not self.token.expired(now)
+
+
+@dataclass(eq=False)
+class Subscription:
+    channel: Channel
+    binding: Binding
+    filters: tuple[Filter, ...]
+    active: bool = False
+
+    def wants(self, kind: str) -> bool:
+        return self.binding.event == "*" or self.binding.event == kind
+
+
+class Registry:
+    """Subscriptions by ``(schema, table)`` (either may be ``*``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_table: dict[tuple[str, str], dict[int, Subscription]] = {}
+        self.count = 0
+
+    def add(self, subscription: Subscription) -> None:
+        key = (subscription.binding.schema, subscription.binding.table)
+        with self._lock:
+            self._by_table.setdefault(key, {})[id(subscription)] = subscription
+            self.count += 1
+
+    def remove(self, subscription: Subscription) -> None:
+        key = (subscription.binding.schema, subscription.binding.table)
+        with self._lock:
+            found = self._by_table.get(key)
+            if found is not None and found.pop(id(subscription), None) is not None:
+                self.count -= 1
+                if not found:
+                    del self._by_table[key]
+
+    def candidates(self, schema: str, table: str) -> list[Subscription]:
+        with self._lock:
+            out: list[Subscription] = []
+            for key in ((schema, table), (schema, "*"), ("*", table), ("*", "*")):
+                found = self._by_table.get(key)
+                if found:
+                    out.extend(found.values())
+            return out
