@@ -55,8 +55,7 @@ def proxy(
     # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
     import uvicorn
 
-    from pgferry.sync.limits import UserLimits
-    from pgferry.sync.proxy import ProxyConfig, create_proxy_app, parse_column_rules
+    from pgferry.sync import ProxyConfig, UserLimits, create_proxy_app, parse_column_rules
 
     config = ProxyConfig.from_settings(
         upstream=upstream or settings().electric_url or DEFAULT_UPSTREAM,
@@ -121,8 +120,7 @@ def serve(
     import uvicorn
 
     from pgferry.config import parse_database_url
-    from pgferry.sync.server import SyncServerConfig, create_sync_app
-    from pgferry.sync.tables import default_served_tables
+    from pgferry.sync import SyncServerConfig, check_sync_database, create_sync_app, default_served_tables
 
     current = settings()
     if database_url is not None:
@@ -146,10 +144,7 @@ def serve(
         max_shapes=max_shapes,
         snapshot_timeout_ms=int(snapshot_timeout * 1000),
     )
-    from pgferry.sync.feed import check_sync_database
-    from pgferry.sync.tables import ServedTables
-
     # A clear one-line error now rather than a failed startup.
-    check_sync_database(url.get_secret_value(), ServedTables(config.tables))
+    check_sync_database(url.get_secret_value(), config.tables)
     typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
     uvicorn.run(create_sync_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -19,6 +19,7 @@ import psycopg
 from pgferry.errors import PgferryError
 
 __all__ = [
+    "ForbiddenShapeError",
     "ProtocolError",
     "ShapeUnavailableError",
     "SyncDatabaseError",
@@ -110,6 +111,16 @@ class UnauthorizedError(ProtocolError):
 
     def body(self) -> dict[str, Any]:
         return {"message": "Unauthorized", "errors": {self.field: [self.problem]}}
+
+
+class ForbiddenShapeError(ProtocolError):
+    """A well-formed shape request for something this user may not read (a table or column outside the
+    allow-list); answered 403 so a developer can tell "not allowed" from "malformed"."""
+
+    status = 403
+
+    def body(self) -> dict[str, Any]:
+        return {"message": "Forbidden", "errors": {self.field: [self.problem]}}
 
 
 class UnsupportedFeatureError(ProtocolError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from pgferry.db.retry import RetryPolicy
 from pgferry.errors import ConfigError
 from pgferry.replication import ReplicationReader, create_slot, get_slot, slot_lag_bytes
 from pgferry.replication._conn import conninfo
+from pgferry.sync import protocol as p
 from pgferry.sync.errors import SyncDatabaseError, describe_error
 from pgferry.sync.evaluate import WhereEvaluator
 from pgferry.sync.session import connect_sql, session_options
@@ -56,9 +58,12 @@ def _identity(conn: psycopg.Connection[Any]) -> tuple[str, str]:
     return str(values[0]), str(values[1])
 
 
-def check_sync_database(url: str, tables: ServedTables | None = None) -> None:
+def check_sync_database(url: str, tables: ServedTables | Iterable[str | p.TableName] | None = None) -> None:
     """Fail early, in one line, on a database the server could only fail on later: Electric needs the same
-    (logical replication, a role that may use it); and every table to serve must exist."""
+    (logical replication, a role that may use it); and every table to serve (a :class:`ServedTables` or the
+    names a :class:`~pgferry.sync.server.SyncServerConfig` lists) must exist."""
+    if tables is not None and not isinstance(tables, ServedTables):
+        tables = ServedTables(tuple(tables))
     with connect_sql(url) as conn:
         _check_sync_connection(conn)
         for name in tables.names if tables is not None else ():

@@ -48,12 +48,9 @@ from pgferry.db.quoting import quote_ident
 from pgferry.errors import ConfigError
 from pgferry.sync.auth import (
     AuthenticatedUser,
-    InvalidTokenError,
-    KeySetUnavailableError,
-    MissingTokenError,
     TokenVerifier,
 )
-from pgferry.sync.errors import ProtocolError, WhereClauseError
+from pgferry.sync.errors import ForbiddenShapeError, ProtocolError, WhereClauseError
 from pgferry.sync.limits import UserLimiter, UserLimits
 from pgferry.sync.longpoll import unless_client_leaves
 from pgferry.sync.protocol import (
@@ -63,6 +60,7 @@ from pgferry.sync.protocol import (
     split_outside_quotes,
     unquote_ident,
 )
+from pgferry.sync.responses import authenticate, json_error
 from pgferry.sync.where import WhereClause, check_params, parse_params, parse_where, render_text
 
 __all__ = [
@@ -72,6 +70,7 @@ __all__ = [
     "MAX_QUERY_LENGTH",
     "ForbiddenShapeError",
     "ProxyConfig",
+    "ShapeProxy",
     "TableRule",
     "build_upstream_params",
     "create_proxy_app",
@@ -137,16 +136,6 @@ _ORDER_ITEM_RE: Final = re.compile(
     rf"^\s*({_IDENT})(?:\s+(?:asc|desc))?(?:\s+nulls\s+(?:first|last))?\s*$", re.IGNORECASE
 )
 _NUMBER_RE: Final = re.compile(r"^[0-9]{1,9}$")
-
-
-class ForbiddenShapeError(ProtocolError):
-    """A well-formed shape request for something this user may not read (a table or column outside the
-    allow-list); answered 403 so a developer can tell "not allowed" from "malformed"."""
-
-    status = 403
-
-    def body(self) -> dict[str, Any]:
-        return {"message": "Forbidden", "errors": {self.field: [self.problem]}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,20 +419,6 @@ def _vary(existing: str | None, *extra: str) -> str:
     return ", ".join(tokens)
 
 
-def _error(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> JSONResponse:
-    merged = {"cache-control": "no-store", "vary": "Authorization", **(headers or {})}
-    return JSONResponse(dict(body), status_code=status, headers=merged)
-
-
-def _unauthorized(exc: InvalidTokenError) -> JSONResponse:
-    challenge = 'Bearer realm="pgferry"'
-    if not isinstance(exc, MissingTokenError):
-        description = exc.reason.replace('"', "'").replace("\\", "")
-        challenge += f', error="invalid_token", error_description="{description}"'
-    body = {"message": "Unauthorized", "errors": {"authorization": [exc.reason]}}
-    return _error(401, body, {"www-authenticate": challenge})
-
-
 class _Upstream:
     """The shared upstream HTTP client, opened lazily (so the app also works without lifespan events) and closed
     on shutdown. Connections are pooled: a shape client keeps polling the same upstream."""
@@ -470,123 +445,167 @@ class _Upstream:
             self._client = None
 
 
-def create_proxy_app(config: ProxyConfig) -> Starlette:
-    """The ASGI app: ``GET /v1/shape`` (authorized, rewritten, streamed) and ``GET /v1/health``."""
-    upstream = _Upstream(config)
-    shape_url = f"{config.upstream}/v1/shape"
-    limiter = UserLimiter(config.limits)
+class ShapeProxy:
+    """The proxy as an object: its configuration, upstream client and per-user limiter are attributes and each
+    step of a request is a method — authenticate, authorize and rewrite, limit, forward, relay.
 
-    async def shape(request: Request) -> Response:
+    ``ShapeProxy(config).app()`` (or :func:`create_proxy_app`) is the ASGI app."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.upstream = _Upstream(config)
+        self.shape_url = f"{config.upstream}/v1/shape"
+        self.limiter = UserLimiter(config.limits)
+
+    async def shape(self, request: Request) -> Response:
         """Every outcome is a response with a JSON body: an unexpected exception is one log line and a 500."""
         try:
-            return await _shape(request)
+            return await self._shape(request)
         except Exception as exc:
             log.error("shape request failed", problem=type(exc).__name__)
-            return _error(500, {"message": "Internal server error"})
+            return json_error(500, {"message": "Internal server error"})
 
-    async def _shape(request: Request) -> Response:
+    async def authenticate(self, request: Request) -> AuthenticatedUser | Response:
+        """The verified user of the request's bearer token, or the 401/503 response refusing it. Runs before
+        anything else is looked at, so an anonymous caller learns nothing."""
+        return await authenticate(self.config.verifier, request)
+
+    async def _shape(self, request: Request) -> Response:
         if len(request.url.query) > MAX_QUERY_LENGTH:
             body = {"message": "URI too long", "errors": {"query": [f"longer than {MAX_QUERY_LENGTH} characters"]}}
-            return _error(414, body)
+            return json_error(414, body)
+        user = await self.authenticate(request)
+        if isinstance(user, Response):
+            return user
         try:
-            user = await config.verifier.verify_header(request.headers.get("authorization"))
-        except InvalidTokenError as exc:
-            log.info("shape request refused", reason=exc.reason, status=401)
-            return _unauthorized(exc)
-        except KeySetUnavailableError as exc:
-            log.warning("cannot verify tokens", problem=str(exc))
-            body = {"message": "Service unavailable", "errors": {"authorization": ["cannot verify tokens now"]}}
-            return _error(503, body, {"retry-after": "5"})
-        try:
-            query = build_upstream_params(list(request.query_params.multi_items()), user, config)
+            query = build_upstream_params(list(request.query_params.multi_items()), user, self.config)
             shape_key = _shape_key(query)
-            limiter.use_shape(user.user_id, shape_key)
-            if _first(query, "offset") == "-1":
-                with limiter.snapshot(user.user_id):
-                    response = await _forward(request, query)
-            else:
-                response = await _forward(request, query)
+            response = await self._forward_within_limits(request, user, query, shape_key)
         except ProtocolError as exc:
             log.info("shape request refused", user_id=str(user.user_id), field=exc.field, status=exc.status)
-            return _error(exc.status, exc.body(), exc.headers())
+            return json_error(exc.status, exc.body(), exc.headers())
         if response.status_code == 400:  # upstream refused the shape: it does not count against the user
-            limiter.forget_shape(user.user_id, shape_key)
+            self.limiter.forget_shape(user.user_id, shape_key)
         return response
 
-    async def _forward(request: Request, query: list[tuple[str, str]]) -> Response:
-        headers = {
-            # Undecoded pass-through: upstream compresses only as the *client* accepts, and the bytes go back as
-            # they came. Without a client preference ask for identity rather than httpx's default gzip/br list.
-            "accept-encoding": request.headers.get("accept-encoding", "identity"),
-            "accept": request.headers.get("accept", "application/json"),
-        }
-        if_none_match = request.headers.get("if-none-match")
-        if if_none_match is not None:
-            headers["if-none-match"] = if_none_match
-        client = upstream.client
+    async def _forward_within_limits(
+        self,
+        request: Request,
+        user: AuthenticatedUser,
+        query: list[tuple[str, str]],
+        shape_key: tuple[tuple[str, str], ...],
+    ) -> Response:
+        """Count the shape against the user's limits (429 beyond them); a new shape also holds one of the user's
+        snapshot slots while it loads."""
+        self.limiter.use_shape(user.user_id, shape_key)
+        if _first(query, "offset") == "-1":
+            with self.limiter.snapshot(user.user_id):
+                return await self._forward(request, query)
+        return await self._forward(request, query)
+
+    async def _forward(self, request: Request, query: list[tuple[str, str]]) -> Response:
+        """Send the rewritten request upstream and stream its answer back (an upstream failure is a 502/504)."""
+        client = self.upstream.client
         try:
-            upstream_request = client.build_request("GET", shape_url, params=tuple(query), headers=headers)
+            upstream_request = client.build_request(
+                "GET", self.shape_url, params=tuple(query), headers=_upstream_headers(request)
+            )
             sent = await unless_client_leaves(request, client.send(upstream_request, stream=True))
             if sent.value is None:  # the client hung up during a long-poll: free the upstream request now
                 return Response(status_code=499)
             response = sent.value
         except httpx.TimeoutException:
-            log.warning("upstream timed out", upstream=config.upstream)
-            return _error(504, {"message": "Upstream timed out", "errors": {"upstream": ["no answer in time"]}})
+            log.warning("upstream timed out", upstream=self.config.upstream)
+            return json_error(504, {"message": "Upstream timed out", "errors": {"upstream": ["no answer in time"]}})
         except httpx.TransportError as exc:
-            log.warning("upstream unreachable", upstream=config.upstream, problem=type(exc).__name__)
-            return _error(502, {"message": "Bad gateway", "errors": {"upstream": ["sync service unreachable"]}})
+            log.warning("upstream unreachable", upstream=self.config.upstream, problem=type(exc).__name__)
+            return json_error(502, {"message": "Bad gateway", "errors": {"upstream": ["sync service unreachable"]}})
         except httpx.InvalidURL:  # a request the upstream URL cannot carry (MAX_QUERY_LENGTH should stop it first)
-            return _error(414, {"message": "URI too long", "errors": {"query": ["too long to forward"]}})
-        relayed = {
-            name: value
-            for name, value in response.headers.items()
-            if name.lower().startswith("electric-") or name.lower() in _RELAYED_HEADERS
-        }
-        relayed["vary"] = _vary(response.headers.get("vary"), "Authorization")
-        if "cache-control" in relayed:
-            relayed["cache-control"] = private_cache_control(relayed["cache-control"])
+            return json_error(414, {"message": "URI too long", "errors": {"query": ["too long to forward"]}})
+        relayed = _relayed_headers(response)
         if response.status_code in (204, 304) or request.method == "HEAD":
             await response.aclose()
             return Response(status_code=response.status_code, headers=relayed)
         return StreamingResponse(_relay(response), status_code=response.status_code, headers=relayed)
 
-    async def health(request: Request) -> Response:
+    async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "active"}, headers={"cache-control": "no-store"})
 
-    async def http_error(request: Request, exc: Exception) -> Response:
+    async def http_error(self, request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         detail = exc.detail if isinstance(exc, HTTPException) else "Internal server error"
         return JSONResponse({"message": detail}, status_code=status, headers=getattr(exc, "headers", None))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            await upstream.aclose()
-            await config.verifier.aclose()
+            await self.upstream.aclose()
+            await self.config.verifier.aclose()
 
-    allow_all = "*" in config.allow_origins
-    middleware = [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=["*"] if allow_all else list(config.allow_origins),
-            allow_methods=["GET", "HEAD", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=list(EXPOSED_HEADERS),
-            max_age=600,
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/shape", self.shape, methods=["GET"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+        ]
+
+    def middleware(self) -> list[Middleware]:
+        """CORS: the configured origins may read shapes and the ``electric-*`` headers a shape client needs."""
+        allow_all = "*" in self.config.allow_origins
+        return [
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"] if allow_all else list(self.config.allow_origins),
+                allow_methods=["GET", "HEAD", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+                expose_headers=list(EXPOSED_HEADERS),
+                max_age=600,
+            )
+        ]
+
+    def app(self) -> Starlette:
+        """The ASGI app: ``GET /v1/shape`` (authorized, rewritten, streamed) and ``GET /v1/health``."""
+        app = Starlette(
+            routes=self.routes(),
+            middleware=self.middleware(),
+            exception_handlers={HTTPException: self.http_error},
+            lifespan=self.lifespan,
         )
-    ]
-    return Starlette(
-        routes=[
-            Route("/v1/shape", shape, methods=["GET"]),
-            Route("/v1/health", health, methods=["GET"]),
-        ],
-        middleware=middleware,
-        exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
-    )
+        app.state.proxy = self
+        return app
+
+
+def _upstream_headers(request: Request) -> dict[str, str]:
+    """Undecoded pass-through: upstream compresses only as the *client* accepts, and the bytes go back as they
+    came. Without a client preference ask for identity rather than httpx's default gzip/br list."""
+    headers = {
+        "accept-encoding": request.headers.get("accept-encoding", "identity"),
+        "accept": request.headers.get("accept", "application/json"),
+    }
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None:
+        headers["if-none-match"] = if_none_match
+    return headers
+
+
+def _relayed_headers(response: httpx.Response) -> dict[str, str]:
+    """Upstream headers the client gets: ``electric-*`` and a few others, ``Vary: Authorization``, and a
+    ``private`` cache-control (see :func:`private_cache_control`)."""
+    relayed = {
+        name: value
+        for name, value in response.headers.items()
+        if name.lower().startswith("electric-") or name.lower() in _RELAYED_HEADERS
+    }
+    relayed["vary"] = _vary(response.headers.get("vary"), "Authorization")
+    if "cache-control" in relayed:
+        relayed["cache-control"] = private_cache_control(relayed["cache-control"])
+    return relayed
+
+
+def create_proxy_app(config: ProxyConfig) -> Starlette:
+    """The proxy's ASGI app (``ShapeProxy(config).app()``): ``GET /v1/shape`` and ``GET /v1/health``."""
+    return ShapeProxy(config).app()
 
 
 def private_cache_control(value: str) -> str:

@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -54,7 +54,7 @@ from pgferry.sync.store import normalise_offset
 from pgferry.sync.tables import ServedTables, default_served_tables
 from pgferry.sync.where import parse_params
 
-__all__ = ["MAX_QUERY_LENGTH", "SyncServerConfig", "create_sync_app"]
+__all__ = ["MAX_QUERY_LENGTH", "SyncServer", "SyncServerConfig", "create_sync_app"]
 
 _log = structlog.get_logger("pgferry.sync.server")
 
@@ -179,75 +179,101 @@ def _cursor(requested: str | None, live_timeout: float) -> str:
     return str(value)
 
 
-def create_sync_app(config: SyncServerConfig) -> Starlette:
-    tables = ServedTables(config.tables)
-    manager = ShapeManager(config.database_url, config.data_dir, snapshot_timeout_ms=config.snapshot_timeout_ms)
-    creator = ShapeCreator(
-        config.database_url,
-        manager,
-        tables,
-        workers=config.snapshot_workers,
-        max_waiting=config.max_waiting_creations,
-        max_shapes=config.max_shapes,
-    )
-    holder: dict[str, ReplicationFeed] = {}
-    stop_preparing = threading.Event()
+class SyncServer:
+    """The dev server as an object: its parts (served tables, shape manager, creation pool, metrics, the feed once
+    started) are attributes, and every HTTP handler is a method, so each step of serving a shape has a name.
 
-    def feed_lag() -> int | None:
-        feed = holder.get("feed")
-        return feed.lag_bytes() if feed is not None else None
+    ``SyncServer(config).app()`` (or :func:`create_sync_app`) is the ASGI app; the feed starts and stops with the
+    app's lifespan."""
 
-    metrics = _Metrics(manager, feed_lag)
+    def __init__(self, config: SyncServerConfig) -> None:
+        self.config = config
+        self.tables = ServedTables(config.tables)
+        self.manager = ShapeManager(
+            config.database_url, config.data_dir, snapshot_timeout_ms=config.snapshot_timeout_ms
+        )
+        self.creator = ShapeCreator(
+            config.database_url,
+            self.manager,
+            self.tables,
+            workers=config.snapshot_workers,
+            max_waiting=config.max_waiting_creations,
+            max_shapes=config.max_shapes,
+        )
+        self.feed: ReplicationFeed | None = None
+        self._stop_preparing = threading.Event()
+        self.metrics = _Metrics(self.manager, self._feed_lag)
+
+    def _feed_lag(self) -> int | None:
+        return self.feed.lag_bytes() if self.feed is not None else None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        state = await asyncio.to_thread(prepare_server_state, config.database_url, config.data_dir, tables, manager)
-        manager.processed_lsn = state.start_lsn
-        loaded = await asyncio.to_thread(manager.load, lambda definition: definition.table in tables.names)
-        manager.bind_loop(asyncio.get_running_loop())
-        feed = ReplicationFeed(config.database_url, manager, state)
-        holder["feed"] = feed
-        feed.start()
-        preparer = threading.Thread(
-            target=tables.retry_until_ready,
-            args=(lambda: connect_sql(config.database_url), state.publication, stop_preparing),
-            name="pgferry-sync-tables",
-            daemon=True,
+    async def lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        """Prepare the publication and slot, load the shapes kept on disk, start the feed and the thread that
+        keeps retrying tables whose identity could not be set yet; stop all of it on shutdown."""
+        config = self.config
+        state = await asyncio.to_thread(
+            prepare_server_state, config.database_url, config.data_dir, self.tables, self.manager
         )
-        preparer.start()
+        self.manager.processed_lsn = state.start_lsn
+        loaded = await asyncio.to_thread(self.manager.load, lambda definition: definition.table in self.tables.names)
+        self.manager.bind_loop(asyncio.get_running_loop())
+        feed = ReplicationFeed(config.database_url, self.manager, state)
+        self.feed = feed
+        feed.start()
+        self._start_table_preparer(state.publication)
         _log.info(
             "sync.server_started",
             slot=state.slot,
             shapes_loaded=loaded,
             data_dir=str(config.data_dir),
-            tables=len(tables.names),
-            tables_pending=sorted(tables.pending),
+            tables=len(self.tables.names),
+            tables_pending=sorted(self.tables.pending),
             secret_required=config.secret is not None,
         )
         try:
             yield
         finally:
-            stop_preparing.set()
-            manager.close()  # first: running snapshots stop at their next page
-            creator.close()
+            self._stop_preparing.set()
+            self.manager.close()  # first: running snapshots stop at their next page
+            self.creator.close()
             await asyncio.to_thread(feed.stop)
 
-    async def health(_request: Request) -> Response:
-        feed = holder.get("feed")
+    def _start_table_preparer(self, publication: str) -> None:
+        database_url = self.config.database_url
+        preparer = threading.Thread(
+            target=self.tables.retry_until_ready,
+            args=(lambda: connect_sql(database_url), publication, self._stop_preparing),
+            name="pgferry-sync-tables",
+            daemon=True,
+        )
+        preparer.start()
+
+    # -- small endpoints ------------------------------------------------------------------------------------
+
+    async def health(self, _request: Request) -> Response:
+        """The feed's status (a condition, never a row value) and the tables still waiting to be prepared."""
+        feed = self.feed
         status = feed.status if feed is not None else "starting"
         body: dict[str, Any] = {"status": "active" if status == "active" else status}
         if feed is not None and feed.last_error and status != "active":
             body["error"] = feed.last_error  # describe_error(): a condition, never a row value
-        pending = tables.pending if feed is not None else {}
+        pending = self.tables.pending if feed is not None else {}
         if pending:
             body["tables_pending"] = sorted(pending)
         return JSONResponse(body, status_code=200 if status == "active" else 503)
 
-    async def metrics_endpoint(_request: Request) -> Response:
-        data = await asyncio.to_thread(generate_latest, metrics.registry)
+    async def metrics_endpoint(self, _request: Request) -> Response:
+        data = await asyncio.to_thread(generate_latest, self.metrics.registry)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
-    async def shape_endpoint(request: Request) -> Response:
+    # -- /v1/shape --------------------------------------------------------------------------------------------
+
+    async def shape_endpoint(self, request: Request) -> Response:
+        """Every outcome is a response with a JSON body (a client mistake in Electric's error shape, anything
+        unexpected one log line and a 500), counted by status."""
         live = request.query_params.get("live") == "true"
         response: Response
         try:
@@ -258,11 +284,11 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                     headers={"cache-control": "no-store"},
                 )
             else:
-                _check_secret(request, config.secret)
+                _check_secret(request, self.config.secret)
                 if request.method == "DELETE":
-                    response = await delete_shape(request)
+                    response = await self.delete_shape(request)
                 else:
-                    response = await get_shape(request)
+                    response = await self.get_shape(request)
         except ProtocolError as err:
             response = _error(err)
         except Exception as exc:  # never a traceback to the client: one line in the log, a JSON 500
@@ -270,24 +296,26 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             response = JSONResponse(
                 {"message": "Internal server error"}, status_code=500, headers={"cache-control": "no-store"}
             )
-        metrics.requests.labels(status=str(response.status_code), live=str(live).lower()).inc()
+        self.metrics.requests.labels(status=str(response.status_code), live=str(live).lower()).inc()
         return response
 
-    async def delete_shape(request: Request) -> Response:
-        if not config.allow_shape_deletion:
+    async def delete_shape(self, request: Request) -> Response:
+        """``DELETE /v1/shape`` by handle or by definition: its clients get ``must-refetch`` next."""
+        if not self.config.allow_shape_deletion:
             return JSONResponse({"message": "shape deletion is disabled"}, status_code=405)
         handle = request.query_params.get("handle")
         if handle:
-            deleted = await asyncio.to_thread(manager.delete, handle)
+            deleted = await asyncio.to_thread(self.manager.delete, handle)
         else:
-            shape = manager.current(_definition(request))
-            deleted = shape is not None and await asyncio.to_thread(manager.delete, shape.handle)
+            shape = self.manager.current(_definition(request))
+            deleted = shape is not None and await asyncio.to_thread(self.manager.delete, shape.handle)
         if not deleted:
             return JSONResponse({"message": "Shape not found"}, status_code=404)
         return Response(status_code=202)
 
-    async def must_refetch(definition: p.ShapeDefinition) -> Response:
-        shape = await creator.get_or_create(definition)
+    async def must_refetch(self, definition: p.ShapeDefinition) -> Response:
+        """409 with the current handle of ``definition`` (created if needed) and a ``must-refetch`` body."""
+        shape = await self.creator.get_or_create(definition)
         return Response(
             p.encode_messages([p.control_message("must-refetch")]),
             status_code=409,
@@ -295,116 +323,132 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
             headers={p.HANDLE_HEADER: shape.handle, "cache-control": "public, max-age=60, must-revalidate"},
         )
 
-    async def get_shape(request: Request) -> Response:
-        query = request.query_params
-        definition = _definition(request)
-        offset = p.parse_offset(query.get("offset"))
-        live = _flag(query.get("live"), "live")
-        sse = live and (
-            _flag(query.get("live_sse"), "live_sse") or _flag(query.get("experimental_live_sse"), "live_sse")
-        )
-        handle = query.get("handle") or None
-        if offset != p.BEFORE_ALL and offset != "now" and handle is None:
-            raise ProtocolError("handle", "can't be blank when offset != -1 (send the electric-handle you received)")
-        if live and (offset == p.BEFORE_ALL):
-            raise ProtocolError("live", "can't be true with offset=-1 (fetch the snapshot first)")
+    async def get_shape(self, request: Request) -> Response:
+        """``GET /v1/shape``: read the request, find the shape, then serve a page of its log — while its
+        snapshot is still being written, at a fixed offset, as a stream, or waiting for the log to grow."""
+        shape_request = _ShapeRequest.read(request)
+        definition = shape_request.definition
+        shape = await self._resolve_shape(shape_request)
+        if shape is None:
+            return await self.must_refetch(definition)
+        partial = await self._wait_for_snapshot(shape, shape_request, request)
+        if partial is not None:
+            return partial
+        if shape.gone:
+            return await self.must_refetch(definition)
+        self._check_offset_in_bounds(shape, shape_request.offset)
 
-        if handle is not None:
-            known = manager.get(handle)
-            if known is None or known.definition != definition:
-                return await must_refetch(definition)
-            shape = known
-        else:
-            shape = await creator.get_or_create(definition)
+        offset = shape_request.offset
+        if offset == "now":
+            return self._respond(
+                shape,
+                [],
+                shape.log.last_offset or _AFTER_SNAPSHOT,
+                at_end=True,
+                request=request,
+                live=shape_request.live,
+                requested="now",
+                global_lsn=self.manager.processed_lsn,
+            )
+        assert isinstance(offset, p.LogOffset)
+        if shape_request.sse:
+            return self._stream(shape, offset, request)
+        return await self._serve_log(shape, shape_request, request)
 
+    async def _resolve_shape(self, shape_request: _ShapeRequest) -> Shape | None:
+        """The shape the request is for; ``None`` when its handle is unknown or belongs to another definition
+        (the client must refetch)."""
+        if shape_request.handle is None:
+            return await self.creator.get_or_create(shape_request.definition)
+        known = self.manager.get(shape_request.handle)
+        if known is None or known.definition != shape_request.definition:
+            return None
+        return known
+
+    async def _wait_for_snapshot(self, shape: Shape, shape_request: _ShapeRequest, request: Request) -> Response | None:
+        """Serve full pages of a snapshot that is still being written; wait for the rest (never an empty
+        non-live answer: the client's fast-loop guard would take that for a broken server). ``None`` once the
+        snapshot is complete."""
+        offset = shape_request.offset
         while shape.snapshotting:
-            # Serve full pages of a snapshot that is still being written; wait for the rest (never an empty
-            # non-live answer: the client's fast-loop guard would take that for a broken server).
             event = shape.changed_event()
             if not shape.snapshotting:
                 break
             if isinstance(offset, p.LogOffset):
-                partial = shape.log.read_after(offset, max_bytes=config.max_chunk_bytes)
+                partial = shape.log.read_after(offset, max_bytes=self.config.max_chunk_bytes)
                 if partial.messages and not partial.at_end and partial.last_offset is not None:
-                    return _respond(
+                    return self._respond(
                         shape,
                         partial.messages,
                         partial.last_offset,
                         at_end=False,
                         request=request,
-                        live=live,
+                        live=shape_request.live,
                         requested=str(offset),
-                        global_lsn=manager.processed_lsn,
+                        global_lsn=self.manager.processed_lsn,
                     )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=1.0)
-        if shape.gone:
-            return await must_refetch(definition)
+        return None
 
-        if isinstance(offset, p.LogOffset) and offset != p.BEFORE_ALL and offset != _AFTER_SNAPSHOT:
-            last_offset = shape.log.last_offset or p.LogOffset(0, 0)
-            beyond = offset.tx > max(last_offset.tx, manager.processed_lsn) or (
-                offset.tx == last_offset.tx and offset.op > last_offset.op
-            )
-            if beyond:
-                # Only offsets this server handed out (or an SSE client derived from an up-to-date) are valid;
-                # answering a future one with up-to-date would make pglite-sync record that position and drop
-                # every real change below it (Electric: 400 too).
-                raise ProtocolError("offset", "out of bounds for this shape")
+    def _check_offset_in_bounds(self, shape: Shape, offset: p.LogOffset | Literal["now"]) -> None:
+        """Only offsets this server handed out (or an SSE client derived from an up-to-date) are valid;
+        answering a future one with up-to-date would make pglite-sync record that position and drop every real
+        change below it (Electric: 400 too)."""
+        if not isinstance(offset, p.LogOffset) or offset == p.BEFORE_ALL or offset == _AFTER_SNAPSHOT:
+            return
+        last_offset = shape.log.last_offset or p.LogOffset(0, 0)
+        beyond = offset.tx > max(last_offset.tx, self.manager.processed_lsn) or (
+            offset.tx == last_offset.tx and offset.op > last_offset.op
+        )
+        if beyond:
+            raise ProtocolError("offset", "out of bounds for this shape")
 
-        if offset == "now":
-            last = shape.log.last_offset
-            return _respond(
-                shape,
-                [],
-                last or _AFTER_SNAPSHOT,
-                at_end=True,
-                request=request,
-                live=live,
-                requested="now",
-                global_lsn=manager.processed_lsn,
-            )
-
+    async def _serve_log(self, shape: Shape, shape_request: _ShapeRequest, request: Request) -> Response:
+        """A page of the log after the requested offset; a live request with nothing new waits for the log to
+        grow (or ``live_timeout``) first."""
+        offset = shape_request.offset
         assert isinstance(offset, p.LogOffset)
-        if sse:
-            return _stream(shape, offset, request)
         position = normalise_offset(offset)
         event = shape.changed_event()  # taken before reading the log, so a change in between still wakes us
-        global_lsn = manager.processed_lsn  # read before the log: see the up-to-date note in _respond
-        chunk = shape.log.read_after(position, max_bytes=config.max_chunk_bytes)
-        if live and not chunk.messages:
-            metrics.live_clients.inc()
+        global_lsn = self.manager.processed_lsn  # read before the log: see the up-to-date note in _respond
+        chunk = shape.log.read_after(position, max_bytes=self.config.max_chunk_bytes)
+        if shape_request.live and not chunk.messages:
+            self.metrics.live_clients.inc()
             try:
-                waited = await unless_client_leaves(request, event.wait(), timeout=config.live_timeout)
+                waited = await unless_client_leaves(request, event.wait(), timeout=self.config.live_timeout)
                 if waited.outcome == "disconnected":
                     return Response(status_code=499)  # nobody is listening; uvicorn drops it
             finally:
-                metrics.live_clients.dec()
+                self.metrics.live_clients.dec()
             if shape.gone:
-                return await must_refetch(definition)
-            global_lsn = manager.processed_lsn
-            chunk = shape.log.read_after(position, max_bytes=config.max_chunk_bytes)
+                return await self.must_refetch(shape_request.definition)
+            global_lsn = self.manager.processed_lsn
+            chunk = shape.log.read_after(position, max_bytes=self.config.max_chunk_bytes)
             if chunk.messages and shape.last_commit_ts is not None:
-                metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
+                self.metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
         if chunk.last_offset is not None:
             end = chunk.last_offset
         elif offset == p.BEFORE_ALL:
             end = _AFTER_SNAPSHOT
         else:
             end = offset
-        return _respond(
+        return self._respond(
             shape,
             chunk.messages,
             end,
             at_end=chunk.at_end,
             request=request,
-            live=live,
+            live=shape_request.live,
             requested=str(offset),
             global_lsn=global_lsn,
         )
 
-    def _stream(shape: Shape, offset: p.LogOffset, request: Request) -> Response:
+    def _stream(self, shape: Shape, offset: p.LogOffset, request: Request) -> Response:
         """``live_sse``: an event stream of the shape's log (see :mod:`pgferry.sync.sse`)."""
+        metrics = self.metrics
+        config = self.config
+        manager = self.manager
 
         def observed(streamed: Shape) -> None:
             if streamed.last_commit_ts is not None:
@@ -436,6 +480,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     def _respond(
+        self,
         shape: Shape,
         messages: list[bytes],
         end: p.LogOffset,
@@ -463,7 +508,7 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
         if at_end:
             headers[p.UP_TO_DATE_HEADER] = ""
         if live:
-            headers[p.CURSOR_HEADER] = _cursor(request.query_params.get("cursor"), config.live_timeout)
+            headers[p.CURSOR_HEADER] = _cursor(request.query_params.get("cursor"), self.config.live_timeout)
             headers["cache-control"] = p.LIVE_CACHE_CONTROL
         else:
             headers[p.SCHEMA_HEADER] = shape.schema_header()
@@ -475,19 +520,56 @@ def create_sync_app(config: SyncServerConfig) -> Starlette:
                 return Response(status_code=304, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
-    routes = [
-        Route("/v1/shape", shape_endpoint, methods=["GET", "DELETE"]),
-        Route("/v1/health", health, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
-    ]
-    middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)]  # level 9 costs 6x the CPU
-    if config.allow_origins:
-        middleware.insert(0, _cors(config.allow_origins))
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-    app.state.manager = manager
-    app.state.metrics = metrics
-    app.state.tables = tables
-    return app
+    # -- the app ----------------------------------------------------------------------------------------------
+
+    def app(self) -> Starlette:
+        """The Starlette app: routes, gzip (level 1: level 9 costs 6x the CPU), CORS for configured origins."""
+        routes = [
+            Route("/v1/shape", self.shape_endpoint, methods=["GET", "DELETE"]),
+            Route("/v1/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+        middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)]
+        if self.config.allow_origins:
+            middleware.insert(0, _cors(self.config.allow_origins))
+        app = Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan)
+        app.state.server = self
+        app.state.manager = self.manager
+        app.state.metrics = self.metrics
+        app.state.tables = self.tables
+        return app
+
+
+@dataclass(frozen=True)
+class _ShapeRequest:
+    """A ``GET /v1/shape`` request's parameters, checked: the definition, the offset, the handle and the mode."""
+
+    definition: p.ShapeDefinition
+    offset: p.LogOffset | Literal["now"]
+    handle: str | None
+    live: bool
+    sse: bool
+
+    @classmethod
+    def read(cls, request: Request) -> _ShapeRequest:
+        query = request.query_params
+        definition = _definition(request)
+        offset = p.parse_offset(query.get("offset"))
+        live = _flag(query.get("live"), "live")
+        sse = live and (
+            _flag(query.get("live_sse"), "live_sse") or _flag(query.get("experimental_live_sse"), "live_sse")
+        )
+        handle = query.get("handle") or None
+        if offset != p.BEFORE_ALL and offset != "now" and handle is None:
+            raise ProtocolError("handle", "can't be blank when offset != -1 (send the electric-handle you received)")
+        if live and (offset == p.BEFORE_ALL):
+            raise ProtocolError("live", "can't be true with offset=-1 (fetch the snapshot first)")
+        return cls(definition, offset, handle, live, sse)
+
+
+def create_sync_app(config: SyncServerConfig) -> Starlette:
+    """The dev server's ASGI app (``SyncServer(config).app()``); serve it with uvicorn or mount it."""
+    return SyncServer(config).app()
 
 
 def _cors(origins: Iterable[str]) -> Middleware:
