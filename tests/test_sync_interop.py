@@ -36,7 +36,7 @@ import pytest
 from pgferry.localstack.cluster import free_port
 
 JS_DIR = Path(__file__).parent / "js"
-DEADLINE = 20.0
+DEADLINE = 60.0  # PGlite (WASM) starts in ~2 s on a quiet machine, ten times that under a loaded one
 SECRET = "interop-sync-secret-0123456789"  # the dev server's; clients send it as the `secret` parameter
 ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")

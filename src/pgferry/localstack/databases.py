@@ -53,7 +53,16 @@ def drop_database(cluster: PostgresCluster, name: str) -> None:
                 break
             except psycopg.errors.ObjectInUse:
                 time.sleep(0.1)  # the walsender we terminated has not exited yet
-        conn.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+        drop = sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+        for _attempt in range(6):
+            try:
+                conn.execute(drop)
+                return
+            except psycopg.errors.ObjectInUse:
+                # FORCE waits 5 s for terminated sessions to exit; on a loaded machine a backend deep in a long
+                # query (a killed migration's verification) can take longer to notice.
+                time.sleep(1.0)
+        conn.execute(drop)
 
 
 def ensure_template(cluster: PostgresCluster, name: str, prepare: Callable[[str], object]) -> None:
