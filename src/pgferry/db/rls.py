@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from pgferry.errors import PgferryError
@@ -62,16 +61,25 @@ def service_role_claims() -> dict[str, Any]:
     return {"role": "service_role", "iss": "supabase"}
 
 
+_APPLY_CLAIMS = (
+    "select pg_catalog.set_config('role', %s, true), pg_catalog.set_config('request.jwt.claims', %s, true), "
+    "pg_catalog.set_config('request.jwt.claim.sub', %s, true), "
+    "pg_catalog.set_config('request.jwt.claim.role', %s, true)"
+)
+
+
 def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> None:
-    """Switch the current transaction to the claims' role; must be called inside a transaction."""
+    """Switch the current transaction to the claims' role; must be called inside a transaction.
+
+    One statement (``set_config('role', …, true)`` is ``SET LOCAL ROLE``, as PostgREST sends it), so a caller that
+    judges many users in one transaction pays one round trip each. Every setting is written, ``sub`` as an empty
+    string when the claims have none (``auth.uid()`` reads that as NULL): a value left by earlier claims in the same
+    transaction must never speak for these."""
     role = claims.get("role")
     if role not in API_ROLES:
         raise ClaimsError(f"role claim {role!r} is not one of {sorted(API_ROLES)}; refusing to switch role")
-    conn.execute(sql.SQL("set local role {}").format(sql.Identifier(str(role))))
-    conn.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps(dict(claims)),))
-    if "sub" in claims:
-        conn.execute("select set_config('request.jwt.claim.sub', %s, true)", (str(claims["sub"]),))
-    conn.execute("select set_config('request.jwt.claim.role', %s, true)", (str(role),))
+    sub = claims.get("sub")
+    conn.execute(_APPLY_CLAIMS, (str(role), json.dumps(dict(claims)), "" if sub is None else str(sub), str(role)))
 
 
 @contextmanager
