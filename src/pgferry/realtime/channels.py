@@ -70,6 +70,15 @@ class Channel:
         """A ``postgres_changes`` frame of this channel (``ref`` null) around an already serialised payload."""
         return self._prefix + payload_json + self._suffix
 
+    @property
+    def frame_head(self) -> str:
+        return self._prefix
+
+    @property
+    def frame_tail(self) -> str:
+        """What follows a payload's ``data`` when the payload is ``{"ids": […], "data": …}``."""
+        return "}" + self._suffix
+
     def receives(self, now: float) -> bool:
         return not self.closed and not self.token.expired(now)
 
@@ -80,6 +89,16 @@ class Subscription:
     binding: Binding
     filters: tuple[Filter, ...]
     active: bool = False
+
+    @property
+    def frame_head(self) -> str:
+        """The start of this subscription's frames up to ``"data":`` when it is its channel's only binding."""
+        head = self.__dict__.get("_frame_head")
+        if head is None:
+            head = self.__dict__["_frame_head"] = (
+                self.channel.frame_head + '{"ids":[' + str(self.binding.id) + '],"data":'
+            )
+        return str(head)
 
     def wants(self, kind: str) -> bool:
         return self.binding.event == "*" or self.binding.event == kind

@@ -253,21 +253,38 @@ class ChangeFeed:
         for stamp, change, new_index, old_index in table.changes:
             kind = _KIND[change.kind]
             judged = old_index if change.kind == "delete" else new_index
-            if judged is None or not seen_by[judged]:
+            if judged is None:
                 continue
-            per_channel: dict[int, tuple[Channel, list[int], RoleView, bool]] = {}
-            for subscription, group in seen_by[judged]:
-                if not subscription.wants(kind):
+            entries = seen_by[judged]
+            if not entries:
+                continue
+            cache: dict[tuple[tuple[str, ...], bool], str] = {}
+            per_channel: dict[int, tuple[Channel, list[int], RoleView, bool]] | None = None
+            for subscription, group in entries:
+                event = subscription.binding.event
+                if event != "*" and event != kind:
                     continue
                 channel = subscription.channel
+                if len(channel.subscriptions) == 1:
+                    # The common case, one binding per channel: no grouping, the frame's head is prebuilt.
+                    view = result.views[group]
+                    old_visible = old_index is not None and old_index in result.matches[group]
+                    key = (view.columns, old_visible)
+                    data = cache.get(key)
+                    if data is None:
+                        data = _data_json(catalog, kind, stamp, view, result, new_index, old_index, old_visible, change)
+                        cache[key] = data
+                    out.append((channel, "".join((subscription.frame_head, data, channel.frame_tail))))
+                    continue
+                if per_channel is None:
+                    per_channel = {}
                 found = per_channel.get(id(channel))
                 if found is None:
                     old_visible = old_index is not None and old_index in result.matches[group]
                     per_channel[id(channel)] = (channel, [subscription.binding.id], result.views[group], old_visible)
                 elif subscription.binding.id not in found[1]:
                     found[1].append(subscription.binding.id)
-            cache: dict[tuple[tuple[str, ...], bool], str] = {}
-            for channel, ids, view, old_visible in per_channel.values():
+            for channel, ids, view, old_visible in (per_channel or {}).values():
                 key = (view.columns, old_visible)
                 data = cache.get(key)
                 if data is None:
