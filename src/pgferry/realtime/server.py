@@ -194,6 +194,9 @@ class _Socket:
         self.token = token
         self.loop = loop
         self.channels: dict[str, tuple[Channel, str]] = {}  # topic -> (channel, memory key)
+        # Expiry timers by topic, cancelled when the channel goes: a timer would otherwise keep a closed socket alive
+        # until its token's exp (hours).
+        self.timers: dict[str, asyncio.TimerHandle] = {}
         self.queue: asyncio.Queue[tuple[list[str], Callable[[], None] | None] | None] = asyncio.Queue()
         self.queued = 0
         self.closed = False
@@ -393,6 +396,9 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
         return out
 
     def leave(sock: _Socket, topic: str, *, forget: bool) -> None:
+        timer = sock.timers.pop(topic, None)
+        if timer is not None:
+            timer.cancel()
         found = sock.channels.pop(topic, None)
         if found is None:
             return
@@ -411,7 +417,10 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
                 sock.system(channel.topic, "system", "error", f"Token has expired {ago} seconds ago")
 
         delay = max(0.0, token.exp - time.time())
-        sock.loop.call_later(delay, expired)
+        previous = sock.timers.pop(channel.topic, None)
+        if previous is not None:
+            previous.cancel()
+        sock.timers[channel.topic] = sock.loop.call_later(delay, expired)
 
     async def join(
         sock: _Socket, topic: str, payload: Mapping[str, Any], ref: str | None, join_ref: str | None
