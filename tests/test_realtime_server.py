@@ -228,3 +228,27 @@ def test_anon_sees_nothing_of_tables_without_an_anon_policy(server: ServedApp, d
             await user.close()
 
     asyncio.run(scenario())
+
+
+def test_claims_of_one_subscriber_never_speak_for_the_next_in_a_batch(server: ServedApp, db: Any) -> None:
+    """All tokens are judged in one transaction: a user's ``sub`` must not survive into an anon token's turn (the
+    class of leak Supabase fixed in 2026-07). The policy below would show anon a row only through a stale sub."""
+    db.execute("grant select on tasks to anon")
+    db.execute("create policy anon_by_uid on tasks for select to anon using ((select auth.uid()) = user_id)")
+
+    async def scenario() -> None:
+        user = Listener(server.url, user_token(USER_A))
+        anon = Listener(server.url, None)
+        try:
+            await user.subscribe()  # joined first: judged first in every batch
+            await user.wait_subscribed()
+            await anon.subscribe("anon")
+            await anon.wait_subscribed()
+            task = await in_thread(lambda: insert_task(db, USER_A, "a's"))
+            assert (await user.next())["data"]["record"]["id"] == task
+            await anon.none(0.5)
+        finally:
+            await user.close()
+            await anon.close()
+
+    asyncio.run(scenario())

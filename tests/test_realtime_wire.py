@@ -226,3 +226,29 @@ def test_an_expired_token_stops_delivery_until_a_fresh_one_arrives(server: Serve
             assert (await _recv(ws))["payload"]["data"]["record"]["id"] == later  # not the one while expired
 
     asyncio.run(scenario())
+
+
+def test_closed_sockets_are_released_not_kept_until_their_tokens_expire(server: ServedApp) -> None:
+    """Every channel has an expiry timer; a socket that goes must take its timers with it, or the server keeps each
+    closed socket (and its buffers) for the token's lifetime — hours of memory growing with every reconnect."""
+    import gc
+
+    from pgferry.realtime.server import _Socket
+
+    def alive() -> int:
+        gc.collect()
+        return sum(1 for item in gc.get_objects() if isinstance(item, _Socket))
+
+    async def scenario() -> None:
+        before = alive()
+        for _ in range(10):
+            async with connect(_ws(server, f"apikey={anon_key()}")) as ws:
+                await _send(ws, "realtime:t", "phx_join", _join_payload(user_token(USER_A)), "1")
+                await _recv(ws)
+                await _recv(ws)
+        deadline = time.monotonic() + 10
+        while alive() > before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert alive() == before
+
+    asyncio.run(scenario())

@@ -61,18 +61,23 @@ def service_role_claims() -> dict[str, Any]:
     return {"role": "service_role", "iss": "supabase"}
 
 
+
 def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> None:
     """Switch the current transaction to the claims' role; must be called inside a transaction.
 
-    One statement, as PostgREST sends it (``set_config('role', …, true)`` is ``SET LOCAL ROLE``): the
-    runtime's pooled point queries pay one round trip for the switch, not four.
+    One statement, as PostgREST sends it (``set_config('role', …, true)`` is ``SET LOCAL ROLE``): the runtime's
+    pooled point queries pay one round trip for the switch, not four, and a caller that judges many users in one
+    transaction (the Realtime server) one each. Every setting is written, ``sub`` as an empty string when the claims
+    have none (``auth.uid()`` reads that as NULL): a value left by earlier claims in the same transaction must never
+    speak for these.
     """
     conn.execute(CLAIMS_SQL, claims_parameters(claims))
 
 
 CLAIMS_SQL: Final = (
-    "select set_config('role', %s, true), set_config('request.jwt.claims', %s, true), "
-    "set_config('request.jwt.claim.sub', %s, true), set_config('request.jwt.claim.role', %s, true)"
+    "select pg_catalog.set_config('role', %s, true), pg_catalog.set_config('request.jwt.claims', %s, true), "
+    "pg_catalog.set_config('request.jwt.claim.sub', %s, true), "
+    "pg_catalog.set_config('request.jwt.claim.role', %s, true)"
 )
 """The statement :func:`apply_claims` runs, for callers holding another driver's connection (SQLAlchemy, async)."""
 
@@ -82,8 +87,8 @@ def claims_parameters(claims: Mapping[str, Any]) -> tuple[str, str, str, str]:
     role = claims.get("role")
     if role not in API_ROLES:
         raise ClaimsError(f"role claim {role!r} is not one of {sorted(API_ROLES)}; refusing to switch role")
-    sub = str(claims["sub"]) if "sub" in claims else ""
-    return str(role), json.dumps(dict(claims)), sub, str(role)
+    sub = claims.get("sub")
+    return str(role), json.dumps(dict(claims)), "" if sub is None else str(sub), str(role)
 
 
 @contextmanager

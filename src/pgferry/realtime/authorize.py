@@ -130,6 +130,7 @@ class Authorizer:
         self._catalogs: dict[int, tuple[float, TableCatalog]] = {}
         self._views: dict[tuple[str, int], tuple[float, RoleView]] = {}
         self._published: tuple[float, dict[tuple[str, str], int]] | None = None
+        self._queries: dict[tuple[Any, ...], tuple[bytes, list[object]]] = {}
 
     def close(self) -> None:
         if self._conn is not None:
@@ -286,6 +287,38 @@ class Authorizer:
             self._staging[key] = name
         return name
 
+    def _group_query(
+        self, catalog: TableCatalog, table: str, view: RoleView, filters: tuple[tuple[Filter, ...], ...]
+    ) -> tuple[bytes, list[object]]:
+        """The statement selecting the staged rows a role's policies let through, with one filter verdict per
+        subscription; composed once per shape of group (most groups differ only in their claims)."""
+        key = (catalog.oid, catalog.columns, table, view.predicate, filters)
+        cached = self._queries.get(key)
+        if cached is not None:
+            return cached
+        params: list[object] = []
+        alias = sql.Identifier(catalog.name)
+
+        def column(name: str) -> sql.Composable:
+            return alias + sql.SQL(".") + sql.Identifier(name)
+
+        tests = [render_filters(item, column, catalog.types.__getitem__, params) for item in filters]
+        columns = sql.SQL(", ").join(sql.SQL("coalesce({}, false)").format(t) for t in tests)
+        where = sql.SQL(view.predicate if view.predicate is not None else "true")
+        query = sql.SQL("select {}.{}{} from pg_temp.{} as {} where {}").format(
+            alias,
+            sql.Identifier(_ROW),
+            sql.SQL(", ") + columns if tests else sql.SQL(""),
+            sql.Identifier(table),
+            alias,
+            where,
+        )
+        if len(self._queries) > 10_000:
+            self._queries.clear()
+        composed = (query.as_bytes(self._connection()), params)
+        self._queries[key] = composed
+        return composed
+
     def evaluate(
         self, requests: Sequence[tuple[TableCatalog, Sequence[Image], Sequence[Group]]]
     ) -> list[TableResult]:
@@ -330,30 +363,9 @@ class Authorizer:
                             per_table.append(None)
                             continue
                         apply_claims(conn, group.claims)
-                        params: list[object] = []
-                        alias = sql.Identifier(catalog.name)
-
-                        def column(name: str, alias: sql.Identifier = alias) -> sql.Composable:
-                            return alias + sql.SQL(".") + sql.Identifier(name)
-
-                        tests = [
-                            render_filters(filters, column, catalog.types.__getitem__, params)
-                            for filters in group.filters
-                        ]
-                        columns = sql.SQL(", ").join(sql.SQL("coalesce({}, false)").format(t) for t in tests)
-                        where = sql.SQL(view.predicate if view.predicate is not None else "true")
+                        query, params = self._group_query(catalog, table, view, tuple(group.filters))
                         cursor = conn.cursor()
-                        cursor.execute(
-                            sql.SQL("select {}.{}{} from pg_temp.{} as {} where {}").format(
-                                alias,
-                                sql.Identifier(_ROW),
-                                sql.SQL(", ") + columns if tests else sql.SQL(""),
-                                sql.Identifier(table),
-                                alias,
-                                where,
-                            ),
-                            params,
-                        )
+                        cursor.execute(query, params)
                         per_table.append(cursor)
                     group_cursors.append(per_table)
                     views.append(table_views)

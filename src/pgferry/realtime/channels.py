@@ -7,16 +7,27 @@ assignment), so the feed thread always sees a consistent pair. Must not touch th
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pgferry.realtime.filters import Filter
-from pgferry.realtime.protocol import Binding, Vsn
+from pgferry.realtime.protocol import Binding, Vsn, encode
 
-__all__ = ["Channel", "Registry", "Subscription", "Token"]
+__all__ = ["Channel", "FrameSink", "Registry", "Subscription", "Token"]
+
+
+class FrameSink(Protocol):
+    """Where a channel's frames go: a socket's ordered writer. ``enqueue`` runs on ``loop``'s thread only; the feed
+    thread hands a whole batch over with one ``loop.call_soon_threadsafe`` (one wake-up per batch, not per frame).
+    ``on_sent`` is called once every frame of the call has been written, or will never be."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def enqueue(self, frames: list[str], on_sent: Callable[[], None] | None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +48,36 @@ class Token:
 
 @dataclass(eq=False)
 class Channel:
-    """One joined topic on one socket. ``send`` queues a finished frame on the socket (thread-safe: it hops to
-    the event loop when called from the feed thread); ``on_sent`` tells the feed the frame left."""
+    """One joined topic on one socket (``sink``)."""
 
     topic: str
     join_ref: str | None
     vsn: Vsn
     token: Token
-    send: Callable[[str, Callable[[], None] | None], None]
+    sink: FrameSink
     subscriptions: list[Subscription] = field(default_factory=list)
     closed: bool = False
+
+    def __post_init__(self) -> None:
+        # The part of every postgres_changes frame that does not depend on the change, built once.
+        self._prefix, self._suffix = encode(self.vsn, self.topic, "postgres_changes", "\x00", None).split("\x00")
 
     @property
     def name(self) -> str:
         return self.topic.removeprefix("realtime:")
+
+    def change_frame(self, payload_json: str) -> str:
+        """A ``postgres_changes`` frame of this channel (``ref`` null) around an already serialised payload."""
+        return self._prefix + payload_json + self._suffix
+
+    @property
+    def frame_head(self) -> str:
+        return self._prefix
+
+    @property
+    def frame_tail(self) -> str:
+        """What follows a payload's ``data`` when the payload is ``{"ids": […], "data": …}``."""
+        return "}" + self._suffix
 
     def receives(self, now: float) -> bool:
         return not self.closed and not self.token.expired(now)
@@ -62,6 +89,16 @@ class Subscription:
     binding: Binding
     filters: tuple[Filter, ...]
     active: bool = False
+
+    @property
+    def frame_head(self) -> str:
+        """The start of this subscription's frames up to ``"data":`` when it is its channel's only binding."""
+        head = self.__dict__.get("_frame_head")
+        if head is None:
+            head = self.__dict__["_frame_head"] = (
+                self.channel.frame_head + '{"ids":[' + str(self.binding.id) + '],"data":'
+            )
+        return str(head)
 
     def wants(self, kind: str) -> bool:
         return self.binding.event == "*" or self.binding.event == kind

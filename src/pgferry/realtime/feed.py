@@ -7,12 +7,13 @@ to the slot only after each of its frames has been written to its socket (or the
 dies loses nothing: the slot hands the batch to the next start. Transactions already dispatched are skipped after
 the feed reconnects (PostgreSQL restarts), so a client still connected gets no duplicates.
 
-Must not know about the websocket transport beyond :class:`~pgferry.realtime.channels.Channel.send`.
+Must not know about the websocket transport beyond :class:`~pgferry.realtime.channels.FrameSink`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import threading
 import time
@@ -27,8 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.db.retry import RetryPolicy
 from pgferry.realtime.authorize import Authorizer, Group, Image, RoleView, TableCatalog, TableResult
-from pgferry.realtime.channels import Channel, Registry, Subscription
-from pgferry.realtime.protocol import encode
+from pgferry.realtime.channels import Channel, FrameSink, Registry, Subscription
 from pgferry.replication import Lsn, ReplicationReader, RowChange, Transaction
 from pgferry.replication._conn import conninfo
 from pgferry.sync.errors import describe_error
@@ -82,8 +82,7 @@ class _TableWork:
     changes: list[tuple[str, RowChange, int | None, int | None]]  # (commit time, change, new image, old image)
     images: list[Image]
     groups: list[Group]
-    group_of: dict[int, tuple[int, int]]  # id(subscription) -> (group index, filter index)
-    subscriptions: list[Subscription]
+    members: list[list[Subscription]]  # per group, the subscriptions in the order of its filters
 
 
 class ChangeFeed:
@@ -221,52 +220,94 @@ class ChangeFeed:
             # Most often a connection from before a database restart: one fresh attempt before giving up the batch.
             authorizer.reset()
             results = authorizer.evaluate(requests)
-        sends: list[tuple[Channel, str]] = []
+        by_sink: dict[int, tuple[FrameSink, list[str]]] = {}
+        count = 0
         for table, result in zip(tables, results, strict=True):
-            sends.extend(self._frames(table, result))
-        for channel, frame in sends:
-            channel.send(frame, confirmations.add(entry))
-        self.delivered += len(sends)
+            for channel, frame in self._frames(table, result):
+                found = by_sink.get(id(channel.sink))
+                if found is None:
+                    by_sink[id(channel.sink)] = (channel.sink, [frame])
+                else:
+                    found[1].append(frame)
+                count += 1
+        if by_sink:
+            handover = [(sink, frames, confirmations.add(entry)) for sink, frames in by_sink.values()]
+            loop = handover[0][0].loop
+            loop.call_soon_threadsafe(_hand_over, handover)
+        self.delivered += count
 
     def _frames(self, table: _TableWork, result: TableResult) -> list[tuple[Channel, str]]:
+        """The frames of one table's changes, in commit order. Work is proportional to what is delivered: the
+        evaluation's results are turned around into "who sees image i" once, instead of asking every subscription
+        about every change."""
         out: list[tuple[Channel, str]] = []
         catalog = table.catalog
+        seen_by: list[list[tuple[Subscription, int]]] = [[] for _ in table.images]
+        for group, matches in enumerate(result.matches):
+            members = table.members[group]
+            for image, verdicts in matches.items():
+                entries = seen_by[image]
+                for position, passed in enumerate(verdicts):
+                    if passed:
+                        entries.append((members[position], group))
         for stamp, change, new_index, old_index in table.changes:
             kind = _KIND[change.kind]
             judged = old_index if change.kind == "delete" else new_index
             if judged is None:
                 continue
-            per_channel: dict[int, tuple[Channel, list[int], RoleView, bool]] = {}
-            for subscription in table.subscriptions:
-                if not subscription.wants(kind):
+            entries = seen_by[judged]
+            if not entries:
+                continue
+            cache: dict[tuple[tuple[str, ...], bool], str] = {}
+            per_channel: dict[int, tuple[Channel, list[int], RoleView, bool]] | None = None
+            for subscription, group in entries:
+                event = subscription.binding.event
+                if event != "*" and event != kind:
                     continue
-                group, position = table.group_of[id(subscription)]
-                verdicts = result.matches[group].get(judged)
-                if verdicts is None or not verdicts[position]:
-                    continue  # not visible to this role and these claims, or the filter does not match
-                old_visible = old_index is not None and old_index in result.matches[group]
                 channel = subscription.channel
+                if len(channel.subscriptions) == 1:
+                    # The common case, one binding per channel: no grouping, the frame's head is prebuilt.
+                    view = result.views[group]
+                    old_visible = old_index is not None and old_index in result.matches[group]
+                    key = (view.columns, old_visible)
+                    data = cache.get(key)
+                    if data is None:
+                        data = _data_json(catalog, kind, stamp, view, result, new_index, old_index, old_visible, change)
+                        cache[key] = data
+                    out.append((channel, "".join((subscription.frame_head, data, channel.frame_tail))))
+                    continue
+                if per_channel is None:
+                    per_channel = {}
                 found = per_channel.get(id(channel))
                 if found is None:
+                    old_visible = old_index is not None and old_index in result.matches[group]
                     per_channel[id(channel)] = (channel, [subscription.binding.id], result.views[group], old_visible)
                 elif subscription.binding.id not in found[1]:
                     found[1].append(subscription.binding.id)
-            cache: dict[tuple[tuple[str, ...], bool], str] = {}
-            for channel, ids, view, old_visible in per_channel.values():
+            for channel, ids, view, old_visible in (per_channel or {}).values():
                 key = (view.columns, old_visible)
                 data = cache.get(key)
                 if data is None:
                     data = _data_json(catalog, kind, stamp, view, result, new_index, old_index, old_visible, change)
                     cache[key] = data
-                payload = f'{{"ids":{json.dumps(ids)},"data":{data}}}'
-                out.append((channel, encode(channel.vsn, channel.topic, "postgres_changes", payload, None)))
+                payload = '{"ids":[' + ",".join(map(str, ids)) + '],"data":' + data + "}"
+                out.append((channel, channel.change_frame(payload)))
         return out
+
+
+def _hand_over(handover: list[tuple[FrameSink, list[str], Callable[[], None]]]) -> None:
+    """On the event loop: each socket gets its frames of the batch, in commit order, with one callback."""
+    for sink, frames, on_sent in handover:
+        try:
+            sink.enqueue(frames, on_sent)
+        except Exception:  # a socket that broke meanwhile must not hold the batch back, nor the others
+            on_sent()
 
 
 def _table_work(catalog: TableCatalog, subscriptions: list[Subscription]) -> _TableWork:
     groups: list[Group] = []
     index: dict[str, int] = {}
-    group_of: dict[int, tuple[int, int]] = {}
+    members: list[list[Subscription]] = []
     filters: list[list[Any]] = []
     for subscription in subscriptions:
         token = subscription.channel.token
@@ -274,14 +315,33 @@ def _table_work(catalog: TableCatalog, subscriptions: list[Subscription]) -> _Ta
         if number is None:
             number = index[token.key] = len(groups)
             filters.append([])
+            members.append([])
             groups.append(Group(token.claims, filters[number]))
-        group_of[id(subscription)] = (number, len(filters[number]))
+        members[number].append(subscription)
         filters[number].append(subscription.filters)
-    return _TableWork(catalog, [], [], groups, group_of, subscriptions)
+    return _TableWork(catalog, [], [], groups, members)
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """Each column with its JSON key prefix (``"name":``), serialised once per column set."""
+    return tuple((name, json.dumps(name) + ":") for name in columns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout(
+    schema: str, table: str, columns: tuple[str, ...], typnames: tuple[str, ...], readable: tuple[str, ...]
+) -> tuple[tuple[str, ...], str]:
+    """The columns a role sees, and the payload's fixed head (schema, table) and ``columns`` for them."""
+    shown = tuple(c for c, _ in zip(columns, typnames, strict=True) if c in readable)
+    types = dict(zip(columns, typnames, strict=True))
+    head = f'"schema":{json.dumps(schema)},"table":{json.dumps(table)}'
+    described = json.dumps([{"name": c, "type": types[c]} for c in shown])
+    return shown, head + "\x00" + described
 
 
 def _object(columns: tuple[str, ...], rendered: dict[str, str]) -> str:
-    return "{" + ",".join(f"{json.dumps(name)}:{rendered[name]}" for name in columns if name in rendered) + "}"
+    return "{" + ",".join(prefix + rendered[name] for name, prefix in _names(columns) if name in rendered) + "}"
 
 
 def _data_json(
@@ -295,16 +355,11 @@ def _data_json(
     old_visible: bool,
     change: RowChange,
 ) -> str:
-    columns = tuple(c for c in catalog.columns if c in view.columns)
-    described = json.dumps([{"name": c, "type": catalog.typnames[c]} for c in columns])
+    typnames = tuple(catalog.typnames[c] for c in catalog.columns)
+    columns, fixed = _layout(catalog.schema, catalog.name, catalog.columns, typnames, view.columns)
+    head, described = fixed.split("\x00")
     key = tuple(c for c in (catalog.primary_key or change.key_columns) if c in view.columns)
-    parts = [
-        f'"schema":{json.dumps(catalog.schema)}',
-        f'"table":{json.dumps(catalog.name)}',
-        f'"commit_timestamp":"{stamp}"',
-        f'"type":"{kind}"',
-        f'"columns":{described}',
-    ]
+    parts = [head, f'"commit_timestamp":"{stamp}"', f'"type":"{kind}"', f'"columns":{described}']
     if new_index is not None:
         parts.append(f'"record":{_object(columns, result.json[new_index])}')
     if kind != "INSERT":

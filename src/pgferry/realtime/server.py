@@ -16,7 +16,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -24,9 +24,11 @@ from typing import Any, Final
 import psycopg
 import structlog
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from pgferry.errors import ConfigError
@@ -130,40 +132,95 @@ def _subscription_key(claims: Mapping[str, Any], topic: str, bindings: list[Bind
     return f"{who}|{topic}|{','.join(str(b.id) for b in sorted(bindings, key=lambda b: b.id))}"
 
 
+_RAW_SEND: Final = "pgferry.realtime.send"
+
+
+class _KeepRawSend:
+    """ASGI middleware: keeps the server's own ``send`` of a websocket in the scope, for :func:`_coalescing_writer`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[_RAW_SEND] = send
+        await self.app(scope, receive, send)
+
+
+def _coalescing_writer(raw_send: Any) -> Callable[[list[str]], Awaitable[None]] | None:
+    """Writes a socket's frames of a batch with one ``transport.write`` under uvicorn's ``websockets-sansio``
+    protocol (the default with websockets ≥ 13); ``None`` under any other server or protocol, which then gets one
+    ASGI ``websocket.send`` per frame.
+
+    Why: on loopback a send system call costs as much as everything else a message needs, and a subscriber usually
+    has several frames in a batch. This reaches into the protocol object behind uvicorn's ``send`` — the same three
+    steps its ``send`` takes (wait until writable, ``conn.send_text``, ``transport.write`` of ``data_to_send``),
+    once per batch instead of per frame — so it checks every attribute it uses and falls back when one is missing.
+    """
+    protocol: Any = getattr(raw_send, "__self__", None)
+    conn: Any = getattr(protocol, "conn", None)
+    transport: Any = getattr(protocol, "transport", None)
+    writable: Any = getattr(protocol, "writable", None)
+    if (
+        protocol is None
+        or type(protocol).__name__ != "WebSocketsSansIOProtocol"
+        or not callable(getattr(conn, "send_text", None))
+        or not callable(getattr(conn, "data_to_send", None))
+        or not callable(getattr(transport, "write", None))
+        or not isinstance(writable, asyncio.Event)
+        or not hasattr(protocol, "disconnected")
+        or not hasattr(protocol, "close_sent")
+    ):
+        return None
+
+    async def write(frames: list[str]) -> None:
+        await writable.wait()
+        if protocol.disconnected or protocol.close_sent or transport.is_closing():
+            raise ConnectionError("websocket closed")
+        for frame in frames:
+            conn.send_text(frame.encode())
+        transport.write(b"".join(conn.data_to_send()))
+
+    return write
+
+
 class _Socket:
     """One client connection: its channels and its writer (frames go out in the order they are queued)."""
 
     def __init__(self, websocket: WebSocket, vsn: Vsn, token: Token, loop: asyncio.AbstractEventLoop) -> None:
         self.websocket = websocket
+        self._write_many = _coalescing_writer(websocket.scope.get(_RAW_SEND))
         self.vsn: Vsn = vsn
         self.token = token
         self.loop = loop
         self.channels: dict[str, tuple[Channel, str]] = {}  # topic -> (channel, memory key)
-        self.queue: asyncio.Queue[tuple[str, Callable[[], None] | None] | None] = asyncio.Queue()
+        # Expiry timers by topic, cancelled when the channel goes: a timer would otherwise keep a closed socket alive
+        # until its token's exp (hours).
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.queue: asyncio.Queue[tuple[list[str], Callable[[], None] | None] | None] = asyncio.Queue()
+        self.queued = 0
         self.closed = False
 
-    def push(self, frame: str, on_sent: Callable[[], None] | None = None) -> None:
-        """Queue a frame; callable from any thread."""
-        if self.closed:
-            if on_sent is not None:
-                on_sent()
-            return
-        self.loop.call_soon_threadsafe(self._enqueue, frame, on_sent)
+    def push(self, frame: str) -> None:
+        """Queue a reply or system frame (event loop thread)."""
+        self.enqueue([frame], None)
 
-    def _enqueue(self, frame: str, on_sent: Callable[[], None] | None) -> None:
+    def enqueue(self, frames: list[str], on_sent: Callable[[], None] | None) -> None:
+        """Queue frames in order (event loop thread); ``on_sent`` once they are written or never will be."""
         if self.closed:
             if on_sent is not None:
                 on_sent()
             return
-        if self.queue.qsize() >= _MAX_QUEUED:
+        if self.queued >= _MAX_QUEUED:
             # A client this far behind would only fall further: drop it, it reconnects and rejoins.
-            _log.warning("realtime.slow_client_dropped", queued=self.queue.qsize())
+            _log.warning("realtime.slow_client_dropped", queued=self.queued)
             self.closed = True
             self.queue.put_nowait(None)
             if on_sent is not None:
                 on_sent()
             return
-        self.queue.put_nowait((frame, on_sent))
+        self.queued += len(frames)
+        self.queue.put_nowait((frames, on_sent))
 
     def reply(self, topic: str, ref: str | None, join_ref: str | None, status: str, response: Any) -> None:
         payload = json.dumps({"status": status, "response": response})
@@ -178,14 +235,19 @@ class _Socket:
             item = await self.queue.get()
             if item is None:
                 break
-            frame, on_sent = item
+            frames, on_sent = item
             try:
-                await self.websocket.send_text(frame)
+                if self._write_many is not None:
+                    await self._write_many(frames)
+                else:
+                    for frame in frames:
+                        await self.websocket.send({"type": "websocket.send", "text": frame})
             except Exception:
                 self.closed = True
                 if on_sent is not None:
                     on_sent()
                 break
+            self.queued -= len(frames)
             if on_sent is not None:
                 on_sent()
         self.closed = True
@@ -334,6 +396,9 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
         return out
 
     def leave(sock: _Socket, topic: str, *, forget: bool) -> None:
+        timer = sock.timers.pop(topic, None)
+        if timer is not None:
+            timer.cancel()
         found = sock.channels.pop(topic, None)
         if found is None:
             return
@@ -352,7 +417,10 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
                 sock.system(channel.topic, "system", "error", f"Token has expired {ago} seconds ago")
 
         delay = max(0.0, token.exp - time.time())
-        sock.loop.call_later(delay, expired)
+        previous = sock.timers.pop(channel.topic, None)
+        if previous is not None:
+            previous.cancel()
+        sock.timers[channel.topic] = sock.loop.call_later(delay, expired)
 
     async def join(
         sock: _Socket, topic: str, payload: Mapping[str, Any], ref: str | None, join_ref: str | None
@@ -384,7 +452,7 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
             sock.reply(topic, ref, join_ref, "error", {"reason": f"InvalidJoinPayload: {exc}"})
             return
         leave(sock, topic, forget=False)  # a second join of a topic replaces the first (Phoenix does the same)
-        channel = Channel(topic, join_ref, sock.vsn, token, sock.push)
+        channel = Channel(topic, join_ref, sock.vsn, token, sock)
         checked = await asyncio.to_thread(check_bindings, token, bindings) if bindings else []
         key = _subscription_key(token.claims, topic, bindings)
         sock.channels[topic] = (channel, key)
@@ -497,4 +565,4 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
         WebSocketRoute("/socket/websocket", websocket_endpoint),
         Route("/realtime/v1/health", health),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(_KeepRawSend)])

@@ -206,6 +206,28 @@ class TokenVerifier:
     async def verify(self, token: str) -> AuthenticatedUser:
         """The user a token identifies; :class:`InvalidTokenError` (or a subclass) when it does not, and
         :class:`KeySetUnavailableError` when the JWKS is needed but cannot be fetched."""
+        return self._user(await self._claims(token, user=True))
+
+    async def verify_api_token(self, token: str, *, roles: frozenset[str] = API_ROLES) -> Mapping[str, Any]:
+        """The verified claims of a token that acts for *any* Supabase API role, as Realtime accepts them: the
+        public ``anon`` key and ``service_role`` keys as well as users' access tokens.
+
+        Same algorithm rules and signature check as :meth:`verify`; ``role`` (one of ``roles``) and ``exp`` are
+        required. A user's token (role ``authenticated``) must also pass everything :meth:`verify` checks (audience,
+        issuer, a UUID ``sub``); the project's API keys carry neither audience nor the Auth server's issuer, so those
+        checks apply to user tokens only. The caller decides what the role may do (Realtime lets PostgreSQL's RLS
+        decide, as the role)."""
+        claims = await self._claims(token, user=False)
+        role = claims.get("role")
+        if role not in roles:
+            raise NotAUserTokenError(f"token role must be one of {', '.join(sorted(roles))}")
+        if role == USER_ROLE:
+            return (await self.verify(token)).claims
+        return _freeze(claims)
+
+    async def _claims(self, token: str, *, user: bool) -> dict[str, Any]:
+        """Signature and time claims checked, with the key the configuration (never the token) allows; ``user``
+        adds audience, issuer and ``sub``/``aud`` as required claims, else ``role`` is required."""
         if len(token) > _MAX_TOKEN_LENGTH:
             raise InvalidTokenError("token too large")
         try:
@@ -221,20 +243,17 @@ class TokenVerifier:
             key = self._secret
         else:
             key = await self._jwks_key(header.get("kid"), alg)
-        claims = self._decode(token, key, alg)
-        return self._user(claims)
+        return self._decode(token, key, alg, user=user)
 
-    def _decode(self, token: str, key: Any, alg: str) -> dict[str, Any]:
+    def _decode(self, token: str, key: Any, alg: str, *, user: bool) -> dict[str, Any]:
+        checks: dict[str, Any] = (
+            {"audience": AUDIENCE, "issuer": self._issuer, "options": {"require": ["exp", "sub", "aud"]}}
+            if user
+            else {"options": {"require": ["exp", "role"], "verify_aud": False}}
+        )
+        checks["options"]["verify_signature"] = True
         try:
-            claims: dict[str, Any] = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=AUDIENCE,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                options={"require": ["exp", "sub", "aud"], "verify_signature": True},
-            )
+            claims: dict[str, Any] = jwt.decode(token, key, algorithms=[alg], leeway=self._leeway, **checks)
         except jwt.ExpiredSignatureError:
             raise ExpiredTokenError("token expired") from None
         except jwt.ImmatureSignatureError:
@@ -249,55 +268,11 @@ class TokenVerifier:
             raise InvalidTokenError("bad token signature") from None
         except jwt.PyJWTError:
             raise InvalidTokenError("malformed token") from None
-        if self._issuer is None and "iss" not in claims:
+        if user and self._issuer is None and "iss" not in claims:
             # Without a configured issuer PyJWT checks nothing; a Supabase token always has one, so its absence
             # means the token was minted by something else that happens to share the secret.
             raise InvalidTokenError("token lacks the 'iss' claim")
         return claims
-
-    async def verify_api_token(self, token: str, *, roles: frozenset[str] = API_ROLES) -> Mapping[str, Any]:
-        """The verified claims of a token that acts for *any* Supabase API role, as Realtime accepts them: the
-        public ``anon`` key and ``service_role`` keys as well as users' access tokens.
-
-        Same algorithm rules and signature check as :meth:`verify`; ``role`` (one of ``roles``) and ``exp`` are
-        required. A user's token (role ``authenticated``) must also pass everything :meth:`verify` checks (audience,
-        issuer, a UUID ``sub``); the project's API keys carry neither audience nor the Auth server's issuer, so those
-        checks apply to user tokens only. The caller decides what the role may do (Realtime lets PostgreSQL's RLS
-        decide, as the role)."""
-        if len(token) > _MAX_TOKEN_LENGTH:
-            raise InvalidTokenError("token too large")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidTokenError("malformed token") from None
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.algorithms:
-            raise InvalidTokenError("token algorithm not accepted")
-        key: Any = self._secret if alg == _HMAC else await self._jwks_key(header.get("kid"), alg)
-        try:
-            unverified = jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                leeway=self._leeway,
-                options={"require": ["exp", "role"], "verify_signature": True, "verify_aud": False},
-            )
-        except jwt.ExpiredSignatureError:
-            raise ExpiredTokenError("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise InvalidTokenError("token not yet valid") from None
-        except jwt.MissingRequiredClaimError as exc:
-            raise InvalidTokenError(f"token lacks the {exc.claim!r} claim") from None
-        except jwt.InvalidSignatureError:
-            raise InvalidTokenError("bad token signature") from None
-        except jwt.PyJWTError:
-            raise InvalidTokenError("malformed token") from None
-        role = unverified.get("role")
-        if role not in roles:
-            raise NotAUserTokenError(f"token role must be one of {', '.join(sorted(roles))}")
-        if role == USER_ROLE:
-            return (await self.verify(token)).claims
-        return _freeze(unverified)
 
     @staticmethod
     def _user(claims: dict[str, Any]) -> AuthenticatedUser:
