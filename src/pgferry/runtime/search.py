@@ -8,6 +8,13 @@ pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause ov
 ``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
 (``tests/test_runtime_search.py`` checks them against exact search).
 
+Which plan runs is the planner's choice by default, and under RLS it often picks the exact one: the owner's rows
+through the ``user_id`` index, every distance computed, a sort. That is right for a user with few rows and slow for
+one with thousands (each 1536-d vector is detoasted). ``use_index=True`` makes the HNSW scan the only cheap plan
+(sequential, bitmap and explicit sorts off for the transaction; the functions inherit that): fast for large tenants,
+but for a user owning a tiny share of the rows the iterative scan may stop at ``hnsw.max_scan_tuples`` with fewer
+than ``k`` matches. ``bench/vector.py`` measures both.
+
 Owns argument checking and the two queries; must not open connections or decide who the user is.
 """
 
@@ -58,6 +65,10 @@ class MemoryMatch:
 _TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
 _MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
+_FORCE_INDEX: Final = (
+    "select set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
+    "set_config('enable_sort', 'off', true)"
+)
 _TUNE: Final = (
     "select set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', 'strict_order', true), "
     "set_config('search_path', 'public, extensions, pg_temp', true)"
@@ -105,7 +116,7 @@ def _check(threshold: float, k: int, ef_search: int | None) -> None:
 
 def search_tasks(
     conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    ef_search: int | None = None,
+    ef_search: int | None = None, use_index: bool = False,
 ) -> list[TaskMatch]:
     """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
 
@@ -114,6 +125,8 @@ def search_tasks(
     _check(threshold, k, ef_search)
     params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
     with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
+        if use_index:
+            cur.execute(_FORCE_INDEX)
         if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
             cur.execute(_TASKS_BY_FUNCTION, params)
         else:
@@ -124,12 +137,14 @@ def search_tasks(
 
 def search_memory(
     conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    agent_name: str | None = None, ef_search: int | None = None,
+    agent_name: str | None = None, ef_search: int | None = None, use_index: bool = False,
 ) -> list[MemoryMatch]:
     """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
     _check(threshold, k, ef_search)
     params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k, "agent": agent_name}
     with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
+        if use_index:
+            cur.execute(_FORCE_INDEX)
         if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
             cur.execute(_MEMORY_BY_FUNCTION, params)
         else:
