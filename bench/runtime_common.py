@@ -29,7 +29,7 @@ from pgferry.localstack.databases import create_database
 from pgferry.localstack.stack import prepare_target_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECRET = "bench-jwt-secret-0123456789abcdefghijkl"
+SECRET = "bench-jwt-secret-0123456789abcdefghijkl"  # noqa: S105 (throwaway local server)
 SUPABASE_URL = "http://127.0.0.1:54321"
 
 
