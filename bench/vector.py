@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.0)
-    parser.add_argument("--ef", default="40,100,200", help="ef_search values to measure (comma list)")
+    parser.add_argument("--ef", default="100,200,400", help="ef_search values to measure (comma list)")
     parser.add_argument("--bindir", help="PostgreSQL bin directory (default: embedded 18 or PGFERRY_PG_BINDIR)")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ).fetchall()
             report["plan_uses_hnsw"] = any("ix_tasks_embedding_hnsw" in str(r[0]) for r in plan)
             results = []
-            configs = [(None, False), *[(int(e), True) for e in args.ef.split(",") if e], (None, True)]
+            configs = [(None, False), *[(int(e), True) for e in args.ef.split(",") if e]]
             for ef, use_index in configs:
                 for query, asker in zip(queries[:20], askers[:20], strict=True):  # warm the index pages
                     with client.user_transaction(verified[asker]) as conn:

@@ -3,15 +3,16 @@
 Both run on a connection that is already inside an RLS-scoped transaction (:mod:`pgferry.runtime.scoped`), so a
 user only ever matches their own rows; nothing here filters by owner itself. With the default ``ef_search`` they
 call ``public.match_tasks`` / ``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would. Those functions
-pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so a tuned
-``ef_search`` runs the functions' own query inline instead, with ``hnsw.ef_search`` and pgvector 0.8's
+pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so an
+explicit ``ef_search`` (or ``use_index``) runs the functions' own query inline instead, with ``hnsw.ef_search`` and pgvector 0.8's
 ``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
 (``tests/test_runtime_search.py`` checks them against exact search).
 
 Which plan runs is the planner's choice by default, and under RLS it often picks the exact one: the owner's rows
 through the ``user_id`` index, every distance computed, a sort. That is right for a user with few rows and slow for
 one with thousands (each 1536-d vector is detoasted). ``use_index=True`` makes the HNSW scan the only cheap plan
-(sequential, bitmap and explicit sorts off for the transaction; the functions inherit that): fast for large tenants,
+(sequential, bitmap and explicit sorts off for the transaction, the inline query: a SQL function's query is planned
+for a generic ``LIMIT`` and keeps the exact plan even then): fast for large tenants,
 but for a user owning a tiny share of the rows the iterative scan may stop at ``hnsw.max_scan_tuples`` with fewer
 than ``k`` matches. ``bench/vector.py`` measures both.
 
@@ -39,7 +40,7 @@ DIMENSIONS: Final = 1536
 MAX_MATCHES: Final = 200
 """The ``match_*`` functions cap ``match_count`` here; asking for more is an error rather than a silent cut."""
 DEFAULT_EF_SEARCH: Final = 100
-"""What the ``match_*`` functions pin; passing it (or ``None``) calls the functions themselves."""
+"""What the ``match_*`` functions pin, and the inline query's ``ef_search`` when only ``use_index`` is given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +128,10 @@ def search_tasks(
     with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
         if use_index:
             cur.execute(_FORCE_INDEX)
-        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+        if ef_search is None and not use_index:
             cur.execute(_TASKS_BY_FUNCTION, params)
         else:
-            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
             cur.execute(_TASKS_INLINE, params)
         return cur.fetchall()
 
@@ -145,9 +146,9 @@ def search_memory(
     with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
         if use_index:
             cur.execute(_FORCE_INDEX)
-        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+        if ef_search is None and not use_index:
             cur.execute(_MEMORY_BY_FUNCTION, params)
         else:
-            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
             cur.execute(_MEMORY_INLINE, params)
         return cur.fetchall()
