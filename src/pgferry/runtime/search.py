@@ -4,8 +4,8 @@ Both run on a connection that is already inside an RLS-scoped transaction (:mod:
 user only ever matches their own rows; nothing here filters by owner itself. With the default ``ef_search`` they
 call ``public.match_tasks`` / ``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would. Those functions
 pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so an
-explicit ``ef_search`` (or ``use_index``) runs the functions' own query inline instead, with ``hnsw.ef_search`` and pgvector 0.8's
-``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
+explicit ``ef_search`` (or ``use_index``) runs the functions' own query inline instead, with ``hnsw.ef_search``
+and pgvector 0.8's ``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
 (``tests/test_runtime_search.py`` checks them against exact search).
 
 Which plan runs is the planner's choice by default, and under RLS it often picks the exact one: the owner's rows
