@@ -13,8 +13,8 @@ A throwaway server with the platform schema gets ``--rows`` tasks (no embeddings
    claims, query, COMMIT, four round trips) and ``query`` (``client.query(user, sql, params)``: the same four
    statements in one pipelined round trip). ``--processes`` load processes (separate processes, so Python's GIL
    is not the limit being measured), each with its own ``create_database_client`` pool (``--pool`` connections,
-   direct mode) and ``--threads`` threads. Every query is what a service does per request: a pooled connection, a transaction
-   as a user whose token was verified (``SET LOCAL ROLE authenticated`` + claims, one statement), ``select … from
+   direct mode) and ``--threads`` threads. Every query is what a service does per request: a pooled connection, a
+   transaction as a user whose token was verified (``SET LOCAL ROLE authenticated`` + claims, one statement), ``select … from
    public.tasks where id = $1`` of one of that user's tasks (RLS applies), commit. Queries per second over
    ``--seconds`` after a warm-up, summed over processes; per-query latency percentiles. The server, the load
    processes and anything else on the machine share its CPUs (the load average is recorded).
