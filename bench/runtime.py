@@ -15,9 +15,9 @@ A throwaway server with the platform schema gets ``--rows`` tasks (no embeddings
    is not the limit being measured), each with its own ``create_database_client`` pool (``--pool`` connections,
    direct mode) and ``--threads`` threads. Every query is what a service does per request: a pooled connection, a
    transaction as a user whose token was verified (``SET LOCAL ROLE authenticated`` + claims, one statement),
-   ``select … from public.tasks where id = $1`` of one of that user's tasks (RLS applies), commit. Queries per second over
-   ``--seconds`` after a warm-up, summed over processes; per-query latency percentiles. The server, the load
-   processes and anything else on the machine share its CPUs (the load average is recorded).
+   ``select … from public.tasks where id = $1`` of one of that user's tasks (RLS applies), commit. Queries per
+   second over ``--seconds`` after a warm-up, summed over processes; per-query latency percentiles. The server,
+   the load processes and anything else on the machine share its CPUs (the load average is recorded).
 2. **Durable queue replay.** ``--writes`` operations (an insert into ``public.tasks`` as the user, each with its
    idempotency key) are put in the on-disk queue, as during an outage; then ``sync_queued_operations`` applies them
    (batches of ``--batch``: one transaction each, idempotency keys recorded, statements pipelined). Writes per
