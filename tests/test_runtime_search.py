@@ -141,11 +141,13 @@ def test_search_memory_filters_by_agent_as_the_caller(
 def test_use_index_makes_the_hnsw_scan_answer(
     pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
 ) -> None:
+    from pgferry.runtime.search import _TASKS_INLINE  # the statement search_tasks runs, explained as it runs
+
+    query = str([float(x) for x in seeded["queries"][0]])
     with user_transaction(pool, users[ALICE]) as conn:
-        search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=80, use_index=True)
+        search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=80, use_index=True)  # sets the transaction up
         plan = "\n".join(str(r[0]) for r in conn.execute(
-            "explain select id from public.tasks order by embedding <=> %s::vector, id limit 5",
-            (str([float(x) for x in seeded["queries"][0]]),),
+            "explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5}
         ))
     assert "ix_tasks_embedding_hnsw" in plan, plan
 

@@ -66,6 +66,8 @@ class MemoryMatch:
 _TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
 _MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
+# The k nearest are found ordered by distance alone, which the HNSW index yields without a sort (with the id as a
+# second key, PostgreSQL 15 sorts instead, even with sorts disabled); the k rows are then ordered as the functions do.
 _FORCE_INDEX: Final = (
     "select set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
     "set_config('enable_sort', 'off', true)"
@@ -75,22 +77,28 @@ _TUNE: Final = (
     "set_config('search_path', 'public, extensions, pg_temp', true)"
 )
 _TASKS_INLINE: Final = """
-  select t.id, t.title, t.description, t.status, t.environment_id,
-         1 - (t.embedding <=> %(q)s::vector) as similarity
-  from public.tasks t
-  where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
-  order by t.embedding <=> %(q)s::vector asc, t.id
-  limit %(k)s
+  select * from (
+    select t.id, t.title, t.description, t.status, t.environment_id,
+           1 - (t.embedding <=> %(q)s::vector) as similarity
+    from public.tasks t
+    where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
+    order by t.embedding <=> %(q)s::vector
+    limit %(k)s
+  ) nearest
+  order by similarity desc, id
 """
 _MEMORY_INLINE: Final = """
-  select m.id, m.agent_name, m.memory_type, m.content, m.importance,
-         1 - (m.embedding <=> %(q)s::vector) as similarity
-  from public.agent_memory m
-  where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
-    and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
-    and (m.expires_at is null or m.expires_at > now())
-  order by m.embedding <=> %(q)s::vector asc, m.id
-  limit %(k)s
+  select * from (
+    select m.id, m.agent_name, m.memory_type, m.content, m.importance,
+           1 - (m.embedding <=> %(q)s::vector) as similarity
+    from public.agent_memory m
+    where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
+      and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
+      and (m.expires_at is null or m.expires_at > now())
+    order by m.embedding <=> %(q)s::vector
+    limit %(k)s
+  ) nearest
+  order by similarity desc, id
 """
 
 
