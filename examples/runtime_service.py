@@ -98,9 +98,10 @@ def run(settings: Settings, tokens: list[str], state_dir: Path) -> None:
 
         health = health_check(client)
         print(f"health: ok={health.ok}, queue depth {db.queue.depth()}")
-        samples = {s.name: s.value for m in db.metrics.registry.collect() for s in m.samples}
-        print(f"metrics: {int(samples['pgferry_runtime_query_seconds_count'])} timed transaction(s), "
-              f"pool waiting {int(samples['pgferry_runtime_pool_waiting'])}")
+        samples = [s for m in db.metrics.registry.collect() for s in m.samples]
+        timed = sum(s.value for s in samples if s.name == "pgferry_runtime_query_seconds_count")
+        waiting = sum(s.value for s in samples if s.name == "pgferry_runtime_pool_waiting")
+        print(f"metrics: {int(timed)} timed transaction(s), pool waiting {int(waiting)}")
         db.close()
 
 

@@ -220,6 +220,12 @@ def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster
         db = ResilientDatabase(client, tmp_path / "state", write_policy=FAST)
         alice = client.verify(token_for(ALICE))
         db.write(alice, Operation(APPEND, {"n": "1", "log": log_row}))
+        with psycopg.connect(own_server.url(), autocommit=True) as conn:
+            conn.execute("select pg_create_logical_replication_slot('metrics_slot', 'pgoutput')")
+            conn.execute("insert into public.tasks (user_id, title) select %s, 'wal' from generate_series(1, 500)",
+                         (ALICE,))
+            assert db.health_check().ok
+            conn.execute("select pg_drop_replication_slot('metrics_slot')")
         own_server.stop(mode="immediate")
         try:
             assert db.write(alice, Operation(APPEND, {"n": "2", "log": log_row})) is WriteOutcome.QUEUED
@@ -237,3 +243,4 @@ def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster
     assert sum(v for (name, _labels), v in samples.items() if name == "pgferry_runtime_retries_total") >= 1
     assert {("pgferry_runtime_pool_connections", (("state", s),)) for s in ("in_use", "idle")} <= set(samples)
     assert ("pgferry_runtime_pool_waiting", ()) in samples
+    assert samples[("pgferry_runtime_replication_slot_lag_bytes", (("slot", "metrics_slot"),))] > 0

@@ -170,3 +170,21 @@ def test_async_user_transaction_is_scoped_the_same_way(target_url: str, tenants:
     assert seen == (1, 1)
     assert leftover is None
     assert everything == 2
+
+
+def test_query_as_user_is_scoped_and_rolls_back_on_error(
+    pool: ConnectionPool[Any], tokens: SupabaseProject, tenants: Any
+) -> None:
+    from pgferry.runtime.scoped import query_as_user
+
+    alice = tokens.verify_sync(token_for(ALICE))
+    rows = query_as_user(pool, alice, "select id, user_id from public.tasks where id = any(%s)",
+                         ([tenants[ALICE]["tasks"], tenants[BOB]["tasks"]],))
+    assert rows == [(tenants[ALICE]["tasks"], ALICE)]  # Bob's id asked for, not returned
+    assert query_as_user(pool, alice, "update public.tasks set title = 'x' where user_id = %s", (BOB,)) == []
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        query_as_user(pool, alice, "insert into public.tasks (user_id, title) values (%s, 'no')", (BOB,))
+    with pool.connection() as conn:  # the pipeline's transaction is gone, and so are the claims
+        assert conn.execute("select current_user, auth.uid()").fetchone() == ("postgres", None)
+    with service_role_transaction(pool) as conn:
+        assert _count(conn, "tasks", "title in ('x', 'no')") == 0

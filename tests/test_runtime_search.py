@@ -86,17 +86,19 @@ def _exact(ids: list[uuid.UUID], vectors: np.ndarray, query: np.ndarray, thresho
     return [ids[i] for i in order if sims[i] > threshold][:k]
 
 
-@pytest.mark.parametrize("ef_search", [None, 60, 400], ids=["function", "ef60", "ef400"])
+@pytest.mark.parametrize(
+    ("ef_search", "use_index"), [(None, False), (None, True), (60, True), (400, True), (400, False)],
+    ids=["function", "function-hnsw", "ef60-hnsw", "ef400-hnsw", "ef400-planner"],
+)
 def test_search_tasks_equals_exact_search_for_the_caller(
     pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser],
-    ef_search: int | None,
+    ef_search: int | None, use_index: bool,
 ) -> None:
     ids, vectors = seeded[ALICE]["tasks"]
     for query in seeded["queries"]:
         for threshold, k in ((0.0, 10), (0.3, 25)):
             with user_transaction(pool, users[ALICE]) as conn:
-                conn.execute("set local enable_seqscan = off")  # the HNSW index answers, not a sort
-                found = search_tasks(conn, query, threshold, k, ef_search=ef_search)
+                found = search_tasks(conn, query, threshold, k, ef_search=ef_search, use_index=use_index)
             assert [m.id for m in found] == _exact(ids, vectors, query, threshold, k)
             similarities = [m.similarity for m in found]
             assert similarities == sorted(similarities, reverse=True)
@@ -134,6 +136,20 @@ def test_search_memory_filters_by_agent_as_the_caller(
             found = search_memory(conn, query, 0.1, 15, agent_name="planner", ef_search=ef_search)
         assert [m.id for m in found] == _exact(planner_ids, vectors[planners], query, 0.1, 15)
         assert {m.agent_name for m in found} <= {"planner"}
+
+
+def test_use_index_makes_the_hnsw_scan_answer(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
+) -> None:
+    from pgferry.runtime.search import _TASKS_INLINE  # the statement search_tasks runs, explained as it runs
+
+    query = str([float(x) for x in seeded["queries"][0]])
+    with user_transaction(pool, users[ALICE]) as conn:
+        search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=80, use_index=True)  # sets the transaction up
+        plan = "\n".join(str(r[0]) for r in conn.execute(
+            "explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5}
+        ))
+    assert "ix_tasks_embedding_hnsw" in plan, plan
 
 
 def test_tuned_ef_search_applies_to_that_transaction_only(

@@ -34,6 +34,7 @@ from pgferry.runtime.endpoints import ConnectionPlan, plan_connection
 from pgferry.runtime.scoped import (
     apply_user_to_session,
     auser_transaction,
+    query_as_user,
     service_role_transaction,
     user_transaction,
 )
@@ -114,6 +115,10 @@ class DatabaseClient:
     def user_transaction(self, user: AuthenticatedUser) -> Any:
         """``with client.user_transaction(user) as conn:`` psycopg connection in a transaction as ``user``."""
         return user_transaction(self.pool, user)
+
+    def query(self, user: AuthenticatedUser, statement: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """One statement as ``user`` in one round trip (see :func:`pgferry.runtime.scoped.query_as_user`)."""
+        return query_as_user(self.pool, user, statement, params)
 
     def service_role_transaction(self) -> Any:
         """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""

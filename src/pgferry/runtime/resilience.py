@@ -182,6 +182,25 @@ class ResilientDatabase:
                             conn.execute(op.statement, dict(op.params))
         return len(fresh), len(items) - len(fresh)
 
+    def health_check(self, *, timeout: float = 3.0) -> Health:
+        """:func:`health_check`, and when the database answers, each replication slot's retained WAL into
+        ``pgferry_runtime_replication_slot_lag_bytes`` (Electric's and Realtime's slots fall behind here first)."""
+        health = health_check(self.client, timeout=timeout)
+        if health.ok:
+            try:
+                with self.client.pool.connection(timeout=timeout) as conn:
+                    rows = conn.execute(
+                        "select slot_name, coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::bigint "
+                        "from pg_replication_slots"
+                    ).fetchall()
+            except psycopg.Error as exc:  # e.g. a role without pg_monitor: the health answer stands
+                _log.warning("db.slot_lag_unavailable", error=type(exc).__name__)
+            else:
+                self.metrics.slot_lag_bytes.clear()
+                for slot, retained in rows:
+                    self.metrics.slot_lag_bytes.labels(str(slot)).set(int(retained))
+        return health
+
     # -- writes --------------------------------------------------------------------------------------------------
 
     def write(self, user: AuthenticatedUser | None, operation: Operation) -> WriteOutcome:

@@ -16,7 +16,7 @@ Owns the transaction scoping only; the claims statement is :mod:`pgferry.db.rls`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "apply_user_to_session",
     "auser_transaction",
+    "query_as_user",
     "service_role_transaction",
     "user_claims_of",
     "user_transaction",
@@ -69,6 +70,23 @@ def user_transaction(pool: ConnectionPool[Any], user: AuthenticatedUser) -> Iter
     claims = user_claims_of(user)
     with pool.connection() as conn, scoped_transaction(conn, claims):
         yield conn
+
+
+def query_as_user(
+    pool: ConnectionPool[Any], user: AuthenticatedUser, statement: str, params: Sequence[Any] | Mapping[str, Any] = ()
+) -> list[tuple[Any, ...]]:
+    """One statement as ``user`` in its own transaction, in one network round trip: ``BEGIN``, the claims, the
+    statement and ``COMMIT`` go out together in a pipeline (a request that is one query should not wait for four).
+    Returns the statement's rows; an error rolls the transaction back and is raised.
+    """
+    claims = user_claims_of(user)
+    with pool.connection() as conn:
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            raise ClaimsError("an RLS-scoped transaction needs a connection that is not already in a transaction")
+        with conn.pipeline(), conn.transaction():
+            conn.execute(CLAIMS_SQL, claims_parameters(claims))
+            cursor = conn.execute(statement, params)
+        return cursor.fetchall() if cursor.description is not None else []
 
 
 @contextmanager

@@ -3,10 +3,18 @@
 Both run on a connection that is already inside an RLS-scoped transaction (:mod:`pgferry.runtime.scoped`), so a
 user only ever matches their own rows; nothing here filters by owner itself. With the default ``ef_search`` they
 call ``public.match_tasks`` / ``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would. Those functions
-pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so a tuned
-``ef_search`` runs the functions' own query inline instead, with ``hnsw.ef_search`` and pgvector 0.8's
-``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
+pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so an
+explicit ``ef_search`` (or ``use_index``) runs the functions' own query inline instead, with ``hnsw.ef_search``
+and pgvector 0.8's ``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
 (``tests/test_runtime_search.py`` checks them against exact search).
+
+Which plan runs is the planner's choice by default, and under RLS it often picks the exact one: the owner's rows
+through the ``user_id`` index, every distance computed, a sort. That is right for a user with few rows and slow for
+one with thousands (each 1536-d vector is detoasted). ``use_index=True`` makes the HNSW scan the only cheap plan
+(sequential, bitmap and explicit sorts off for the transaction, the inline query: a SQL function's query is planned
+for a generic ``LIMIT`` and keeps the exact plan even then): fast for large tenants,
+but for a user owning a tiny share of the rows the iterative scan may stop at ``hnsw.max_scan_tuples`` with fewer
+than ``k`` matches. ``bench/vector.py`` measures both.
 
 Owns argument checking and the two queries; must not open connections or decide who the user is.
 """
@@ -32,7 +40,7 @@ DIMENSIONS: Final = 1536
 MAX_MATCHES: Final = 200
 """The ``match_*`` functions cap ``match_count`` here; asking for more is an error rather than a silent cut."""
 DEFAULT_EF_SEARCH: Final = 100
-"""What the ``match_*`` functions pin; passing it (or ``None``) calls the functions themselves."""
+"""What the ``match_*`` functions pin, and the inline query's ``ef_search`` when only ``use_index`` is given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,27 +66,39 @@ class MemoryMatch:
 _TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
 _MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
+# The k nearest are found ordered by distance alone, which the HNSW index yields without a sort (with the id as a
+# second key, PostgreSQL 15 sorts instead, even with sorts disabled); the k rows are then ordered as the functions do.
+_FORCE_INDEX: Final = (
+    "select set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
+    "set_config('enable_sort', 'off', true)"
+)
 _TUNE: Final = (
     "select set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', 'strict_order', true), "
     "set_config('search_path', 'public, extensions, pg_temp', true)"
 )
 _TASKS_INLINE: Final = """
-  select t.id, t.title, t.description, t.status, t.environment_id,
-         1 - (t.embedding <=> %(q)s::vector) as similarity
-  from public.tasks t
-  where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
-  order by t.embedding <=> %(q)s::vector asc, t.id
-  limit %(k)s
+  select * from (
+    select t.id, t.title, t.description, t.status, t.environment_id,
+           1 - (t.embedding <=> %(q)s::vector) as similarity
+    from public.tasks t
+    where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
+    order by t.embedding <=> %(q)s::vector
+    limit %(k)s
+  ) nearest
+  order by similarity desc, id
 """
 _MEMORY_INLINE: Final = """
-  select m.id, m.agent_name, m.memory_type, m.content, m.importance,
-         1 - (m.embedding <=> %(q)s::vector) as similarity
-  from public.agent_memory m
-  where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
-    and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
-    and (m.expires_at is null or m.expires_at > now())
-  order by m.embedding <=> %(q)s::vector asc, m.id
-  limit %(k)s
+  select * from (
+    select m.id, m.agent_name, m.memory_type, m.content, m.importance,
+           1 - (m.embedding <=> %(q)s::vector) as similarity
+    from public.agent_memory m
+    where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
+      and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
+      and (m.expires_at is null or m.expires_at > now())
+    order by m.embedding <=> %(q)s::vector
+    limit %(k)s
+  ) nearest
+  order by similarity desc, id
 """
 
 
@@ -105,7 +125,7 @@ def _check(threshold: float, k: int, ef_search: int | None) -> None:
 
 def search_tasks(
     conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    ef_search: int | None = None,
+    ef_search: int | None = None, use_index: bool = False,
 ) -> list[TaskMatch]:
     """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
 
@@ -114,25 +134,29 @@ def search_tasks(
     _check(threshold, k, ef_search)
     params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
     with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
-        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+        if use_index:
+            cur.execute(_FORCE_INDEX)
+        if ef_search is None and not use_index:
             cur.execute(_TASKS_BY_FUNCTION, params)
         else:
-            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
             cur.execute(_TASKS_INLINE, params)
         return cur.fetchall()
 
 
 def search_memory(
     conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    agent_name: str | None = None, ef_search: int | None = None,
+    agent_name: str | None = None, ef_search: int | None = None, use_index: bool = False,
 ) -> list[MemoryMatch]:
     """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
     _check(threshold, k, ef_search)
     params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k, "agent": agent_name}
     with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
-        if ef_search is None or ef_search == DEFAULT_EF_SEARCH:
+        if use_index:
+            cur.execute(_FORCE_INDEX)
+        if ef_search is None and not use_index:
             cur.execute(_MEMORY_BY_FUNCTION, params)
         else:
-            cur.execute(_TUNE, (str(ef_search),))
+            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
             cur.execute(_MEMORY_INLINE, params)
         return cur.fetchall()
