@@ -270,3 +270,17 @@ def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stac
     asyncio.run(scenario())
     titles = sorted(t["title"] for t in db_tasks(stack.database_url).values())
     assert titles == sorted(f"outbox {n}" for n in range(50))
+
+
+def test_setup_sync_with_a_refused_token_raises_in_one_line(stack: WriteStack) -> None:
+    from pgferry.client import ShapeRequestError
+
+    async def scenario() -> None:
+        client = ElectricSupabaseClient()
+        await client.initialize(ClientConfig(url=stack.proxy_url, access_token="not-a-token"))
+        with pytest.raises(ShapeRequestError, match="401") as raised:
+            await asyncio.wait_for(client.setup_sync(["tasks"]), 30)
+        assert "\n" not in str(raised.value)
+        await client.close()
+
+    asyncio.run(scenario())

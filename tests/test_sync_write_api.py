@@ -321,3 +321,27 @@ def test_errors_are_one_line_and_pickle() -> None:
     batch = BatchRejectedError([problem, problem])
     assert str(pickle.loads(pickle.dumps(batch))) == str(batch)  # noqa: S301
     assert "\n" not in str(batch)
+
+
+def test_runs_of_inserts_go_in_one_statement_and_a_refusal_inside_is_still_pinned(stack: WriteStack) -> None:
+    ids = [str(uuid.uuid4()) for _ in range(8)]
+    run = [
+        mutation("insert", {"id": i, "title": f"run {n}", "tags": ["a b", 'q"'], "priority": n})
+        for n, i in enumerate(ids)
+    ]
+    generated = [mutation("insert", {"title": f"db key {n}"}) for n in range(5)]  # keys chosen by the database
+    response = stack.post(run + generated)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["key"]["id"] for r in results[:8]] == ids
+    stored = dict(rows(stack.database_url, "select title, id::text from tasks"))
+    assert [r["key"]["id"] for r in results[8:]] == [stored[f"db key {n}"] for n in range(5)]
+    assert rows(stack.database_url, "select tags from tasks where title = 'run 3'") == [(["a b", 'q"'],)]
+
+    bad = [
+        mutation("insert", {"title": f"second run {n}", "status": "bogus" if n == 5 else "pending"}) for n in range(8)
+    ]
+    refused = stack.post(bad)
+    assert refused.status_code == 400, refused.text
+    assert [e["field"] for e in refused.json()["errors"]] == ["mutations[5].row"]
+    assert rows(stack.database_url, "select count(*) from tasks") == [(13,)]

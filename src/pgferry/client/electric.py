@@ -81,6 +81,7 @@ class ElectricSupabaseClient:
         self._state_hooks: list[Callable[[ConnectionState], Any]] = []
         self._error_hooks: list[Callable[[BaseException], Any]] = []
         self._synced: dict[str, asyncio.Event] = {}
+        self._failed: dict[str, ShapeRequestError] = {}
         self.state: ConnectionState = "disconnected"
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -97,7 +98,8 @@ class ElectricSupabaseClient:
         return {"authorization": f"Bearer {value}"} if value else {}
 
     async def setup_sync(self, tables: Sequence[str], *, wait: bool = True) -> None:
-        """Start syncing ``tables`` (and delivering the outbox); with ``wait``, return once each is up to date."""
+        """Start syncing ``tables`` (and delivering the outbox); with ``wait``, return once each is up to date, or
+        raise the :class:`ShapeRequestError` that stopped one (a refused token, an unknown table)."""
         config, replica = self._ready()
         for table in tables:
             if table in self._streams:
@@ -130,6 +132,9 @@ class ElectricSupabaseClient:
             self._sender.source_tables.update({name: f"{config.schema}.{name}" for name in self._streams})
         if wait:
             await asyncio.gather(*(self._synced[t].wait() for t in tables))
+            for table in tables:
+                if table in self._failed:
+                    raise self._failed[table]
 
     async def _follow(self, table: str, stream: AsyncShapeStream) -> None:
         """Gather each response's changes; apply them with the position at every up-to-date (atomically)."""
@@ -168,6 +173,8 @@ class ElectricSupabaseClient:
         except ClientClosedError:
             return
         except ShapeRequestError as exc:
+            self._failed[table] = exc
+            self._synced[table].set()  # a setup_sync waiting for this table raises it
             self._set_state("disconnected")
             for hook in self._error_hooks:
                 hook(exc)

@@ -15,8 +15,9 @@ The order inside the transaction is the contract:
    transaction. Rows an update or delete touches are locked (advisory, by key, in one order) before step 2, so the
    column versions read there stay true until commit.
 
-Step 1 claims the ids by inserting them first: two requests racing with the same id meet on its primary key, and the
-second waits until the first commits (and then finds the id applied) or rolls back (and then applies it).
+Two requests racing with the same id both pass step 1; the second then waits on the first's row (a lock, a key) or
+on its record of the id in step 4, and once the first commits it rolls back whole and starts over, finding the id
+applied: an id is applied once.
 
 Synchronous (psycopg): the HTTP layer runs it on a worker thread. Owns the SQL of writes and the idempotency
 records; must not parse request bodies (:mod:`pgferry.sync.mutations`) or speak HTTP (:mod:`pgferry.sync.write_api`).
@@ -68,6 +69,7 @@ where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
 order by a.attnum
 """
 _DEFAULT_POLICY: Final[ConflictPolicy] = ColumnLww()
+_MAX_ATTEMPTS: Final = 4
 _PRIMARY_KEY_SQL: Final = """
 select a.attname
 from pg_catalog.pg_index i
@@ -145,25 +147,53 @@ def apply_batch(
     """Apply ``mutations`` for ``user`` in one transaction on ``conn`` (autocommit, idle); see the module
     docstring for the steps. Updates meet the table's conflict policy (default :class:`ColumnLww`).
     :class:`BatchRejectedError` when any mutation is refused (nothing written)."""
+    fast = True
+    for attempt in range(_MAX_ATTEMPTS):
+        last = attempt == _MAX_ATTEMPTS - 1
+        try:
+            return _apply_batch(conn, user, mutations, policies or {}, fast=fast)
+        except _RacedError:
+            continue  # another request recorded one of these ids first: this time they are replays
+        except _FastPathFailedError:
+            # Something in a one-statement run of inserts failed: run the batch again one statement at a time (it
+            # was rolled back whole), so the refusal is pinned on its mutation and field.
+            fast = False
+        except BatchRejectedError:
+            # A racing request with the same ids commits first, and this one trips over its rows (a key that
+            # now exists): then the ids are applied, and the batch is a replay after all.
+            if last or not _any_applied(conn, mutations):
+                raise
+    raise BatchRejectedError(
+        [MutationRejectedError(None, "mutations", "the same ids are being applied by another request; retry", 409)]
+    )
+
+
+def _apply_batch(
+    conn: psycopg.Connection[Any],
+    user: AuthenticatedUser,
+    mutations: Sequence[Mutation],
+    policies: Mapping[TableName, ConflictPolicy],
+    *,
+    fast: bool,
+) -> BatchResult:
     received_ms = int(time.time() * 1000)
     with conn.transaction():
-        replayed = _claim(conn, user, mutations)
+        replayed = _applied_before(conn, user, mutations)
         fresh = [m for m in mutations if m.id not in replayed]
         results: dict[uuid.UUID, dict[str, Any]] = {}
         txid = ""
         if fresh:
-            state = _ConflictState(policies or {}, received_ms)
+            state = _ConflictState(policies, received_ms)
             state.prepare(conn, fresh)
             apply_claims(conn, user.claims)
-            for mutation in fresh:
-                results[mutation.id] = _apply_one(conn, user, mutation, state)
+            _apply_all(conn, user, fresh, state, results, fast=fast)
             conn.execute("set local role none")
             row = conn.execute("select pg_catalog.pg_current_xact_id()::xid::text").fetchone()
             assert row is not None
             txid = str(row[0])
             for result in results.values():
                 result["txid"] = txid
-            _record(conn, fresh, results, txid)
+            _record(conn, user, fresh, results, txid)
             state.record(conn, user)
     for mutation_id, stored in replayed.items():
         results[mutation_id] = {**stored, "status": "replayed"}
@@ -257,26 +287,12 @@ def _lock_name(mutation: Mutation) -> str:
     return f"{mutation.table.name}/{key_text(mutation.key)}"
 
 
-def _claim(
+def _applied_before(
     conn: psycopg.Connection[Any], user: AuthenticatedUser, mutations: Sequence[Mutation]
 ) -> dict[uuid.UUID, dict[str, Any]]:
-    """Claim the batch's ids (as the server role, before anything is applied) and return those applied before,
-    with their stored results. A request racing with the same id waits here on the primary key until the first
-    commits (then finds the id applied) or rolls back (then claims it itself), so an id is applied once."""
-    ids = [m.id for m in mutations]
-    claimed = {
-        row[0]
-        for row in conn.execute(
-            "insert into pgferry.applied_mutations (id, user_id, txid, result) "
-            "select id, %s, '', '{}' from unnest(%s::uuid[]) as ids(id) on conflict (id) do nothing returning id",
-            [user.user_id, ids],
-        )
-    }
-    if len(claimed) == len(ids):
-        return {}
+    """The batch's ids applied before, with their stored results; an id another user applied is a 409."""
     rows = conn.execute(
-        "select id, user_id, result from pgferry.applied_mutations where id = any(%s)",
-        [[i for i in ids if i not in claimed]],
+        "select id, user_id, result from pgferry.applied_mutations where id = any(%s)", [[m.id for m in mutations]]
     ).fetchall()
     foreign = {row[0] for row in rows if row[1] != user.user_id}
     if foreign:
@@ -290,17 +306,35 @@ def _claim(
     return {row[0]: dict(row[2]) for row in rows}
 
 
+def _any_applied(conn: psycopg.Connection[Any], mutations: Sequence[Mutation]) -> bool:
+    row = conn.execute(
+        "select exists (select 1 from pgferry.applied_mutations where id = any(%s))", [[m.id for m in mutations]]
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _record(
     conn: psycopg.Connection[Any],
+    user: AuthenticatedUser,
     fresh: Sequence[Mutation],
     results: Mapping[uuid.UUID, dict[str, Any]],
     txid: str,
 ) -> None:
-    conn.execute(
-        "update pgferry.applied_mutations a set txid = %s, result = r.result "
-        "from unnest(%s::uuid[], %s::jsonb[]) as r(id, result) where a.id = r.id",
-        [txid, [m.id for m in fresh], [json.dumps(results[m.id]) for m in fresh]],
-    )
+    """Record the applied ids, last: a request that applied one of them meanwhile makes this insert wait for its
+    commit and then conflict, and this batch starts over (and finds them applied) rather than apply them twice."""
+    with conn.cursor() as cursor:
+        cursor.execute(
+            "insert into pgferry.applied_mutations (id, user_id, txid, result) "
+            "select id, %s, %s, result from unnest(%s::uuid[], %s::jsonb[]) as r(id, result) "
+            "on conflict (id) do nothing",
+            [user.user_id, txid, [m.id for m in fresh], [json.dumps(results[m.id]) for m in fresh]],
+        )
+        if cursor.rowcount != len(fresh):
+            raise _RacedError
+
+
+class _RacedError(Exception):
+    """Another request recorded one of this batch's ids first; the batch starts over."""
 
 
 def purge_applied_mutations(conn: psycopg.Connection[Any], retention_seconds: float, *, limit: int = 10_000) -> int:
@@ -317,6 +351,144 @@ def purge_applied_mutations(conn: psycopg.Connection[Any], retention_seconds: fl
 # --------------------------------------------------------------------------------------------------------------
 # One mutation
 # --------------------------------------------------------------------------------------------------------------
+
+
+class _FastPathFailedError(Exception):
+    """A pipelined run of inserts failed somewhere; the batch is redone one statement at a time."""
+
+
+#: Consecutive inserts into one table with the same columns are sent pipelined (one round trip for the run) when
+#: the run is at least this long.
+_PIPELINE_MIN_RUN: Final = 4
+
+
+def _apply_all(
+    conn: psycopg.Connection[Any],
+    user: AuthenticatedUser,
+    mutations: Sequence[Mutation],
+    state: _ConflictState,
+    results: dict[uuid.UUID, dict[str, Any]],
+    *,
+    fast: bool,
+) -> None:
+    """Apply in order. With ``fast``, runs of inserts with the same table and columns go through psycopg's
+    pipelined ``executemany`` (a round trip per run, not per row: the write API's throughput is round trips);
+    any failure there aborts to the exact, one-by-one path."""
+    position = 0
+    while position < len(mutations):
+        run = _insert_run(mutations, position, user) if fast else []
+        if len(run) >= _PIPELINE_MIN_RUN:
+            _insert_pipelined(conn, user, run, results)
+            position += len(run)
+            continue
+        mutation = mutations[position]
+        results[mutation.id] = _apply_one(conn, user, mutation, state)
+        position += 1
+
+
+def _insert_columns(mutation: Mutation, user: AuthenticatedUser) -> tuple[str, ...]:
+    names = list(mutation.values)
+    owner = mutation.table.owner_column
+    if owner is not None and owner not in mutation.values:
+        names.append(owner)
+    return tuple(names)
+
+
+def _insert_run(mutations: Sequence[Mutation], start: int, user: AuthenticatedUser) -> list[Mutation]:
+    first = mutations[start]
+    if first.op != "insert":
+        return []
+    columns = _insert_columns(first, user)
+    run = [first]
+    for mutation in mutations[start + 1 :]:
+        if mutation.op != "insert" or mutation.table is not first.table or _insert_columns(mutation, user) != columns:
+            break
+        run.append(mutation)
+    return run
+
+
+def _insert_pipelined(
+    conn: psycopg.Connection[Any],
+    user: AuthenticatedUser,
+    run: Sequence[Mutation],
+    results: dict[uuid.UUID, dict[str, Any]],
+) -> None:
+    table = run[0].table
+    names = _insert_columns(run[0], user)
+    statement = sql.SQL("insert into {} ({}) values ({}) returning {}").format(
+        _qualified(table),
+        sql.SQL(", ").join(sql.Identifier(name) for name in names),
+        sql.SQL(", ").join(_cast(table.columns[name]) for name in names),
+        _returning_key(table),
+    )
+    owner_value = str(user.user_id)
+    rows = [[m.values.get(name, owner_value) for name in names] for m in run]
+    try:
+        if all(m.key for m in run):
+            # Every key is the client's: one INSERT … SELECT FROM unnest(text[] per column), one round trip and
+            # one statement for the run; the keys are known, so RETURNING's order does not matter.
+            _insert_unnest(conn, table, names, rows)
+            keys = [m.key for m in run]
+        else:
+            keys = _insert_executemany(conn, statement, rows)
+    except psycopg.Error as exc:
+        raise _FastPathFailedError from exc
+    if len(keys) != len(run):
+        raise _FastPathFailedError
+    for mutation, key in zip(run, keys, strict=True):
+        results[mutation.id] = {
+            "id": str(mutation.id),
+            "status": "applied",
+            "op": "insert",
+            "key": dict(zip(table.primary_key, key, strict=True)),
+            "changed": True,
+        }
+
+
+def _insert_executemany(
+    conn: psycopg.Connection[Any], statement: sql.Composable, rows: Sequence[Sequence[Any]]
+) -> list[tuple[str, ...]]:
+    keys: list[tuple[str, ...]] = []
+    with conn.cursor() as cursor:
+        cursor.executemany(statement.as_string(conn), rows, returning=True)
+        while True:
+            row = cursor.fetchone()
+            if row is not None:
+                keys.append(tuple(row))
+            if not cursor.nextset():
+                break
+    return keys
+
+
+def _insert_unnest(
+    conn: psycopg.Connection[Any], table: WriteTable, names: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    aliases = [sql.Identifier(f"c{index}") for index in range(len(names))]
+    statement = sql.SQL("insert into {} ({}) select {} from unnest({}) as u({})").format(
+        _qualified(table),
+        sql.SQL(", ").join(sql.Identifier(name) for name in names),
+        sql.SQL(", ").join(
+            alias + sql.SQL("::") + sql.SQL(table.columns[name].sql_type)
+            for alias, name in zip(aliases, names, strict=True)
+        ),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in names),
+        sql.SQL(", ").join(aliases),
+    )
+    columns = [[_array_literal(row[index]) for row in rows] for index in range(len(names))]
+    conn.execute(statement, columns)
+
+
+def _array_literal(value: Any) -> Any:
+    """A value for a ``text[]`` column of unnest: text as is, an array as its PostgreSQL literal (cast later)."""
+    if not isinstance(value, list):
+        return value
+    parts = []
+    for item in value:
+        if item is None:
+            parts.append("NULL")
+        else:
+            parts.append('"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return "{" + ",".join(parts) + "}"
 
 
 def _apply_one(
