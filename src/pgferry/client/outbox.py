@@ -147,10 +147,10 @@ class OutboxSender:
         """Deliver until ``stop`` is set: send while there is something pending, sleep when idle (a local write
         sets :attr:`wake`) or backing off."""
         while not stop.is_set():
+            self.wake.clear()  # before sending: a write that lands during the send must not be slept through
             outcome = await self.send_once()
             if outcome.sent or outcome.rejected:
                 continue
-            self.wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
             await asyncio.wait(
                 waiters,

@@ -195,24 +195,13 @@ class LocalReplica:
                 conn.execute(f"delete from {synced}")
             touched: set[str] = set()
             txids: set[int] = set()
-            count = 0
             staged = conn.cursor().execute(
                 "select key, op, value, txids from _pgferry_staged where shape = ? order by seq", [name]
             )
-            for key, op, value, staged_txids in staged:
-                change = Change(key, op, json.loads(value), tuple(json.loads(staged_txids)))
-                count += 1
-                if count <= _REBUILD_BY_KEY_UP_TO:
-                    touched.add(change.key)
-                txids.update(change.txids)
-                self._apply_change(conn, synced, columns, change)
+            from_disk = (Change(k, o, json.loads(v), tuple(json.loads(t))) for k, o, v, t in staged)
+            count = self._apply_changes(conn, synced, columns, from_disk, touched, txids)
             conn.execute("delete from _pgferry_staged where shape = ?", [name])
-            for change in changes:
-                count += 1
-                if count <= _REBUILD_BY_KEY_UP_TO:
-                    touched.add(change.key)
-                txids.update(change.txids)
-                self._apply_change(conn, synced, columns, change)
+            count += self._apply_changes(conn, synced, columns, changes, touched, txids, already=count)
             conn.execute(
                 'insert into _pgferry_shapes (name, source_table, "offset", handle, schema) values (?, ?, ?, ?, ?) '
                 'on conflict (name) do update set "offset" = excluded."offset", handle = excluded.handle, '
@@ -253,6 +242,48 @@ class LocalReplica:
             f"create table if not exists {_ident(name)} "
             f"(_key text not null unique, _pending integer not null default 0, {columns}{primary})"
         )
+
+    def _apply_changes(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        columns: list[str],
+        changes: Iterable[Change],
+        touched: set[str],
+        txids: set[int],
+        *,
+        already: int = 0,
+    ) -> int:
+        """Apply changes in order; consecutive inserts with the same columns go through one ``executemany`` (a
+        snapshot is all inserts). Collects touched keys (up to the rebuild-by-key limit) and txids."""
+        known_columns = set(columns)
+        run: list[list[str | None]] = []
+        run_columns: tuple[str, ...] | None = None
+        count = 0
+
+        def flush() -> None:
+            if run and run_columns is not None:
+                names = ", ".join(["_key", *(_ident(c) for c in run_columns)])
+                marks = ", ".join(["?"] * (len(run_columns) + 1))
+                conn.executemany(f"insert or replace into {table} ({names}) values ({marks})", run)
+            run.clear()
+
+        for change in changes:
+            count += 1
+            if already + count <= _REBUILD_BY_KEY_UP_TO:
+                touched.add(change.key)
+            txids.update(change.txids)
+            if change.operation == "insert":
+                names = tuple(c for c in change.value if c in known_columns)
+                if names != run_columns or len(run) >= 2000:
+                    flush()
+                    run_columns = names
+                run.append([change.key, *(change.value[c] for c in names)])
+                continue
+            flush()
+            self._apply_change(conn, table, columns, change)
+        flush()
+        return count
 
     def _apply_change(self, conn: sqlite3.Connection, table: str, columns: list[str], change: Change) -> None:
         if change.operation == "delete":
