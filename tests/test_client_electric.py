@@ -50,7 +50,7 @@ async def start(url: str, user: uuid.UUID, path: Path | str = ":memory:") -> Ele
     return client
 
 
-async def converge(client: ElectricSupabaseClient, url: str, user: uuid.UUID = ALICE, timeout: float = 30) -> None:
+async def converge(client: ElectricSupabaseClient, url: str, user: uuid.UUID = ALICE, timeout: float = 90) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:

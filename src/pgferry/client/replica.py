@@ -57,6 +57,8 @@ create table if not exists _pgferry_staged (
   seq integer primary key autoincrement, shape text not null, key text not null, op text not null,
   value text not null, txids text not null
 );
+create index if not exists _pgferry_outbox_key on _pgferry_outbox (shape, row_key);
+create index if not exists _pgferry_outbox_state on _pgferry_outbox (state, txid);
 create table if not exists _pgferry_seen_txids (txid integer primary key, seen_at real not null);
 create table if not exists _pgferry_rejected (
   mutation_id text primary key, shape text not null, op text not null, row text not null,
@@ -232,15 +234,13 @@ class LocalReplica:
             conn.execute(f"drop table if exists {_ident('_synced_' + name)}")
             conn.execute(f"drop table if exists {_ident(name)}")
         self._schemas[name] = schema
-        key = self.primary_key(name)
+        # One index per table: the shape log's row key, which encodes the primary key (a second index on the key
+        # columns would double the cost of every applied row).
         columns = ", ".join(f"{_ident(c)} text" for c in schema)
-        primary = f", primary key ({', '.join(_ident(c) for c in key)})" if key else ""
-        conn.execute(
-            f"create table if not exists {_ident('_synced_' + name)} (_key text not null unique, {columns}{primary})"
-        )
+        conn.execute(f"create table if not exists {_ident('_synced_' + name)} (_key text primary key, {columns})")
         conn.execute(
             f"create table if not exists {_ident(name)} "
-            f"(_key text not null unique, _pending integer not null default 0, {columns}{primary})"
+            f"(_key text primary key, _pending integer not null default 0, {columns})"
         )
 
     def _apply_changes(
