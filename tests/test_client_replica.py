@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,6 +139,11 @@ def test_changes_and_position_commit_together_or_not_at_all(target_url: str, db:
     db.execute("insert into tasks (user_id, title) values (%s, 'three')", [USER])
     reopened = LocalReplica(tmp_path / "replica.db")
     with make_server(target_url, tmp_path / "sync") as server:
-        sync_once(server.url, reopened)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server's feed has the new row (it lags under load)
+            sync_once(server.url, reopened)
+            if len(reopened.rows("tasks")) >= 2:
+                break
+            time.sleep(0.2)
     assert sorted(r["title"] for r in reopened.rows("tasks")) == ["one", "three"]
     assert reopened.position("tasks") != before[0]
