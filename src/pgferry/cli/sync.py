@@ -49,21 +49,46 @@ def proxy(
     max_snapshots_per_user: Annotated[
         int, typer.Option(min=1, help="New shapes (offset=-1 requests) one user may load at once; more: 429.")
     ] = 2,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL the write API (POST /v1/mutations) writes to, as each user [default: SUPABASE_DB_URL; "
+            "neither: reads only]."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward."""
+    """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward; and,
+    with a database, the write API POST /v1/mutations (one transaction as the user, RLS decides)."""
     # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
     import uvicorn
 
-    from pgferry.sync import ProxyConfig, UserLimits, create_proxy_app, parse_column_rules
+    from pgferry.config import parse_database_url
+    from pgferry.sync import (
+        ProxyConfig,
+        TokenVerifier,
+        UserLimits,
+        WriteApiConfig,
+        create_proxy_app,
+        parse_column_rules,
+    )
 
+    current = settings()
+    write_url = parse_database_url(database_url) if database_url is not None else current.supabase_db_url
+    write = (
+        WriteApiConfig(database_url=write_url.get_secret_value(), verifier=TokenVerifier.from_settings(current))
+        if write_url is not None
+        else None
+    )
     config = ProxyConfig.from_settings(
         upstream=upstream or settings().electric_url or DEFAULT_UPSTREAM,
         allow_origins=tuple(allow_origin or ("*",)),
         tables=parse_column_rules(columns or ()),
         limits=UserLimits(max_shapes=max_shapes_per_user, max_concurrent_snapshots=max_snapshots_per_user),
+        write=write,
     )
-    typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape", err=True)
+    writes = f", writes on http://{host}:{port}/v1/mutations" if write is not None else " (reads only)"
+    typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape{writes}", err=True)
     uvicorn.run(
         create_proxy_app(config),
         host=host,

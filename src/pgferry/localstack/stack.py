@@ -267,7 +267,19 @@ class LocalStack:
         proxy = BackgroundService(
             name="shape proxy",
             directory=self.root / "proxy",
-            argv=[python, "-m", "pgferry", "sync", "proxy", "--upstream", sync_url, "--port", str(state.proxy_port)],
+            argv=[
+                python,
+                "-m",
+                "pgferry",
+                "sync",
+                "proxy",
+                "--upstream",
+                sync_url,
+                "--port",
+                str(state.proxy_port),
+                "--database-url",  # the write API: POST /v1/mutations, as each user
+                target.url(TARGET_DBNAME),
+            ],
             health_url=f"http://127.0.0.1:{state.proxy_port}/v1/health",
         )
         realtime = BackgroundService(

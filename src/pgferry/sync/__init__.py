@@ -23,6 +23,10 @@ The modules behind it:
   :mod:`~pgferry.sync.server` — the dev server: shapes from a snapshot plus the replication stream, logs on disk.
 - :mod:`~pgferry.sync.auth`, :mod:`~pgferry.sync.proxy` — Supabase token verification and the proxy that scopes
   every shape to its user before it reaches Electric (or the dev server).
+- :mod:`~pgferry.sync.write_api`, :mod:`~pgferry.sync.mutations`, :mod:`~pgferry.sync.writer` — the write API
+  (``POST /v1/mutations``): batches checked, applied in one transaction as the user, once per mutation id, and
+  answered with the txid the shape log shows. The proxy serves it when given a :class:`WriteApiConfig`;
+  :func:`create_write_app` mounts it alone.
 - :mod:`~pgferry.sync.errors` — the sync layer's errors (token errors live with the verifier in ``auth``).
 
 Names are imported on first use (PEP 562), so ``import pgferry.sync.auth`` (used by ``pgferry.supabase``) does not
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
     )
     from pgferry.sync.errors import (
         ForbiddenShapeError,
+        MutationRejectedError,
         ProtocolError,
         ShapeUnavailableError,
         SyncDatabaseError,
@@ -60,6 +65,8 @@ if TYPE_CHECKING:
     from pgferry.sync.proxy import ProxyConfig, ShapeProxy, TableRule, create_proxy_app, parse_column_rules
     from pgferry.sync.server import SyncServer, SyncServerConfig, create_sync_app
     from pgferry.sync.tables import default_served_tables
+    from pgferry.sync.write_api import WriteApi, WriteApiConfig, create_write_app
+    from pgferry.sync.writer import BatchRejectedError
 
 #: Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
@@ -89,15 +96,22 @@ _EXPORTS: dict[str, str] = {
     "SyncServerConfig": "pgferry.sync.server",
     "create_sync_app": "pgferry.sync.server",
     "default_served_tables": "pgferry.sync.tables",
+    "MutationRejectedError": "pgferry.sync.errors",
+    "BatchRejectedError": "pgferry.sync.writer",
+    "WriteApi": "pgferry.sync.write_api",
+    "WriteApiConfig": "pgferry.sync.write_api",
+    "create_write_app": "pgferry.sync.write_api",
 }
 
 __all__ = [
     "AuthenticatedUser",
+    "BatchRejectedError",
     "ExpiredTokenError",
     "ForbiddenShapeError",
     "InvalidTokenError",
     "KeySetUnavailableError",
     "MissingTokenError",
+    "MutationRejectedError",
     "NotAUserTokenError",
     "ProtocolError",
     "ProxyConfig",
@@ -113,9 +127,12 @@ __all__ = [
     "UnsupportedFeatureError",
     "UserLimits",
     "WhereClauseError",
+    "WriteApi",
+    "WriteApiConfig",
     "check_sync_database",
     "create_proxy_app",
     "create_sync_app",
+    "create_write_app",
     "default_served_tables",
     "parse_column_rules",
 ]

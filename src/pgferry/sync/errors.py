@@ -20,6 +20,7 @@ from pgferry.errors import PgferryError
 
 __all__ = [
     "ForbiddenShapeError",
+    "MutationRejectedError",
     "ProtocolError",
     "ShapeUnavailableError",
     "SyncDatabaseError",
@@ -145,6 +146,34 @@ class WhereClauseError(ProtocolError):
             problem = f"At location {position}: {problem}"
         super().__init__(field, problem)
         self.position = position
+
+
+class MutationRejectedError(PgferryError):
+    """One mutation of a write batch that cannot be applied: ``field`` is its path in the request body
+    (``mutations[2].row.priority``), ``mutation_id`` the client's id (``None`` when the mutation has no valid id),
+    ``status`` the HTTP status it calls for (400 malformed, 403 not allowed, 404 no such row of yours, 409 conflict
+    with an existing row, 413 too large). The write API answers a batch with any of these with every problem and
+    writes nothing."""
+
+    mutation_id: str | None
+    field: str
+    problem: str
+    status: int
+
+    def __init__(self, mutation_id: str | None, field: str, problem: str, status: int = 400) -> None:
+        problem = " ".join(problem.split())
+        super().__init__(mutation_id, field, problem, status)
+        self.mutation_id = mutation_id
+        self.field = field
+        self.problem = problem
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.problem}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The problem as it appears in the response's ``errors`` list."""
+        return {"id": self.mutation_id, "field": self.field, "problem": self.problem, "status": self.status}
 
 
 def is_connection_error(exc: BaseException) -> bool:

@@ -62,6 +62,7 @@ from pgferry.sync.protocol import (
 )
 from pgferry.sync.responses import authenticate, json_error
 from pgferry.sync.where import WhereClause, check_params, parse_params, parse_where, render_text
+from pgferry.sync.write_api import WriteApi, WriteApiConfig
 
 __all__ = [
     "DEFAULT_UPSTREAM_TIMEOUT",
@@ -222,6 +223,8 @@ class ProxyConfig:
     connect_timeout: float = 5.0
     max_upstream_connections: int = 1000
     limits: UserLimits = field(default_factory=UserLimits)
+    #: The write API (``POST /v1/mutations``) served beside the shapes; ``None``: reads only.
+    write: WriteApiConfig | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -456,6 +459,7 @@ class ShapeProxy:
         self.upstream = _Upstream(config)
         self.shape_url = f"{config.upstream}/v1/shape"
         self.limiter = UserLimiter(config.limits)
+        self.write_api = WriteApi(config.write) if config.write is not None else None
 
     async def shape(self, request: Request) -> Response:
         """Every outcome is a response with a JSON body: an unexpected exception is one log line and a 500."""
@@ -539,16 +543,25 @@ class ShapeProxy:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         try:
-            yield
+            if self.write_api is not None:
+                async with self.write_api.lifespan(app):
+                    yield
+            else:
+                yield
         finally:
             await self.upstream.aclose()
             await self.config.verifier.aclose()
+            if self.config.write is not None and self.config.write.verifier is not self.config.verifier:
+                await self.config.write.verifier.aclose()
 
     def routes(self) -> list[Route]:
-        return [
+        routes = [
             Route("/v1/shape", self.shape, methods=["GET"]),
             Route("/v1/health", self.health, methods=["GET"]),
         ]
+        if self.write_api is not None:
+            routes.extend(self.write_api.routes())
+        return routes
 
     def middleware(self) -> list[Middleware]:
         """CORS: the configured origins may read shapes and the ``electric-*`` headers a shape client needs."""
@@ -557,7 +570,7 @@ class ShapeProxy:
             Middleware(
                 CORSMiddleware,
                 allow_origins=["*"] if allow_all else list(self.config.allow_origins),
-                allow_methods=["GET", "HEAD", "OPTIONS"],
+                allow_methods=["GET", "HEAD", "OPTIONS"] + (["POST"] if self.write_api is not None else []),
                 allow_headers=["Authorization", "Content-Type"],
                 expose_headers=list(EXPOSED_HEADERS),
                 max_age=600,

@@ -1,0 +1,318 @@
+"""Benchmark the write path and the Python client: pgferry's write API, outbox, SQLite replica.
+
+Run from the project root::
+
+    .venv/bin/python bench/write.py                         # 100k rows synced, 200 writes, 10k outbox items
+    .venv/bin/python bench/write.py --replica-rows 1000000  # the 1M-row replica memory target
+
+What is measured
+----------------
+One throwaway PostgreSQL server (fsync on) gets the platform schema and ``--rows`` tasks (``bench/sync.py``'s
+seed: 50 users). The dev sync server runs in its own process (``python -m pgferry sync serve``); the proxy with the
+write API runs in this process (uvicorn in a thread), so it shares the GIL with the clients measured here: the
+figures are a floor of what separate processes give.
+
+1. **Initial sync into SQLite**, in a child process (so its RSS is the client's alone): an
+   ``ElectricSupabaseClient`` syncs the whole ``tasks`` table from the dev server into a fresh SQLite file and is
+   timed from ``setup_sync`` to its return (up to date, applied, committed). The shape is materialised first by
+   one plain HTTP client (its time, the server's snapshot included, is ``server_snapshot_seconds``), as a CDN or
+   a second user would find it: the figure is the client's rate, not the dev server's snapshot rate. Its peak RSS
+   (``ru_maxrss``) is reported; with ``--replica-rows 1000000`` this is the "1M replica rows under 300 MB" target.
+2. **Local write → visible on another client.** Two clients of one user (about ``rows/50`` rows each) through the
+   proxy; client A updates a task ``--writes`` times, ``--spacing`` apart; the time from A's ``update`` returning
+   (the write is in A's replica and outbox) to the new title being in B's replica is recorded.
+3. **Outbox drain.** Client A's sender is pointed at a closed port, ``--outbox`` inserts are written locally,
+   then the sender is pointed back at the proxy; the time until every item is acknowledged by the write API gives
+   mutations per second (batches of 500).
+
+Targets from issue 12, printed PASS/FAIL: write → visible p50 ≤ 50 ms, p99 ≤ 200 ms; outbox drain ≥ 10,000
+mutations/s; initial sync into SQLite ≥ 50,000 rows/s; 1M replica rows under 300 MB RSS.
+
+Output: ``bench/results/write-<YYYY-MM-DD>.json`` and a summary on stdout. Servers and temporary directories are
+removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+
+from pgferry.client import ClientConfig, ElectricSupabaseClient
+
+# The servers' side (bench/sync.py's Database and SyncServer, the proxy) is imported in run() only: the child
+# process that measures the client's memory must not carry it.
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+JWT_SECRET = "bench-write-jwt-secret-with-at-least-32-chars"  # noqa: S105 - a throwaway server's
+SUPABASE_URL = "http://127.0.0.1:54321"
+USER = uuid.UUID("00000000-0000-4000-8000-000000000001")
+
+TARGET_P50_MS = 50.0
+TARGET_P99_MS = 200.0
+TARGET_DRAIN_PER_SECOND = 10_000
+TARGET_SYNC_ROWS_PER_SECOND = 50_000
+TARGET_RSS_BYTES = 300 << 20
+
+
+def token() -> str:
+    now = int(time.time())
+    claims = {
+        "sub": str(USER),
+        "role": "authenticated",
+        "aud": "authenticated",
+        "iss": f"{SUPABASE_URL}/auth/v1",
+        "iat": now,
+        "exp": now + 7200,
+    }
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+# -- 1. initial sync, in a child process ------------------------------------------------------------------------
+
+
+async def child_sync(url: str, path: str) -> dict[str, Any]:
+    client = ElectricSupabaseClient()
+    await client.initialize(ClientConfig(url=url, replica_path=path))
+    started = time.perf_counter()
+    await client.setup_sync(["tasks"])
+    seconds = time.perf_counter() - started
+    assert client.replica is not None
+    rows = client.replica.query('select count(*) from "tasks"')[0][0]
+    await client.close()
+    return {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def materialise(sync_url: str) -> float:
+    """Page through the whole ``tasks`` shape once, as a first client would, so the server's snapshot of it exists;
+    returns the seconds it took (the server's snapshot included)."""
+    started = time.perf_counter()
+    params = {"table": "public.tasks", "offset": "-1"}
+    while True:
+        response = httpx.get(f"{sync_url}/v1/shape", params=params, timeout=120)
+        response.raise_for_status()
+        if "electric-up-to-date" in response.headers:
+            return time.perf_counter() - started
+        params = {
+            "table": "public.tasks",
+            "offset": response.headers["electric-offset"],
+            "handle": response.headers["electric-handle"],
+        }
+
+
+def initial_sync(sync_url: str, root: Path) -> dict[str, Any]:
+    path = root / f"replica-{uuid.uuid4().hex[:8]}.db"
+    output = subprocess.run(
+        [sys.executable, __file__, "--child-sync", sync_url, str(path)], capture_output=True, text=True, check=True
+    )
+    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
+    result["rows_per_second"] = round(result["rows"] / result["seconds"])
+    result["replica_file_bytes"] = path.stat().st_size
+    return result
+
+
+# -- 2. and 3. through the proxy --------------------------------------------------------------------------------
+
+
+async def start_client(url: str) -> ElectricSupabaseClient:
+    client = ElectricSupabaseClient()
+    await client.initialize(ClientConfig(url=url, access_token=token))
+    await client.setup_sync(["tasks"])
+    return client
+
+
+async def write_to_visible(proxy_url: str, writes: int, spacing: float) -> dict[str, Any]:
+    a = await start_client(proxy_url)
+    b = await start_client(proxy_url)
+    assert b.replica is not None
+    task_id = str(a.query("tasks")[0]["id"])
+    key = b.replica.key_of("tasks", {"id": task_id})
+    latencies: list[float] = []
+    for n in range(writes):
+        title = f"bench write {n} {uuid.uuid4().hex[:6]}"
+        await a.update("tasks", {"id": task_id, "title": title})
+        written = time.perf_counter()
+        while True:
+            found = b.replica.query('select title from "_synced_tasks" where _key = ?', [key])
+            if found and found[0][0] == title:
+                latencies.append(time.perf_counter() - written)
+                break
+            if time.perf_counter() - written > 10:
+                raise RuntimeError(f"write {n} never reached the other client")
+            await asyncio.sleep(0.0005)
+        await asyncio.sleep(spacing)
+    await a.close()
+    await b.close()
+    from sync import summarize_ms
+
+    return summarize_ms(latencies)
+
+
+async def outbox_drain(proxy_url: str, items: int) -> dict[str, Any]:
+    client = await start_client(proxy_url)
+    sender = client._sender
+    assert sender is not None and client.replica is not None
+    sender.url = "http://127.0.0.1:9/v1/mutations"
+    started = time.perf_counter()
+    for n in range(items):
+        await client.insert("tasks", {"id": str(uuid.uuid4()), "user_id": USER, "title": f"outbox item {n}"})
+    local_seconds = time.perf_counter() - started
+    sender.url = f"{proxy_url}/v1/mutations"
+    sender.wake.set()
+    started = time.perf_counter()
+    while client.replica.outbox(state="pending", limit=1):
+        await asyncio.sleep(0.005)
+    drain_seconds = time.perf_counter() - started
+    await client.close()
+    return {
+        "items": items,
+        "local_writes_per_second": round(items / local_seconds),
+        "drain_seconds": round(drain_seconds, 3),
+        "drained_per_second": round(items / drain_seconds),
+        "batch_size": sender.batch_size,
+    }
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+
+
+def warm_up(sync_url: str) -> None:
+    """Wait until the server serves ``tasks`` (after a start it answers 503 until the table is ready), with an
+    empty shape, so the timed sync measures syncing and not the server's start."""
+    params = {"table": "tasks", "offset": "-1", "where": "priority = -1"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if httpx.get(f"{sync_url}/v1/shape", params=params, timeout=30).status_code == 200:
+            return
+        time.sleep(0.5)
+    raise RuntimeError("the sync server never served tasks")
+
+
+def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from sync import Database, SyncServer  # bench/ is on sys.path when a benchmark runs as a script
+
+    from pgferry.sync import ProxyConfig, TokenVerifier, WriteApiConfig, create_proxy_app
+    from pgferry.testing.asgi import ServedApp
+
+    database = Database(root, os.environ.get("PGFERRY_PG_BINDIR"), fsync=True)
+    report: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": os.getloadavg()},
+    }
+    server = None
+    try:
+        database.start()
+        report["postgres"] = database.version
+        report["seed"] = database.seed(args.replica_rows or args.rows, embeddings=False)
+        server = SyncServer(database.url, root / "sync", root / "sync.log", live_timeout=20.0)
+        server.start()
+        warm_up(server.url)
+        report["server_snapshot_seconds"] = round(materialise(server.url), 3)
+        print("initial sync into SQLite ...", file=sys.stderr)
+        report["initial_sync"] = initial_sync(server.url, root)
+        if args.replica_rows:
+            return report
+        write_api = WriteApiConfig(
+            database_url=database.url, verifier=TokenVerifier(jwt_secret=JWT_SECRET, supabase_url=SUPABASE_URL)
+        )
+        proxy_config = ProxyConfig(
+            upstream=server.url,
+            verifier=TokenVerifier(jwt_secret=JWT_SECRET, supabase_url=SUPABASE_URL),
+            write=write_api,
+        )
+        with ServedApp(create_proxy_app(proxy_config)) as proxy:
+            print("write -> visible on another client ...", file=sys.stderr)
+            report["write_to_visible_ms"] = asyncio.run(write_to_visible(proxy.url, args.writes, args.spacing))
+            print("outbox drain ...", file=sys.stderr)
+            report["outbox"] = asyncio.run(outbox_drain(proxy.url, args.outbox))
+    finally:
+        if server is not None:
+            server.stop()
+        database.destroy()
+    report["machine"]["load_after"] = os.getloadavg()
+    return report
+
+
+def verdicts(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    out: list[tuple[str, str, bool]] = []
+    sync = report["initial_sync"]
+    out.append(
+        (
+            "initial sync into SQLite",
+            f"{sync['rows_per_second']:,} rows/s ({sync['rows']:,} rows)",
+            sync["rows_per_second"] >= TARGET_SYNC_ROWS_PER_SECOND,
+        )
+    )
+    out.append(
+        (
+            "client RSS after sync",
+            f"{sync['max_rss_bytes'] / 2**20:.0f} MiB for {sync['rows']:,} rows",
+            sync["max_rss_bytes"] < TARGET_RSS_BYTES,
+        )
+    )
+    if "write_to_visible_ms" in report:
+        lat = report["write_to_visible_ms"]
+        out.append(
+            (
+                "write -> visible on another client",
+                f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms",
+                lat["p50_ms"] <= TARGET_P50_MS and lat["p99_ms"] <= TARGET_P99_MS,
+            )
+        )
+        drain = report["outbox"]
+        out.append(
+            (
+                "outbox drain",
+                f"{drain['drained_per_second']:,} mutations/s",
+                drain["drained_per_second"] >= TARGET_DRAIN_PER_SECOND,
+            )
+        )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--replica-rows", type=int, default=0, help="only the initial sync, of this many rows")
+    parser.add_argument("--writes", type=int, default=200)
+    parser.add_argument("--spacing", type=float, default=0.03)
+    parser.add_argument("--outbox", type=int, default=10_000)
+    parser.add_argument("--child-sync", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_sync:
+        print(json.dumps(asyncio.run(child_sync(*args.child_sync))))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="pgferry-bench-write-") as directory:
+        report = run(args, Path(directory))
+    report["verdicts"] = [{"what": w, "measured": m, "met": ok} for w, m, ok in verdicts(report)]
+    RESULTS_DIR.mkdir(exist_ok=True)
+    suffix = "-1m" if args.replica_rows else ""
+    path = RESULTS_DIR / f"write-{dt.date.today().isoformat()}{suffix}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    for what, measured, ok in verdicts(report):
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {measured}")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The Shape protocol as a client sees it, with no I/O: what to ask next, and what an answer means.
+
+Shared by :class:`~pgferry.client.shape_async.AsyncShapeStream` and :class:`~pgferry.client.shape.ShapeStream`
+(psycopg 3's pattern: one base, an async module and a sync module that only do the I/O). Follows
+``@electric-sql/client``'s ``ShapeStream``: start at ``offset=-1``; page with the ``electric-offset`` and
+``electric-handle`` of each answer until ``up-to-date``; then ``live=true`` long-polls carrying ``cursor``; a 409 is
+``must-refetch`` (start over from ``-1`` with the new handle: the consumer must drop what it holds); 429 and 5xx are
+retried after ``Retry-After`` or a backoff with full jitter; any other 4xx stops the stream with an error.
+
+Owns the client's protocol state (offset, handle, cursor, schema); must not do HTTP or store anything.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from pgferry.client.errors import ShapeRequestError
+
+__all__ = ["Change", "ShapeBatch", "ShapeOptions", "ShapeState"]
+
+HANDLE: Final = "electric-handle"
+OFFSET: Final = "electric-offset"
+CURSOR: Final = "electric-cursor"
+SCHEMA: Final = "electric-schema"
+UP_TO_DATE: Final = "electric-up-to-date"
+_RETRIED: Final = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row change: ``value`` holds PostgreSQL text values by column (``None``: SQL NULL; with
+    ``replica=default`` an update carries only the changed columns and the key), ``txids`` the transaction(s) it
+    came from (empty for snapshot rows)."""
+
+    key: str
+    operation: str
+    value: Mapping[str, str | None]
+    txids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShapeBatch:
+    """One answer: its changes in log order, where the stream stands after it, and what it said.
+
+    ``up_to_date``: the client now holds everything up to ``offset`` (a consistent point: apply the changes
+    gathered since the previous up-to-date atomically here). ``must_refetch``: the shape was rotated; drop every
+    row of it and everything gathered, the stream starts over."""
+
+    changes: list[Change]
+    offset: str
+    handle: str | None
+    up_to_date: bool = False
+    must_refetch: bool = False
+    schema: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ShapeOptions:
+    """What shape to follow: ``table`` plus Electric's optional ``where``/``params``/``columns``/``replica``, and
+    any extra query parameters (``secret`` for a dev server, a proxy's own). ``live=False`` stops at the first
+    up-to-date."""
+
+    table: str
+    where: str | None = None
+    params: Mapping[int, str] = field(default_factory=dict)
+    columns: tuple[str, ...] | None = None
+    replica: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+    live: bool = True
+
+    def query(self) -> dict[str, str]:
+        query = {"table": self.table, **self.extra}
+        if self.where is not None:
+            query["where"] = self.where
+        for index, value in self.params.items():
+            query[f"params[{index}]"] = value
+        if self.columns is not None:
+            query["columns"] = ",".join(self.columns)
+        if self.replica is not None:
+            query["replica"] = self.replica
+        return query
+
+
+class ShapeState:
+    """Where the stream stands: offset, handle, cursor, whether it is up to date, the last schema seen."""
+
+    def __init__(self, options: ShapeOptions, *, offset: str = "-1", handle: str | None = None) -> None:
+        if offset != "-1" and handle is None:
+            raise ValueError("resuming from an offset needs the handle it belongs to")
+        self.options = options
+        self.offset = offset
+        self.handle = handle
+        self.cursor: str | None = None
+        self.up_to_date = False
+        self.schema: Mapping[str, Any] | None = None
+        self.failures = 0
+
+    def request_params(self) -> dict[str, str]:
+        query = self.options.query()
+        query["offset"] = self.offset
+        if self.handle is not None:
+            query["handle"] = self.handle
+        if self.up_to_date and self.offset != "-1":
+            query["live"] = "true"
+            if self.cursor is not None:
+                query["cursor"] = self.cursor
+        return query
+
+    def should_retry(self, status: int) -> bool:
+        return status in _RETRIED
+
+    def on_failure(self) -> int:
+        """Count a failed attempt (retryable status or transport error); the attempt number for the backoff."""
+        self.failures += 1
+        return self.failures
+
+    def on_response(self, status: int, headers: Mapping[str, str], body: bytes) -> ShapeBatch | None:
+        """The batch an answer carries (``None`` for a 204 live timeout); :class:`ShapeRequestError` for a refusal
+        that retrying cannot fix."""
+        if status == 409:
+            return self._must_refetch(headers)
+        if status == 204:
+            self.failures = 0
+            return None
+        if status != 200:
+            raise ShapeRequestError.from_response(status, body)
+        self.failures = 0
+        self.handle = headers.get(HANDLE) or self.handle
+        self.offset = headers.get(OFFSET) or self.offset
+        self.cursor = headers.get(CURSOR) or self.cursor
+        if SCHEMA in headers:
+            self.schema = json.loads(headers[SCHEMA])
+        changes, up_to_date, refetch = _read_messages(body)
+        if refetch:
+            return self._must_refetch(headers)
+        up_to_date = up_to_date or UP_TO_DATE in headers
+        if up_to_date:
+            self.up_to_date = True
+        return ShapeBatch(changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema)
+
+    def _must_refetch(self, headers: Mapping[str, str]) -> ShapeBatch:
+        self.offset = "-1"
+        self.handle = headers.get(HANDLE) or None
+        self.cursor = None
+        self.up_to_date = False
+        self.failures = 0
+        return ShapeBatch([], self.offset, self.handle, must_refetch=True)
+
+
+def _read_messages(body: bytes) -> tuple[list[Change], bool, bool]:
+    messages = json.loads(body) if body.strip() else []
+    if not isinstance(messages, list):
+        raise ShapeRequestError(200, "the shape answer is not a JSON array of messages")
+    changes: list[Change] = []
+    up_to_date = refetch = False
+    for message in messages:
+        headers = message.get("headers", {})
+        control = headers.get("control")
+        if control == "up-to-date":
+            up_to_date = True
+        elif control == "must-refetch":
+            refetch = True
+        elif "key" in message:
+            changes.append(
+                Change(
+                    key=message["key"],
+                    operation=headers.get("operation", "insert"),
+                    value=message.get("value", {}),
+                    txids=tuple(int(t) for t in headers.get("txids", ())),
+                )
+            )
+    return changes, up_to_date, refetch
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a ``Retry-After`` header in seconds form (the form Electric and the proxy send)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, min(60.0, float(value)))
+    except ValueError:
+        return None

@@ -1,0 +1,165 @@
+"""The outbox sender: delivers the replica's pending local mutations to the write API, in order, in batches.
+
+One batch at a time, oldest first (``POST /v1/mutations`` with the user's token). The answer decides:
+
+- 200: every item is acknowledged with its txid (:meth:`LocalReplica.acknowledge`); the optimistic state stays until
+  that txid streams in (or goes at once when the server changed nothing);
+- 4xx with per-mutation errors: those mutations are rejected — their optimistic state rolled back and reported to
+  the application — and the rest of the batch, which the server did not write (all-or-nothing), is sent again;
+- 401: the token is refreshed through the headers callable on the next attempt;
+- 429, 5xx, no connection: retried with full-jitter backoff, forever: nothing is lost while the server is down,
+  and a mutation id is applied at most once however often it is sent (the server keeps the ids).
+
+Owns delivery; must not touch the stream or the replica's tables directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+
+from pgferry.client.replica import LocalReplica, OutboxItem, Rejection
+from pgferry.client.shape_async import DEFAULT_BACKOFF, HeadersArg
+from pgferry.client.values import parse_value, to_json_value
+from pgferry.db.retry import RetryPolicy
+
+__all__ = ["DEFAULT_BATCH", "OutboxSender", "SendOutcome"]
+
+DEFAULT_BATCH: Final = 500
+_RETRIED: Final = frozenset({401, 408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    """What one delivery round did."""
+
+    sent: int = 0
+    rejected: tuple[Rejection, ...] = ()
+    retry_in: float | None = None
+
+
+class OutboxSender:
+    """Drains a :class:`LocalReplica`'s outbox to ``url`` (the proxy or a mounted write API; ``/v1/mutations`` is
+    appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
+
+    def __init__(
+        self,
+        replica: LocalReplica,
+        url: str,
+        source_tables: Mapping[str, str],
+        *,
+        headers: HeadersArg = None,
+        client: httpx.AsyncClient | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        backoff: RetryPolicy = DEFAULT_BACKOFF,
+        on_rejected: Callable[[Rejection], Any] | None = None,
+    ) -> None:
+        self.url = url if url.rstrip("/").endswith("/v1/mutations") else url.rstrip("/") + "/v1/mutations"
+        self.replica = replica
+        self.source_tables = dict(source_tables)
+        self._headers = headers
+        self._own_client = client is None
+        self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
+        self.batch_size = batch_size
+        self.backoff = backoff
+        self.on_rejected = on_rejected
+        self._failures = 0
+        self.wake = asyncio.Event()
+
+    def _body(self, items: list[OutboxItem]) -> bytes:
+        mutations = []
+        for item in items:
+            schema = self.replica.schema(item.shape)
+            mutation: dict[str, Any] = {
+                "id": item.mutation_id,
+                "op": item.op,
+                "table": self.source_tables[item.shape],
+                "row": item.row,
+                "written_at": item.written_at,
+            }
+            if item.base is not None and item.op == "update":
+                mutation["base"] = {
+                    c: to_json_value(parse_value(v, schema[c]), schema[c])
+                    for c, v in item.base.items()
+                    if c in item.row and c in schema
+                }
+            mutations.append(mutation)
+        return json.dumps({"mutations": mutations}).encode()
+
+    async def send_once(self) -> SendOutcome:
+        """Send the oldest batch of pending items (nothing to do: ``SendOutcome()``)."""
+        items = await asyncio.to_thread(self.replica.outbox, state="pending", limit=self.batch_size)
+        if not items:
+            return SendOutcome()
+        headers = {"content-type": "application/json"}
+        extra = self._headers() if callable(self._headers) else self._headers
+        headers.update(extra or {})
+        try:
+            response = await self._client.post(self.url, content=self._body(items), headers=headers)
+        except httpx.TransportError:
+            return self._retry_later()
+        if response.status_code == 200:
+            self._failures = 0
+            await asyncio.to_thread(self.replica.acknowledge, response.json()["results"])
+            return SendOutcome(sent=len(items))
+        if response.status_code in _RETRIED:
+            return self._retry_later(response.headers.get("retry-after"))
+        return await self._rejected(items, response)
+
+    async def _rejected(self, items: list[OutboxItem], response: httpx.Response) -> SendOutcome:
+        try:
+            errors = [e for e in response.json().get("errors", []) if isinstance(e, dict)]
+        except ValueError:
+            errors = []
+        ours = {item.mutation_id for item in items}
+        at_fault = [e for e in errors if e.get("id") in ours]
+        if not at_fault:
+            # A refusal that names no mutation (a body problem): the oldest item is the one that cannot go.
+            at_fault = [
+                {
+                    "id": items[0].mutation_id,
+                    "field": "mutations",
+                    "problem": response.text[:200],
+                    "status": response.status_code,
+                }
+            ]
+        rejected = await asyncio.to_thread(self.replica.reject, at_fault)
+        for rejection in rejected:
+            if self.on_rejected is not None:
+                self.on_rejected(rejection)
+        return SendOutcome(rejected=tuple(rejected))
+
+    def _retry_later(self, retry_after: str | None = None) -> SendOutcome:
+        self._failures += 1
+        delay = self.backoff.delay(self._failures)
+        if retry_after is not None:
+            with contextlib.suppress(ValueError):
+                delay = max(0.0, min(60.0, float(retry_after)))
+        return SendOutcome(retry_in=delay)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Deliver until ``stop`` is set: send while there is something pending, sleep when idle (a local write
+        sets :attr:`wake`) or backing off."""
+        while not stop.is_set():
+            self.wake.clear()  # before sending: a write that lands during the send must not be slept through
+            outcome = await self.send_once()
+            if outcome.sent or outcome.rejected:
+                continue
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            await asyncio.wait(
+                waiters,
+                timeout=outcome.retry_in if outcome.retry_in is not None else 1.0,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def aclose(self) -> None:
+        if self._own_client:
+            await self._client.aclose()

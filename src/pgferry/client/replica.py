@@ -1,0 +1,537 @@
+"""The local replica: synced shapes in SQLite, the optimistic overlay and the durable outbox, one file.
+
+Per shape (named after its table, e.g. ``tasks``) two tables hold the rows, every value exactly as the server sent
+it (PostgreSQL's text form: uuid, jsonb, arrays, timestamps and vectors round-trip unchanged; typed reads go through
+:mod:`pgferry.client.values`):
+
+- ``"_synced_<name>"``: the server's state as of the stored offset. Changes from the stream are gathered and applied
+  only at an ``up-to-date`` boundary, in **one** SQLite transaction together with the new offset and handle
+  (``_pgferry_shapes``), so after a crash the replica is never ahead of or behind its offset. A ``must-refetch``
+  replaces the rows in that same way once the new snapshot is up to date (no empty moment, no half state).
+- ``"<name>"``: what the application reads and queries with SQL: the synced row with every pending local mutation
+  replayed over it, in order. A local write changes this table and enters ``_pgferry_outbox`` in one transaction.
+
+Outbox items are ``pending`` (not yet acknowledged) or ``sent`` (the write API applied them in transaction
+``txid``). An item is dropped — and its key's visible row rebuilt from the synced row — when its txid has appeared in
+the stream (``_pgferry_seen_txids``, recorded at each applied boundary), at once when the server says it changed
+nothing, or when it is rejected (the rejection is kept in ``_pgferry_rejected`` for the application).
+
+Synchronous (sqlite3, WAL); the async client calls it on a worker thread. Owns the local storage; must not do HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pgferry.client._shape_base import Change
+from pgferry.client.values import parse_value
+
+__all__ = ["LocalReplica", "OutboxItem", "Rejection"]
+
+_META: Final = """
+create table if not exists _pgferry_shapes (
+  name text primary key, source_table text not null, "offset" text not null, handle text, schema text not null
+);
+create table if not exists _pgferry_outbox (
+  seq integer primary key autoincrement,
+  mutation_id text not null unique,
+  shape text not null,
+  op text not null,
+  row_key text not null,
+  row text not null,
+  base text,
+  written_at integer not null,
+  state text not null default 'pending',
+  txid integer
+);
+create table if not exists _pgferry_staged (
+  seq integer primary key autoincrement, shape text not null, key text not null, op text not null,
+  value text not null, txids text not null
+);
+create index if not exists _pgferry_outbox_key on _pgferry_outbox (shape, row_key);
+create index if not exists _pgferry_outbox_state on _pgferry_outbox (state, txid);
+create table if not exists _pgferry_seen_txids (txid integer primary key, seen_at real not null);
+create table if not exists _pgferry_rejected (
+  mutation_id text primary key, shape text not null, op text not null, row text not null,
+  field text, problem text not null, status integer not null, rejected_at real not null
+);
+"""
+#: Stream txids remembered for matching acknowledgements that arrive after the change itself.
+_SEEN_TXIDS_KEPT: Final = 100_000
+
+#: Above this many changes at one boundary the visible table is rebuilt whole (one statement) rather than by key.
+_REBUILD_BY_KEY_UP_TO: Final = 10_000
+
+Op = Literal["insert", "update", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """One local mutation waiting to be delivered (or acknowledged): what the sender posts."""
+
+    seq: int
+    mutation_id: str
+    shape: str
+    op: Op
+    row: dict[str, Any]
+    base: dict[str, Any] | None
+    written_at: int
+    state: str
+    txid: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A mutation the server refused; its optimistic state was rolled back."""
+
+    mutation_id: str
+    shape: str
+    op: str
+    row: dict[str, Any]
+    field: str | None
+    problem: str
+    status: int
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class LocalReplica:
+    """``LocalReplica(path)`` (``":memory:"`` for a throwaway one). Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            if self.path != ":memory:":
+                self._conn.execute("pragma journal_mode = wal")
+            self._conn.execute(
+                "pragma synchronous = normal" if self.path == ":memory:" else "pragma synchronous = full"
+            )
+            self._conn.executescript(_META)
+            # Staged changes of a boundary that never committed (a crash): their offset was not stored either.
+            self._conn.execute("delete from _pgferry_staged")
+        self._schemas: dict[str, dict[str, Any]] = {
+            name: json.loads(schema) for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
+        }
+
+    # -- transactions ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("begin immediate")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("rollback")
+                raise
+            self._conn.execute("commit")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- shapes ---------------------------------------------------------------------------------------------------
+
+    def position(self, name: str) -> tuple[str, str | None] | None:
+        """The stored ``(offset, handle)`` of a shape, to resume its stream; ``None`` if never synced."""
+        with self._lock:
+            row = self._conn.execute('select "offset", handle from _pgferry_shapes where name = ?', [name]).fetchone()
+        return (str(row[0]), row[1]) if row else None
+
+    def schema(self, name: str) -> dict[str, Any]:
+        return self._schemas.get(name, {})
+
+    def primary_key(self, name: str) -> list[str]:
+        schema = self.schema(name)
+        return [
+            c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
+        ]
+
+    def stage(self, name: str, changes: Sequence[Change]) -> None:
+        """Park changes of a long stretch before the next up-to-date (a large snapshot) on disk, not in memory; the
+        next :meth:`apply` moves them in with its own, in its one transaction. Invisible until then."""
+        with self._transaction() as conn:
+            conn.executemany(
+                "insert into _pgferry_staged (shape, key, op, value, txids) values (?, ?, ?, ?, ?)",
+                [(name, c.key, c.operation, json.dumps(dict(c.value)), json.dumps(list(c.txids))) for c in changes],
+            )
+
+    def discard_staged(self, name: str) -> None:
+        """Forget staged changes (the shape must be refetched)."""
+        with self._transaction() as conn:
+            conn.execute("delete from _pgferry_staged where shape = ?", [name])
+
+    def apply(
+        self,
+        name: str,
+        source_table: str,
+        changes: Sequence[Change],
+        *,
+        offset: str,
+        handle: str | None,
+        schema: Mapping[str, Any] | None,
+        reset: bool = False,
+    ) -> set[int]:
+        """Apply the changes gathered up to an up-to-date boundary, with the new position, in one transaction;
+        ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
+        outbox items they acknowledge."""
+        with self._transaction() as conn:
+            if schema is not None and (reset or dict(schema) != self._schemas.get(name)):
+                self._ensure_tables(conn, name, dict(schema))
+            columns = list(self._schemas[name])
+            synced = _ident(f"_synced_{name}")
+            if reset:
+                conn.execute(f"delete from {synced}")
+            touched: set[str] = set()
+            txids: set[int] = set()
+            staged = conn.cursor().execute(
+                "select key, op, value, txids from _pgferry_staged where shape = ? order by seq", [name]
+            )
+            from_disk = (Change(k, o, json.loads(v), tuple(json.loads(t))) for k, o, v, t in staged)
+            count = self._apply_changes(conn, synced, columns, from_disk, touched, txids)
+            conn.execute("delete from _pgferry_staged where shape = ?", [name])
+            count += self._apply_changes(conn, synced, columns, changes, touched, txids, already=count)
+            conn.execute(
+                'insert into _pgferry_shapes (name, source_table, "offset", handle, schema) values (?, ?, ?, ?, ?) '
+                'on conflict (name) do update set "offset" = excluded."offset", handle = excluded.handle, '
+                "schema = excluded.schema",
+                [name, source_table, offset, handle, json.dumps(self._schemas[name])],
+            )
+            if txids:
+                now = time.time()
+                conn.executemany(
+                    "insert or ignore into _pgferry_seen_txids (txid, seen_at) values (?, ?)", [(t, now) for t in txids]
+                )
+                conn.execute(
+                    "delete from _pgferry_seen_txids where txid not in "
+                    "(select txid from _pgferry_seen_txids order by seen_at desc limit ?)",
+                    [_SEEN_TXIDS_KEPT],
+                )
+            settled = self._drop_seen(conn, name)
+            if reset or count > _REBUILD_BY_KEY_UP_TO:
+                self._rebuild_all(conn, name)
+            else:
+                self._rebuild(conn, name, touched | settled)
+        return txids
+
+    def _ensure_tables(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any]) -> None:
+        """Create (or, when the server's columns changed, recreate) the shape's two tables."""
+        old = self._schemas.get(name)
+        if old is not None and old != schema:
+            conn.execute(f"drop table if exists {_ident('_synced_' + name)}")
+            conn.execute(f"drop table if exists {_ident(name)}")
+        self._schemas[name] = schema
+        # One index per table: the shape log's row key, which encodes the primary key (a second index on the key
+        # columns would double the cost of every applied row).
+        columns = ", ".join(f"{_ident(c)} text" for c in schema)
+        conn.execute(f"create table if not exists {_ident('_synced_' + name)} (_key text primary key, {columns})")
+        conn.execute(
+            f"create table if not exists {_ident(name)} "
+            f"(_key text primary key, _pending integer not null default 0, {columns})"
+        )
+
+    def _apply_changes(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        columns: list[str],
+        changes: Iterable[Change],
+        touched: set[str],
+        txids: set[int],
+        *,
+        already: int = 0,
+    ) -> int:
+        """Apply changes in order; consecutive inserts with the same columns go through one ``executemany`` (a
+        snapshot is all inserts). Collects touched keys (up to the rebuild-by-key limit) and txids."""
+        known_columns = set(columns)
+        run: list[list[str | None]] = []
+        run_columns: tuple[str, ...] | None = None
+        count = 0
+
+        def flush() -> None:
+            if run and run_columns is not None:
+                names = ", ".join(["_key", *(_ident(c) for c in run_columns)])
+                marks = ", ".join(["?"] * (len(run_columns) + 1))
+                conn.executemany(f"insert or replace into {table} ({names}) values ({marks})", run)
+            run.clear()
+
+        for change in changes:
+            count += 1
+            if already + count <= _REBUILD_BY_KEY_UP_TO:
+                touched.add(change.key)
+            txids.update(change.txids)
+            if change.operation == "insert":
+                names = tuple(c for c in change.value if c in known_columns)
+                if names != run_columns or len(run) >= 2000:
+                    flush()
+                    run_columns = names
+                run.append([change.key, *(change.value[c] for c in names)])
+                continue
+            flush()
+            self._apply_change(conn, table, columns, change)
+        flush()
+        return count
+
+    def _apply_change(self, conn: sqlite3.Connection, table: str, columns: list[str], change: Change) -> None:
+        if change.operation == "delete":
+            conn.execute(f"delete from {table} where _key = ?", [change.key])
+            return
+        known = [c for c in change.value if c in columns]
+        if change.operation == "insert":
+            names = ", ".join(["_key", *(_ident(c) for c in known)])
+            marks = ", ".join(["?"] * (len(known) + 1))
+            conn.execute(
+                f"insert or replace into {table} ({names}) values ({marks})",
+                [change.key, *(change.value[c] for c in known)],
+            )
+            return
+        if known:
+            sets = ", ".join(f"{_ident(c)} = ?" for c in known)
+            conn.execute(f"update {table} set {sets} where _key = ?", [*(change.value[c] for c in known), change.key])
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+
+    def rows(self, name: str, *, typed: bool = True, synced: bool = False) -> list[dict[str, Any]]:
+        """Every visible row (synced with pending local writes over it; ``synced=True``: the server's state only),
+        typed by the shape's schema unless ``typed=False`` (PostgreSQL text)."""
+        schema = self.schema(name)
+        table = _ident(f"_synced_{name}" if synced else name)
+        with self._lock:
+            if name not in self._schemas:
+                return []
+            cursor = self._conn.execute(f"select {', '.join(_ident(c) for c in schema)} from {table} order by _key")
+            found = cursor.fetchall()
+        result = []
+        for row in found:
+            values = dict(zip(schema, row, strict=True))
+            result.append({c: parse_value(v, schema[c]) for c, v in values.items()} if typed else values)
+        return result
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read-only SQL query on the replica (values are PostgreSQL text)."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def pending_keys(self, name: str) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute(f"select _key from {_ident(name)} where _pending > 0")}
+
+    # -- local writes and the outbox ------------------------------------------------------------------------------
+
+    def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
+        """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
+        with self._lock:
+            source = self._conn.execute("select source_table from _pgferry_shapes where name = ?", [name]).fetchone()
+        schema, _, table = (source[0] if source else f"public.{name}").partition(".")
+        parts = [
+            '"' + ("_" if row.get(c) is None else str(row[c]).replace("/", "//")) + '"' for c in self.primary_key(name)
+        ]
+        return f'"{schema}"."{table}"/' + "/".join(parts)
+
+    def write(
+        self,
+        name: str,
+        op: Op,
+        text_row: Mapping[str, str | None],
+        json_row: Mapping[str, Any],
+        *,
+        written_at: int | None = None,
+    ) -> str:
+        """A local write: the visible row changes now (marked pending) and the mutation enters the outbox, in one
+        transaction. ``text_row`` is the row in PostgreSQL text form (for the replica), ``json_row`` the same values
+        as the write API's JSON. Returns the mutation id."""
+        if name not in self._schemas:
+            raise KeyError(f"{name} is not synced yet; call setup_sync and wait for it first")
+        mutation_id = str(uuid.uuid4())
+        key = self.key_of(name, text_row)
+        written_at = written_at if written_at is not None else int(time.time() * 1000)
+        with self._transaction() as conn:
+            base = self._visible(conn, name, key)
+            conn.execute(
+                "insert into _pgferry_outbox (mutation_id, shape, op, row_key, row, base, written_at) "
+                "values (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    mutation_id,
+                    name,
+                    op,
+                    key,
+                    json.dumps({"text": dict(text_row), "json": dict(json_row)}),
+                    json.dumps(base) if base is not None else None,
+                    written_at,
+                ],
+            )
+            self._overlay(conn, name, key, op, text_row)
+        return mutation_id
+
+    def _visible(self, conn: sqlite3.Connection, name: str, key: str) -> dict[str, Any] | None:
+        schema = self._schemas[name]
+        row = conn.execute(
+            f"select {', '.join(_ident(c) for c in schema)} from {_ident(name)} where _key = ?", [key]
+        ).fetchone()
+        return dict(zip(schema, row, strict=True)) if row else None
+
+    def _overlay(
+        self, conn: sqlite3.Connection, name: str, key: str, op: str, text_row: Mapping[str, str | None]
+    ) -> None:
+        table = _ident(name)
+        if op == "delete":
+            conn.execute(f"delete from {table} where _key = ?", [key])
+            return
+        columns = [c for c in text_row if c in self._schemas[name]]
+        exists = conn.execute(f"select 1 from {table} where _key = ?", [key]).fetchone()
+        if exists or op == "update":
+            if exists and columns:
+                sets = ", ".join(f"{_ident(c)} = ?" for c in columns)
+                conn.execute(
+                    f"update {table} set {sets}, _pending = _pending + 1 where _key = ?",
+                    [*(text_row[c] for c in columns), key],
+                )
+            return
+        names = ", ".join(["_key", "_pending", *(_ident(c) for c in columns)])
+        marks = ", ".join(["?"] * (len(columns) + 2))
+        conn.execute(f"insert into {table} ({names}) values ({marks})", [key, 1, *(text_row[c] for c in columns)])
+
+    def outbox(self, *, state: str | None = None, limit: int = 1000) -> list[OutboxItem]:
+        """Outbox items in order (all, or those in ``state``)."""
+        where, params = ("where state = ?", [state]) if state else ("", [])
+        with self._lock:
+            found = self._conn.execute(
+                "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
+                f"from _pgferry_outbox {where} order by seq limit ?",
+                [*params, limit],
+            ).fetchall()
+        return [
+            OutboxItem(
+                seq, mid, shape, op, json.loads(row)["json"], json.loads(base) if base else None, written, st, txid
+            )
+            for seq, mid, shape, op, row, base, written, st, txid in found
+        ]
+
+    def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None:
+        """Record the write API's results: items become ``sent`` with their txid, or are dropped at once when they
+        changed nothing or their txid already streamed in."""
+        with self._transaction() as conn:
+            touched: dict[str, set[str]] = {}
+            for result in results:
+                txid = int(result["txid"]) if result.get("txid") else None
+                item = conn.execute(
+                    "select shape, row_key from _pgferry_outbox where mutation_id = ?", [result["id"]]
+                ).fetchone()
+                if item is None:
+                    continue
+                seen = (
+                    txid is not None
+                    and conn.execute("select 1 from _pgferry_seen_txids where txid = ?", [txid]).fetchone()
+                )
+                if result.get("changed") is False or seen:
+                    conn.execute("delete from _pgferry_outbox where mutation_id = ?", [result["id"]])
+                    touched.setdefault(item[0], set()).add(item[1])
+                else:
+                    conn.execute(
+                        "update _pgferry_outbox set state = 'sent', txid = ? where mutation_id = ?",
+                        [txid, result["id"]],
+                    )
+            for name, keys in touched.items():
+                self._rebuild(conn, name, keys)
+
+    def reject(self, problems: Iterable[Mapping[str, Any]]) -> list[Rejection]:
+        """Drop rejected mutations and roll their optimistic state back; the rejections are kept and returned."""
+        rejected: list[Rejection] = []
+        with self._transaction() as conn:
+            touched: dict[str, set[str]] = {}
+            for problem in problems:
+                item = conn.execute(
+                    "select shape, op, row, row_key from _pgferry_outbox where mutation_id = ?", [problem.get("id")]
+                ).fetchone()
+                if item is None:
+                    continue
+                shape, op, row, key = item
+                conn.execute("delete from _pgferry_outbox where mutation_id = ?", [problem["id"]])
+                conn.execute(
+                    "insert or replace into _pgferry_rejected values (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        problem["id"],
+                        shape,
+                        op,
+                        row,
+                        problem.get("field"),
+                        problem.get("problem", ""),
+                        int(problem.get("status", 400)),
+                        time.time(),
+                    ],
+                )
+                touched.setdefault(shape, set()).add(key)
+                rejected.append(
+                    Rejection(
+                        problem["id"],
+                        shape,
+                        op,
+                        json.loads(row)["json"],
+                        problem.get("field"),
+                        str(problem.get("problem", "")),
+                        int(problem.get("status", 400)),
+                    )
+                )
+            for name, keys in touched.items():
+                self._rebuild(conn, name, keys)
+        return rejected
+
+    # -- rebuilding visible rows --------------------------------------------------------------------------------------
+
+    def _drop_seen(self, conn: sqlite3.Connection, name: str) -> set[str]:
+        found = conn.execute(
+            "select mutation_id, row_key from _pgferry_outbox where shape = ? and state = 'sent' "
+            "and txid in (select txid from _pgferry_seen_txids)",
+            [name],
+        ).fetchall()
+        conn.executemany("delete from _pgferry_outbox where mutation_id = ?", [(r[0],) for r in found])
+        return {r[1] for r in found}
+
+    def _rebuild(self, conn: sqlite3.Connection, name: str, keys: Iterable[str]) -> None:
+        """Visible rows of ``keys`` = synced row + the key's remaining outbox items replayed in order."""
+        schema = self._schemas[name]
+        columns = ", ".join(_ident(c) for c in schema)
+        for key in keys:
+            conn.execute(f"delete from {_ident(name)} where _key = ?", [key])
+            conn.execute(
+                f"insert into {_ident(name)} (_key, _pending, {columns}) "
+                f"select _key, 0, {columns} from {_ident('_synced_' + name)} where _key = ?",
+                [key],
+            )
+            for op, row in conn.execute(
+                "select op, row from _pgferry_outbox where shape = ? and row_key = ? order by seq", [name, key]
+            ).fetchall():
+                self._overlay(conn, name, key, op, json.loads(row)["text"])
+
+    def _rebuild_all(self, conn: sqlite3.Connection, name: str) -> None:
+        columns = ", ".join(_ident(c) for c in self._schemas[name])
+        conn.execute(f"delete from {_ident(name)}")
+        conn.execute(
+            f"insert into {_ident(name)} (_key, _pending, {columns}) "
+            f"select _key, 0, {columns} from {_ident('_synced_' + name)}"
+        )
+        pending = conn.execute(
+            "select op, row_key, row from _pgferry_outbox where shape = ? order by seq", [name]
+        ).fetchall()
+        for op, key, row in pending:
+            self._overlay(conn, name, key, op, json.loads(row)["text"])
+
+    def rejections(self) -> list[Rejection]:
+        with self._lock:
+            found = self._conn.execute(
+                "select mutation_id, shape, op, row, field, problem, status from _pgferry_rejected order by rejected_at"
+            ).fetchall()
+        return [Rejection(m, s, o, json.loads(r)["json"], f, p, st) for m, s, o, r, f, p, st in found]

@@ -1,0 +1,322 @@
+"""The write API's request body, checked: mutations parsed from JSON and their values checked against the table.
+
+A body is ``{"mutations": [{"id": "<uuid>", "op": "insert"|"update"|"delete", "table": "public.tasks",
+"row": {...}, "base": {...}?, "written_at": <ms since epoch>?}]}``. Everything a client can get wrong without the
+database's help is found here, for every mutation of the batch at once, each problem naming its field
+(``mutations[2].row.priority``): unknown table or column, a value of the wrong JSON type for its column, a missing
+key. Values are converted to PostgreSQL's text form (arrays to lists of text) so the writer binds them all the
+same way, cast to the column's type in SQL; what only PostgreSQL can judge (an enum label, a check constraint,
+RLS) is the writer's to report.
+
+Pure: no I/O. Owns the wire format of mutations and value conversion; must not build SQL or touch a connection.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from pgferry.sync.errors import MutationRejectedError
+from pgferry.sync.protocol import TableName, parse_table_name
+
+__all__ = [
+    "MAX_MUTATIONS",
+    "Column",
+    "Mutation",
+    "MutationOp",
+    "WriteTable",
+    "key_text",
+    "parse_mutations",
+    "to_pg_text",
+]
+
+MutationOp = Literal["insert", "update", "delete"]
+_OPS: Final = ("insert", "update", "delete")
+
+#: Mutations one request may carry; more is a 413 (send several batches: the outbox does).
+MAX_MUTATIONS: Final = 5000
+
+_INT_RANGES: Final = {
+    "smallint": (-(2**15), 2**15 - 1),
+    "integer": (-(2**31), 2**31 - 1),
+    "bigint": (-(2**63), 2**63 - 1),
+}
+_FLOATS: Final = frozenset({"real", "double precision"})
+_TIMES: Final = frozenset(
+    {
+        "timestamp with time zone",
+        "timestamp without time zone",
+        "date",
+        "time without time zone",
+        "time with time zone",
+    }
+)
+_VECTOR_RE: Final = re.compile(r"^(?:\w+\.)?vector(?:\((\d+)\))?$")
+_NUMERIC_RE: Final = re.compile(r"^(?:numeric|decimal)(?:\(.*\))?$")
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A writable column as the catalog describes it: ``sql_type`` is ``format_type()`` (qualified when not on
+    the search path, so it can be used as a cast); ``writable`` is false for generated and identity-always
+    columns."""
+
+    name: str
+    sql_type: str
+    not_null: bool = False
+    has_default: bool = False
+    writable: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WriteTable:
+    """A table the write API accepts mutations for: its columns in order, its primary key and owner column."""
+
+    name: TableName
+    columns: Mapping[str, Column]
+    primary_key: tuple[str, ...]
+    owner_column: str | None = "user_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One checked mutation. ``values`` are the row's columns in PostgreSQL text form (``None`` is SQL NULL,
+    a list is an array of text); ``key`` the primary key values (text); ``base`` the row as the client last saw
+    it (for conflict resolution), in the same form; ``written_at`` the client's write time in ms (or None)."""
+
+    index: int
+    id: uuid.UUID
+    op: MutationOp
+    table: WriteTable
+    values: Mapping[str, str | list[str | None] | None]
+    key: tuple[str, ...]
+    base: Mapping[str, str | list[str | None] | None] | None = None
+    written_at: int | None = None
+    raw_row: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def where(self, name: str) -> str:
+        """The field path of ``name`` in the request body, for error messages."""
+        return f"mutations[{self.index}].{name}"
+
+
+def parse_mutations(
+    body: Any, tables: Mapping[TableName, WriteTable]
+) -> tuple[list[Mutation], list[MutationRejectedError]]:
+    """The batch's mutations, and every problem found in it (the batch is refused when there is any).
+
+    A body that is not ``{"mutations": [...]}`` is a single problem for the field ``mutations``."""
+    if not isinstance(body, dict) or not isinstance(body.get("mutations"), list):
+        return [], [MutationRejectedError(None, "mutations", 'the body must be {"mutations": [...]}')]
+    raw = body["mutations"]
+    if not raw:
+        return [], [MutationRejectedError(None, "mutations", "must hold at least one mutation")]
+    if len(raw) > MAX_MUTATIONS:
+        problem = f"holds {len(raw)} mutations; send at most {MAX_MUTATIONS} per request"
+        return [], [MutationRejectedError(None, "mutations", problem, status=413)]
+    mutations: list[Mutation] = []
+    problems: list[MutationRejectedError] = []
+    seen: dict[uuid.UUID, int] = {}
+    for index, item in enumerate(raw):
+        try:
+            mutation = _parse_one(index, item, tables)
+        except MutationRejectedError as exc:
+            problems.append(exc)
+            continue
+        if mutation.id in seen:
+            problems.append(
+                MutationRejectedError(
+                    str(mutation.id), f"mutations[{index}].id", f"repeats the id of mutations[{seen[mutation.id]}]"
+                )
+            )
+            continue
+        seen[mutation.id] = index
+        mutations.append(mutation)
+    return mutations, problems
+
+
+def _parse_one(index: int, item: Any, tables: Mapping[TableName, WriteTable]) -> Mutation:
+    at = f"mutations[{index}]"
+    if not isinstance(item, dict):
+        raise MutationRejectedError(None, at, "must be an object with id, op, table and row")
+    mutation_id = _mutation_id(item.get("id"), at)
+    ident = str(mutation_id)
+    unknown = sorted(set(item) - {"id", "op", "table", "row", "base", "written_at"})
+    if unknown:
+        raise MutationRejectedError(ident, f"{at}.{unknown[0]}", "is not a mutation field")
+    op = item.get("op")
+    if op not in _OPS:
+        raise MutationRejectedError(ident, f"{at}.op", "must be insert, update or delete")
+    table = _table(item.get("table"), tables, ident, at)
+    row = item.get("row")
+    if not isinstance(row, dict):
+        raise MutationRejectedError(ident, f"{at}.row", "must be an object of column values")
+    values = _values(row, table, ident, f"{at}.row", op=op)
+    key = _key(values, table, ident, at, op=op)
+    base_raw = item.get("base")
+    base = None
+    if base_raw is not None:
+        if not isinstance(base_raw, dict):
+            raise MutationRejectedError(ident, f"{at}.base", "must be an object of column values, or absent")
+        base = _values(base_raw, table, ident, f"{at}.base", op="base")
+    written_at = item.get("written_at")
+    if written_at is not None and (
+        isinstance(written_at, bool) or not isinstance(written_at, int) or not 0 <= written_at < 2**53
+    ):
+        raise MutationRejectedError(ident, f"{at}.written_at", "must be the client's write time in ms since 1970")
+    return Mutation(index, mutation_id, op, table, values, key, base, written_at, row)
+
+
+def _mutation_id(value: Any, at: str) -> uuid.UUID:
+    if isinstance(value, str):
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise MutationRejectedError(None, f"{at}.id", "must be a UUID the client chose for this mutation")
+
+
+def _table(value: Any, tables: Mapping[TableName, WriteTable], ident: str, at: str) -> WriteTable:
+    if not isinstance(value, str):
+        raise MutationRejectedError(ident, f"{at}.table", "must be a table name like public.tasks")
+    try:
+        name = parse_table_name(value)
+    except Exception:
+        raise MutationRejectedError(ident, f"{at}.table", "must be a table name like public.tasks") from None
+    table = tables.get(name)
+    if table is None:
+        raise MutationRejectedError(ident, f"{at}.table", f"{name} does not accept writes", status=403)
+    return table
+
+
+def _values(
+    row: Mapping[str, Any], table: WriteTable, ident: str, at: str, *, op: str
+) -> dict[str, str | list[str | None] | None]:
+    values: dict[str, str | list[str | None] | None] = {}
+    for name, value in row.items():
+        column = table.columns.get(name)
+        if column is None:
+            raise MutationRejectedError(ident, f"{at}.{name}", f"{table.name} has no such column")
+        if not column.writable and op != "base":
+            raise MutationRejectedError(ident, f"{at}.{name}", "is generated by the database and cannot be written")
+        values[name] = to_pg_text(value, column.sql_type, ident, f"{at}.{name}")
+    return values
+
+
+def _key(
+    values: Mapping[str, str | list[str | None] | None], table: WriteTable, ident: str, at: str, *, op: str
+) -> tuple[str, ...]:
+    key: list[str] = []
+    for name in table.primary_key:
+        value = values.get(name)
+        if value is None or isinstance(value, list):
+            if op == "insert" and table.columns[name].has_default:
+                return ()  # the database chooses the key
+            raise MutationRejectedError(ident, f"{at}.row.{name}", f"is the primary key and is required for {op}")
+        key.append(value)
+    return tuple(key)
+
+
+def to_pg_text(value: Any, sql_type: str, ident: str | None, at: str) -> str | list[str | None] | None:
+    """``value`` (JSON) as PostgreSQL text for a column of ``sql_type``; :class:`MutationRejectedError` naming
+    ``at`` when it cannot be one. Types this function does not know are passed as text for PostgreSQL to judge."""
+    if value is None:
+        return None
+    if sql_type.endswith("[]"):
+        if not isinstance(value, list):
+            raise MutationRejectedError(ident, at, f"must be a JSON array ({sql_type})")
+        element_type = sql_type[:-2]
+        elements: list[str | None] = []
+        for position, element in enumerate(value):
+            converted = to_pg_text(element, element_type, ident, f"{at}[{position}]")
+            if isinstance(converted, list):
+                raise MutationRejectedError(ident, f"{at}[{position}]", "nested arrays are not supported")
+            elements.append(converted)
+        return elements
+    return _scalar_text(value, sql_type, ident, at)
+
+
+def _scalar_text(value: Any, sql_type: str, ident: str | None, at: str) -> str:
+    def wrong(expected: str) -> MutationRejectedError:
+        return MutationRejectedError(ident, at, f"must be {expected} ({sql_type}), not {_json_kind(value)}")
+
+    if sql_type in ("json", "jsonb"):
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if sql_type == "boolean":
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return "true" if value else "false"
+    if sql_type in _INT_RANGES:
+        low, high = _INT_RANGES[sql_type]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        if not low <= value <= high:
+            raise MutationRejectedError(ident, at, f"is out of range for {sql_type}")
+        return str(value)
+    if sql_type in _FLOATS or _NUMERIC_RE.match(sql_type):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise wrong("a finite number")
+        return repr(value) if isinstance(value, float) else str(value)
+    vector = _VECTOR_RE.match(sql_type)
+    if vector is not None:
+        return _vector_text(value, vector.group(1), sql_type, ident, at)
+    if not isinstance(value, str):
+        raise wrong("a string")
+    if sql_type == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            raise wrong("a UUID") from None
+    elif sql_type in _TIMES:
+        _check_time(value, sql_type, ident, at)
+    elif "\x00" in value:
+        raise MutationRejectedError(ident, at, "must not contain a NUL character")
+    return value
+
+
+def _vector_text(value: Any, dimensions: str | None, sql_type: str, ident: str | None, at: str) -> str:
+    if not isinstance(value, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value
+    ):
+        raise MutationRejectedError(ident, at, f"must be an array of finite numbers ({sql_type})")
+    if dimensions is not None and len(value) != int(dimensions):
+        raise MutationRejectedError(ident, at, f"must have {dimensions} dimensions, not {len(value)}")
+    return "[" + ",".join(repr(float(x)) for x in value) + "]"
+
+
+def _check_time(value: str, sql_type: str, ident: str | None, at: str) -> None:
+    try:
+        if sql_type == "date":
+            dt.date.fromisoformat(value)
+        elif sql_type.startswith("time "):
+            dt.time.fromisoformat(value)
+        else:
+            dt.datetime.fromisoformat(value.replace(" ", "T", 1))
+    except ValueError:
+        raise MutationRejectedError(ident, at, f"must be an ISO 8601 {sql_type} like 2026-11-30T10:00:00Z") from None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def key_text(values: Sequence[str]) -> str:
+    """A primary key as one string (for conflict records and logs): the values joined with ``/``."""
+    return "/".join(v.replace("/", "//") for v in values)
