@@ -158,14 +158,9 @@ class ChangeFeed:
         confirmations = _Confirmations(reader.confirm)
         self.status = "active"
         while not self._stop.is_set():
-            first = next(reader.transactions(timeout=1.0), None)
-            if first is None:
+            batch = reader.next_batch(_MAX_BATCH)
+            if not batch:
                 continue
-            batch = [first]
-            for txn in reader.transactions(timeout=0):  # only what is already here: never wait to fill a batch
-                batch.append(txn)
-                if len(batch) >= _MAX_BATCH:
-                    break
             fresh = [txn for txn in batch if txn.commit_lsn > self._dispatched]
             entry = confirmations.open(batch[-1].end_lsn)
             if fresh:

@@ -626,6 +626,20 @@ class ReplicationReader:
         with contextlib.suppress(_StoppedError):
             self._reconnect()
 
+    def next_batch(self, max_size: int, timeout: float = 1.0) -> list[Transaction]:
+        """The next transaction (waiting up to ``timeout`` seconds) and whatever has already arrived after it,
+        at most ``max_size`` in all; ``[]`` when nothing came. Never waits to fill a batch: a consumer that
+        stores and confirms per batch (group commit) gets bigger batches exactly when it falls behind."""
+        first = next(self.transactions(timeout=timeout), None)
+        if first is None:
+            return []
+        batch = [first]
+        for txn in self.transactions(timeout=0):
+            batch.append(txn)
+            if len(batch) >= max_size:
+                break
+        return batch
+
     def transactions(self, timeout: float | None = None) -> Iterator[Transaction]:
         """Yield committed transactions as they arrive.
 

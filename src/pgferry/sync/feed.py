@@ -179,14 +179,9 @@ class ReplicationFeed:
         reader.start(self._state.slot, [self._state.publication])
         self.status = "active"
         while not self._stop.is_set():
-            first = next(reader.transactions(timeout=1.0), None)
-            if first is None:
+            batch = reader.next_batch(_MAX_BATCH)
+            if not batch:
                 continue
-            batch = [first]
-            for txn in reader.transactions(timeout=0):  # only what is already here: never wait to fill a batch
-                batch.append(txn)
-                if len(batch) >= _MAX_BATCH:
-                    break
             self._manager.apply_transactions(batch, evaluator)
             reader.confirm(batch[-1])
 
