@@ -657,6 +657,7 @@ def test_real_deadlock_is_retried_on_the_same_connection(probe_url: str) -> None
     barrier = threading.Barrier(2, timeout=20)
     retries: dict[str, list[RetryAttempt]] = {"a": [], "b": []}
     backends: dict[str, set[int]] = {"a": set(), "b": set()}
+    committed = {"a": threading.Event(), "b": threading.Event()}
 
     def worker(name: str, first: int, second: int) -> str:
         with _connect(probe_url) as conn:
@@ -668,6 +669,10 @@ def test_real_deadlock_is_retried_on_the_same_connection(probe_url: str) -> None
                 nonlocal calls
                 calls += 1
                 backends[name].add(conn.info.backend_pid)
+                if calls > 1:
+                    # The victim's retry could otherwise take its first row back before the survivor gets it
+                    # and deadlock a second time: a real outcome, but not the one this test is about.
+                    committed["b" if name == "a" else "a"].wait(20)
                 with conn.transaction():
                     conn.execute("update retry_probe set v = v + 1 where id = %s", (first,))
                     if calls == 1:
@@ -675,7 +680,9 @@ def test_real_deadlock_is_retried_on_the_same_connection(probe_url: str) -> None
                     conn.execute("update retry_probe set v = v + 1 where id = %s", (second,))
                 return name
 
-            return call_with_retry(transaction, policy=FAST, on_retry=retries[name].append)
+            result = call_with_retry(transaction, policy=FAST, on_retry=retries[name].append)
+            committed[name].set()
+            return result
 
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(worker, "a", 1, 2), pool.submit(worker, "b", 2, 1)]

@@ -38,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pgferry.errors import ConfigError
+from pgferry.localstack.cluster import free_port
 from pgferry.sync.auth import AuthenticatedUser, TokenVerifier
 from pgferry.sync.errors import ProtocolError
 from pgferry.sync.proxy import (
@@ -86,13 +87,6 @@ def serve(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -37,11 +37,46 @@ class PortInUseError(ClusterError):
     """The requested TCP port is taken by another process."""
 
 
+PORT_RANGE_VARIABLE = "PGFERRY_PORT_RANGE"
+_next_port_in_range: dict[tuple[int, int], int] = {}
+
+
+def _configured_port_range() -> tuple[int, int] | None:
+    value = os.environ.get(PORT_RANGE_VARIABLE, "").strip()
+    if not value:
+        return None
+    low, sep, high = value.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit() or not 1024 <= int(low) < int(high) < 65536:
+        raise ClusterError(
+            f"{PORT_RANGE_VARIABLE}={value!r} is not a port range; write it as LOW-HIGH, e.g. 20000-24999"
+        )
+    return int(low), int(high)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    By default the kernel picks one from its ephemeral range. That range is shared with every outgoing
+    connection and every other process asking the same question, so a port handed out here can be taken
+    before the server that wanted it binds it. Parallel test workers hit exactly that; each gets its own
+    ``PGFERRY_PORT_RANGE`` (outside the ephemeral range), and ports are handed out from it in turn.
+    """
+    configured = _configured_port_range()
+    if configured is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    low, high = configured
+    size = high - low + 1
+    # Start at a point that depends on the process, so a child process with the same range does not walk
+    # the same ports as its parent.
+    start = _next_port_in_range.get(configured, low + (os.getpid() * 7919) % size)
+    for step in range(size):
+        port = low + (start - low + step) % size
+        if port_is_free(port):
+            _next_port_in_range[configured] = low + (port - low + 1) % size
+            return port
+    raise ClusterError(f"no free TCP port left in {PORT_RANGE_VARIABLE}={low}-{high}")
 
 
 def port_is_free(port: int) -> bool:

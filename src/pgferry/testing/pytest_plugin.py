@@ -8,6 +8,8 @@ Environment:
 - ``PGFERRY_TEST_PG``: comma-separated installs to use: ``embedded`` and/or bin directories. Default: all.
 - ``PGFERRY_TEST_REQUIRE_VERSIONS``: e.g. ``15,18``; the session fails if one of these major versions is
   not available, so CI cannot silently test fewer versions than it claims.
+- ``PGFERRY_PORT_RANGE``: set here for each xdist worker (its own block below the kernel's ephemeral range),
+  so two workers, or a worker and an outgoing connection, never get the same "free" port.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pgferry.localstack.binaries import (
     available_installs,
     describe_install,
 )
-from pgferry.localstack.cluster import service_user
+from pgferry.localstack.cluster import PORT_RANGE_VARIABLE, service_user
 from pgferry.localstack.pgbouncer import PgBouncer
 from pgferry.testing.servers import (
     BASELINE_TEMPLATE,
@@ -35,6 +37,16 @@ from pgferry.testing.servers import (
     SUPABASE_TEMPLATE,
     ServerPair,
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if PORT_RANGE_VARIABLE in os.environ:
+        return
+    block = 2_000
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 10
+    low = 10_000 + (index % 11) * block
+    os.environ[PORT_RANGE_VARIABLE] = f"{low}-{low + block - 1}"
 
 
 def selected_installs() -> list[PostgresInstall]:
