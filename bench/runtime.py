@@ -67,12 +67,26 @@ POINT = "select id, title, status, priority from public.tasks where id = %s"
 
 
 def settings_for(url: str) -> Any:
-    return load_settings(supabase_db_url=url, supabase_url=SUPABASE_URL, supabase_anon_key=anon_key(),
-                         supabase_jwt_secret=SECRET, profile="dev")
+    return load_settings(
+        supabase_db_url=url,
+        supabase_url=SUPABASE_URL,
+        supabase_anon_key=anon_key(),
+        supabase_jwt_secret=SECRET,
+        profile="dev",
+    )
 
 
-def _load_process(url: str, tasks: dict[str, list[str]], threads: int, pool: int, warmup: float, seconds: float,
-                  start_at: float, method: str, out: Any) -> None:
+def _load_process(
+    url: str,
+    tasks: dict[str, list[str]],
+    threads: int,
+    pool: int,
+    warmup: float,
+    seconds: float,
+    start_at: float,
+    method: str,
+    out: Any,
+) -> None:
     with create_database_client(settings_for(url), min_size=pool, max_size=pool) as client:
         users = {user: client.verify(token_for(user)) for user in tasks}
         names = list(tasks)
@@ -120,9 +134,13 @@ def point_queries(url: str, args: argparse.Namespace, method: str) -> dict[str, 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.perf_counter() + 8.0  # every process connected and verified before the clock starts
-    procs = [ctx.Process(target=_load_process, args=(url, tasks, args.threads, args.pool, args.warmup,
-                                                     args.seconds, start_at, method, out))
-             for _ in range(args.processes)]
+    procs = [
+        ctx.Process(
+            target=_load_process,
+            args=(url, tasks, args.threads, args.pool, args.warmup, args.seconds, start_at, method, out),
+        )
+        for _ in range(args.processes)
+    ]
     for proc in procs:
         proc.start()
     results = [out.get(timeout=args.warmup + args.seconds + 120) for _ in procs]
@@ -130,7 +148,8 @@ def point_queries(url: str, args: argparse.Namespace, method: str) -> dict[str, 
         proc.join()
     total = sum(r["queries"] for r in results)
     return {
-        "queries": total, "queries_per_second": round(total / args.seconds),
+        "queries": total,
+        "queries_per_second": round(total / args.seconds),
         "misses": sum(r["misses"] for r in results),
         "latency_sampled_1_in_10": summarize_ms([x for r in results for x in r["latencies"]]),
     }
@@ -144,22 +163,34 @@ def replay(url: str, args: argparse.Namespace) -> dict[str, Any]:
         started = time.perf_counter()
         for n in range(args.writes):
             user = users[n % len(users)]
-            db.queue.put(Operation("insert into public.tasks (user_id, title) values (%(user)s, %(title)s)",
-                                   {"user": user.user_id, "title": f"queued {n}"}), user.claims)
+            db.queue.put(
+                Operation(
+                    "insert into public.tasks (user_id, title) values (%(user)s, %(title)s)",
+                    {"user": user.user_id, "title": f"queued {n}"},
+                ),
+                user.claims,
+            )
         enqueue_seconds = time.perf_counter() - started
         started = time.perf_counter()
         report = db.sync_queued_operations(batch_size=args.batch)
         replay_seconds = time.perf_counter() - started
         db.close()
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("select count(*), count(distinct title) from public.tasks where title like 'queued %'"
-                           ).fetchone()
+        row = conn.execute(
+            "select count(*), count(distinct title) from public.tasks where title like 'queued %'"
+        ).fetchone()
     assert row is not None
     return {
-        "writes": args.writes, "batch": args.batch, "applied": report.applied, "dead_lettered": report.dead_lettered,
-        "remaining": report.remaining, "rows_found": row[0], "distinct_rows": row[1],
+        "writes": args.writes,
+        "batch": args.batch,
+        "applied": report.applied,
+        "dead_lettered": report.dead_lettered,
+        "remaining": report.remaining,
+        "rows_found": row[0],
+        "distinct_rows": row[1],
         "enqueue_per_second": round(args.writes / enqueue_seconds),
-        "replay_seconds": round(replay_seconds, 2), "replay_per_second": round(args.writes / replay_seconds),
+        "replay_seconds": round(replay_seconds, 2),
+        "replay_per_second": round(args.writes / replay_seconds),
     }
 
 
@@ -178,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     report: dict[str, Any] = {
-        "benchmark": "runtime", "command": "bench/runtime.py " + " ".join(argv or []), "machine": machine(),
+        "benchmark": "runtime",
+        "command": "bench/runtime.py " + " ".join(argv or []),
+        "machine": machine(),
         "parameters": {k: v for k, v in vars(args).items() if k != "no_write"},
     }
     with throwaway_server(args.bindir, shared_buffers="256MB") as (url, version, _cluster):
@@ -189,16 +222,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method in ("transaction", "query"):
             say(f"point queries ({method}): {args.processes} processes x {args.threads} threads, {args.seconds:g} s")
             report[f"point_queries_{method}"] = result = point_queries(url, args, method)
-            say(f"point queries ({method}): {result['queries_per_second']:,}/s, "
-                f"p50 {result['latency_sampled_1_in_10']['p50_ms']} ms")
+            say(
+                f"point queries ({method}): {result['queries_per_second']:,}/s, "
+                f"p50 {result['latency_sampled_1_in_10']['p50_ms']} ms"
+            )
         say(f"replay: {args.writes:,} queued writes")
         report["replay"] = replay(url, args)
-        say(f"replay: {report['replay']['replay_per_second']:,} writes/s "
-            f"({report['replay']['distinct_rows']:,} distinct rows of {report['replay']['writes']:,})")
+        say(
+            f"replay: {report['replay']['replay_per_second']:,} writes/s "
+            f"({report['replay']['distinct_rows']:,} distinct rows of {report['replay']['writes']:,})"
+        )
     report["targets"] = {
         "point_queries_per_second >= 5000": max(
             report[f"point_queries_{method}"]["queries_per_second"] for method in ("transaction", "query")
-        ) >= 5000,
+        )
+        >= 5000,
         "replay_per_second >= 5000": report["replay"]["replay_per_second"] >= 5000,
         "replay exactly once": report["replay"]["distinct_rows"] == report["replay"]["rows_found"] == args.writes,
     }

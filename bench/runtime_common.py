@@ -48,14 +48,19 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summarize_ms(seconds: Sequence[float]) -> dict[str, float]:
     ms = [s * 1000 for s in seconds]
     return {
-        "n": len(ms), "p50_ms": round(statistics.median(ms), 3), "p95_ms": round(percentile(ms, 95), 3),
-        "p99_ms": round(percentile(ms, 99), 3), "mean_ms": round(statistics.fmean(ms), 3),
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 3),
+        "p95_ms": round(percentile(ms, 95), 3),
+        "p99_ms": round(percentile(ms, 99), 3),
+        "mean_ms": round(statistics.fmean(ms), 3),
     }
 
 
 def machine() -> dict[str, Any]:
     return {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
         "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
     }
 
@@ -70,9 +75,9 @@ def anon_key() -> str:
 
 
 @contextlib.contextmanager
-def throwaway_server(bindir: str | None, *, shared_buffers: str = "512MB", extra_conf: str = "") -> Iterator[
-    tuple[str, str, PostgresCluster]
-]:
+def throwaway_server(
+    bindir: str | None, *, shared_buffers: str = "512MB", extra_conf: str = ""
+) -> Iterator[tuple[str, str, PostgresCluster]]:
     """``(database url, server version, cluster)`` of a fresh server with the platform schema; removed on exit."""
     root = Path(tempfile.mkdtemp(prefix="pgferry-bench-"))
     root.chmod(0o755)

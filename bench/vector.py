@@ -65,9 +65,10 @@ def load(url: str, ids: list[uuid.UUID], owners: list[uuid.UUID], vectors: np.nd
         register_vector(conn)
         conn.execute("drop index if exists public.ix_tasks_embedding_hnsw")
         started = time.perf_counter()
-        with conn.cursor() as cur, cur.copy(
-            "copy public.tasks (id, user_id, title, embedding) from stdin with (format binary)"
-        ) as copy:
+        with (
+            conn.cursor() as cur,
+            cur.copy("copy public.tasks (id, user_id, title, embedding) from stdin with (format binary)") as copy,
+        ):
             copy.set_types(["uuid", "uuid", "text", "vector"])
             for n, (task, owner, vector) in enumerate(zip(ids, owners, vectors, strict=True)):
                 copy.write_row((task, owner, f"task {n}", vector))
@@ -81,8 +82,9 @@ def load(url: str, ids: list[uuid.UUID], owners: list[uuid.UUID], vectors: np.nd
     return timings
 
 
-def exact_top_k(vectors: np.ndarray, ids: Sequence[uuid.UUID], query: np.ndarray, threshold: float,
-                k: int) -> list[uuid.UUID]:
+def exact_top_k(
+    vectors: np.ndarray, ids: Sequence[uuid.UUID], query: np.ndarray, threshold: float, k: int
+) -> list[uuid.UUID]:
     sims = vectors @ query  # unit vectors: the dot product is the cosine similarity
     order = np.argsort(-sims, kind="stable")[: k * 3]
     return [ids[i] for i in order if sims[i] > threshold][:k]
@@ -112,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     queries = make_vectors(rng, args.queries, centroids, args.noise)
     askers = [users[n % args.users] for n in range(args.queries)]
     report: dict[str, Any] = {
-        "benchmark": "vector", "command": "bench/vector.py " + " ".join(argv or []), "machine": machine(),
+        "benchmark": "vector",
+        "command": "bench/vector.py " + " ".join(argv or []),
+        "machine": machine(),
         "parameters": {k: v for k, v in vars(args).items() if k != "no_write"},
     }
     with throwaway_server(args.bindir, shared_buffers="1GB") as (url, version, _cluster):
@@ -121,8 +125,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["load"] = load(url, ids, owners, vectors)
         say(f"loaded: {report['load']}")
         by_user = {u: [i for i, o in enumerate(owners) if o == u] for u in users}
-        settings = load_settings(supabase_db_url=url, supabase_url=SUPABASE_URL, supabase_anon_key=anon_key(),
-                                 supabase_jwt_secret=SECRET, profile="dev")
+        settings = load_settings(
+            supabase_db_url=url,
+            supabase_url=SUPABASE_URL,
+            supabase_anon_key=anon_key(),
+            supabase_jwt_secret=SECRET,
+            profile="dev",
+        )
         with create_database_client(settings, max_size=2) as client:
             verified = {u: client.verify(token_for(str(u))) for u in users}
             expected = []
@@ -152,12 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = {
                     "ef_search": ef if ef is not None else "function (100)",
                     "plan": "hnsw (use_index)" if use_index else "planner's choice",
-                    "recall_at_k": round(float(np.mean(recalls)), 4), "min_recall": round(float(np.min(recalls)), 2),
+                    "recall_at_k": round(float(np.mean(recalls)), 4),
+                    "min_recall": round(float(np.min(recalls)), 2),
                     **summarize_ms(seconds),
                 }
                 row["meets_target"] = row["recall_at_k"] >= 0.98 and row["p50_ms"] <= 5.0
-                say(f"ef_search={row['ef_search']}, {row['plan']}: recall@{args.k} {row['recall_at_k']}, "
-                    f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms")
+                say(
+                    f"ef_search={row['ef_search']}, {row['plan']}: recall@{args.k} {row['recall_at_k']}, "
+                    f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms"
+                )
                 results.append(row)
     report["results"] = results
     report["target"] = "recall@10 >= 0.98 at p50 <= 5 ms (100k x 1536, RLS on)"

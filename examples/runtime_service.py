@@ -55,13 +55,23 @@ def local_stack_environment() -> dict[str, str]:
         raise SystemExit("the local stack is not up (or has no pooler): run `pgferry dev up` first")
     secret, now = stack.jwt_secret(), int(time.time())
     env = {
-        "SUPABASE_URL": DEV_SUPABASE_URL, "SUPABASE_JWT_SECRET": secret, "SUPABASE_JWKS_URL": "",
-        "SUPABASE_DB_URL": urls["target"], "SUPABASE_POOLER_URL": urls["pooler"],
+        "SUPABASE_URL": DEV_SUPABASE_URL,
+        "SUPABASE_JWT_SECRET": secret,
+        "SUPABASE_JWKS_URL": "",
+        "SUPABASE_DB_URL": urls["target"],
+        "SUPABASE_POOLER_URL": urls["pooler"],
         "SUPABASE_ANON_KEY": jwt.encode({"role": "anon", "iss": "supabase", "iat": now, "exp": now + 3600}, secret),
     }
     for n, user in enumerate(("6f1c2d4e-0000-4000-8000-0000000000a1", "6f1c2d4e-0000-4000-8000-0000000000b2"), 1):
-        claims = {"sub": user, "role": "authenticated", "aud": "authenticated", "iss": f"{DEV_SUPABASE_URL}/auth/v1",
-                  "iat": now, "exp": now + 3600, "session_id": str(uuid.uuid4())}
+        claims = {
+            "sub": user,
+            "role": "authenticated",
+            "aud": "authenticated",
+            "iss": f"{DEV_SUPABASE_URL}/auth/v1",
+            "iat": now,
+            "exp": now + 3600,
+            "session_id": str(uuid.uuid4()),
+        }
         env[f"ACCESS_TOKEN_{n}"] = jwt.encode(claims, secret)
     return env
 
@@ -73,8 +83,10 @@ def run(settings: Settings, tokens: list[str], state_dir: Path) -> None:
         print(f"doctor: {len(problems)} problem(s)" + "".join(f"\n  {p.check}: {p.message}" for p in problems))
 
     with create_database_client(settings, max_size=4) as client:
-        print(f"client: {client.plan.mode.value} mode, prepared statements "
-              f"{'on' if client.plan.mode.allows_prepared_statements else 'off'}")
+        print(
+            f"client: {client.plan.mode.value} mode, prepared statements "
+            f"{'on' if client.plan.mode.allows_prepared_statements else 'off'}"
+        )
         users = [client.verify(token) for token in tokens]  # signature, expiry, audience, issuer, role
         db = ResilientDatabase(client, state_dir)
         for user in users:
@@ -89,8 +101,10 @@ def run(settings: Settings, tokens: list[str], state_dir: Path) -> None:
         for user in users:
             mine = db.read(user, "my-tasks", "select user_id, title from public.tasks order by title")
             owners = {str(row["user_id"])[-4:] for row in mine.rows}
-            print(f"user {str(user.user_id)[-4:]}: reads {len(mine.rows)} task(s), owners {sorted(owners)}, "
-                  f"stale={mine.stale}")
+            print(
+                f"user {str(user.user_id)[-4:]}: reads {len(mine.rows)} task(s), owners {sorted(owners)}, "
+                f"stale={mine.stale}"
+            )
 
         with client.user_transaction(users[0]) as conn:
             found = search_tasks(conn, embedding(1), threshold=0.5, k=2, ef_search=64)
@@ -115,8 +129,10 @@ def main() -> int:
             os.environ.update(local_stack_environment())
         tokens = [os.environ.get("ACCESS_TOKEN_1", ""), os.environ.get("ACCESS_TOKEN_2", "")]
         if not all(tokens):
-            print("error: set ACCESS_TOKEN_1 and ACCESS_TOKEN_2 to two users' access tokens (or use --local-stack)",
-                  file=sys.stderr)
+            print(
+                "error: set ACCESS_TOKEN_1 and ACCESS_TOKEN_2 to two users' access tokens (or use --local-stack)",
+                file=sys.stderr,
+            )
             return 2
         state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="runtime-service-"))
         run(load_settings(), tokens, state_dir)

@@ -28,8 +28,14 @@ def token_for(user_id: uuid.UUID, *, secret: str = SECRET, **overrides: Any) -> 
 def service_role_key(*, secret: str = SECRET) -> str:
     """A legacy service-role API key: a JWT signed with the project secret whose role is service_role."""
     now = int(time.time())
-    claims = {"role": "service_role", "iss": "supabase", "iat": now, "exp": now + 3600, "aud": "authenticated",
-              "sub": str(uuid.uuid4())}
+    claims = {
+        "role": "service_role",
+        "iss": "supabase",
+        "iat": now,
+        "exp": now + 3600,
+        "aud": "authenticated",
+        "sub": str(uuid.uuid4()),
+    }
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
@@ -51,8 +57,11 @@ def project() -> SupabaseProject:
 def settings_for(url: str, **overrides: Any) -> Settings:
     """Settings as a service on the local stack has them: the database URL, the project, the JWT secret."""
     values: dict[str, Any] = {
-        "supabase_db_url": url, "supabase_url": SUPABASE_URL, "supabase_anon_key": anon_key(),
-        "supabase_jwt_secret": SECRET, "profile": "dev",
+        "supabase_db_url": url,
+        "supabase_url": SUPABASE_URL,
+        "supabase_anon_key": anon_key(),
+        "supabase_jwt_secret": SECRET,
+        "profile": "dev",
     }
     values.update(overrides)
     return load_settings(**values)

@@ -68,8 +68,9 @@ def test_expired_token_stops_delivery_until_set_auth_gives_a_fresh_one(
                 await listener.none(1.0)
                 # ... and rejoins on its timer with the token set_auth gave it.
                 await listener.client.set_auth(user_token(USER_A))
-                await until(lambda: [s for s, _ in listener.states].count(RealtimeSubscribeStates.SUBSCRIBED) >= 2,
-                            timeout=20)
+                await until(
+                    lambda: [s for s, _ in listener.states].count(RealtimeSubscribeStates.SUBSCRIBED) >= 2, timeout=20
+                )
                 later = await in_thread(lambda: insert_task(db, USER_A, "refreshed"))
                 assert (await listener.next())["data"]["record"]["id"] == later
             finally:
@@ -116,8 +117,19 @@ def _pgferry() -> list[str]:
 def _start_cli(url: str, port: int, data_dir: Path, slot: str, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SUPABASE_JWT_SECRET": JWT_SECRET}
     command = [
-        *_pgferry(), "realtime", "serve", "--database-url", url, "--port", str(port), "--data-dir", str(data_dir),
-        "--slot", slot, "--resume-grace", "20",
+        *_pgferry(),
+        "realtime",
+        "serve",
+        "--database-url",
+        url,
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--slot",
+        slot,
+        "--resume-grace",
+        "20",
     ]
     with log.open("ab") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -101,20 +101,31 @@ def test_heartbeat_join_leave_and_v1_frames_carry_exactly_four_keys(server: Serv
         async with connect(_ws(server, f"apikey={anon_key()}")) as ws:
             await _send(ws, "phoenix", "heartbeat", {}, "7")
             assert await _recv(ws) == {
-                "topic": "phoenix", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "7"
+                "topic": "phoenix",
+                "event": "phx_reply",
+                "payload": {"status": "ok", "response": {}},
+                "ref": "7",
             }
             await _send(ws, "realtime:t", "phx_join", _join_payload(user_token(USER_A)), "1")
             reply = await _recv(ws)
             assert set(reply) == {"topic", "event", "payload", "ref"} and reply["ref"] == "1"
             [binding] = reply["payload"]["response"]["postgres_changes"]
             assert binding["id"] and {k: v for k, v in binding.items() if k != "id"} == {
-                "event": "*", "schema": "public", "table": "tasks"
+                "event": "*",
+                "schema": "public",
+                "table": "tasks",
             }
             system = await _recv(ws)
             assert system == {
-                "topic": "realtime:t", "event": "system", "ref": None,
-                "payload": {"channel": "t", "extension": "postgres_changes", "message": "Subscribed to PostgreSQL",
-                            "status": "ok"},
+                "topic": "realtime:t",
+                "event": "system",
+                "ref": None,
+                "payload": {
+                    "channel": "t",
+                    "extension": "postgres_changes",
+                    "message": "Subscribed to PostgreSQL",
+                    "status": "ok",
+                },
             }
             task = await in_thread(lambda: insert_task(db, USER_A, "x"))
             change = await _recv(ws)

@@ -33,10 +33,18 @@ BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
     ("url", "pooler", "declared", "expected"),
     [
         ("postgresql://postgres:pw@db.abcd.supabase.co:5432/postgres", False, "auto", EndpointMode.DIRECT),
-        ("postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres", True, "auto",
-         EndpointMode.SESSION),
-        ("postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres", True, "auto",
-         EndpointMode.TRANSACTION),
+        (
+            "postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:5432/postgres",
+            True,
+            "auto",
+            EndpointMode.SESSION,
+        ),
+        (
+            "postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres",
+            True,
+            "auto",
+            EndpointMode.TRANSACTION,
+        ),
         ("postgresql://postgres@127.0.0.1:6543/postgres", False, "auto", EndpointMode.TRANSACTION),
         ("postgresql://postgres@127.0.0.1:41234/postgres", True, "auto", EndpointMode.TRANSACTION),
         ("postgresql://postgres@127.0.0.1:41234/postgres", True, "session", EndpointMode.SESSION),
@@ -49,10 +57,12 @@ def test_endpoint_mode_from_url_or_setting(url: str, pooler: bool, declared: Any
 
 
 def test_pooler_url_is_preferred_and_the_mode_decides_prepared_statements() -> None:
-    plan = plan_connection(settings_for(
-        "postgresql://postgres:pw@db.abcd.supabase.co:5432/postgres",
-        supabase_pooler_url="postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres",
-    ))
+    plan = plan_connection(
+        settings_for(
+            "postgresql://postgres:pw@db.abcd.supabase.co:5432/postgres",
+            supabase_pooler_url="postgresql://postgres.abcd:pw@aws-0-eu-west-1.pooler.supabase.com:6543/postgres",
+        )
+    )
     assert (plan.mode, plan.setting) == (EndpointMode.TRANSACTION, "SUPABASE_POOLER_URL")
     assert plan.psycopg_options() == {"prepare_threshold": None}
     assert "pw" not in repr(plan)

@@ -62,8 +62,9 @@ def test_each_fault_is_reported_with_a_fix_that_fixes_it(target_url: str) -> Non
             code, report = _doctor(target_url, "--max-retained-wal-mb", "1")
             assert code == 0, _problems(report)
         finally:
-            conn.execute("select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s",
-                         (slot,))
+            conn.execute(
+                "select pg_drop_replication_slot(slot_name) from pg_replication_slots where slot_name = %s", (slot,)
+            )
 
 
 def test_transaction_pooler_behind_a_direct_looking_url_is_a_problem(

@@ -23,16 +23,26 @@ BOB = uuid.UUID("6f1c2d4e-0000-4000-8000-0000000000b2")
 
 def test_the_runtime_example_service_runs(target_url: str, pgbouncer: Callable[..., str], tmp_path: Path) -> None:
     env = {
-        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PGFERRY_HOME": str(tmp_path / "home"),
-        "SUPABASE_URL": SUPABASE_URL, "SUPABASE_ANON_KEY": anon_key(), "SUPABASE_JWT_SECRET": SECRET,
-        "SUPABASE_DB_URL": target_url, "SUPABASE_POOLER_URL": pgbouncer(target_url),
-        "ACCESS_TOKEN_1": token_for(ADA), "ACCESS_TOKEN_2": token_for(BOB),
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PGFERRY_HOME": str(tmp_path / "home"),
+        "SUPABASE_URL": SUPABASE_URL,
+        "SUPABASE_ANON_KEY": anon_key(),
+        "SUPABASE_JWT_SECRET": SECRET,
+        "SUPABASE_DB_URL": target_url,
+        "SUPABASE_POOLER_URL": pgbouncer(target_url),
+        "ACCESS_TOKEN_1": token_for(ADA),
+        "ACCESS_TOKEN_2": token_for(BOB),
     }
     runs = []
     for _ in range(2):
         result = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "runtime_service.py"), "--state-dir", str(tmp_path / "state")],
-            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+            cwd=tmp_path,
         )
         assert result.returncode == 0, result.stderr
         runs.append(result.stdout.splitlines())
@@ -51,8 +61,14 @@ def test_the_runtime_example_service_runs(target_url: str, pgbouncer: Callable[.
 
 
 def test_the_example_says_what_is_missing(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "runtime_service.py")], capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "runtime_service.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: set ACCESS_TOKEN_1 and ACCESS_TOKEN_2 to two users' access tokens (or use --local-stack)"

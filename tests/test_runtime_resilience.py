@@ -117,8 +117,9 @@ def test_writes_through_a_server_stop_apply_once_and_in_order(
     assert applied == (2 * total,)
 
 
-def test_a_lost_acknowledgement_replayed_applies_once(own_server: PostgresCluster, log_row: uuid.UUID,
-                                                      tmp_path: Path) -> None:
+def test_a_lost_acknowledgement_replayed_applies_once(
+    own_server: PostgresCluster, log_row: uuid.UUID, tmp_path: Path
+) -> None:
     """The same operation (same key) sent again, directly and through the queue, changes nothing."""
     with create_database_client(settings_for(own_server.url())) as client:
         db = ResilientDatabase(client, tmp_path / "state", write_policy=FAST)
@@ -188,8 +189,9 @@ def test_reads_fall_back_to_that_users_cached_rows_marked_stale(
         db.close()
 
 
-def test_queue_survives_a_restart_of_the_service(own_server: PostgresCluster, log_row: uuid.UUID,
-                                                 tmp_path: Path) -> None:
+def test_queue_survives_a_restart_of_the_service(
+    own_server: PostgresCluster, log_row: uuid.UUID, tmp_path: Path
+) -> None:
     """Writes queued by one process are replayed by the next: the queue is on disk, not in memory."""
     state = tmp_path / "state"
     with create_database_client(settings_for(own_server.url())) as client:
@@ -209,10 +211,9 @@ def test_queue_survives_a_restart_of_the_service(own_server: PostgresCluster, lo
         )
 
 
-
-
-def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster, log_row: uuid.UUID,
-                                                     tmp_path: Path) -> None:
+def test_metrics_show_latency_pool_retries_and_queue(
+    own_server: PostgresCluster, log_row: uuid.UUID, tmp_path: Path
+) -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -222,8 +223,9 @@ def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster
         db.write(alice, Operation(APPEND, {"n": "1", "log": log_row}))
         with psycopg.connect(own_server.url(), autocommit=True) as conn:
             conn.execute("select pg_create_logical_replication_slot('metrics_slot', 'pgoutput')")
-            conn.execute("insert into public.tasks (user_id, title) select %s, 'wal' from generate_series(1, 500)",
-                         (ALICE,))
+            conn.execute(
+                "insert into public.tasks (user_id, title) select %s, 'wal' from generate_series(1, 500)", (ALICE,)
+            )
             assert db.health_check().ok
             conn.execute("select pg_drop_replication_slot('metrics_slot')")
         own_server.stop(mode="immediate")
@@ -235,7 +237,8 @@ def test_metrics_show_latency_pool_retries_and_queue(own_server: PostgresCluster
         db.close()
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
     }
     assert samples[("pgferry_runtime_query_seconds_count", (("operation", "write"),))] == 2
     assert samples[("pgferry_runtime_queue_depth", ())] == 1

@@ -49,8 +49,9 @@ def tokens() -> Iterator[SupabaseProject]:
 
 
 def _count(conn: psycopg.Connection[Any], table: str, where: str = "true", params: tuple[Any, ...] = ()) -> int:
-    row = conn.execute(sql.SQL("select count(*) from public.{} where " + where).format(sql.Identifier(table)),
-                       params).fetchone()
+    row = conn.execute(
+        sql.SQL("select count(*) from public.{} where " + where).format(sql.Identifier(table)), params
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -154,8 +155,9 @@ def test_async_user_transaction_is_scoped_the_same_way(target_url: str, tenants:
             user = await server.verify(token_for(BOB))
         async with AsyncConnectionPool(target_url, kwargs={"autocommit": True}, min_size=1, max_size=1) as apool:
             async with auser_transaction(apool, user) as conn:
-                cur = await conn.execute("select count(*), count(*) filter (where user_id = %s) from public.tasks",
-                                         (BOB,))
+                cur = await conn.execute(
+                    "select count(*), count(*) filter (where user_id = %s) from public.tasks", (BOB,)
+                )
                 seen = await cur.fetchone()
             async with auser_transaction(apool) as conn:  # service role, server code
                 cur = await conn.execute("select count(*) from public.tasks")
@@ -178,8 +180,12 @@ def test_query_as_user_is_scoped_and_rolls_back_on_error(
     from pgferry.runtime.scoped import query_as_user
 
     alice = tokens.verify_sync(token_for(ALICE))
-    rows = query_as_user(pool, alice, "select id, user_id from public.tasks where id = any(%s)",
-                         ([tenants[ALICE]["tasks"], tenants[BOB]["tasks"]],))
+    rows = query_as_user(
+        pool,
+        alice,
+        "select id, user_id from public.tasks where id = any(%s)",
+        ([tenants[ALICE]["tasks"], tenants[BOB]["tasks"]],),
+    )
     assert rows == [(tenants[ALICE]["tasks"], ALICE)]  # Bob's id asked for, not returned
     assert query_as_user(pool, alice, "update public.tasks set title = 'x' where user_id = %s", (BOB,)) == []
     with pytest.raises(psycopg.errors.InsufficientPrivilege):

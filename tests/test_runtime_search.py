@@ -56,8 +56,10 @@ def seeded(target_url: str) -> dict[str, Any]:
             cur.executemany(
                 "insert into public.agent_memory (id, user_id, agent_name, content, embedding) "
                 "values (%s, %s, %s, %s, %s)",
-                [(i, user, a, f"memory {n}", _literal(v))
-                 for n, (i, a, v) in enumerate(zip(memory_ids, agents, memory, strict=True))],
+                [
+                    (i, user, a, f"memory {n}", _literal(v))
+                    for n, (i, a, v) in enumerate(zip(memory_ids, agents, memory, strict=True))
+                ],
             )
             data[user] = {"tasks": (ids, vectors), "memory": (memory_ids, memory, agents)}
         cur.execute("analyze public.tasks")
@@ -87,12 +89,16 @@ def _exact(ids: list[uuid.UUID], vectors: np.ndarray, query: np.ndarray, thresho
 
 
 @pytest.mark.parametrize(
-    ("ef_search", "use_index"), [(None, False), (None, True), (60, True), (400, True), (400, False)],
+    ("ef_search", "use_index"),
+    [(None, False), (None, True), (60, True), (400, True), (400, False)],
     ids=["function", "function-hnsw", "ef60-hnsw", "ef400-hnsw", "ef400-planner"],
 )
 def test_search_tasks_equals_exact_search_for_the_caller(
-    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser],
-    ef_search: int | None, use_index: bool,
+    pool: ConnectionPool[Any],
+    seeded: dict[str, Any],
+    users: dict[uuid.UUID, AuthenticatedUser],
+    ef_search: int | None,
+    use_index: bool,
 ) -> None:
     ids, vectors = seeded[ALICE]["tasks"]
     for query in seeded["queries"]:
@@ -125,7 +131,9 @@ def test_search_never_returns_another_tenants_perfect_match(
 
 @pytest.mark.parametrize("ef_search", [None, 250], ids=["function", "ef250"])
 def test_search_memory_filters_by_agent_as_the_caller(
-    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser],
+    pool: ConnectionPool[Any],
+    seeded: dict[str, Any],
+    users: dict[uuid.UUID, AuthenticatedUser],
     ef_search: int | None,
 ) -> None:
     ids, vectors, agents = seeded[ALICE]["memory"]
@@ -146,9 +154,9 @@ def test_use_index_makes_the_hnsw_scan_answer(
     query = str([float(x) for x in seeded["queries"][0]])
     with user_transaction(pool, users[ALICE]) as conn:
         search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=80, use_index=True)  # sets the transaction up
-        plan = "\n".join(str(r[0]) for r in conn.execute(
-            "explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5}
-        ))
+        plan = "\n".join(
+            str(r[0]) for r in conn.execute("explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5})
+        )
     assert "ix_tasks_embedding_hnsw" in plan, plan
 
 
@@ -178,8 +186,13 @@ def test_tuned_ef_search_applies_to_that_transaction_only(
     ids=["dimension", "nan", "zeros", "threshold", "k-zero", "k-too-many", "ef-zero"],
 )
 def test_bad_search_input_is_one_clear_line_and_touches_nothing(
-    pool: ConnectionPool[Any], users: dict[uuid.UUID, AuthenticatedUser], embedding: list[float], threshold: float,
-    k: int, ef_search: int | None, message: str,
+    pool: ConnectionPool[Any],
+    users: dict[uuid.UUID, AuthenticatedUser],
+    embedding: list[float],
+    threshold: float,
+    k: int,
+    ef_search: int | None,
+    message: str,
 ) -> None:
     with user_transaction(pool, users[ALICE]) as conn:
         with pytest.raises(SearchInputError, match=message) as raised:

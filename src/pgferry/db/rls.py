@@ -61,7 +61,6 @@ def service_role_claims() -> dict[str, Any]:
     return {"role": "service_role", "iss": "supabase"}
 
 
-
 def apply_claims(conn: psycopg.Connection[Any], claims: Mapping[str, Any]) -> None:
     """Switch the current transaction to the claims' role; must be called inside a transaction.
 

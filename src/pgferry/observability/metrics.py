@@ -83,7 +83,8 @@ class _PoolCollector(Collector):
         family.add_metric(["idle"], idle)
         yield family
         yield GaugeMetricFamily(
-            "pgferry_runtime_pool_waiting", "Requests waiting for a pooled connection",
+            "pgferry_runtime_pool_waiting",
+            "Requests waiting for a pooled connection",
             value=int(stats.get("requests_waiting", 0)),
         )
 
@@ -101,7 +102,9 @@ class RuntimeMetrics:
             registry=self.registry,
         )
         self.retries = Counter(
-            "pgferry_runtime_retries", "Attempts retried after a transient database error", ["reason"],
+            "pgferry_runtime_retries",
+            "Attempts retried after a transient database error",
+            ["reason"],
             registry=self.registry,
         )
         self.queue_depth = Gauge(
@@ -114,7 +117,8 @@ class RuntimeMetrics:
             "pgferry_runtime_replayed_writes", "Queued writes applied to the database", registry=self.registry
         )
         self.stale_reads = Counter(
-            "pgferry_runtime_stale_reads", "Reads answered from the local cache while the database was unreachable",
+            "pgferry_runtime_stale_reads",
+            "Reads answered from the local cache while the database was unreachable",
             registry=self.registry,
         )
         self.slot_lag_bytes = Gauge(

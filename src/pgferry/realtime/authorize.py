@@ -277,9 +277,7 @@ class Authorizer:
         name = self._staging.get(key)
         if name is None:
             name = f"pgferry_rt_{catalog.oid}_{len(self._staging)}"
-            definition = ", ".join(
-                [f"{_ROW} int4", *(f"{quote_ident(c)} {catalog.types[c]}" for c in catalog.columns)]
-            )
+            definition = ", ".join([f"{_ROW} int4", *(f"{quote_ident(c)} {catalog.types[c]}" for c in catalog.columns)])
             conn = self._connection()
             conn.execute(f"create temporary table {name} ({definition})")
             # Read as each subscriber's role; it lives only in this session and holds nothing between batches.
@@ -319,9 +317,7 @@ class Authorizer:
         self._queries[key] = composed
         return composed
 
-    def evaluate(
-        self, requests: Sequence[tuple[TableCatalog, Sequence[Image], Sequence[Group]]]
-    ) -> list[TableResult]:
+    def evaluate(self, requests: Sequence[tuple[TableCatalog, Sequence[Image], Sequence[Group]]]) -> list[TableResult]:
         """Judge every request's images for every group, in one transaction and one pipeline (see the module doc)."""
         conn = self._connection()
         staged = [self._staging_table(catalog) for catalog, _, _ in requests]

@@ -298,18 +298,14 @@ def create_realtime_app(config: RealtimeServerConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(prepare)
-        feed = ChangeFeed(
-            config.database_url, registry, slot=config.slot, publication=config.publication, ready=ready
-        )
+        feed = ChangeFeed(config.database_url, registry, slot=config.slot, publication=config.publication, ready=ready)
         holder["feed"] = feed
         feed.start()
         started = time.monotonic()
 
         async def housekeeping() -> None:
             while True:
-                if not ready.is_set() and (
-                    not memory.expected or time.monotonic() - started >= config.resume_grace
-                ):
+                if not ready.is_set() and (not memory.expected or time.monotonic() - started >= config.resume_grace):
                     if memory.expected:
                         _log.info("realtime.resume_without", missing=len(memory.expected))
                     ready.set()

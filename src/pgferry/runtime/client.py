@@ -79,13 +79,21 @@ def _require(project: SupabaseProject | None) -> SupabaseProject:
 class DatabaseClient:
     """The synchronous handle; build it with :func:`create_database_client` and ``close()`` it (or ``with``)."""
 
-    def __init__(self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int,
-                 timeout: float) -> None:
+    def __init__(
+        self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int, timeout: float
+    ) -> None:
         self.plan = plan
         self.project = project
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            plan.url, kwargs=_connection_kwargs(plan), min_size=min_size, max_size=max_size, timeout=timeout,
-            reset=_to_autocommit, close_returns=True, name="pgferry-runtime", open=False,
+            plan.url,
+            kwargs=_connection_kwargs(plan),
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            reset=_to_autocommit,
+            close_returns=True,
+            name="pgferry-runtime",
+            open=False,
         )
         self.engine: Engine = create_engine(
             "postgresql+psycopg://", creator=self._sqlalchemy_connection, poolclass=NullPool
@@ -175,8 +183,13 @@ class DatabaseClient:
 
 
 def create_database_client(
-    settings: Settings, *, url: str | None = None, mode: DatabaseMode | None = None, min_size: int = 1,
-    max_size: int = 10, timeout: float = 30.0,
+    settings: Settings,
+    *,
+    url: str | None = None,
+    mode: DatabaseMode | None = None,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 30.0,
 ) -> DatabaseClient:
     """A ready :class:`DatabaseClient` for ``settings`` (``SUPABASE_POOLER_URL`` or ``SUPABASE_DB_URL``,
     ``PGFERRY_DB_MODE``, ``SUPABASE_URL`` + keys + JWT secret/JWKS); ``url``/``mode`` override the settings.
@@ -192,13 +205,21 @@ def create_database_client(
 class AsyncDatabaseClient:
     """The asyncio handle; build it with :func:`create_async_database_client` and ``await aclose()``."""
 
-    def __init__(self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int,
-                 timeout: float) -> None:
+    def __init__(
+        self, plan: ConnectionPlan, project: SupabaseProject | None, *, min_size: int, max_size: int, timeout: float
+    ) -> None:
         self.plan = plan
         self.project = project
         self.pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
-            plan.url, kwargs=_connection_kwargs(plan), min_size=min_size, max_size=max_size, timeout=timeout,
-            reset=_ato_autocommit, close_returns=True, name="pgferry-runtime-async", open=False,
+            plan.url,
+            kwargs=_connection_kwargs(plan),
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            reset=_ato_autocommit,
+            close_returns=True,
+            name="pgferry-runtime-async",
+            open=False,
         )
         self.engine: AsyncEngine = create_async_engine(
             "postgresql+psycopg://", async_creator=self._sqlalchemy_connection, poolclass=NullPool
@@ -241,8 +262,13 @@ class AsyncDatabaseClient:
 
 
 async def create_async_database_client(
-    settings: Settings, *, url: str | None = None, mode: DatabaseMode | None = None, min_size: int = 1,
-    max_size: int = 10, timeout: float = 30.0,
+    settings: Settings,
+    *,
+    url: str | None = None,
+    mode: DatabaseMode | None = None,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 30.0,
 ) -> AsyncDatabaseClient:
     """The asyncio :func:`create_database_client`; call it inside the event loop that will use it."""
     plan = plan_connection(settings, url=url, mode=mode)

@@ -136,8 +136,16 @@ class OperationQueue:
             self._db.execute("begin immediate")
             self._db.execute(
                 "insert or replace into dead_letters values (?, ?, ?, ?, ?, ?, ?, ?)",
-                (item.seq, str(op.key), _json(dict(item.claims)), op.statement, _json(dict(op.params)),
-                 item.enqueued_at, time.time(), error),
+                (
+                    item.seq,
+                    str(op.key),
+                    _json(dict(item.claims)),
+                    op.statement,
+                    _json(dict(op.params)),
+                    item.enqueued_at,
+                    time.time(),
+                    error,
+                ),
             )
             self._db.execute("delete from operations where seq = ?", (item.seq,))
             self._db.execute("commit")

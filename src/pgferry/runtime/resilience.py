@@ -131,8 +131,14 @@ class ResilientDatabase:
     """
 
     def __init__(
-        self, client: DatabaseClient, state_dir: Path, *, metrics: RuntimeMetrics | None = None,
-        write_policy: RetryPolicy = WRITE_POLICY, read_policy: RetryPolicy = READ_POLICY, checkout_timeout: float = 1.0,
+        self,
+        client: DatabaseClient,
+        state_dir: Path,
+        *,
+        metrics: RuntimeMetrics | None = None,
+        write_policy: RetryPolicy = WRITE_POLICY,
+        read_policy: RetryPolicy = READ_POLICY,
+        checkout_timeout: float = 1.0,
     ) -> None:
         self.client = client
         self.queue = OperationQueue(state_dir / "queue.sqlite3")
@@ -151,8 +157,13 @@ class ResilientDatabase:
 
     def _on_retry(self, attempt: RetryAttempt) -> None:
         self.metrics.retries.labels(attempt.classification.reason).inc()
-        _log.warning("db.retry", attempt=attempt.attempt, delay=round(attempt.delay, 3),
-                     reason=attempt.classification.reason, sqlstate=attempt.classification.sqlstate)
+        _log.warning(
+            "db.retry",
+            attempt=attempt.attempt,
+            delay=round(attempt.delay, 3),
+            reason=attempt.classification.reason,
+            sqlstate=attempt.classification.sqlstate,
+        )
 
     def _retry(self, fn: Callable[[], T], policy: RetryPolicy, operation: str) -> T:
         started = time.perf_counter()
@@ -237,8 +248,11 @@ class ResilientDatabase:
             if not batch:
                 break
             try:
-                done, dup = self._retry(lambda b=batch: self._apply([(i.operation, i.claims) for i in b]),  # type: ignore[misc]
-                                        self._write_policy, "replay")
+                done, dup = self._retry(
+                    lambda b=batch: self._apply([(i.operation, i.claims) for i in b]),  # type: ignore[misc]
+                    self._write_policy,
+                    "replay",
+                )
             except Exception as exc:
                 if _unavailable(exc):
                     error = f"database unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
@@ -259,8 +273,11 @@ class ResilientDatabase:
         applied = duplicates = dead = 0
         for item in batch:
             try:
-                done, dup = self._retry(lambda i=item: self._apply([(i.operation, i.claims)]),  # type: ignore[misc]
-                                        self._write_policy, "replay")
+                done, dup = self._retry(
+                    lambda i=item: self._apply([(i.operation, i.claims)]),  # type: ignore[misc]
+                    self._write_policy,
+                    "replay",
+                )
             except Exception as exc:
                 if _unavailable(exc):
                     raise DatabaseUnavailableError(
@@ -278,8 +295,9 @@ class ResilientDatabase:
 
     # -- reads ---------------------------------------------------------------------------------------------------
 
-    def read(self, user: AuthenticatedUser, cache_key: str, statement: str,
-             params: Mapping[str, Any] | Sequence[Any] = ()) -> ReadResult:
+    def read(
+        self, user: AuthenticatedUser, cache_key: str, statement: str, params: Mapping[str, Any] | Sequence[Any] = ()
+    ) -> ReadResult:
         """Run ``statement`` as ``user``; when the database is unreachable, that user's last result for
         ``cache_key``, marked stale. :class:`DatabaseUnavailableError` when there is no such result either."""
         claims = user_claims_of(user)

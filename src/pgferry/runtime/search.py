@@ -124,8 +124,13 @@ def _check(threshold: float, k: int, ef_search: int | None) -> None:
 
 
 def search_tasks(
-    conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    ef_search: int | None = None, use_index: bool = False,
+    conn: psycopg.Connection[Any],
+    embedding: Sequence[float] | Any,
+    threshold: float,
+    k: int,
+    *,
+    ef_search: int | None = None,
+    use_index: bool = False,
 ) -> list[TaskMatch]:
     """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
 
@@ -145,8 +150,14 @@ def search_tasks(
 
 
 def search_memory(
-    conn: psycopg.Connection[Any], embedding: Sequence[float] | Any, threshold: float, k: int, *,
-    agent_name: str | None = None, ef_search: int | None = None, use_index: bool = False,
+    conn: psycopg.Connection[Any],
+    embedding: Sequence[float] | Any,
+    threshold: float,
+    k: int,
+    *,
+    agent_name: str | None = None,
+    ef_search: int | None = None,
+    use_index: bool = False,
 ) -> list[MemoryMatch]:
     """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
     _check(threshold, k, ef_search)

@@ -176,8 +176,13 @@ def pgbouncer() -> Iterator[Callable[..., str]]:
         parts = urlsplit(database_url)
         root = Path(tempfile.mkdtemp(prefix="pgferry-pgbouncer-"))
         root.chmod(0o755)  # the service account the bouncer runs as must reach its files
-        bouncer = PgBouncer(root / "pgbouncer", upstream_port=parts.port or 5432, pool_size=pool_size,
-                            pool_mode=pool_mode, user=service_user())
+        bouncer = PgBouncer(
+            root / "pgbouncer",
+            upstream_port=parts.port or 5432,
+            pool_size=pool_size,
+            pool_mode=pool_mode,
+            user=service_user(),
+        )
         started.append(bouncer)
         bouncer.start()
         return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{bouncer.port}"))
