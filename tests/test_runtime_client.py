@@ -162,6 +162,60 @@ def test_user_transactions_through_pgbouncer_keep_tenants_apart_and_leave_nothin
                 assert leftover == ("postgres", "")
 
 
+def test_prepared_point_queries_never_share_one_users_rows_with_another(target_url: str) -> None:
+    """``client.query`` in direct mode runs EXECUTE of statements prepared once per session. One server session
+    (pool of one), two users interleaved past the point where PostgreSQL switches to a generic plan: each sees
+    only their own rows every time, so neither the plan nor anything in it is shared across users."""
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        insert_tree(conn, ALICE)
+        insert_tree(conn, BOB)
+        owners = {row[0]: row[1] for row in conn.execute("select id, user_id from public.tasks")}
+    statement = "select user_id, count(*) from public.tasks where id = any(%s) group by user_id"
+    with create_database_client(settings_for(target_url), max_size=1) as client:
+        assert client.mode == "direct"
+        users = {ALICE: client.verify(token_for(ALICE)), BOB: client.verify(token_for(BOB))}
+        everything = list(owners)
+        for _ in range(12):
+            for owner, user in users.items():
+                mine = sum(1 for o in owners.values() if o == owner)
+                assert client.query(user, statement, (everything,)) == [(owner, mine)]
+                named = client.query(user, "select count(*) from public.tasks where user_id <> %(me)s", {"me": owner})
+                assert named == [(0,)]
+        with client.pool.connection() as conn:
+            prepared = {r[0] for r in conn.execute("select statement from pg_prepared_statements")}
+            assert any("any($1)" in text for text in prepared), prepared  # the statement really was prepared
+            assert conn.execute("select current_user, auth.uid()").fetchone() == ("postgres", None)
+            conn.execute("deallocate all")  # someone else's DISCARD/DEALLOCATE on the session: prepared again
+        alice_rows = sum(1 for o in owners.values() if o == ALICE)
+        assert client.query(users[ALICE], statement, (everything,)) == [(ALICE, alice_rows)]
+        with pytest.raises(psycopg.errors.SyntaxError):  # a typo is the caller's error, at once, not cached
+            client.query(users[ALICE], "selec 1")
+        with pytest.raises(psycopg.errors.SyntaxError):
+            client.query(users[ALICE], "selec 1")
+        assert client.query(users[BOB], "select 100 %% 7, %s::int", (5,)) == [(2, 5)]
+
+
+def test_point_queries_through_pgbouncer_run_as_the_user_and_leave_nothing(
+    target_url: str, pgbouncer: Callable[..., str]
+) -> None:
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        insert_tree(conn, ALICE)
+        insert_tree(conn, BOB)
+    pooled = pgbouncer(target_url, pool_size=1)
+    settings = settings_for(target_url, supabase_pooler_url=pooled)
+    with create_database_client(settings, max_size=2) as client:
+        assert client.mode == "transaction"
+        alice, bob = client.verify(token_for(ALICE)), client.verify(token_for(BOB))
+        for _ in range(8):
+            assert client.query(alice, "select array_agg(distinct user_id) from public.tasks") == [([ALICE],)]
+            assert client.query(bob, "select array_agg(distinct user_id) from public.tasks") == [([BOB],)]
+        with client.pool.connection() as conn:
+            assert conn.execute("select count(*) from pg_prepared_statements").fetchone() == (0,)
+            assert conn.execute(
+                "select current_user, coalesce(current_setting('request.jwt.claims', true), '')"
+            ).fetchone() == ("postgres", "")
+
+
 def test_sqlalchemy_sessions_run_as_the_user(target_url: str, pgbouncer: Callable[..., str]) -> None:
     with psycopg.connect(target_url, autocommit=True) as conn:
         insert_tree(conn, ALICE)

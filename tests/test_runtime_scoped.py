@@ -17,6 +17,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from pgferry.db.rls import ClaimsError
 from pgferry.runtime.errors import ServiceRoleRefusedError
 from pgferry.runtime.scoped import auser_transaction, service_role_transaction, user_transaction
 from pgferry.schema.models import USER_OWNED_TABLES
@@ -190,7 +191,12 @@ def test_query_as_user_is_scoped_and_rolls_back_on_error(
     assert query_as_user(pool, alice, "update public.tasks set title = 'x' where user_id = %s", (BOB,)) == []
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         query_as_user(pool, alice, "insert into public.tasks (user_id, title) values (%s, 'no')", (BOB,))
-    with pool.connection() as conn:  # the pipeline's transaction is gone, and so are the claims
+    with pool.connection() as conn:  # the one-message transaction is gone, and so are the claims
         assert conn.execute("select current_user, auth.uid()").fetchone() == ("postgres", None)
+    named = query_as_user(pool, alice, "select count(*) from public.tasks where user_id = %(u)s", {"u": BOB})
+    assert named == [(0,)]  # named parameters work too, and RLS still hides Bob's rows
+    with pytest.raises(ClaimsError, match="exactly one statement"):  # a second one would run without the role
+        query_as_user(pool, alice, "select 1; commit; select count(*) from public.tasks")
+    assert query_as_user(pool, alice, "select current_user, auth.uid() ;") == [("authenticated", ALICE)]
     with service_role_transaction(pool) as conn:
         assert _count(conn, "tasks", "title in ('x', 'no')") == 0

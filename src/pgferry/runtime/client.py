@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -53,9 +54,24 @@ def _connection_kwargs(plan: ConnectionPlan) -> dict[str, Any]:
     return {**CONNECT_PARAMS, "application_name": APPLICATION_NAME, "autocommit": True, **plan.psycopg_options()}
 
 
-def _to_autocommit(conn: psycopg.Connection[Any]) -> None:
-    """Pool ``reset``: SQLAlchemy borrowed the connection with ``autocommit=False``; give the pool its own back."""
-    conn.autocommit = True
+class PooledConnection(psycopg.Connection[Any]):
+    """The sync pool's connection: hands itself back to the pool in autocommit, as the pool gave it out.
+
+    SQLAlchemy borrows connections with ``autocommit=False``. A pool ``reset`` callback could restore it, but
+    psycopg_pool then returns *every* connection through its worker thread, a thread hand-off on each pooled
+    point query that cost more than the query; restoring it here, on the caller's thread, costs nothing when
+    the connection already is in autocommit (every path but SQLAlchemy's).
+    """
+
+    def close(self) -> None:
+        if not self.closed and not self.autocommit and getattr(self, "_pool", None) is not None:
+            status = self.info.transaction_status
+            if status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                self.rollback()  # what the pool would do; the pool discards an ACTIVE or broken one itself
+                status = self.info.transaction_status
+            if status == TransactionStatus.IDLE:
+                self.autocommit = True
+        super().close()
 
 
 async def _ato_autocommit(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -84,13 +100,13 @@ class DatabaseClient:
     ) -> None:
         self.plan = plan
         self.project = project
-        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        self.pool: ConnectionPool[PooledConnection] = ConnectionPool(
             plan.url,
+            connection_class=PooledConnection,
             kwargs=_connection_kwargs(plan),
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            reset=_to_autocommit,
             close_returns=True,
             name="pgferry-runtime",
             open=False,
@@ -101,7 +117,7 @@ class DatabaseClient:
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self._supabase: SupabaseClient | None = None
 
-    def _sqlalchemy_connection(self) -> psycopg.Connection[Any]:
+    def _sqlalchemy_connection(self) -> PooledConnection:
         conn = self.pool.getconn()
         conn.autocommit = False  # SQLAlchemy manages transactions itself
         return conn
@@ -125,8 +141,9 @@ class DatabaseClient:
         return user_transaction(self.pool, user)
 
     def query(self, user: AuthenticatedUser, statement: str, params: Any = ()) -> list[tuple[Any, ...]]:
-        """One statement as ``user`` in one round trip (see :func:`pgferry.runtime.scoped.query_as_user`)."""
-        return query_as_user(self.pool, user, statement, params)
+        """One statement as ``user`` in one round trip (see :func:`pgferry.runtime.scoped.query_as_user`), from
+        statements prepared once per server session where the endpoint keeps sessions."""
+        return query_as_user(self.pool, user, statement, params, prepare=self.plan.mode.allows_prepared_statements)
 
     def service_role_transaction(self) -> Any:
         """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""
