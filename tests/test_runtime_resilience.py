@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -158,6 +158,46 @@ def test_refused_writes_fail_now_and_queued_ones_go_to_dead_letters(
     with psycopg.connect(own_server.url(), autocommit=True) as conn:
         assert conn.execute("select description from public.tasks where id = %s", (log_row,)).fetchone() == ("1,2,",)
         assert conn.execute("select count(*) from public.tasks where title = 'not hers'").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("endpoint", ["direct", "transaction-pooler"])
+def test_replay_in_small_batches_keeps_order_and_values_exactly(
+    own_server: PostgresCluster,
+    log_row: uuid.UUID,
+    tmp_path: Path,
+    endpoint: str,
+    pgbouncer: Callable[..., str],
+) -> None:
+    """The replay renders the next batch while the database applies the current one, with values inlined as
+    literals (prepared statements where the endpoint keeps sessions). Batches of two, users interleaved, awkward
+    text, and an operation missing a parameter in the middle: every other write lands once, in order, byte for
+    byte, and the broken one is set aside with the reason."""
+    url = own_server.url()
+    settings = settings_for(url) if endpoint == "direct" else settings_for(url, supabase_pooler_url=pgbouncer(url))
+    titles = ["it's", "back\\slash", "100% %(user)s", "semi; colon -- not a comment", "ünïcödé ✓", "$1 $$"]
+    with create_database_client(settings) as client:
+        assert client.mode == ("direct" if endpoint == "direct" else "transaction")
+        db = ResilientDatabase(client, tmp_path / "state", write_policy=FAST)
+        users = {ALICE: client.verify(token_for(ALICE)), BOB: client.verify(token_for(BOB))}
+        broken = Operation(APPEND, {"n": "x"})  # no "log": cannot be bound
+        for n, title in enumerate(titles):
+            owner = ALICE if n % 2 == 0 else BOB
+            db.queue.put(Operation(INSERT, {"user": owner, "title": title}), users[owner].claims)
+            db.queue.put(Operation(APPEND, {"n": str(n), "log": log_row}), users[ALICE].claims)
+            if n == 2:
+                db.queue.put(broken, users[ALICE].claims)
+        report = db.sync_queued_operations(batch_size=2)
+        assert (report.applied, report.dead_lettered, report.remaining) == (2 * len(titles), 1, 0)
+        [(key, error)] = db.queue.dead_letters()
+        assert key == broken.key and "log" in error
+        db.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "select user_id, title from public.tasks where title <> 'log' order by created_at, title"
+        ).fetchall()
+        assert sorted(rows) == sorted((ALICE if n % 2 == 0 else BOB, t) for n, t in enumerate(titles))
+        log = conn.execute("select description from public.tasks where id = %s", (log_row,)).fetchone()
+        assert log == ("".join(f"{n}," for n in range(len(titles))),)
 
 
 def test_reads_fall_back_to_that_users_cached_rows_marked_stale(

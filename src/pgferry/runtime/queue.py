@@ -111,14 +111,23 @@ class OperationQueue:
                     f"cannot write to the operation queue {self.path}: {exc}; check free disk space"
                 ) from None
 
-    def peek(self, limit: int) -> list[QueuedOperation]:
-        """The oldest ``limit`` operations, oldest first; they stay queued until :meth:`remove`."""
+    def peek(self, limit: int, *, after: int | None = None) -> list[QueuedOperation]:
+        """The oldest ``limit`` operations (those queued after ``after``, a ``seq``, if given), oldest first; they
+        stay queued until :meth:`remove`."""
         with self._lock:
             rows = self._db.execute(
-                "select seq, key, claims, statement, params, enqueued_at from operations order by seq limit ?", (limit,)
+                "select seq, key, claims, statement, params, enqueued_at from operations where seq > ? "
+                "order by seq limit ?",
+                (-1 if after is None else after, limit),
             ).fetchall()
+        claims_by_text: dict[str, Any] = {}  # one object per distinct claims: the replay renders each once
         return [
-            QueuedOperation(seq, Operation(statement, json.loads(params), uuid.UUID(key)), json.loads(claims), at)
+            QueuedOperation(
+                seq,
+                Operation(statement, json.loads(params), uuid.UUID(key)),
+                claims_by_text.get(claims) or claims_by_text.setdefault(claims, json.loads(claims)),
+                at,
+            )
             for seq, key, claims, statement, params, at in rows
         ]
 

@@ -25,6 +25,7 @@ import enum
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -41,6 +42,17 @@ from pgferry.runtime.client import DatabaseClient
 from pgferry.runtime.errors import DatabaseUnavailableError
 from pgferry.runtime.queue import Operation, OperationQueue, QueuedOperation
 from pgferry.runtime.scoped import user_claims_of
+from pgferry.runtime.statements import (
+    PreparedForm,
+    SessionStatements,
+    claims_statement,
+    inline,
+    inline_literals,
+    literal_arguments,
+    new_literals,
+    prepared_form,
+    send_message,
+)
 from pgferry.sync.auth import AuthenticatedUser
 
 __all__ = ["Health", "ReadResult", "ResilientDatabase", "SyncReport", "WriteOutcome", "health_check"]
@@ -123,6 +135,19 @@ def _unavailable(exc: BaseException) -> bool:
     return classify_error(exc).retryable
 
 
+@dataclass(frozen=True)
+class _RenderedOperation:
+    """One operation as text: its claims statement, and either its prepared form with literal arguments (where
+    the endpoint keeps sessions) or its statement with the values inlined."""
+
+    key: uuid.UUID
+    claims: str
+    form: PreparedForm | None
+    arguments: str
+    inlined: str
+    error: psycopg.Error | None = None
+
+
 class ResilientDatabase:
     """Writes that survive outages and reads that degrade to stale ones, over a :class:`DatabaseClient`.
 
@@ -179,19 +204,65 @@ class ResilientDatabase:
 
     def _apply(self, items: Sequence[tuple[Operation, Mapping[str, Any]]]) -> tuple[int, int]:
         """Apply ``items`` in one transaction, each once: ``(applied, duplicates)``."""
+        return self._apply_rendered(self._render(items))
+
+    def _render(self, items: Sequence[tuple[Operation, Mapping[str, Any]]]) -> list[_RenderedOperation]:
+        """Each operation's claims and statement as SQL text with its values inlined, without a connection: the
+        replay renders the next batch on a thread while the database applies the current one."""
+        prepare = self.client.plan.mode.allows_prepared_statements
+        literals = new_literals()
+        claims_texts: dict[int, str] = {}  # one rendering per claims object (the queue shares them)
+        rendered = []
+        for op, claims in items:
+            claims_text = claims_texts.get(id(claims))
+            if claims_text is None:
+                claims_text = claims_texts[id(claims)] = claims_statement(claims_parameters(claims), prepare)
+            params = op.params or None
+            form = prepared_form(op.statement, True, params is not None) if prepare else None
+            try:
+                if form is not None and params is not None:
+                    arguments, inlined = literal_arguments(form, params, literals), ""
+                else:
+                    arguments, inlined = "", inline_literals(op.statement, params, literals)
+            except psycopg.Error as exc:  # a missing parameter, a value psycopg cannot adapt
+                rendered.append(_RenderedOperation(op.key, claims_text, None, "", "", exc))
+            else:
+                rendered.append(_RenderedOperation(op.key, claims_text, form, arguments, inlined))
+        return rendered
+
+    def _apply_rendered(self, operations: Sequence[_RenderedOperation]) -> tuple[int, int]:
+        """Apply rendered operations in one transaction, each once: ``(applied, duplicates)``.
+
+        The keys already applied are read first; the rest go out as one message — their keys recorded as the login
+        role, then each operation's claims and statement — which PostgreSQL runs as one transaction. A replayer
+        racing us on the same key makes the key's insert fail on its primary key: the whole message rolls back
+        and the retry finds the key applied, so the check outside the transaction cannot apply anything twice.
+        """
+        for op in operations:
+            if op.error is not None:  # raised when applied, so a replay dead-letters this one and goes on
+                raise op.error
+        prepare = self.client.plan.mode.allows_prepared_statements
         with self.client.pool.connection(timeout=self._checkout_timeout) as conn:
             self._ensure_idempotency_table(conn)
-            with conn.transaction():
-                keys = [op.key for op, _claims in items]
-                seen = {row[0] for row in conn.execute(_SEEN, (keys,))}
-                fresh = [(op, claims) for op, claims in items if op.key not in seen]
-                if fresh:
-                    conn.execute(_RECORD, ([op.key for op, _claims in fresh],))  # as the login role, before any switch
-                    with conn.pipeline():
-                        for op, claims in fresh:
-                            conn.execute(CLAIMS_SQL, claims_parameters(claims))
-                            conn.execute(op.statement, dict(op.params))
-        return len(fresh), len(items) - len(fresh)
+            seen = {row[0] for row in conn.execute(_SEEN, ([op.key for op in operations],))}
+            fresh = [op for op in operations if op.key not in seen]
+            if fresh:
+                record = inline(psycopg.ClientCursor(conn), _RECORD, ([op.key for op in fresh],))
+
+                def render(session: SessionStatements | None) -> str:
+                    parts = [record]  # as the login role, before any switch
+                    if session is not None:
+                        session.prepare_claims(conn)
+                    for op in fresh:
+                        parts.append(op.claims)
+                        if session is not None and op.form is not None:
+                            parts.append(session.execute_text(conn, op.form, op.arguments))
+                        else:
+                            parts.append(op.inlined)
+                    return "; ".join(parts)
+
+                send_message(conn, render, prepare=prepare)
+        return len(fresh), len(operations) - len(fresh)
 
     def health_check(self, *, timeout: float = 3.0) -> Health:
         """:func:`health_check`, and when the database answers, each replication slot's retained WAL into
@@ -240,31 +311,40 @@ class ResilientDatabase:
 
         A batch is one transaction. When a batch fails for a reason retrying cannot fix, its operations are tried
         one by one: the one the database refuses moves to the dead-letter table (with the error), the rest apply.
+        While the database applies a batch, the next one is read from the queue and rendered on a second thread,
+        so the client's share of the work overlaps the server's instead of adding to it.
         """
         applied = duplicates = dead = 0
         error: str | None = None
-        while True:
-            batch = self.queue.peek(batch_size)
-            if not batch:
-                break
-            try:
-                done, dup = self._retry(
-                    lambda b=batch: self._apply([(i.operation, i.claims) for i in b]),  # type: ignore[misc]
-                    self._write_policy,
-                    "replay",
-                )
-            except Exception as exc:
-                if _unavailable(exc):
-                    error = f"database unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                    break
-                done, dup, dead_here = self._replay_one_by_one(batch)
-                dead += dead_here
-            else:
-                self.queue.remove(batch)
-            applied += done
-            duplicates += dup
-            self.metrics.replayed.inc(done)
-            self.metrics.queue_depth.set(self.queue.depth())
+
+        def read_and_render(after: int | None) -> tuple[list[QueuedOperation], list[_RenderedOperation]]:
+            batch = self.queue.peek(batch_size, after=after)
+            return batch, self._render([(i.operation, i.claims) for i in batch])
+
+        with ThreadPoolExecutor(1, thread_name_prefix="pgferry-replay") as renderer:
+            batch, rendered = read_and_render(None)
+            while batch:
+                upcoming = renderer.submit(read_and_render, batch[-1].seq)
+                try:
+                    done, dup = self._retry(
+                        lambda r=rendered: self._apply_rendered(r),  # type: ignore[misc]
+                        self._write_policy,
+                        "replay",
+                    )
+                except Exception as exc:
+                    if _unavailable(exc):
+                        error = f"database unreachable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                        upcoming.cancel()
+                        break
+                    done, dup, dead_here = self._replay_one_by_one(batch)
+                    dead += dead_here
+                else:
+                    self.queue.remove(batch)
+                applied += done
+                duplicates += dup
+                self.metrics.replayed.inc(done)
+                self.metrics.queue_depth.set(self.queue.depth())
+                batch, rendered = upcoming.result()
         remaining = self.queue.depth()
         self.metrics.queue_depth.set(remaining)
         return SyncReport(applied, duplicates, dead, remaining, error)

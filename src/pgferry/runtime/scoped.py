@@ -16,20 +16,12 @@ Owns the transaction scoping only; the claims statement is :mod:`pgferry.db.rls`
 
 from __future__ import annotations
 
-import functools
-import itertools
-import re
-import threading
-import weakref
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg import sql
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import TransactionStatus
 
 from pgferry.db.rls import (
     CLAIMS_SQL,
@@ -39,6 +31,14 @@ from pgferry.db.rls import (
     service_role_claims,
 )
 from pgferry.runtime.errors import ServiceRoleRefusedError
+from pgferry.runtime.statements import (
+    SessionStatements,
+    claims_statement,
+    inline,
+    prepared_form,
+    rows_of_last_result,
+    send_message,
+)
 from pgferry.sync.auth import USER_ROLE, AuthenticatedUser
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def query_as_user(
     again when the role differs (PostgreSQL's plan cache records the role RLS was applied for), and ``auth.uid()``
     is evaluated at run time, never folded into a plan shared between users.
     """
-    user_claims_of(user)  # refuses anything but a verified user
+    parameters = _claims_parameters_of(user)
     statement = statement.rstrip().rstrip(";")
     if ";" in statement:
         raise ClaimsError(
@@ -112,149 +112,35 @@ def query_as_user(
             "several statements with user_transaction()"
         )
     values = params or None  # as psycopg: no parameters, no placeholder processing
+    form = prepared_form(statement, isinstance(values, Mapping), values is not None) if prepare else None
     with pool.connection() as conn:
         if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
             raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")
-        form = _prepared_form(statement, isinstance(values, Mapping), values is not None) if prepare else None
-        if form is None:
-            return _run_with_claims(conn, user, statement, values, prepared=False)
-        cache = _prepared_statements(conn)
-        try:
-            return _run_with_claims(conn, user, cache.execute_sql(conn, form), values, prepared=True)
-        except (psycopg.errors.InvalidSqlStatementName, psycopg.errors.FeatureNotSupported) as exc:
-            # Someone ran DEALLOCATE/DISCARD on this session, or the table changed under a prepared plan
-            # ("cached plan must not change result type"): forget this connection's statements, prepare again.
-            if isinstance(exc, psycopg.errors.FeatureNotSupported) and "cached plan" not in str(exc):
-                raise
-            cache.forget_all(conn)
-            return _run_with_claims(conn, user, cache.execute_sql(conn, form), values, prepared=True)
+        cursor = psycopg.ClientCursor(conn)
+
+        def render(session: SessionStatements | None) -> str:
+            if session is None or form is None:
+                return f"{claims_statement(parameters, False)}; {inline(cursor, statement, values)}"
+            execute = session.execute_text(conn, form)
+            return f"{claims_statement(parameters, True)}; {inline(cursor, execute, values)}"
+
+        return rows_of_last_result(send_message(conn, render, prepare=form is not None))
 
 
-def _run_with_claims(
-    conn: psycopg.Connection[Any],
-    user: AuthenticatedUser,
-    statement: str,
-    params: Sequence[Any] | Mapping[str, Any] | None,
-    *,
-    prepared: bool,
-) -> list[tuple[Any, ...]]:
-    claims = _claims_statement(conn, user, prepared)
-    cursor = psycopg.ClientCursor(conn)
-    if params is None:
-        cursor.execute(f"{claims}; {statement}")
-    else:
-        cursor.execute(f"{claims.replace('%', '%%')}; {statement}", params)
-    cursor.nextset()
-    result = cursor.pgresult
-    # Not ``cursor.description``: it builds a Column object per column on every call, which is a visible
-    # share of a point query's client time.
-    return cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else []
+_claims_of_users: dict[int, tuple[AuthenticatedUser, tuple[str, str, str, str]]] = {}
 
 
-_rendered_claims: dict[tuple[int, bool], tuple[AuthenticatedUser, str]] = {}
-
-
-def _claims_statement(conn: psycopg.Connection[Any], user: AuthenticatedUser, prepared: bool) -> str:
-    """The claims statement for ``user`` with its values as literals, rendered once per user: a service that
-    answers the same users again and again should not re-encode their claims as JSON on every query."""
-    entry = _rendered_claims.get((id(user), prepared))
+def _claims_parameters_of(user: AuthenticatedUser) -> tuple[str, str, str, str]:
+    """:func:`claims_parameters` of a verified user, computed once per user object: a service answers the same
+    users again and again and should not re-encode their claims as JSON on every query."""
+    entry = _claims_of_users.get(id(user))
     if entry is not None and entry[0] is user:
         return entry[1]
-    literals = [sql.Literal(value) for value in claims_parameters(user_claims_of(user))]
-    template = "execute pgferry_claims({}, {}, {}, {})" if prepared else CLAIMS_SQL.replace("%s", "{}")
-    text = sql.SQL(template).format(*literals).as_string(conn)
-    if len(_rendered_claims) >= 4096:
-        _rendered_claims.clear()  # users come and go; the ones still active are rendered again on next use
-    _rendered_claims[(id(user), prepared)] = (user, text)  # holding the user keeps its id from being reused
-    return text
-
-
-_PLACEHOLDER = re.compile(r"%(?:\((?P<name>[^)]+)\))?(?P<kind>.)")
-
-
-@dataclass(frozen=True)
-class _PreparedForm:
-    """``statement`` with ``$n`` parameters for ``PREPARE``, and the ``EXECUTE`` argument list for its values."""
-
-    body: str
-    arguments: str
-
-
-@functools.lru_cache(maxsize=1024)
-def _prepared_form(statement: str, named: bool, has_params: bool) -> _PreparedForm | None:
-    """Rewrite psycopg placeholders (``%s``, ``%(name)s``, ``%%``) as ``$n``; ``None`` for anything else, which
-    then runs unprepared rather than guessed at. Without parameters the statement is taken as it is."""
-    if not has_params:
-        return _PreparedForm(statement, "")
-    numbers: dict[str, int] = {}
-    arguments: list[str] = []
-    unsupported = False
-
-    def number(match: re.Match[str]) -> str:
-        nonlocal unsupported
-        kind, name = match.group("kind"), match.group("name")
-        if kind == "%" and name is None:
-            return "%"
-        if kind != "s" or (name is None) == named:
-            unsupported = True
-            return ""
-        key = name if name is not None else str(len(arguments))
-        if key not in numbers:
-            numbers[key] = len(arguments) + 1
-            arguments.append(f"%({name})s" if name is not None else "%s")
-        return f"${numbers[key]}"
-
-    body = _PLACEHOLDER.sub(number, statement)
-    if unsupported:
-        return None
-    return _PreparedForm(body, ", ".join(arguments))
-
-
-class _ConnectionStatements:
-    """The statements prepared on one server session, by text; bounded, so a service that builds many distinct
-    statements does not grow a session's memory without end. Preparing is its own round trip, once per
-    statement and session: an error in it (a typo in the statement) is raised before anything is recorded."""
-
-    LIMIT = 200
-
-    def __init__(self) -> None:
-        self.names: OrderedDict[str, str] = OrderedDict()
-        self.claims_prepared = False
-
-    def execute_sql(self, conn: psycopg.Connection[Any], form: _PreparedForm) -> str:
-        """The statement's ``EXECUTE``, preparing it (and the claims statement) on this session first if needed."""
-        if not self.claims_prepared:
-            conn.execute("prepare pgferry_claims(text, text, text, text) as " + (CLAIMS_SQL % ("$1", "$2", "$3", "$4")))
-            self.claims_prepared = True
-        name = self.names.get(form.body)
-        if name is None:
-            name = f"pgferry_q{next(_statement_numbers)}"
-            conn.execute(sql.SQL("prepare {} as ").format(sql.Identifier(name)) + sql.SQL(form.body))
-            self.names[form.body] = name
-            if len(self.names) > self.LIMIT:
-                _, evicted = self.names.popitem(last=False)
-                conn.execute(sql.SQL("deallocate {}").format(sql.Identifier(evicted)))
-        else:
-            self.names.move_to_end(form.body)
-        return f"execute {name}({form.arguments})" if form.arguments else f"execute {name}"
-
-    def forget_all(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("deallocate all")
-        self.names.clear()
-        self.claims_prepared = False
-
-
-_statement_numbers = itertools.count(1)
-_sessions: weakref.WeakKeyDictionary[psycopg.Connection[Any], _ConnectionStatements] = weakref.WeakKeyDictionary()
-_sessions_lock = threading.Lock()
-
-
-def _prepared_statements(conn: psycopg.Connection[Any]) -> _ConnectionStatements:
-    statements = _sessions.get(conn)
-    if statements is None:
-        with _sessions_lock:
-            statements = _sessions.setdefault(conn, _ConnectionStatements())
-    return statements
+    parameters = claims_parameters(user_claims_of(user))
+    if len(_claims_of_users) >= 4096:
+        _claims_of_users.clear()  # users come and go; the active ones are computed again on next use
+    _claims_of_users[id(user)] = (user, parameters)  # holding the user keeps its id from being reused
+    return parameters
 
 
 @contextmanager
