@@ -12,7 +12,9 @@ around ``--topics`` random centroids, so neighbours are close and the graph has 
 ``--users`` users in equal shares, loaded by binary ``COPY`` and indexed once with the migration's own HNSW index
 (``vector_cosine_ops``, pgvector defaults m=16, ef_construction=64). Every query runs exactly as a service runs it:
 a pooled connection from ``create_database_client``, a transaction as a user whose access token was verified
-(``SET LOCAL ROLE authenticated`` + claims), ``search_tasks(embedding, threshold, k, ef_search)``, commit. RLS
+(``SET LOCAL ROLE authenticated`` + claims), the search, commit — two ways: ``client.search_tasks(user, …)``
+(claims, settings and query in one message, one round trip) and ``search_tasks(conn, …)`` inside
+``client.user_transaction(user)`` (five round trips). RLS
 keeps 1/``--users`` of the rows, so the HNSW scan must filter by owner: pgvector 0.8's iterative scan
 (``strict_order``) keeps scanning until ``k`` rows pass. Latency is the wall time of that whole transaction on the
 client (p50/p95/p99). Recall@k compares the ids returned with the exact top k computed in numpy from the same
@@ -26,6 +28,7 @@ Target (issue 14): recall@10 ≥ 0.98 at p50 ≤ 5 ms on 100k 1536-d vectors wit
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 import uuid
 from collections.abc import Sequence
@@ -51,6 +54,7 @@ from pgferry.runtime.client import create_database_client
 from pgferry.runtime.search import search_tasks
 
 DIM = 1536
+APIS = ("client.search_tasks", "search_tasks in user_transaction")
 
 
 def make_vectors(rng: np.random.Generator, n: int, centroids: np.ndarray, noise: float) -> np.ndarray:
@@ -146,19 +150,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["plan_uses_hnsw"] = any("ix_tasks_embedding_hnsw" in str(r[0]) for r in plan)
             results = []
             configs = [(None, False), *[(int(e), True) for e in args.ef.split(",") if e]]
-            for ef, use_index in configs:
+
+            def run(api: str, asker: uuid.UUID, query: np.ndarray, ef: int | None, use_index: bool) -> list[Any]:
+                if api == "client.search_tasks":  # one message: claims, settings, query
+                    return client.search_tasks(
+                        verified[asker], query, args.threshold, args.k, ef_search=ef, use_index=use_index
+                    )
+                with client.user_transaction(verified[asker]) as conn:  # BEGIN, claims, settings, query, COMMIT
+                    return search_tasks(conn, query, args.threshold, args.k, ef_search=ef, use_index=use_index)
+
+            for (ef, use_index), api in itertools.product(configs, APIS):
                 for query, asker in zip(queries[:20], askers[:20], strict=True):  # warm the index pages
-                    with client.user_transaction(verified[asker]) as conn:
-                        search_tasks(conn, query, args.threshold, args.k, ef_search=ef, use_index=use_index)
+                    run(api, asker, query, ef, use_index)
                 seconds, recalls = [], []
                 for query, asker, truth in zip(queries, askers, expected, strict=True):
                     started = time.perf_counter()
-                    with client.user_transaction(verified[asker]) as conn:
-                        found = search_tasks(conn, query, args.threshold, args.k, ef_search=ef, use_index=use_index)
+                    found = run(api, asker, query, ef, use_index)
                     seconds.append(time.perf_counter() - started)
                     got = {m.id for m in found}
                     recalls.append(len(got & set(truth)) / len(truth) if truth else 1.0)
                 row = {
+                    "api": api,
                     "ef_search": ef if ef is not None else "function (100)",
                     "plan": "hnsw (use_index)" if use_index else "planner's choice",
                     "recall_at_k": round(float(np.mean(recalls)), 4),
@@ -167,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 }
                 row["meets_target"] = row["recall_at_k"] >= 0.98 and row["p50_ms"] <= 5.0
                 say(
-                    f"ef_search={row['ef_search']}, {row['plan']}: recall@{args.k} {row['recall_at_k']}, "
+                    f"{api}, ef_search={row['ef_search']}, {row['plan']}: recall@{args.k} {row['recall_at_k']}, "
                     f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms"
                 )
                 results.append(row)

@@ -15,11 +15,12 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from pgferry.runtime.client import create_database_client
 from pgferry.runtime.errors import SearchInputError
 from pgferry.runtime.scoped import user_transaction
 from pgferry.runtime.search import search_memory, search_tasks
 from pgferry.sync.auth import AuthenticatedUser
-from tests.runtime_helpers import project, token_for
+from tests.runtime_helpers import project, settings_for, token_for
 
 ALICE = uuid.UUID("00000000-0000-4000-8000-0000000000a1")
 BOB = uuid.UUID("00000000-0000-4000-8000-0000000000b2")
@@ -109,6 +110,33 @@ def test_search_tasks_equals_exact_search_for_the_caller(
             similarities = [m.similarity for m in found]
             assert similarities == sorted(similarities, reverse=True)
             assert all(s > threshold for s in similarities)
+
+
+@pytest.mark.parametrize(("ef_search", "use_index"), [(None, False), (200, True)], ids=["function", "ef200-hnsw"])
+def test_one_round_trip_search_on_the_client_equals_exact_search(
+    target_url: str, seeded: dict[str, Any], ef_search: int | None, use_index: bool
+) -> None:
+    """``client.search_tasks`` / ``search_memory`` (claims, settings and query as one message) answer as the
+    in-transaction functions do, as the caller only, and leave no setting on the pooled connection."""
+    with create_database_client(settings_for(target_url), max_size=1) as client:
+        alice, bob = client.verify(token_for(ALICE)), client.verify(token_for(BOB))
+        ids, vectors = seeded[ALICE]["tasks"]
+        for query in seeded["queries"]:
+            found = client.search_tasks(alice, query, 0.0, 10, ef_search=ef_search, use_index=use_index)
+            assert [m.id for m in found] == _exact(ids, vectors, query, 0.0, 10)
+            assert all(isinstance(m.similarity, float) and isinstance(m.id, uuid.UUID) for m in found)
+        stolen = client.search_tasks(bob, vectors[0], -1.0, 200, ef_search=ef_search, use_index=use_index)
+        assert stolen and not {m.id for m in stolen} & set(ids)  # Alice's perfect match is not Bob's to see
+        memory_ids, memory, agents = seeded[ALICE]["memory"]
+        planners = [a == "planner" for a in agents]
+        planner_ids = [i for i, keep in zip(memory_ids, planners, strict=True) if keep]
+        recalled = client.search_memory(alice, seeded["queries"][1], 0.1, 15, agent_name="planner", ef_search=ef_search)
+        assert [m.id for m in recalled] == _exact(planner_ids, memory[planners], seeded["queries"][1], 0.1, 15)
+        with client.pool.connection() as conn:
+            left = conn.execute(
+                "select current_user, current_setting('enable_seqscan'), current_setting('hnsw.ef_search', true)"
+            ).fetchone()
+        assert left is not None and left[:2] == ("postgres", "on") and left[2] in (None, "40")
 
 
 def test_search_never_returns_another_tenants_perfect_match(

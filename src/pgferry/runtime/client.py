@@ -16,7 +16,7 @@ what a user may see (the database's policies).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from pgferry.runtime.scoped import (
     service_role_transaction,
     user_transaction,
 )
+from pgferry.runtime.search import MemoryMatch, TaskMatch, memory_query, tasks_query
 from pgferry.supabase.project import SupabaseProject
 from pgferry.sync.auth import AuthenticatedUser
 
@@ -144,6 +145,41 @@ class DatabaseClient:
         """One statement as ``user`` in one round trip (see :func:`pgferry.runtime.scoped.query_as_user`), from
         statements prepared once per server session where the endpoint keeps sessions."""
         return query_as_user(self.pool, user, statement, params, prepare=self.plan.mode.allows_prepared_statements)
+
+    def search_tasks(
+        self,
+        user: AuthenticatedUser,
+        embedding: Sequence[float] | Any,
+        threshold: float,
+        k: int,
+        *,
+        ef_search: int | None = None,
+        use_index: bool = False,
+    ) -> list[TaskMatch]:
+        """``user``'s ``k`` tasks most similar to ``embedding`` (see :func:`pgferry.runtime.search.search_tasks`),
+        in one round trip: claims, search settings and the query go out as one message."""
+        statement, params, settings = tasks_query(embedding, threshold, k, ef_search=ef_search, use_index=use_index)
+        # Not prepared: a generic plan of the nearest-neighbour query could trade the HNSW scan for a sort.
+        rows = query_as_user(self.pool, user, statement, params, settings=settings)
+        return [TaskMatch(*row) for row in rows]
+
+    def search_memory(
+        self,
+        user: AuthenticatedUser,
+        embedding: Sequence[float] | Any,
+        threshold: float,
+        k: int,
+        *,
+        agent_name: str | None = None,
+        ef_search: int | None = None,
+        use_index: bool = False,
+    ) -> list[MemoryMatch]:
+        """``user``'s agent memories most similar to ``embedding``, in one round trip (see :meth:`search_tasks`)."""
+        statement, params, settings = memory_query(
+            embedding, threshold, k, agent_name=agent_name, ef_search=ef_search, use_index=use_index
+        )
+        rows = query_as_user(self.pool, user, statement, params, settings=settings)
+        return [MemoryMatch(*row) for row in rows]
 
     def service_role_transaction(self) -> Any:
         """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""

@@ -87,8 +87,12 @@ def query_as_user(
     params: Sequence[Any] | Mapping[str, Any] = (),
     *,
     prepare: bool = False,
+    settings: Mapping[str, str] | None = None,
 ) -> list[tuple[Any, ...]]:
     """One statement as ``user`` in its own transaction, in one network round trip; returns its rows.
+
+    ``settings`` are set for that transaction only (``set_config(name, value, true)``, after the claims), e.g.
+    ``{"hnsw.ef_search": "200"}``.
 
     The claims and ``statement`` go out as one simple-protocol message (values bound client-side, quoted by
     psycopg), which PostgreSQL runs as one implicit transaction: ``set_config(…, true)`` lasts exactly until
@@ -117,14 +121,22 @@ def query_as_user(
         if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
             raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")
         cursor = psycopg.ClientCursor(conn)
+        local = _settings_statement(cursor, settings)
 
         def render(session: SessionStatements | None) -> str:
             if session is None or form is None:
-                return f"{claims_statement(parameters, False)}; {inline(cursor, statement, values)}"
+                return f"{claims_statement(parameters, False)}; {local}{inline(cursor, statement, values)}"
             execute = session.execute_text(conn, form)
-            return f"{claims_statement(parameters, True)}; {inline(cursor, execute, values)}"
+            return f"{claims_statement(parameters, True)}; {local}{inline(cursor, execute, values)}"
 
         return rows_of_last_result(send_message(conn, render, prepare=form is not None))
+
+
+def _settings_statement(cursor: psycopg.ClientCursor[Any], settings: Mapping[str, str] | None) -> str:
+    if not settings:
+        return ""
+    calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
+    return cursor.mogrify(f"select {calls}", [x for item in settings.items() for x in item]) + "; "
 
 
 _claims_of_users: dict[int, tuple[AuthenticatedUser, tuple[str, str, str, str]]] = {}

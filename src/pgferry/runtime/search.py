@@ -33,7 +33,16 @@ from psycopg.rows import class_row
 
 from pgferry.runtime.errors import SearchInputError
 
-__all__ = ["DIMENSIONS", "MAX_MATCHES", "MemoryMatch", "TaskMatch", "search_memory", "search_tasks"]
+__all__ = [
+    "DIMENSIONS",
+    "MAX_MATCHES",
+    "MemoryMatch",
+    "TaskMatch",
+    "memory_query",
+    "search_memory",
+    "search_tasks",
+    "tasks_query",
+]
 
 DIMENSIONS: Final = 1536
 """Embedding width of ``tasks.embedding`` and ``agent_memory.embedding``."""
@@ -68,14 +77,6 @@ _MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(t
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
 # The k nearest are found ordered by distance alone, which the HNSW index yields without a sort (with the id as a
 # second key, PostgreSQL 15 sorts instead, even with sorts disabled); the k rows are then ordered as the functions do.
-_FORCE_INDEX: Final = (
-    "select set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true), "
-    "set_config('enable_sort', 'off', true)"
-)
-_TUNE: Final = (
-    "select set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', 'strict_order', true), "
-    "set_config('search_path', 'public, extensions, pg_temp', true)"
-)
 _TASKS_INLINE: Final = """
   select * from (
     select t.id, t.title, t.description, t.status, t.environment_id,
@@ -104,7 +105,8 @@ _MEMORY_INLINE: Final = """
 
 def _vector_literal(embedding: Sequence[float] | Any) -> str:
     """``'[x, y, …]'``, pgvector's text form; accepts lists, tuples and numpy arrays."""
-    values = [float(x) for x in embedding]
+    tolist = getattr(embedding, "tolist", None)  # numpy: one C call instead of 1,536 float() calls
+    values = [float(x) for x in (tolist() if callable(tolist) else embedding)]
     if len(values) != DIMENSIONS:
         raise SearchInputError(f"embedding has {len(values)} dimensions; pass a {DIMENSIONS}-dimensional vector")
     if not all(math.isfinite(x) for x in values):
@@ -135,17 +137,12 @@ def search_tasks(
     """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
 
     ``conn`` must be in a user transaction (RLS decides whose tasks exist); ordered by similarity, best first.
+    :meth:`pgferry.runtime.client.DatabaseClient.search_tasks` does the same in one round trip.
     """
-    _check(threshold, k, ef_search)
-    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
+    statement, params, settings = tasks_query(embedding, threshold, k, ef_search=ef_search, use_index=use_index)
     with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
-        if use_index:
-            cur.execute(_FORCE_INDEX)
-        if ef_search is None and not use_index:
-            cur.execute(_TASKS_BY_FUNCTION, params)
-        else:
-            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
-            cur.execute(_TASKS_INLINE, params)
+        _apply_settings(cur, settings)
+        cur.execute(statement, params)
         return cur.fetchall()
 
 
@@ -160,14 +157,57 @@ def search_memory(
     use_index: bool = False,
 ) -> list[MemoryMatch]:
     """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
+    statement, params, settings = memory_query(
+        embedding, threshold, k, agent_name=agent_name, ef_search=ef_search, use_index=use_index
+    )
+    with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
+        _apply_settings(cur, settings)
+        cur.execute(statement, params)
+        return cur.fetchall()
+
+
+def tasks_query(
+    embedding: Sequence[float] | Any, threshold: float, k: int, *, ef_search: int | None = None, use_index: bool = False
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """``search_tasks`` as ``(statement, params, transaction settings)``, for one round trip as the user
+    (:meth:`pgferry.runtime.client.DatabaseClient.search_tasks`); rows are :class:`TaskMatch` fields in order."""
+    _check(threshold, k, ef_search)
+    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
+    if ef_search is None and not use_index:
+        return _TASKS_BY_FUNCTION, params, {}
+    return _TASKS_INLINE, params, _settings(ef_search, use_index)
+
+
+def memory_query(
+    embedding: Sequence[float] | Any,
+    threshold: float,
+    k: int,
+    *,
+    agent_name: str | None = None,
+    ef_search: int | None = None,
+    use_index: bool = False,
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """``search_memory`` as ``(statement, params, transaction settings)``; rows are :class:`MemoryMatch` fields."""
     _check(threshold, k, ef_search)
     params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k, "agent": agent_name}
-    with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
-        if use_index:
-            cur.execute(_FORCE_INDEX)
-        if ef_search is None and not use_index:
-            cur.execute(_MEMORY_BY_FUNCTION, params)
-        else:
-            cur.execute(_TUNE, (str(ef_search or DEFAULT_EF_SEARCH),))
-            cur.execute(_MEMORY_INLINE, params)
-        return cur.fetchall()
+    if ef_search is None and not use_index:
+        return _MEMORY_BY_FUNCTION, params, {}
+    return _MEMORY_INLINE, params, _settings(ef_search, use_index)
+
+
+def _settings(ef_search: int | None, use_index: bool) -> dict[str, str]:
+    """The transaction settings of a tuned search: ``hnsw.ef_search``, pgvector 0.8's iterative scan and the
+    functions' ``search_path``; with ``use_index``, the HNSW scan made the only cheap plan (sequential, bitmap and
+    explicit sorts off)."""
+    settings = {"enable_seqscan": "off", "enable_bitmapscan": "off", "enable_sort": "off"} if use_index else {}
+    settings["hnsw.ef_search"] = str(ef_search or DEFAULT_EF_SEARCH)
+    settings["hnsw.iterative_scan"] = "strict_order"
+    settings["search_path"] = "public, extensions, pg_temp"
+    return settings
+
+
+def _apply_settings(cur: psycopg.Cursor[Any], settings: dict[str, str]) -> None:
+    """Every setting in one statement, for this transaction only."""
+    if settings:
+        calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
+        cur.execute(f"select {calls}", [x for item in settings.items() for x in item])
