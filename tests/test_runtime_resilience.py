@@ -23,7 +23,7 @@ from pgferry.db.retry import RetryPolicy
 from pgferry.localstack.cluster import ClusterSettings, PostgresCluster, free_port, service_user
 from pgferry.localstack.stack import prepare_target_database
 from pgferry.runtime.client import create_database_client
-from pgferry.runtime.errors import DatabaseUnavailableError
+from pgferry.runtime.errors import DatabaseUnavailableError, RuntimeSchemaError
 from pgferry.runtime.queue import Operation
 from pgferry.runtime.resilience import ResilientDatabase, WriteOutcome, health_check
 from pgferry.testing.servers import ServerPair
@@ -198,6 +198,23 @@ def test_replay_in_small_batches_keeps_order_and_values_exactly(
         assert sorted(rows) == sorted((ALICE if n % 2 == 0 else BOB, t) for n, t in enumerate(titles))
         log = conn.execute("select description from public.tasks where id = %s", (log_row,)).fetchone()
         assert log == ("".join(f"{n}," for n in range(len(titles))),)
+
+
+def test_a_database_without_the_idempotency_migration_is_one_clear_error(
+    own_server: PostgresCluster, tmp_path: Path
+) -> None:
+    with psycopg.connect(own_server.url(), autocommit=True) as conn:
+        conn.execute("drop table pgferry.applied_operations")
+    with create_database_client(settings_for(own_server.url())) as client:
+        db = ResilientDatabase(client, tmp_path / "state", write_policy=FAST)
+        alice = client.verify(token_for(ALICE))
+        with pytest.raises(RuntimeSchemaError, match="20261130000300") as raised:
+            db.write(alice, Operation(INSERT, {"user": ALICE, "title": "needs the table"}))
+        assert "\n" not in str(raised.value) and db.queue.depth() == 0  # not queued behind a broken setup
+        db.close()
+    with psycopg.connect(own_server.url(), autocommit=True) as conn:
+        assert conn.execute("select count(*) from public.tasks where title = 'needs the table'").fetchone() == (0,)
+        assert conn.execute("select to_regclass('pgferry.applied_operations')").fetchone() == (None,)  # not created
 
 
 def test_reads_fall_back_to_that_users_cached_rows_marked_stale(

@@ -13,6 +13,7 @@ __all__ = [
     "EndpointModeError",
     "QueueError",
     "RuntimeDataError",
+    "RuntimeSchemaError",
     "SearchInputError",
     "ServiceRoleRefusedError",
 ]
@@ -40,3 +41,7 @@ class DatabaseUnavailableError(RuntimeDataError):
 
 class QueueError(RuntimeDataError):
     """The durable operation queue cannot store or replay an operation."""
+
+
+class RuntimeSchemaError(RuntimeDataError):
+    """The database lacks a pgferry migration the runtime needs (e.g. ``pgferry.applied_operations``)."""

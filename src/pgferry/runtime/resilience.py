@@ -5,10 +5,11 @@
   under a short :class:`~pgferry.db.retry.RetryPolicy` (full jitter), and only for errors that policy calls safe to
   retry (connection loss, restarts, deadlocks, serialization failures). Everything else reaches the caller at once.
 * **Writes** (:meth:`ResilientDatabase.write`) carry an idempotency key. The key is inserted into
-  ``pgferry.applied_operations`` in the same transaction as the write, so a write whose commit acknowledgement was
-  lost, retried or replayed, still applies exactly once. A write that cannot reach the database goes to the
-  durable queue (:mod:`pgferry.runtime.queue`) and, while anything is queued, later writes queue behind it, so
-  :meth:`ResilientDatabase.sync_queued_operations` applies them in the order they were accepted.
+  ``pgferry.applied_operations`` (migration 20261130000300) in the same transaction as the write, so a write
+  whose commit acknowledgement was lost, retried or replayed, still applies exactly once. A write that cannot
+  reach the database goes to the durable queue (:mod:`pgferry.runtime.queue`) and, while anything is queued,
+  later writes queue behind it, so :meth:`ResilientDatabase.sync_queued_operations` applies them in the order
+  they were accepted.
 * **Reads** (:meth:`ResilientDatabase.read`) fall back to the last answer for the same user and key
   (:mod:`pgferry.runtime.cache`) when the database is unreachable, marked ``stale``.
 
@@ -39,7 +40,7 @@ from pgferry.db.rls import CLAIMS_SQL, claims_parameters, service_role_claims
 from pgferry.observability.metrics import RuntimeMetrics
 from pgferry.runtime.cache import ReadCache
 from pgferry.runtime.client import DatabaseClient
-from pgferry.runtime.errors import DatabaseUnavailableError
+from pgferry.runtime.errors import DatabaseUnavailableError, RuntimeSchemaError
 from pgferry.runtime.queue import Operation, OperationQueue, QueuedOperation
 from pgferry.runtime.scoped import user_claims_of
 from pgferry.runtime.statements import (
@@ -60,14 +61,6 @@ __all__ = ["Health", "ReadResult", "ResilientDatabase", "SyncReport", "WriteOutc
 T = TypeVar("T")
 _log = structlog.get_logger("pgferry.runtime.resilience")
 
-IDEMPOTENCY_DDL: Final = """
-create schema if not exists pgferry;
-create table if not exists pgferry.applied_operations (
-  key uuid primary key,
-  applied_at timestamptz not null default now()
-);
-revoke all on pgferry.applied_operations from public;
-"""
 _SEEN: Final = "select key from pgferry.applied_operations where key = any(%s)"
 _RECORD: Final = "insert into pgferry.applied_operations (key) select unnest(%s::uuid[])"
 
@@ -199,7 +192,12 @@ class ResilientDatabase:
 
     def _ensure_idempotency_table(self, conn: psycopg.Connection[Any]) -> None:
         if not self._ready:
-            conn.execute(IDEMPOTENCY_DDL)
+            row = conn.execute("select to_regclass('pgferry.applied_operations') is not null").fetchone()
+            if not (row and row[0]):
+                raise RuntimeSchemaError(
+                    "pgferry.applied_operations is missing, so writes cannot be applied exactly once; apply the "
+                    "migrations (`pgferry db upgrade`, or supabase/migrations/20261130000300_*.sql) and retry"
+                )
             self._ready = True
 
     def _apply(self, items: Sequence[tuple[Operation, Mapping[str, Any]]]) -> tuple[int, int]:
