@@ -20,17 +20,17 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgferry.db.retry import RetryPolicy
 from pgferry.realtime.authorize import Authorizer, Group, Image, RoleView, TableCatalog, TableResult
 from pgferry.realtime.channels import Channel, FrameSink, Registry, Subscription
 from pgferry.replication import Lsn, ReplicationReader, RowChange, Transaction
 from pgferry.replication._conn import conninfo
+from pgferry.replication.follow import FollowerStatus, SlotFollower
 from pgferry.sync.errors import describe_error
 from pgferry.sync.session import session_options
 
@@ -101,73 +101,55 @@ class ChangeFeed:
         self._registry = registry
         self._slot = slot
         self._publication = publication
-        self._ready = ready
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._reader: ReplicationReader | None = None
         self._dispatched = Lsn(0)
-        self.status: Literal["starting", "active", "reconnecting", "stopped"] = "starting"
-        self.last_error: str | None = None
         self.delivered = 0
         params = conninfo_to_dict(conninfo(url))
         params["options"] = session_options()
-        self._replication_dsn = make_conninfo("", **params)
+        self._follower = SlotFollower(
+            make_conninfo("", **params),
+            self._stream,
+            thread_name="pgferry-realtime-feed",
+            log=_log,
+            log_event="realtime.feed_restarting",
+            describe=describe_error,
+            ready=ready,
+        )
+
+    @property
+    def status(self) -> FollowerStatus:
+        return self._follower.status
+
+    @property
+    def last_error(self) -> str | None:
+        return self._follower.last_error
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pgferry-realtime-feed", daemon=True)
-        self._thread.start()
+        self._follower.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        reader = self._reader
-        if reader is not None:
-            reader.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.status = "stopped"
+        self._follower.stop(timeout)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while not self._ready.wait(0.2):
-            if self._stop.is_set():
-                return
-        failures = 0
-        policy = RetryPolicy(max_attempts=1_000_000, base_delay=0.2, max_delay=5.0)
-        while not self._stop.is_set():
-            authorizer = Authorizer(self._url)
-            reader = ReplicationReader(self._replication_dsn, status_interval=5.0)
-            self._reader = reader
-            try:
-                self._stream(reader, authorizer)
-                failures = 0
-            except Exception as exc:  # log, back off, resume from the last confirmed transaction
-                failures += 1
-                self.status = "reconnecting"
-                self.last_error = describe_error(exc)
-                _log.warning("realtime.feed_restarting", error=self.last_error, attempt=failures)
-                self._stop.wait(policy.delay(failures))
-            finally:
-                self._reader = None
-                reader.close()
-                authorizer.close()
-        self.status = "stopped"
-
-    def _stream(self, reader: ReplicationReader, authorizer: Authorizer) -> None:
-        reader.start(self._slot, [self._publication])
-        confirmations = _Confirmations(reader.confirm)
-        self.status = "active"
-        while not self._stop.is_set():
-            batch = reader.next_batch(_MAX_BATCH)
-            if not batch:
-                continue
-            fresh = [txn for txn in batch if txn.commit_lsn > self._dispatched]
-            entry = confirmations.open(batch[-1].end_lsn)
-            if fresh:
-                # A failure here leaves the batch unconfirmed: the next reader gets it again from the slot.
-                self._dispatch(fresh, authorizer, confirmations, entry)
-                self._dispatched = fresh[-1].commit_lsn
-            confirmations.done(entry)
+    def _stream(self, reader: ReplicationReader) -> None:
+        authorizer = Authorizer(self._url)
+        try:
+            reader.start(self._slot, [self._publication])
+            confirmations = _Confirmations(reader.confirm)
+            self._follower.mark_active()
+            while not self._follower.stopping:
+                batch = reader.next_batch(_MAX_BATCH)
+                if not batch:
+                    continue
+                fresh = [txn for txn in batch if txn.commit_lsn > self._dispatched]
+                entry = confirmations.open(batch[-1].end_lsn)
+                if fresh:
+                    # A failure here leaves the batch unconfirmed: the next reader gets it again from the slot.
+                    self._dispatch(fresh, authorizer, confirmations, entry)
+                    self._dispatched = fresh[-1].commit_lsn
+                confirmations.done(entry)
+        finally:
+            authorizer.close()
 
     # -- one batch ---------------------------------------------------------------------------------------------
 

@@ -15,7 +15,9 @@ and owns everything about logical replication that they would otherwise each get
   (:mod:`~pgferry.replication.reader`);
 * confirm-after-durable-store: the reader never confirms a transaction the consumer has not confirmed;
 * resume: after a reconnect or restart, everything not confirmed is delivered again, and consumers skip
-  what they stored already by ``commit_lsn``.
+  what they stored already by ``commit_lsn``;
+* following a slot for a server's whole life (:class:`~pgferry.replication.follow.SlotFollower`): a thread that
+  restarts a failed stream with backoff and reports its status for health endpoints.
 
 It must not know about shapes, HTTP, RLS or migrations: consumers get rows as PostgreSQL text plus type
 OIDs and decide what they mean. Connections are psycopg 3 (a ``replication=database`` connection driven
@@ -24,6 +26,7 @@ at the libpq level); see :mod:`pgferry.replication._conn` for why not psycopg2.
 
 from pgferry.replication._conn import ReplicationError
 from pgferry.replication.decoder import DecodeError, decode_message
+from pgferry.replication.follow import RESTART_POLICY, FollowerStatus, SlotFollower
 from pgferry.replication.lsn import Lsn
 from pgferry.replication.reader import (
     RECONNECT_POLICY,
@@ -58,9 +61,11 @@ from pgferry.replication.tables import PublishedTables, current_horizon, passed_
 
 __all__ = [
     "RECONNECT_POLICY",
+    "RESTART_POLICY",
     "Change",
     "ColumnInfo",
     "DecodeError",
+    "FollowerStatus",
     "Lsn",
     "PublishedTables",
     "ReaderStats",
@@ -70,6 +75,7 @@ __all__ = [
     "ReplicationStreamEndedError",
     "RowChange",
     "SlotExistsError",
+    "SlotFollower",
     "SlotInfo",
     "SlotNotFoundError",
     "SlotState",

@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgferry.db.retry import RetryPolicy
 from pgferry.errors import ConfigError
 from pgferry.replication import ReplicationReader, create_slot, get_slot, slot_lag_bytes
 from pgferry.replication._conn import conninfo
+from pgferry.replication.follow import FollowerStatus, SlotFollower
 from pgferry.sync import protocol as p
 from pgferry.sync.errors import SyncDatabaseError, describe_error
 from pgferry.sync.evaluate import WhereEvaluator
@@ -144,28 +143,31 @@ class ReplicationFeed:
         self._url = url
         self._manager = manager
         self._state = state
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._reader: ReplicationReader | None = None
-        self.status: Literal["starting", "active", "reconnecting", "stopped"] = "starting"
-        self.last_error: str | None = None
         params = conninfo_to_dict(conninfo(url))
         params["options"] = session_options()
-        self._replication_dsn = make_conninfo("", **params)
+        self._follower = SlotFollower(
+            make_conninfo("", **params),
+            self._stream,
+            thread_name="pgferry-sync-feed",
+            log=_log,
+            log_event="sync.feed_restarting",
+            describe=describe_error,  # never row values: health and logs are not for them
+        )
+
+    @property
+    def status(self) -> FollowerStatus:
+        return self._follower.status
+
+    @property
+    def last_error(self) -> str | None:
+        return self._follower.last_error
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="pgferry-sync-feed", daemon=True)
-        self._thread.start()
+        self._follower.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop after the transaction in hand: it is stored and confirmed, or neither."""
-        self._stop.set()
-        reader = self._reader
-        if reader is not None:
-            reader.stop()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.status = "stopped"
+        self._follower.stop(timeout)
 
     def lag_bytes(self) -> int | None:
         try:
@@ -174,35 +176,17 @@ class ReplicationFeed:
         except Exception:  # a metric must not take the server down
             return None
 
-    def _stream(self, reader: ReplicationReader, evaluator: WhereEvaluator) -> None:
+    def _stream(self, reader: ReplicationReader) -> None:
         """Apply transactions in batches of whatever has arrived (group commit), confirming after each batch."""
-        reader.start(self._state.slot, [self._state.publication])
-        self.status = "active"
-        while not self._stop.is_set():
-            batch = reader.next_batch(_MAX_BATCH)
-            if not batch:
-                continue
-            self._manager.apply_transactions(batch, evaluator)
-            reader.confirm(batch[-1])
-
-    def _run(self) -> None:
-        failures = 0
-        policy = RetryPolicy(max_attempts=1_000_000, base_delay=0.2, max_delay=5.0)
-        while not self._stop.is_set():
-            evaluator = WhereEvaluator(self._url)
-            reader = ReplicationReader(self._replication_dsn, status_interval=5.0)
-            self._reader = reader
-            try:
-                self._stream(reader, evaluator)
-                failures = 0
-            except Exception as exc:  # log, back off, resume from the last confirmed transaction
-                failures += 1
-                self.status = "reconnecting"
-                self.last_error = describe_error(exc)  # never row values: health and logs are not for them
-                _log.warning("sync.feed_restarting", error=self.last_error, attempt=failures)
-                self._stop.wait(policy.delay(failures))
-            finally:
-                self._reader = None
-                reader.close()
-                evaluator.close()
-        self.status = "stopped"
+        evaluator = WhereEvaluator(self._url)
+        try:
+            reader.start(self._state.slot, [self._state.publication])
+            self._follower.mark_active()
+            while not self._follower.stopping:
+                batch = reader.next_batch(_MAX_BATCH)
+                if not batch:
+                    continue
+                self._manager.apply_transactions(batch, evaluator)
+                reader.confirm(batch[-1])
+        finally:
+            evaluator.close()
