@@ -75,28 +75,32 @@ class MemoryMatch:
 _TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
 _MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
-# The k nearest are found ordered by distance alone, which the HNSW index yields without a sort (with the id as a
+# The query vector is written once (a 1536-d literal is ~30 KB of text; the one-message path inlines it) and read
+# through scalar subqueries, which the HNSW scan takes as its ordering argument. The k nearest are found ordered
+# by distance alone, which the HNSW index yields without a sort (with the id as a
 # second key, PostgreSQL 15 sorts instead, even with sorts disabled); the k rows are then ordered as the functions do.
 _TASKS_INLINE: Final = """
+  with query as (select %(q)s::vector as embedding)
   select * from (
     select t.id, t.title, t.description, t.status, t.environment_id,
-           1 - (t.embedding <=> %(q)s::vector) as similarity
+           1 - (t.embedding <=> (select embedding from query)) as similarity
     from public.tasks t
-    where t.embedding <=> %(q)s::vector < 1 - %(threshold)s
-    order by t.embedding <=> %(q)s::vector
+    where t.embedding <=> (select embedding from query) < 1 - %(threshold)s
+    order by t.embedding <=> (select embedding from query)
     limit %(k)s
   ) nearest
   order by similarity desc, id
 """
 _MEMORY_INLINE: Final = """
+  with query as (select %(q)s::vector as embedding)
   select * from (
     select m.id, m.agent_name, m.memory_type, m.content, m.importance,
-           1 - (m.embedding <=> %(q)s::vector) as similarity
+           1 - (m.embedding <=> (select embedding from query)) as similarity
     from public.agent_memory m
-    where m.embedding <=> %(q)s::vector < 1 - %(threshold)s
+    where m.embedding <=> (select embedding from query) < 1 - %(threshold)s
       and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
       and (m.expires_at is null or m.expires_at > now())
-    order by m.embedding <=> %(q)s::vector
+    order by m.embedding <=> (select embedding from query)
     limit %(k)s
   ) nearest
   order by similarity desc, id
