@@ -10,8 +10,8 @@ What is measured
 A throwaway server with the platform schema gets ``--rows`` tasks (no embeddings) owned by ``--users`` users.
 
 1. **RLS-scoped point queries**, two ways: ``transaction`` (``with client.user_transaction(user) as conn``: BEGIN,
-   claims, query, COMMIT, four round trips) and ``query`` (``client.query(user, sql, params)``: the same four
-   statements in one pipelined round trip). ``--processes`` load processes (separate processes, so Python's GIL
+   claims, query, COMMIT, four round trips) and ``query`` (``client.query(user, sql, params)``: the claims and the
+   statement as one message, one implicit transaction, from statements prepared once per session in direct mode). ``--processes`` load processes (separate processes, so Python's GIL
    is not the limit being measured), each with its own ``create_database_client`` pool (``--pool`` connections,
    direct mode) and ``--threads`` threads. Every query is what a service does per request: a pooled connection, a
    transaction as a user whose token was verified (``SET LOCAL ROLE authenticated`` + claims, one statement),
@@ -20,7 +20,8 @@ A throwaway server with the platform schema gets ``--rows`` tasks (no embeddings
    the load processes and anything else on the machine share its CPUs (the load average is recorded).
 2. **Durable queue replay.** ``--writes`` operations (an insert into ``public.tasks`` as the user, each with its
    idempotency key) are put in the on-disk queue, as during an outage; then ``sync_queued_operations`` applies them
-   (batches of ``--batch``: one transaction each, idempotency keys recorded, statements pipelined). Writes per
+   (batches of ``--batch``: one message and one transaction each, idempotency keys recorded, the next batch
+   rendered while the database applies the current one). Writes per
    second of the replay; the table is then checked to hold every write exactly once.
 
 Targets (issue 14): ≥ 5,000 point queries/s on 2 cores; replay ≥ 5,000 writes/s. Output:
