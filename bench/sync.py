@@ -2,8 +2,8 @@
 
 Run from the project root::
 
-    .venv/bin/python bench/sync.py                       # 100k rows, 1000 live clients, 300 changes
-    .venv/bin/python bench/sync.py --rows 20000 --clients 200 --changes 100   # a quick look
+    .venv/bin/python bench/sync.py                       # 100k rows, 10,000 live clients, 300 changes
+    .venv/bin/python bench/sync.py --rows 20000 --clients 1000 --where-shapes 20 --changes 100   # a quick look
 
 What is measured
 ----------------
@@ -17,31 +17,35 @@ its own process (``python -m pgferry sync serve``), so the load generator here d
 on the same machine, so on 2 cores they share the CPUs, and so does any other work (the load average is
 recorded).
 
-1. **Initial sync.** A fresh ``tasks`` shape is fetched as a client does (httpx, ``accept-encoding: gzip``,
-   every response parsed as JSON): ``offset=-1``, then ``offset``/``handle`` until the ``up-to-date`` control
-   message. Timed from the first request to the up-to-date; the first response's time is reported separately
-   (it includes the server's snapshot of the table into the shape log). A second client then syncs the same,
-   now materialised, shape. The anchor, in the same run: ``COPY (select * from tasks) TO STDOUT`` as text
-   through psycopg, the floor for getting these rows out of PostgreSQL at all.
+1. **Initial sync.** Raw reader processes (``http.client`` on one keep-alive connection, the body decompressed
+   with zlib and its rows counted by their ``{"key":`` marker, never parsed as JSON: the reader must not be the
+   bottleneck) page through the ``tasks`` shape from ``offset=-1`` to the response with ``electric-up-to-date``:
+   first a fresh shape (the server snapshots the table while the first pages are served), then the materialised
+   shape to a second client (gzip, then identity), then ``--readers`` readers at once (gzip and identity), and a
+   second fresh shape read as identity. Each reports rows/s, MB/s of decoded JSON, bytes per row and the
+   server's CPU (``/proc/<pid>/stat``) per row and as a share of one core. The anchor, in the same run:
+   ``COPY (select * from tasks) TO STDOUT`` as text through psycopg.
 2. **Commit-to-client latency.** One live client long-polls the shape in a thread; the main thread commits
    ``--changes`` single-row transactions (alternately an insert of a new row and an update of an existing one)
    on its own autocommit connection, ``--spacing`` apart (uniform in the range), and records the time from just
    after ``commit`` returns to the arrival of the live response carrying that row id. Then the same back to back
    (``burst``), where the queueing of the feed shows.
-3. **Concurrent live clients.** ``--clients`` long-polls on raw asyncio sockets (one keep-alive connection each;
-   the body is searched for the row id instead of being parsed, so the load generator's own cost stays small
-   next to the server's) all wait on the ``tasks`` shape, resumed from the offset the first client reached.
-   Once the server's ``pgferry_sync_live_clients`` gauge shows all of them, one row is inserted and the time
-   until every client has it is measured. Variant: ``clients/10`` distinct shapes (``where=priority = $1`` with
-   a distinct value each, empty at first) with ten clients each; one transaction inserts one row per shape
-   (every client gets exactly its row), then one single-row transaction reaches one shape's clients (the cost
-   of the other shapes' where clauses on every transaction shows here).
+3. **Concurrent live clients.** ``--clients`` long-polls on raw asyncio sockets, held by ``--client-processes``
+   processes (the body is searched for the row id instead of being parsed), all wait on the ``tasks`` shape.
+   Once the server's ``pgferry_sync_live_clients`` gauge shows all of them, ``--fanout-rounds`` single-row
+   commits a second apart each go to every client; the time from commit to each delivery is recorded
+   (``time.monotonic()``, comparable across processes on Linux). Variant: ``--where-shapes`` distinct shapes
+   (``where=priority = $1`` with a distinct value each, empty at first) with ten clients each; one transaction
+   inserts one row per shape (every client gets exactly its row), then one single-row transaction reaches one
+   shape's clients (the cost of the other shapes' where clauses on every transaction shows here).
 
 The server's RSS (``VmRSS`` of its process, sampled every 50 ms, plus ``VmHWM``) and CPU time are recorded per
-phase. Targets from the issue, printed PASS/FAIL: initial sync ≥ 50k rows/s; commit-to-client p50 ≤ 50 ms and
-p99 ≤ 200 ms on loopback (the spaced variant); ≥ 1,000 concurrent live clients under 1 GB RSS.
+phase. Targets from issue 16, printed PASS/FAIL: a fresh shape's initial sync at ≥ 0.5x the COPY rate; a
+materialised shape to a second client at ≥ 200 MB/s of decoded JSON with the server under 20% of one core;
+10,000 live clients under 1 GB RSS, each getting a commit within 2 s; commit-to-client p50 ≤ 10 ms and p99 ≤ 50
+ms under that load (and for one live client).
 
-Output: ``bench/results/sync-<YYYY-MM-DD>.json``, a summary table on stdout, the results block of the
+Output: ``bench/results/sync-<YYYY-MM-DD>[-<tag>].json``, a summary table on stdout, the results block of the
 ``bench/sync.py`` section of ``bench/README.md``. The server process, the PostgreSQL server and every temporary
 directory are removed on exit, also on Ctrl-C or SIGTERM.
 """
@@ -1264,6 +1268,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pg-fsync-off", action="store_true", help="fsync = off on PostgreSQL (not the default)")
     parser.add_argument("--keep", action="store_true", help="leave PostgreSQL, the server and files (prints where)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON and no README block")
+    parser.add_argument("--tag", default="", help="results file sync-<date>-<tag>.json (default sync-<date>.json)")
     args = parser.parse_args(argv)
     low, _, high = args.spacing_ms.partition(",")
     args.spacing = (float(low) / 1000, float(high or low) / 1000)
@@ -1424,7 +1429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parse_args(argv)
     date = dt.date.today().isoformat()
-    results_file = f"sync-{date}.json"
+    results_file = f"sync-{date}-{args.tag}.json" if args.tag else f"sync-{date}.json"
     report: dict[str, Any] = {
         "benchmark": "sync",
         "date": date,

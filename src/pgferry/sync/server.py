@@ -390,16 +390,10 @@ class SyncServer:
                     plain_below=GZIP_MINIMUM_SIZE,
                 )
                 if run is not None and not run.at_end:  # a full page: more of the snapshot follows it
-                    return self._respond_run(
-                        shape,
-                        run,
-                        encoding,
-                        at_end=False,
-                        request=request,
-                        live=shape_request.live,
+                    return self._respond_page(
+                        shape, _page(run, encoding, None), request=request, live=shape_request.live,
                         requested=str(offset),
-                        global_lsn=self.manager.processed_lsn,
-                    )
+                    )  # fmt: skip
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=1.0)
         return None
@@ -479,23 +473,26 @@ class SyncServer:
         """The page after ``position`` from stored segments, when ``position`` is a segment boundary (every offset
         this server hands out is) and something follows it; ``None`` otherwise."""
         encoding = choose_encoding(request.headers.get("accept-encoding"))
-        run = shape.log.read_segments(
-            position,
-            max_bytes=self.config.max_chunk_bytes,
-            compressed=encoding == "gzip",
-            plain_below=GZIP_MINIMUM_SIZE,
-        )
-        if run is None:
-            return None
-        return self._respond_run(
-            shape,
-            run,
-            encoding,
-            at_end=run.at_end,
-            request=request,
-            live=shape_request.live,
-            requested=str(shape_request.offset),
-            global_lsn=global_lsn,
+        # Every long-poll on a shape wakes for the same change and asks for the same page: the first builds it,
+        # the others reuse its bytes (keyed by everything the body depends on).
+        key = (position, len(shape.log), encoding, global_lsn)
+        cached = shape.live_page if shape_request.live else None
+        if cached is not None and cached[0] == key:
+            page = cached[1]
+        else:
+            run = shape.log.read_segments(
+                position,
+                max_bytes=self.config.max_chunk_bytes,
+                compressed=encoding == "gzip",
+                plain_below=GZIP_MINIMUM_SIZE,
+            )
+            if run is None:
+                return None
+            page = _page(run, encoding, self._up_to_date(run.last_offset, global_lsn) if run.at_end else None)
+            if shape_request.live:
+                shape.live_page = (key, page)
+        return self._respond_page(
+            shape, page, request=request, live=shape_request.live, requested=str(shape_request.offset)
         )
 
     def _stream(self, shape: Shape, offset: p.LogOffset, request: Request) -> Response:
@@ -592,33 +589,18 @@ class SyncServer:
             return Response(status_code=304, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
 
-    def _respond_run(
-        self,
-        shape: Shape,
-        run: SegmentRun,
-        encoding: str,
-        *,
-        at_end: bool,
-        request: Request,
-        live: bool,
-        requested: str,
-        global_lsn: int,
-    ) -> Response:
+    def _respond_page(self, shape: Shape, page: _Page, *, request: Request, live: bool, requested: str) -> Response:
         """A page made of stored segments, sent as stored: the same headers, offsets and ETag as :meth:`_respond`
-        would give for the same messages; gzip is the stored deflate pieces framed as one gzip member. Bodies
-        under the middleware's threshold go out uncompressed, as they always did."""
-        end = run.last_offset
-        headers = self._headers(shape, end, at_end=at_end, request=request, live=live, requested=requested)
+        would give for the same messages."""
+        headers = self._headers(
+            shape, page.last_offset, at_end=page.at_end, request=request, live=live, requested=requested
+        )
         if not live and request.headers.get("if-none-match") == headers["etag"]:
             return Response(status_code=304, headers=headers)
-        tail = b"," + self._up_to_date(end, global_lsn) + b"]" if at_end else b"]"
-        if encoding == "gzip" and run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:
-            body = gzip_body(run.deflated, tail)
-            headers["content-encoding"] = "gzip"
+        if page.content_encoding is not None:
+            headers["content-encoding"] = page.content_encoding
             headers["vary"] = "Accept-Encoding"
-            return Response(body, media_type="application/json", headers=headers)
-        body = b"[" + b",".join(run.plain) + tail  # read_segments read the plain form of a small run too
-        return Response(body, media_type="application/json", headers=headers)
+        return Response(page.body, media_type="application/json", headers=headers)
 
     # -- the app ----------------------------------------------------------------------------------------------
 
@@ -638,6 +620,26 @@ class SyncServer:
         app.state.metrics = self.metrics
         app.state.tables = self.tables
         return app
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """A page's body as it goes on the wire, with what its headers need."""
+
+    body: bytes
+    content_encoding: str | None
+    last_offset: p.LogOffset
+    at_end: bool
+
+
+def _page(run: SegmentRun, encoding: str, up_to_date: bytes | None) -> _Page:
+    """The body of ``run`` (ended by ``up_to_date`` when given): gzip is the stored deflate pieces framed as one
+    gzip member; bodies under the middleware's threshold go out uncompressed, as they always did."""
+    tail = b"," + up_to_date + b"]" if up_to_date is not None else b"]"
+    at_end = up_to_date is not None
+    if encoding == "gzip" and run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:
+        return _Page(gzip_body(run.deflated, tail), "gzip", run.last_offset, at_end)
+    return _Page(b"[" + b",".join(run.plain) + tail, None, run.last_offset, at_end)  # plain read for small runs
 
 
 @dataclass(frozen=True)

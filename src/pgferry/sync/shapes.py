@@ -148,6 +148,7 @@ class Shape:
     last_commit_ts: float | None = None
     first_rows: threading.Event = field(default_factory=threading.Event)  # set once the snapshot has started
     snapshot_error: BaseException | None = None
+    live_page: tuple[Any, Any] | None = None  # the server's last live page of this shape, shared by its waiters
     _event: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
