@@ -830,14 +830,13 @@ class LiveClients:
         self.procs: list[subprocess.Popen[str]] = []
         for w in range(self.processes):
             mine = [list(a) for a in assignments[w :: self.processes]]
-            self.procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, "_live", json.dumps({"port": port, "assignments": mine})],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
+            proc = subprocess.Popen(
+                [sys.executable, __file__, "_live", str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
             )
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(mine) + "\n")  # thousands of handles: too long for a command line
+            proc.stdin.flush()
+            self.procs.append(proc)
 
     def _ask(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for proc, command in zip(self.procs, commands, strict=True):
@@ -1423,9 +1422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = json.loads(argv[1])
         print(json.dumps(read_shape(spec["port"], spec["query"], spec["encoding"], spec["start_at"])))
         return 0
-    if argv and argv[0] == "_live":  # one live-client process (LiveClients)
-        spec = json.loads(argv[1])
-        asyncio.run(live_worker(spec["port"], spec["assignments"]))
+    if argv and argv[0] == "_live":  # one live-client process (LiveClients): its assignments on stdin
+        asyncio.run(live_worker(int(argv[1]), json.loads(sys.stdin.readline())))
         return 0
     args = parse_args(argv)
     date = dt.date.today().isoformat()
