@@ -444,6 +444,7 @@ def read_shape(port: int, query: str, encoding: str, start_at: float | None = No
     the server's, not a Python JSON parser's. ``start_at`` (``time.monotonic()``, system-wide on Linux) lines up
     concurrent readers."""
     import http.client
+    import io
     import zlib
 
     if start_at is not None:
@@ -471,7 +472,8 @@ def read_shape(port: int, query: str, encoding: str, start_at: float | None = No
         elif content_encoding == "zstd":
             import zstandard
 
-            body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True)
+            body = reader.read()  # a page is several frames (one per stored segment)
         elif content_encoding != "identity":
             raise BenchError(f"reader: unexpected content-encoding {content_encoding}")
         decoded += len(body)
@@ -1108,7 +1110,7 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
         detail = f"{floor['seconds']:.2f}s, {floor['bytes'] / 1e6:.1f} MB text, {floor['bytes_per_row']} B/row"
         rows.append(("COPY (select * from tasks) TO STDOUT", f"{floor['rows_per_second']:,} rows/s", detail))
     labels = {"fresh": "fresh shape", "fresh_identity": "fresh shape, identity", "materialised": "2nd client",
-              "materialised_identity": "2nd client, identity"}  # fmt: skip
+              "materialised_identity": "2nd client, identity", "materialised_zstd": "2nd client, zstd"}  # fmt: skip
     for key, entry in init.items():
         if not isinstance(entry, dict) or "readers" not in entry:
             continue
@@ -1310,6 +1312,7 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
         initial["fresh"] = run_readers(server, query, args.fresh_encoding, 1, rows_total)
         initial["materialised"] = run_readers(server, query, "gzip", 1, rows_total)
         initial["materialised_identity"] = run_readers(server, query, "identity", 1, rows_total)
+        initial["materialised_zstd"] = run_readers(server, query, "zstd", 1, rows_total)
         if args.readers > 1:
             initial[f"materialised_{args.readers}_readers_gzip"] = run_readers(
                 server, query, "gzip", args.readers, rows_total

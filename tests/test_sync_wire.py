@@ -10,6 +10,7 @@ by psycopg (never through the server's JSON). They also pin Accept-Encoding nego
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import zstandard
 
 from pgferry.sync.store import ShapeLog
 from pgferry.sync.wire import choose_encoding, crc32_combine
@@ -48,10 +50,18 @@ def _raw_get(served: ServedApp, params: dict[str, str], accept: str | None) -> t
     return response, raw
 
 
+def _unzstd(raw: bytes) -> bytes:
+    """Every frame of a zstd stream, decoded by the zstandard package."""
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True)
+    return bytes(reader.read())
+
+
 def _decoded(response: httpx.Response, raw: bytes) -> bytes:
     encoding = response.headers.get("content-encoding", "identity")
     if encoding == "gzip":
         return gzip.decompress(raw)
+    if encoding == "zstd":
+        return _unzstd(raw)
     assert encoding == "identity", encoding
     return raw
 
@@ -110,11 +120,12 @@ def test_snapshot_pages_equal_an_independent_rendering_in_every_encoding(
     expected = _rows_from_postgres(target_url)
     fresh = _page_through(served, "gzip")  # the fresh shape, served while its snapshot is written
     again_gzip = _page_through(served, "gzip")
+    again_zstd = _page_through(served, "zstd")
     again_identity = _page_through(served, "identity")
     no_header = _page_through(served, None)
     assert len(fresh) > 3, "the snapshot should span several pages"
     # The same bytes, page for page, however they were encoded and whether or not the shape was fresh.
-    assert again_gzip == again_identity == no_header
+    assert again_gzip == again_zstd == again_identity == no_header
     assert b"".join(fresh[:-1]) == b"".join(again_gzip[:-1])
     messages = [m for body in again_identity for m in json.loads(body)]
     rows = [m for m in messages if "key" in m]
@@ -143,7 +154,7 @@ def test_live_changes_are_served_from_stored_segments_identically(
     # Wait until the last change is in the log, then read the same range in every encoding.
     query = {"offset": offset, "handle": handle}
     bodies: dict[str, list[bytes]] = {}
-    for accept in ("gzip", "identity", "gzip;q=0", "br", "*"):
+    for accept in ("gzip", "identity", "gzip;q=0", "br", "*", "zstd", "gzip, deflate, br, zstd"):
         seen: list[bytes] = []
         page_query = dict(query)
         for _ in range(50):
@@ -180,10 +191,15 @@ def test_accept_encoding_variants_and_identical_headers(served: ServedApp, db: p
         "gzip": "gzip",
         "gzip, deflate, br": "gzip",
         "GZIP;q=0.8": "gzip",
-        "*": "gzip",
+        "*": "zstd",
+        "zstd": "zstd",
+        "gzip, deflate, br, zstd": "zstd",
+        "zstd;q=0.5, gzip": "gzip",
+        "zstd;q=0, gzip;q=0": "identity",
         "identity": "identity",
         "gzip;q=0": "identity",
-        "gzip;q=0, *;q=0.5": "identity",
+        "gzip;q=0, *;q=0.5": "zstd",
+        "gzip;q=0, zstd;q=0, *;q=0.5": "identity",
         "br": "identity",
         "gzip;q=0.5, identity": "identity",
         "": "identity",
@@ -202,7 +218,7 @@ def test_accept_encoding_variants_and_identical_headers(served: ServedApp, db: p
         for name in ("electric-handle", "electric-offset", "etag", "cache-control", "electric-schema"):
             assert headers[name] == reference_headers[name], (accept, name)
     # A conditional request gets a 304 whatever the encoding.
-    for accept in ("gzip", "identity"):
+    for accept in ("gzip", "identity", "zstd"):
         response = httpx.get(
             served.url + "/v1/shape",
             params={"table": "tasks", "offset": "-1", "secret": SECRET},
@@ -266,16 +282,19 @@ def test_a_log_of_an_older_version_is_dropped_and_its_clients_refetch(target_url
 
 def test_store_segments_round_trip(tmp_path: Path) -> None:
     from pgferry.sync.protocol import LogOffset
-    from pgferry.sync.wire import gzip_body
+    from pgferry.sync.wire import gzip_body, zstd_body
 
     log = ShapeLog(tmp_path / "shape")
     messages = [json.dumps({"n": i, "s": TRICKY[i % len(TRICKY)]}).encode() for i in range(100)]
     log.append([(LogOffset(0, i), messages[i]) for i in range(60)])
     log.append([(LogOffset(0, i), messages[i]) for i in range(60, 100)])
-    run = log.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, compressed=True)
+    run = log.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, encoding="gzip")
     assert run is not None and run.at_end and run.last_offset == LogOffset(0, 99)
     assert gzip.decompress(gzip_body(run.deflated, b"]")) == b"[" + b",".join(messages) + b"]"
-    assert log.read_segments(LogOffset(0, 10), max_bytes=1 << 30, compressed=True) is None  # not a boundary
+    frames = log.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, encoding="zstd")
+    assert frames is not None
+    assert _unzstd(zstd_body(frames.zstd, b"]")) == b"[" + b",".join(messages) + b"]"
+    assert log.read_segments(LogOffset(0, 10), max_bytes=1 << 30, encoding="gzip") is None  # not a boundary
     chunk = log.read_after(LogOffset(0, 10), max_bytes=1 << 30)
     assert chunk.messages == messages[11:]
     log.close()

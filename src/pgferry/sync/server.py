@@ -53,7 +53,7 @@ from pgferry.sync.sse import sse_events
 from pgferry.sync.store import SegmentRun, normalise_offset
 from pgferry.sync.tables import ServedTables, default_served_tables
 from pgferry.sync.where import parse_params
-from pgferry.sync.wire import choose_encoding, gzip_body
+from pgferry.sync.wire import choose_encoding, gzip_body, zstd_body
 
 __all__ = ["MAX_QUERY_LENGTH", "SyncServer", "SyncServerConfig", "create_sync_app"]
 
@@ -386,7 +386,7 @@ class SyncServer:
                 run = shape.log.read_segments(
                     offset,
                     max_bytes=self.config.max_chunk_bytes,
-                    compressed=encoding == "gzip",
+                    encoding=encoding,
                     plain_below=GZIP_MINIMUM_SIZE,
                 )
                 if run is not None and not run.at_end:  # a full page: more of the snapshot follows it
@@ -483,7 +483,7 @@ class SyncServer:
             run = shape.log.read_segments(
                 position,
                 max_bytes=self.config.max_chunk_bytes,
-                compressed=encoding == "gzip",
+                encoding=encoding,
                 plain_below=GZIP_MINIMUM_SIZE,
             )
             if run is None:
@@ -624,7 +624,7 @@ class SyncServer:
 
 @dataclass(frozen=True, slots=True)
 class _Page:
-    """A page's body as it goes on the wire, with what its headers need."""
+    """A page's body as it goes on the wire (gzip, zstd or identity), with what its headers need."""
 
     body: bytes
     content_encoding: str | None
@@ -634,11 +634,15 @@ class _Page:
 
 def _page(run: SegmentRun, encoding: str, up_to_date: bytes | None) -> _Page:
     """The body of ``run`` (ended by ``up_to_date`` when given): gzip is the stored deflate pieces framed as one
-    gzip member; bodies under the middleware's threshold go out uncompressed, as they always did."""
+    gzip member, zstd the stored frames one after another; bodies under the middleware's threshold go out
+    uncompressed, as they always did."""
     tail = b"," + up_to_date + b"]" if up_to_date is not None else b"]"
     at_end = up_to_date is not None
-    if encoding == "gzip" and run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:
-        return _Page(gzip_body(run.deflated, tail), "gzip", run.last_offset, at_end)
+    if run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:
+        if encoding == "gzip":
+            return _Page(gzip_body(run.deflated, tail), "gzip", run.last_offset, at_end)
+        if encoding == "zstd":
+            return _Page(zstd_body(run.zstd, tail), "zstd", run.last_offset, at_end)
     return _Page(b"[" + b",".join(run.plain) + tail, None, run.last_offset, at_end)  # plain read for small runs
 
 
@@ -701,7 +705,7 @@ class _NegotiatedGZip(GZipMiddleware):
             if name == b"accept-encoding":
                 accept = value.decode("latin-1")
         responder: Any
-        if choose_encoding(accept) == "gzip":
+        if choose_encoding(accept, ("gzip",)) == "gzip":  # responses from stored zstd frames pass through
             responder = GZipResponder(
                 self.app,
                 self.minimum_size,

@@ -9,8 +9,9 @@ slice of the snapshot, or one replicated transaction) is stored once as the plai
 messages joined by commas) and once compressed (a raw deflate piece, see :mod:`pgferry.sync.wire`); a page of the
 log that starts at a segment boundary is those stored bytes laid end to end, never encoded again.
 
-Files: ``data`` holds each segment's plain bytes followed by its deflate bytes; ``index`` holds, per segment, a
-header (first entry, entry count, plain and deflate positions and lengths, CRC-32 of the plain bytes) followed by
+Files: ``data`` holds each segment's plain bytes followed by its deflate bytes and its zstd frame; ``index`` holds,
+per segment, a header (first entry, entry count, plain, deflate and zstd positions and lengths, CRC-32 of the
+plain bytes) followed by
 one record per entry (tx, op, position and length of its JSON in ``data``). A segment exists once its index
 record is complete: at load, a torn index tail and data beyond the last complete segment are cut off.
 ``meta.json`` (written atomically, last) marks a shape whose snapshot completed: a directory without it is an
@@ -35,12 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from pgferry.sync.protocol import LogOffset
-from pgferry.sync.wire import GzipPiece, compress_segment
+from pgferry.sync.wire import GzipPiece, compress_segment, compress_zstd
 
 __all__ = ["LegacyLogError", "LogChunk", "SegmentRun", "ShapeLog", "write_json_atomic"]
 
-_SEGMENT = struct.Struct("<8q")  # kind, first entry, count, plain pos, plain len, deflate pos, deflate len, crc
-_SEGMENT_KIND = 1
+# kind, first entry, count, plain pos, plain len, deflate pos, deflate len, crc, zstd pos, zstd len
+_SEGMENT = struct.Struct("<10q")
+_SEGMENT_KIND = 2
 _ENTRY_FIELDS = 4  # tx, op, pos, len (int64 each)
 _ENTRY_BYTES = 8 * _ENTRY_FIELDS
 
@@ -63,10 +65,12 @@ class LogChunk:
 @dataclass(frozen=True, slots=True)
 class SegmentRun:
     """Whole stored segments after a requested offset, as they go on the wire: ``plain`` (each segment's
-    messages joined by commas) and/or ``deflated`` (see :func:`pgferry.sync.wire.gzip_body`), as asked."""
+    messages joined by commas) and/or ``deflated`` (see :func:`pgferry.sync.wire.gzip_body`) or ``zstd`` (one
+    frame each), as asked."""
 
     plain: list[bytes]
     deflated: list[GzipPiece]
+    zstd: list[bytes]
     plain_bytes: int
     last_offset: LogOffset
     at_end: bool
@@ -108,6 +112,8 @@ class ShapeLog:
         self._seg_gz: array[int] = array("q")  # position, length of its deflate bytes
         self._seg_gz_len: array[int] = array("q")
         self._seg_crc: array[int] = array("q")
+        self._seg_zstd: array[int] = array("q")  # position, length of its zstd frame
+        self._seg_zstd_len: array[int] = array("q")
         data_size, index_size = self._load()
         self._data = open(self._data_path, "ab")  # noqa: SIM115 - kept open for the shape's lifetime
         self._index = open(self._index_path, "ab")  # noqa: SIM115
@@ -125,9 +131,11 @@ class ShapeLog:
         position = 0
         data_end = 0
         while position + _SEGMENT.size <= len(raw):
-            kind, first, count, plain_pos, plain_len, gz_pos, gz_len, crc = _SEGMENT.unpack_from(raw, position)
+            kind, first, count, plain_pos, plain_len, gz_pos, gz_len, crc, zstd_pos, zstd_len = _SEGMENT.unpack_from(
+                raw, position
+            )
             end = position + _SEGMENT.size + count * _ENTRY_BYTES
-            if kind != _SEGMENT_KIND or end > len(raw) or gz_pos + gz_len > data_size or first != len(self._tx):
+            if kind != _SEGMENT_KIND or end > len(raw) or zstd_pos + zstd_len > data_size or first != len(self._tx):
                 break
             entries = array("q")
             entries.frombytes(raw[position + _SEGMENT.size : end])
@@ -141,7 +149,9 @@ class ShapeLog:
             self._seg_gz.append(gz_pos)
             self._seg_gz_len.append(gz_len)
             self._seg_crc.append(crc)
-            data_end = gz_pos + gz_len
+            self._seg_zstd.append(zstd_pos)
+            self._seg_zstd_len.append(zstd_len)
+            data_end = zstd_pos + zstd_len
             position = end
         if position != len(raw):
             with open(self._index_path, "r+b") as handle:
@@ -188,18 +198,23 @@ class ShapeLog:
             return
         plain = b",".join(body for _offset, body in entries)
         gz = deflated if deflated is not None else compress_segment(plain)
+        zstd = compress_zstd(plain)
         first = len(self._tx)
         plain_pos = self._size
         gz_pos = plain_pos + len(plain)
+        zstd_pos = gz_pos + len(gz)
         records = array("q")
         position = plain_pos
         for offset, body in entries:
             records.extend((offset.tx, offset.op, position, len(body)))
             position += len(body) + 1
         crc = zlib.crc32(plain)
-        header = _SEGMENT.pack(_SEGMENT_KIND, first, len(entries), plain_pos, len(plain), gz_pos, len(gz), crc)
+        header = _SEGMENT.pack(
+            _SEGMENT_KIND, first, len(entries), plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
+        )
         self._data.write(plain)
         self._data.write(gz)
+        self._data.write(zstd)
         self._data.flush()
         self._index.write(header + records.tobytes())
         self._index.flush()
@@ -214,7 +229,9 @@ class ShapeLog:
             self._seg_gz.append(gz_pos)
             self._seg_gz_len.append(len(gz))
             self._seg_crc.append(crc)
-            self._size = gz_pos + len(gz)
+            self._seg_zstd.append(zstd_pos)
+            self._seg_zstd_len.append(len(zstd))
+            self._size = zstd_pos + len(zstd)
 
     def sync(self) -> None:
         os.fdatasync(self._data.fileno())
@@ -251,13 +268,14 @@ class ShapeLog:
         return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
 
     def read_segments(
-        self, offset: LogOffset, *, max_bytes: int, compressed: bool, plain_below: int = 0
+        self, offset: LogOffset, *, max_bytes: int, encoding: str, plain_below: int = 0
     ) -> SegmentRun | None:
         """Whole segments strictly after ``offset`` up to about ``max_bytes`` of plain JSON (at least one), in
         their stored form; ``None`` when ``offset`` is not a segment boundary (the caller reads entries with
         :meth:`read_after` instead) or nothing follows it. Segments hold whole transactions, so a run never ends
-        inside one (see :func:`normalise_offset`). With ``compressed``, the plain form is read as well when the run
-        is smaller than ``plain_below`` bytes (too small to be worth sending compressed)."""
+        inside one (see :func:`normalise_offset`). ``encoding`` (``identity``, ``gzip`` or ``zstd``) picks the
+        stored form; a compressed run smaller than ``plain_below`` bytes is read plain as well (too small to be
+        worth sending compressed)."""
         with self._lock:
             start = self._start(offset)
             if start == len(self._tx):
@@ -272,16 +290,19 @@ class ShapeLog:
                 total += 1 + self._seg_plain_len[last]
             plain: list[bytes] = []
             deflated: list[GzipPiece] = []
+            zstd: list[bytes] = []
             for seg in range(first, last + 1):
-                if compressed:
+                if encoding == "gzip":
                     body = os.pread(self._reader_fd, self._seg_gz_len[seg], self._seg_gz[seg])
                     deflated.append(GzipPiece(body, self._seg_crc[seg], self._seg_plain_len[seg]))
-                if not compressed or total < plain_below:
+                elif encoding == "zstd":
+                    zstd.append(os.pread(self._reader_fd, self._seg_zstd_len[seg], self._seg_zstd[seg]))
+                if encoding == "identity" or total < plain_below:
                     plain.append(os.pread(self._reader_fd, self._seg_plain_len[seg], self._seg_plain[seg]))
             end_entry = self._seg_first[last + 1] - 1 if last + 1 < len(self._seg_first) else len(self._tx) - 1
             at_end = last + 1 == len(self._seg_first)
             last_offset = LogOffset(self._tx[end_entry], self._op[end_entry])
-        return SegmentRun(plain, deflated, total, last_offset, at_end)
+        return SegmentRun(plain, deflated, zstd, total, last_offset, at_end)
 
 
 def normalise_offset(offset: LogOffset) -> LogOffset:

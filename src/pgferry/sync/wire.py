@@ -9,6 +9,10 @@ the stored bytes go to the socket as they are; only a few bytes of framing and t
 compressed per request. The CRC-32 of the whole body is combined from the segments' stored CRCs (zlib's
 ``crc32_combine``, which Python's zlib does not expose).
 
+Zstandard (when the ``zstandard`` package is installed) needs no such framing: a zstd stream may be several
+frames one after another (RFC 8878), so each segment is stored as one frame and a response is
+``frame("[") + segment + frame(",") + segment + … + frame(tail)``.
+
 Encoding negotiation (:func:`choose_encoding`) follows RFC 9110's Accept-Encoding with q-values.
 
 This module knows nothing about PostgreSQL, shapes or HTTP frameworks: it builds bytes.
@@ -20,14 +24,24 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+zstandard: Any
+try:
+    import zstandard
+except ImportError:  # optional: without it the server offers gzip and identity only
+    zstandard = None
 
 __all__ = [
+    "AVAILABLE_ENCODINGS",
     "COMPRESS_LEVEL",
     "GzipPiece",
     "choose_encoding",
     "compress_segment",
+    "compress_zstd",
     "crc32_combine",
     "gzip_body",
+    "zstd_body",
 ]
 
 #: zlib level of stored segments: level 1 compresses JSON ~9x at several times the speed of level 6, and a fresh
@@ -44,10 +58,35 @@ def compress_segment(plain: bytes, level: int = COMPRESS_LEVEL) -> bytes:
     return compressor.compress(plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
 
 
+ZSTD_LEVEL = 1  # like gzip's level 1: fast enough for a fresh snapshot on its way to the first client
+#: The codings this server can send from stored segments, preferred first when a client accepts several equally.
+AVAILABLE_ENCODINGS: tuple[str, ...] = ("zstd", "gzip") if zstandard is not None else ("gzip",)
+
+
+def compress_zstd(plain: bytes) -> bytes:
+    """One zstd frame of ``plain`` (empty when zstandard is not installed: nothing will ask for it)."""
+    if zstandard is None:
+        return b""
+    return bytes(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(plain))
+
+
+def zstd_body(frames: Sequence[bytes], tail: bytes) -> bytes:
+    """``[`` + the segments joined by commas + ``tail`` as a zstd stream of stored frames."""
+    parts = [_ZSTD_OPEN]
+    for index, frame in enumerate(frames):
+        if index:
+            parts.append(_ZSTD_COMMA)
+        parts.append(frame)
+    parts.append(compress_zstd(tail))
+    return b"".join(parts)
+
+
 _OPEN = compress_segment(b"[")
 _COMMA = compress_segment(b",")
 _CRC_OPEN = zlib.crc32(b"[")
 _CRC_COMMA = zlib.crc32(b",")
+_ZSTD_OPEN = compress_zstd(b"[")
+_ZSTD_COMMA = compress_zstd(b",")
 
 
 def _multmodp(a: int, b: int) -> int:
@@ -121,7 +160,7 @@ def gzip_body(pieces: Sequence[GzipPiece], tail: bytes) -> bytes:
     return b"".join(parts)
 
 
-def choose_encoding(accept_encoding: str | None, available: Sequence[str] = ("gzip",)) -> str:
+def choose_encoding(accept_encoding: str | None, available: Sequence[str] = AVAILABLE_ENCODINGS) -> str:
     """The content coding to answer with: the acceptable one of ``available`` with the highest q (ties: the order
     of ``available``), else ``identity``. ``identity`` is always acceptable unless refused explicitly, and even
     then it is what we send (a 406 would break clients for no gain on this server)."""
