@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.middleware.gzip import GZipMiddleware
+from starlette.middleware.gzip import GZipMiddleware, GZipResponder, IdentityResponder
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -48,11 +48,12 @@ from pgferry.sync.errors import ProtocolError, UnauthorizedError, UnsupportedFea
 from pgferry.sync.feed import ReplicationFeed, prepare_server_state
 from pgferry.sync.longpoll import unless_client_leaves
 from pgferry.sync.session import connect_sql
-from pgferry.sync.shapes import DEFAULT_SNAPSHOT_TIMEOUT_MS, Shape, ShapeManager
+from pgferry.sync.shapes import DEFAULT_SNAPSHOT_TIMEOUT_MS, SNAPSHOT_SEGMENT_BYTES, Shape, ShapeManager
 from pgferry.sync.sse import sse_events
-from pgferry.sync.store import normalise_offset
+from pgferry.sync.store import SegmentRun, normalise_offset
 from pgferry.sync.tables import ServedTables, default_served_tables
 from pgferry.sync.where import parse_params
+from pgferry.sync.wire import choose_encoding, gzip_body, zstd_body
 
 __all__ = ["MAX_QUERY_LENGTH", "SyncServer", "SyncServerConfig", "create_sync_app"]
 
@@ -62,6 +63,8 @@ _AFTER_SNAPSHOT = p.LogOffset(0, 2**62)  # "0_inf"
 #: Characters of query string accepted (a where clause is at most 4096, each of up to 100 params at most 4096;
 #: real requests are far below this). Longer is a 414, before anything is parsed.
 MAX_QUERY_LENGTH = 32 * 1024
+#: Bodies smaller than this go out uncompressed (gzip's framing would outweigh its gain).
+GZIP_MINIMUM_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,11 @@ class SyncServer:
         self.config = config
         self.tables = ServedTables(config.tables)
         self.manager = ShapeManager(
-            config.database_url, config.data_dir, snapshot_timeout_ms=config.snapshot_timeout_ms
+            config.database_url,
+            config.data_dir,
+            snapshot_timeout_ms=config.snapshot_timeout_ms,
+            # Several segments to a page, so a page boundary is always a segment boundary near max_chunk_bytes.
+            segment_bytes=min(SNAPSHOT_SEGMENT_BYTES, max(16 * 1024, config.max_chunk_bytes // 4)),
         )
         self.creator = ShapeCreator(
             config.database_url,
@@ -375,18 +382,18 @@ class SyncServer:
             if not shape.snapshotting:
                 break
             if isinstance(offset, p.LogOffset):
-                partial = shape.log.read_after(offset, max_bytes=self.config.max_chunk_bytes)
-                if partial.messages and not partial.at_end and partial.last_offset is not None:
-                    return self._respond(
-                        shape,
-                        partial.messages,
-                        partial.last_offset,
-                        at_end=False,
-                        request=request,
-                        live=shape_request.live,
+                encoding = choose_encoding(request.headers.get("accept-encoding"))
+                run = shape.log.read_segments(
+                    offset,
+                    max_bytes=self.config.max_chunk_bytes,
+                    encoding=encoding,
+                    plain_below=GZIP_MINIMUM_SIZE,
+                )
+                if run is not None and not run.at_end:  # a full page: more of the snapshot follows it
+                    return self._respond_page(
+                        shape, _page(run, encoding, None), request=request, live=shape_request.live,
                         requested=str(offset),
-                        global_lsn=self.manager.processed_lsn,
-                    )
+                    )  # fmt: skip
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout=1.0)
         return None
@@ -412,6 +419,9 @@ class SyncServer:
         position = normalise_offset(offset)
         event = shape.changed_event()  # taken before reading the log, so a change in between still wakes us
         global_lsn = self.manager.processed_lsn  # read before the log: see the up-to-date note in _respond
+        stored = self._serve_segments(shape, shape_request, request, position, global_lsn)
+        if stored is not None:
+            return stored
         chunk = shape.log.read_after(position, max_bytes=self.config.max_chunk_bytes)
         if shape_request.live and not chunk.messages:
             self.metrics.live_clients.inc()
@@ -424,9 +434,13 @@ class SyncServer:
             if shape.gone:
                 return await self.must_refetch(shape_request.definition)
             global_lsn = self.manager.processed_lsn
+            stored = self._serve_segments(shape, shape_request, request, position, global_lsn)
+            if stored is not None:
+                self._observe_commit(shape)
+                return stored
             chunk = shape.log.read_after(position, max_bytes=self.config.max_chunk_bytes)
-            if chunk.messages and shape.last_commit_ts is not None:
-                self.metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
+            if chunk.messages:
+                self._observe_commit(shape)
         if chunk.last_offset is not None:
             end = chunk.last_offset
         elif offset == p.BEFORE_ALL:
@@ -442,6 +456,43 @@ class SyncServer:
             live=shape_request.live,
             requested=str(offset),
             global_lsn=global_lsn,
+        )
+
+    def _observe_commit(self, shape: Shape) -> None:
+        if shape.last_commit_ts is not None:
+            self.metrics.commit_to_response.observe(max(0.0, time.time() - shape.last_commit_ts))
+
+    def _serve_segments(
+        self,
+        shape: Shape,
+        shape_request: _ShapeRequest,
+        request: Request,
+        position: p.LogOffset,
+        global_lsn: int,
+    ) -> Response | None:
+        """The page after ``position`` from stored segments, when ``position`` is a segment boundary (every offset
+        this server hands out is) and something follows it; ``None`` otherwise."""
+        encoding = choose_encoding(request.headers.get("accept-encoding"))
+        # Every long-poll on a shape wakes for the same change and asks for the same page: the first builds it,
+        # the others reuse its bytes (keyed by everything the body depends on).
+        key = (position, len(shape.log), encoding, global_lsn)
+        cached = shape.live_page if shape_request.live else None
+        if cached is not None and cached[0] == key:
+            page = cached[1]
+        else:
+            run = shape.log.read_segments(
+                position,
+                max_bytes=self.config.max_chunk_bytes,
+                encoding=encoding,
+                plain_below=GZIP_MINIMUM_SIZE,
+            )
+            if run is None:
+                return None
+            page = _page(run, encoding, self._up_to_date(run.last_offset, global_lsn) if run.at_end else None)
+            if shape_request.live:
+                shape.live_page = (key, page)
+        return self._respond_page(
+            shape, page, request=request, live=shape_request.live, requested=str(shape_request.offset)
         )
 
     def _stream(self, shape: Shape, offset: p.LogOffset, request: Request) -> Response:
@@ -479,26 +530,17 @@ class SyncServer:
         }
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    def _respond(
+    def _headers(
         self,
         shape: Shape,
-        messages: list[bytes],
         end: p.LogOffset,
         *,
         at_end: bool,
         request: Request,
         live: bool,
         requested: str,
-        global_lsn: int,
-    ) -> Response:
-        """Build the body from stored message bytes; ``up-to-date`` carries ``global_last_seen_lsn`` that is
-        never ahead of a change the client has not been sent (read before the log), which pglite-sync relies
-        on to tell replays from new changes."""
-        parts = list(messages)
-        if at_end:
-            seen = max(global_lsn, end.tx if end != _AFTER_SNAPSHOT else 0)
-            parts.append(p.encode_message(p.control_message("up-to-date", global_last_seen_lsn=str(seen))))
-        body = b"[" + b",".join(parts) + b"]"
+    ) -> dict[str, str]:
+        """Electric's response headers for a page of ``shape`` ending at ``end``."""
         end_text = "0_inf" if end == _AFTER_SNAPSHOT else str(end)
         headers = {
             p.HANDLE_HEADER: shape.handle,
@@ -516,9 +558,49 @@ class SyncServer:
                 headers["cache-control"] = p.NON_LIVE_CACHE_CONTROL
             else:
                 headers["cache-control"] = p.UP_TO_DATE_CACHE_CONTROL
-            if request.headers.get("if-none-match") == headers["etag"]:
-                return Response(status_code=304, headers=headers)
+        return headers
+
+    @staticmethod
+    def _up_to_date(end: p.LogOffset, global_lsn: int) -> bytes:
+        """``up-to-date`` carries ``global_last_seen_lsn`` that is never ahead of a change the client has not been
+        sent (read before the log), which pglite-sync relies on to tell replays from new changes."""
+        seen = max(global_lsn, end.tx if end != _AFTER_SNAPSHOT else 0)
+        return p.encode_message(p.control_message("up-to-date", global_last_seen_lsn=str(seen)))
+
+    def _respond(
+        self,
+        shape: Shape,
+        messages: list[bytes],
+        end: p.LogOffset,
+        *,
+        at_end: bool,
+        request: Request,
+        live: bool,
+        requested: str,
+        global_lsn: int,
+    ) -> Response:
+        """Build the body from stored message bytes (the gzip middleware compresses it on the way out)."""
+        parts = list(messages)
+        if at_end:
+            parts.append(self._up_to_date(end, global_lsn))
+        body = b"[" + b",".join(parts) + b"]"
+        headers = self._headers(shape, end, at_end=at_end, request=request, live=live, requested=requested)
+        if not live and request.headers.get("if-none-match") == headers["etag"]:
+            return Response(status_code=304, headers=headers)
         return Response(body, media_type="application/json", headers=headers)
+
+    def _respond_page(self, shape: Shape, page: _Page, *, request: Request, live: bool, requested: str) -> Response:
+        """A page made of stored segments, sent as stored: the same headers, offsets and ETag as :meth:`_respond`
+        would give for the same messages."""
+        headers = self._headers(
+            shape, page.last_offset, at_end=page.at_end, request=request, live=live, requested=requested
+        )
+        if not live and request.headers.get("if-none-match") == headers["etag"]:
+            return Response(status_code=304, headers=headers)
+        if page.content_encoding is not None:
+            headers["content-encoding"] = page.content_encoding
+            headers["vary"] = "Accept-Encoding"
+        return Response(page.body, media_type="application/json", headers=headers)
 
     # -- the app ----------------------------------------------------------------------------------------------
 
@@ -529,7 +611,7 @@ class SyncServer:
             Route("/v1/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
-        middleware = [Middleware(GZipMiddleware, minimum_size=1024, compresslevel=1)]
+        middleware = [Middleware(_NegotiatedGZip, minimum_size=GZIP_MINIMUM_SIZE, compresslevel=1)]
         if self.config.allow_origins:
             middleware.insert(0, _cors(self.config.allow_origins))
         app = Starlette(routes=routes, middleware=middleware, lifespan=self.lifespan)
@@ -538,6 +620,30 @@ class SyncServer:
         app.state.metrics = self.metrics
         app.state.tables = self.tables
         return app
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """A page's body as it goes on the wire (gzip, zstd or identity), with what its headers need."""
+
+    body: bytes
+    content_encoding: str | None
+    last_offset: p.LogOffset
+    at_end: bool
+
+
+def _page(run: SegmentRun, encoding: str, up_to_date: bytes | None) -> _Page:
+    """The body of ``run`` (ended by ``up_to_date`` when given): gzip is the stored deflate pieces framed as one
+    gzip member, zstd the stored frames one after another; bodies under the middleware's threshold go out
+    uncompressed, as they always did."""
+    tail = b"," + up_to_date + b"]" if up_to_date is not None else b"]"
+    at_end = up_to_date is not None
+    if run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:
+        if encoding == "gzip":
+            return _Page(gzip_body(run.deflated, tail), "gzip", run.last_offset, at_end)
+        if encoding == "zstd":
+            return _Page(zstd_body(run.zstd, tail), "zstd", run.last_offset, at_end)
+    return _Page(b"[" + b",".join(run.plain) + tail, None, run.last_offset, at_end)  # plain read for small runs
 
 
 @dataclass(frozen=True)
@@ -582,3 +688,31 @@ def _cors(origins: Iterable[str]) -> Middleware:
         allow_headers=["Content-Type"],
         expose_headers=list(p.ELECTRIC_HEADERS),
     )
+
+
+class _NegotiatedGZip(GZipMiddleware):
+    """Starlette's gzip middleware, choosing gzip by :func:`~pgferry.sync.wire.choose_encoding` (q-values: a
+    client sending ``gzip;q=0`` gets identity) instead of a substring test, so that it agrees with the encoding
+    the shape endpoint chose for the stored segments it sends (responses that carry a ``content-encoding`` pass
+    through untouched)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        accept = None
+        for name, value in scope.get("headers", ()):
+            if name == b"accept-encoding":
+                accept = value.decode("latin-1")
+        responder: Any
+        if choose_encoding(accept, ("gzip",)) == "gzip":  # responses from stored zstd frames pass through
+            responder = GZipResponder(
+                self.app,
+                self.minimum_size,
+                compresslevel=self.compresslevel,
+                thread_minimum_size=self.thread_minimum_size,
+                exclude_content_types=self.exclude_content_types,
+            )
+        else:
+            responder = IdentityResponder(self.app, self.minimum_size, exclude_content_types=self.exclude_content_types)
+        await responder(scope, receive, send)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
+import queue
 import shutil
 import threading
 import time
@@ -51,7 +51,7 @@ from pgferry.sync.protocol import (
     row_key,
 )
 from pgferry.sync.session import SESSION_SETTINGS, connect_sql, session_options
-from pgferry.sync.store import ShapeLog, write_json_atomic
+from pgferry.sync.store import LegacyLogError, ShapeLog, write_json_atomic
 from pgferry.sync.where import WhereClause, check_params, parse_where
 
 __all__ = [
@@ -68,7 +68,10 @@ __all__ = [
 _log = structlog.get_logger("pgferry.sync.shapes")
 
 _VALIDATE_TIMEOUT_MS = 5_000  # type-checking a where clause plans it; constant folding must not run away
-DEFAULT_SNAPSHOT_TIMEOUT_MS = 15_000  # one page (one FETCH) of a snapshot
+DEFAULT_SNAPSHOT_TIMEOUT_MS = 15_000  # longest wait for the next row of a snapshot
+#: Plain JSON per stored snapshot segment: small enough that the first page is served while PostgreSQL still
+#: produces the rest, large enough that framing and compression stay efficient (a page holds several).
+SNAPSHOT_SEGMENT_BYTES = 1 << 20
 
 RowValues = Mapping[str, str | None]
 
@@ -145,6 +148,7 @@ class Shape:
     last_commit_ts: float | None = None
     first_rows: threading.Event = field(default_factory=threading.Event)  # set once the snapshot has started
     snapshot_error: BaseException | None = None
+    live_page: tuple[Any, Any] | None = None  # the server's last live page of this shape, shared by its waiters
     _event: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -211,8 +215,16 @@ class ShapeManager:
     (the shape starts buffering replicated transactions) and :meth:`take_snapshot` (the long part).
     """
 
-    def __init__(self, url: str, data_dir: Path, *, snapshot_timeout_ms: int = DEFAULT_SNAPSHOT_TIMEOUT_MS) -> None:
+    def __init__(
+        self,
+        url: str,
+        data_dir: Path,
+        *,
+        snapshot_timeout_ms: int = DEFAULT_SNAPSHOT_TIMEOUT_MS,
+        segment_bytes: int = SNAPSHOT_SEGMENT_BYTES,
+    ) -> None:
         self._url = url
+        self.segment_bytes = segment_bytes
         self._dir = data_dir / "shapes"
         self._dir.mkdir(parents=True, exist_ok=True)
         self.snapshot_timeout_ms = snapshot_timeout_ms
@@ -259,12 +271,17 @@ class ShapeManager:
                     continue
                 clause = parse_where(definition.where) if definition.where else None
                 xmin, xmax, xip = meta["snapshot"]
+                try:
+                    log = ShapeLog(directory)
+                except LegacyLogError:
+                    shutil.rmtree(directory, ignore_errors=True)  # an older pgferry's log: its clients refetch
+                    continue
                 shape = Shape(
                     handle=meta["handle"],
                     definition=definition,
                     table=table,
                     clause=clause,
-                    log=ShapeLog(directory),
+                    log=log,
                     state="ready",
                     snapshot=SnapshotInfo(xmin, xmax, frozenset(xip)),
                     created_at=float(meta["created_at"]),
@@ -432,23 +449,13 @@ class ShapeManager:
             row = conn.execute("select pg_current_snapshot()::text").fetchone()
             assert row is not None
             snapshot = SnapshotInfo.parse(str(row[0]))
+            # COPY runs as one statement: the per-page timeout becomes "no row for snapshot_timeout_ms" (watched
+            # in _copy_snapshot), and the statement itself may run as long as rows keep coming.
+            conn.execute("set local statement_timeout = 0")
             params: list[Any] = []
             query = self._snapshot_query(shape, params)
             started = time.monotonic()
-            count = 0
-            with conn.cursor(name=f"pgferry_snapshot_{secrets.token_hex(4)}") as cursor:
-                cursor.itersize = 5000
-                cursor.execute(query, params)
-                while True:
-                    if self._closing.is_set():
-                        raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
-                    rows = cursor.fetchmany(5000)
-                    if not rows:
-                        break
-                    shape.log.append([(LogOffset(0, count + i), r[0].encode()) for i, r in enumerate(rows)])
-                    count += len(rows)
-                    shape.first_rows.set()
-                    shape.notify()
+            count = self._copy_snapshot(conn, shape, query, params)
             conn.rollback()
             shape.log.sync()
             with self._lock:
@@ -483,6 +490,87 @@ class ShapeManager:
         finally:
             evaluator.close()
             conn.close()
+
+    def _copy_snapshot(
+        self, conn: psycopg.Connection[Any], shape: Shape, query: sql.Composed, params: list[Any]
+    ) -> int:
+        """Stream the snapshot's messages out of PostgreSQL with one ``COPY (…) TO STDOUT`` and append them to the
+        log in segments of about ``segment_bytes``, compressed as they are written, so that clients
+        are served the first pages while later rows are still being produced. A reader thread pulls the COPY
+        stream (psycopg waits on the socket without the GIL) into a small bounded queue while this thread builds
+        and compresses segments (zlib, also without the GIL): at most a few segments are in memory at once.
+        Returns the number of rows."""
+        batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
+        stop = threading.Event()
+        progress = [time.monotonic()]
+
+        def put(item: list[bytes] | BaseException | None) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    batches.put(item, timeout=0.1)
+                    return
+
+        def produce() -> None:
+            try:
+                with conn.cursor() as cursor, cursor.copy(sql.SQL("copy ({}) to stdout").format(query), params) as copy:
+                    batch: list[bytes] = []
+                    size = 0
+                    for data in copy:
+                        progress[0] = time.monotonic()
+                        batch.append(bytes(data))
+                        size += len(data)
+                        if size >= self.segment_bytes:
+                            put(batch)
+                            batch, size = [], 0
+                    if batch:
+                        put(batch)
+                put(None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                put(exc)
+
+        reader = threading.Thread(target=produce, name=f"pgferry-snapshot-{shape.handle[-8:]}", daemon=True)
+        reader.start()
+        timeout = self.snapshot_timeout_ms / 1000
+        count = 0
+        pending = b""
+        cancelled = False
+        try:
+            while True:
+                try:
+                    item = batches.get(timeout=0.1)
+                except queue.Empty:
+                    stalled = time.monotonic() - progress[0] > timeout
+                    if not cancelled and (stalled or self._closing.is_set()):
+                        cancelled = True
+                        conn.cancel()  # the reader gets QueryCanceled: a 400 naming the timeout
+                    continue
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    if self._closing.is_set():
+                        raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
+                    raise item
+                # COPY's text format doubles every backslash; the JSON that PostgreSQL built has no other byte
+                # COPY escapes (control characters are \u-escaped in JSON), so undoing that is exact.
+                block = pending + b"".join(item)
+                if b"\\" in block:
+                    block = block.replace(b"\\\\", b"\\")
+                rows = block.split(b"\n")
+                pending = rows.pop()  # after the last newline: empty unless a row was split between batches
+                if rows:
+                    shape.log.append([(LogOffset(0, count + i), r) for i, r in enumerate(rows)])
+                    count += len(rows)
+                    shape.first_rows.set()
+                    shape.notify()
+            if pending:
+                raise ShapeUnavailableError("table", "the snapshot stream ended inside a row; retry", retry_after=2)
+        finally:
+            stop.set()
+            if reader.is_alive():
+                with contextlib.suppress(Exception):
+                    conn.cancel()
+            reader.join(30)
+        return count
 
     # -- applying replicated transactions --------------------------------------------------------------------
 

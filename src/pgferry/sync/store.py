@@ -1,13 +1,21 @@
-"""Shape logs on disk: append-only files of encoded messages, indexed by offset.
+"""Shape logs on disk: segments of encoded messages, stored in their final wire form, indexed by offset.
 
 Why on disk: a server holding many shapes (or one 100k-row shape) must not hold every message in memory, and a
 restart must not force every client to refetch; Electric keeps its logs on disk for the same reasons. Memory per
-shape is an index of three integers per entry; message bytes are read from the file when a client asks.
+shape is an index of four integers per entry; message bytes are read from the file when a client asks.
 
-File format (``log``): one entry per line, ``<tx> <op> <json>\\n``. A line is only indexed after the writer has
-flushed it, so readers (the HTTP handlers) never see half an entry; a torn last line after a crash is cut off at
-load. ``meta.json`` (written atomically, last) marks a shape whose snapshot completed: a directory without it is
-an interrupted snapshot and is deleted at load.
+Why segments in wire form: a materialised shape is served to many clients, so each appended batch of entries (a
+slice of the snapshot, or one replicated transaction) is stored once as the plain JSON a response carries (the
+messages joined by commas) and once compressed (a raw deflate piece, see :mod:`pgferry.sync.wire`); a page of the
+log that starts at a segment boundary is those stored bytes laid end to end, never encoded again.
+
+Files: ``data`` holds each segment's plain bytes followed by its deflate bytes and its zstd frame; ``index`` holds,
+per segment, a header (first entry, entry count, plain, deflate and zstd positions and lengths, CRC-32 of the
+plain bytes) followed by
+one record per entry (tx, op, position and length of its JSON in ``data``). A segment exists once its index
+record is complete: at load, a torn index tail and data beyond the last complete segment are cut off.
+``meta.json`` (written atomically, last) marks a shape whose snapshot completed: a directory without it is an
+interrupted snapshot and is deleted at load.
 
 This module knows nothing about PostgreSQL or HTTP.
 """
@@ -18,7 +26,9 @@ import bisect
 import json
 import os
 import shutil
+import struct
 import threading
+import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,8 +36,20 @@ from pathlib import Path
 from typing import Any
 
 from pgferry.sync.protocol import LogOffset
+from pgferry.sync.wire import GzipPiece, compress_segment, compress_zstd
 
-__all__ = ["LogChunk", "ShapeLog", "write_json_atomic"]
+__all__ = ["LegacyLogError", "LogChunk", "SegmentRun", "ShapeLog", "write_json_atomic"]
+
+# kind, first entry, count, plain pos, plain len, deflate pos, deflate len, crc, zstd pos, zstd len
+_SEGMENT = struct.Struct("<10q")
+_SEGMENT_KIND = 2
+_ENTRY_FIELDS = 4  # tx, op, pos, len (int64 each)
+_ENTRY_BYTES = 8 * _ENTRY_FIELDS
+
+
+class LegacyLogError(Exception):
+    """A shape directory written by an older pgferry (one ``log`` file of lines): it cannot be served in wire
+    form, so the shape is dropped and its clients refetch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +59,20 @@ class LogChunk:
 
     messages: list[bytes]
     last_offset: LogOffset | None
+    at_end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRun:
+    """Whole stored segments after a requested offset, as they go on the wire: ``plain`` (each segment's
+    messages joined by commas) and/or ``deflated`` (see :func:`pgferry.sync.wire.gzip_body`) or ``zstd`` (one
+    frame each), as asked."""
+
+    plain: list[bytes]
+    deflated: list[GzipPiece]
+    zstd: list[bytes]
+    plain_bytes: int
+    last_offset: LogOffset
     at_end: bool
 
 
@@ -61,43 +97,75 @@ class ShapeLog:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._path = directory / "log"
+        if (directory / "log").exists():
+            raise LegacyLogError(str(directory))
+        self._data_path = directory / "data"
+        self._index_path = directory / "index"
         self._lock = threading.Lock()
         self._tx: array[int] = array("q")
         self._op: array[int] = array("q")
-        self._pos: array[int] = array("q")  # byte position of each entry's JSON
-        self._len: array[int] = array("l")  # length of each entry's JSON
-        self._load()
-        self._writer = open(self._path, "ab")  # noqa: SIM115 - kept open for the shape's lifetime
-        self._size = self._writer.tell()
-        self._reader_fd = os.open(self._path, os.O_RDONLY)
+        self._pos: array[int] = array("q")  # byte position of each entry's JSON in data
+        self._len: array[int] = array("q")  # length of each entry's JSON
+        self._seg_first: array[int] = array("q")  # first entry of each segment
+        self._seg_plain: array[int] = array("q")  # position, length of its plain bytes
+        self._seg_plain_len: array[int] = array("q")
+        self._seg_gz: array[int] = array("q")  # position, length of its deflate bytes
+        self._seg_gz_len: array[int] = array("q")
+        self._seg_crc: array[int] = array("q")
+        self._seg_zstd: array[int] = array("q")  # position, length of its zstd frame
+        self._seg_zstd_len: array[int] = array("q")
+        data_size, index_size = self._load()
+        self._data = open(self._data_path, "ab")  # noqa: SIM115 - kept open for the shape's lifetime
+        self._index = open(self._index_path, "ab")  # noqa: SIM115
+        self._size = data_size
+        self._index_size = index_size
+        self._reader_fd = os.open(self._data_path, os.O_RDONLY)
 
-    def _load(self) -> None:
-        if not self._path.exists():
-            self._path.touch()
-            return
-        good = 0
-        with open(self._path, "rb") as handle:
-            position = 0
-            for line in handle:
-                if not line.endswith(b"\n"):
-                    break  # torn write from a crash: everything before it is intact
-                tx_text, op_text, body = line.split(b" ", 2)
-                head = len(tx_text) + len(op_text) + 2
-                self._tx.append(int(tx_text))
-                self._op.append(int(op_text))
-                self._pos.append(position + head)
-                self._len.append(len(body) - 1)
-                position += len(line)
-                good = position
-        if good != self._path.stat().st_size:
-            with open(self._path, "r+b") as handle:
-                handle.truncate(good)
+    def _load(self) -> tuple[int, int]:
+        """Index the complete segments; cut off a torn tail. Returns (data size, index size) kept."""
+        for path in (self._data_path, self._index_path):
+            if not path.exists():
+                path.touch()
+        raw = self._index_path.read_bytes()
+        data_size = self._data_path.stat().st_size
+        position = 0
+        data_end = 0
+        while position + _SEGMENT.size <= len(raw):
+            kind, first, count, plain_pos, plain_len, gz_pos, gz_len, crc, zstd_pos, zstd_len = _SEGMENT.unpack_from(
+                raw, position
+            )
+            end = position + _SEGMENT.size + count * _ENTRY_BYTES
+            if kind != _SEGMENT_KIND or end > len(raw) or zstd_pos + zstd_len > data_size or first != len(self._tx):
+                break
+            entries = array("q")
+            entries.frombytes(raw[position + _SEGMENT.size : end])
+            self._tx.extend(entries[0::_ENTRY_FIELDS])
+            self._op.extend(entries[1::_ENTRY_FIELDS])
+            self._pos.extend(entries[2::_ENTRY_FIELDS])
+            self._len.extend(entries[3::_ENTRY_FIELDS])
+            self._seg_first.append(first)
+            self._seg_plain.append(plain_pos)
+            self._seg_plain_len.append(plain_len)
+            self._seg_gz.append(gz_pos)
+            self._seg_gz_len.append(gz_len)
+            self._seg_crc.append(crc)
+            self._seg_zstd.append(zstd_pos)
+            self._seg_zstd_len.append(zstd_len)
+            data_end = zstd_pos + zstd_len
+            position = end
+        if position != len(raw):
+            with open(self._index_path, "r+b") as handle:
+                handle.truncate(position)
+        if data_end != data_size:
+            with open(self._data_path, "r+b") as handle:
+                handle.truncate(data_end)
+        return data_end, position
 
     def close(self) -> None:
         with self._lock:
-            if not self._writer.closed:
-                self._writer.close()
+            if not self._data.closed:
+                self._data.close()
+                self._index.close()
                 os.close(self._reader_fd)
 
     def delete(self) -> None:
@@ -112,43 +180,66 @@ class ShapeLog:
         return self._size
 
     @property
+    def segments(self) -> int:
+        return len(self._seg_first)
+
+    @property
     def last_offset(self) -> LogOffset | None:
         with self._lock:
             if not self._tx:
                 return None
             return LogOffset(self._tx[-1], self._op[-1])
 
-    def append(self, entries: Sequence[tuple[LogOffset, bytes]]) -> None:
-        """Append and index entries (offsets must be increasing); call :meth:`sync` to make them durable."""
+    def append(self, entries: Sequence[tuple[LogOffset, bytes]], *, deflated: bytes | None = None) -> None:
+        """Append ``entries`` (offsets increasing) as one segment, compressed here once (or pass ``deflated``,
+        :func:`~pgferry.sync.wire.compress_segment` of the comma-joined bodies, computed elsewhere); call
+        :meth:`sync` to make them durable."""
         if not entries:
             return
-        buffer = bytearray()
-        tx: list[int] = []
-        op: list[int] = []
-        pos: list[int] = []
-        length: list[int] = []
-        position = self._size
+        plain = b",".join(body for _offset, body in entries)
+        gz = deflated if deflated is not None else compress_segment(plain)
+        zstd = compress_zstd(plain)
+        first = len(self._tx)
+        plain_pos = self._size
+        gz_pos = plain_pos + len(plain)
+        zstd_pos = gz_pos + len(gz)
+        records = array("q")
+        position = plain_pos
         for offset, body in entries:
-            head = b"%d %d " % (offset.tx, offset.op)
-            tx.append(offset.tx)
-            op.append(offset.op)
-            pos.append(position + len(head))
-            length.append(len(body))
-            buffer += head
-            buffer += body
-            buffer += b"\n"
-            position += len(head) + len(body) + 1
-        self._writer.write(buffer)
-        self._writer.flush()
+            records.extend((offset.tx, offset.op, position, len(body)))
+            position += len(body) + 1
+        crc = zlib.crc32(plain)
+        header = _SEGMENT.pack(
+            _SEGMENT_KIND, first, len(entries), plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
+        )
+        self._data.write(plain)
+        self._data.write(gz)
+        self._data.write(zstd)
+        self._data.flush()
+        self._index.write(header + records.tobytes())
+        self._index.flush()
         with self._lock:
-            self._tx.extend(tx)
-            self._op.extend(op)
-            self._pos.extend(pos)
-            self._len.extend(length)
-            self._size = position
+            self._tx.extend(records[0::_ENTRY_FIELDS])
+            self._op.extend(records[1::_ENTRY_FIELDS])
+            self._pos.extend(records[2::_ENTRY_FIELDS])
+            self._len.extend(records[3::_ENTRY_FIELDS])
+            self._seg_first.append(first)
+            self._seg_plain.append(plain_pos)
+            self._seg_plain_len.append(len(plain))
+            self._seg_gz.append(gz_pos)
+            self._seg_gz_len.append(len(gz))
+            self._seg_crc.append(crc)
+            self._seg_zstd.append(zstd_pos)
+            self._seg_zstd_len.append(len(zstd))
+            self._size = zstd_pos + len(zstd)
 
     def sync(self) -> None:
-        os.fsync(self._writer.fileno())
+        os.fdatasync(self._data.fileno())
+        os.fdatasync(self._index.fileno())
+
+    def _start(self, offset: LogOffset) -> int:
+        count = len(self._tx)
+        return bisect.bisect_right(range(count), (offset.tx, offset.op), key=lambda i: (self._tx[i], self._op[i]))
 
     def read_after(self, offset: LogOffset, *, max_bytes: int = 4 << 20) -> LogChunk:
         """Entries strictly after ``offset``, up to about ``max_bytes`` (at least one entry).
@@ -158,7 +249,7 @@ class ShapeLog:
         :func:`normalise_offset`)."""
         with self._lock:
             count = len(self._tx)
-            start = bisect.bisect_right(range(count), (offset.tx, offset.op), key=lambda i: (self._tx[i], self._op[i]))
+            start = self._start(offset)
             end = start
             total = 0
             while end < count and (end == start or total + self._len[end] <= max_bytes):
@@ -175,6 +266,43 @@ class ShapeLog:
             at_end = end == count
             blob = os.pread(self._reader_fd, last_pos - first_pos, first_pos)
         return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
+
+    def read_segments(
+        self, offset: LogOffset, *, max_bytes: int, encoding: str, plain_below: int = 0
+    ) -> SegmentRun | None:
+        """Whole segments strictly after ``offset`` up to about ``max_bytes`` of plain JSON (at least one), in
+        their stored form; ``None`` when ``offset`` is not a segment boundary (the caller reads entries with
+        :meth:`read_after` instead) or nothing follows it. Segments hold whole transactions, so a run never ends
+        inside one (see :func:`normalise_offset`). ``encoding`` (``identity``, ``gzip`` or ``zstd``) picks the
+        stored form; a compressed run smaller than ``plain_below`` bytes is read plain as well (too small to be
+        worth sending compressed)."""
+        with self._lock:
+            start = self._start(offset)
+            if start == len(self._tx):
+                return None
+            first = bisect.bisect_left(self._seg_first, start)
+            if first == len(self._seg_first) or self._seg_first[first] != start:
+                return None
+            last = first
+            total = self._seg_plain_len[first]
+            while last + 1 < len(self._seg_first) and total + 1 + self._seg_plain_len[last + 1] <= max_bytes:
+                last += 1
+                total += 1 + self._seg_plain_len[last]
+            plain: list[bytes] = []
+            deflated: list[GzipPiece] = []
+            zstd: list[bytes] = []
+            for seg in range(first, last + 1):
+                if encoding == "gzip":
+                    body = os.pread(self._reader_fd, self._seg_gz_len[seg], self._seg_gz[seg])
+                    deflated.append(GzipPiece(body, self._seg_crc[seg], self._seg_plain_len[seg]))
+                elif encoding == "zstd":
+                    zstd.append(os.pread(self._reader_fd, self._seg_zstd_len[seg], self._seg_zstd[seg]))
+                if encoding == "identity" or total < plain_below:
+                    plain.append(os.pread(self._reader_fd, self._seg_plain_len[seg], self._seg_plain[seg]))
+            end_entry = self._seg_first[last + 1] - 1 if last + 1 < len(self._seg_first) else len(self._tx) - 1
+            at_end = last + 1 == len(self._seg_first)
+            last_offset = LogOffset(self._tx[end_entry], self._op[end_entry])
+        return SegmentRun(plain, deflated, zstd, total, last_offset, at_end)
 
 
 def normalise_offset(offset: LogOffset) -> LogOffset:
