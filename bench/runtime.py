@@ -11,9 +11,10 @@ A throwaway server with the platform schema gets ``--rows`` tasks (no embeddings
 
 1. **RLS-scoped point queries**, two ways: ``transaction`` (``with client.user_transaction(user) as conn``: BEGIN,
    claims, query, COMMIT, four round trips) and ``query`` (``client.query(user, sql, params)``: the claims and the
-   statement as one message, one implicit transaction, from statements prepared once per session in direct mode). ``--processes`` load processes (separate processes, so Python's GIL
-   is not the limit being measured), each with its own ``create_database_client`` pool (``--pool`` connections,
-   direct mode) and ``--threads`` threads. Every query is what a service does per request: a pooled connection, a
+   statement as one message, one implicit transaction, from statements prepared once per session in direct
+   mode). ``--processes`` load processes (separate processes, so Python's GIL is not the limit being
+   measured), each with its own ``create_database_client`` pool (``--pool`` connections, direct mode) and
+   ``--threads`` threads. Every query is what a service does per request: a pooled connection, a
    transaction as a user whose token was verified (``SET LOCAL ROLE authenticated`` + claims, one statement),
    ``select … from public.tasks where id = $1`` of one of that user's tasks (RLS applies), commit. Queries per
    second over ``--seconds`` after a warm-up, summed over processes; per-query latency percentiles. The server,
