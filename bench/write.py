@@ -184,7 +184,7 @@ async def outbox_drain(proxy_url: str, items: int) -> dict[str, Any]:
     sender.url = f"{proxy_url}/v1/mutations"
     sender.wake.set()
     started = time.perf_counter()
-    while client.replica.outbox(state="pending", limit=1):
+    while client.replica.count_outbox(state="pending"):
         await asyncio.sleep(0.005)
     drain_seconds = time.perf_counter() - started
     await client.close()

@@ -36,7 +36,7 @@ import structlog
 
 from pgferry.client._shape_base import Change, ShapeOptions
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
-from pgferry.client.outbox import OutboxSender
+from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
 from pgferry.client.replica import LocalReplica, Rejection
 from pgferry.client.shape_async import AsyncShapeStream
 from pgferry.client.values import to_json_value, to_text
@@ -63,7 +63,7 @@ class ClientConfig:
     replica_path: str | Path = ":memory:"
     schema: str = "public"
     shape_params: Mapping[str, str] = field(default_factory=dict)
-    batch_size: int = 500
+    batch_size: int = DEFAULT_BATCH
 
 
 class ElectricSupabaseClient:
@@ -190,7 +190,7 @@ class ElectricSupabaseClient:
     def pending(self) -> int:
         """Local writes not yet confirmed by the stream."""
         _, replica = self._ready()
-        return len(replica.outbox(limit=1_000_000))
+        return replica.count_outbox()
 
     # -- writes ---------------------------------------------------------------------------------------------------
 

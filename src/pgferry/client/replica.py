@@ -404,9 +404,10 @@ class LocalReplica:
         marks = ", ".join(["?"] * (len(columns) + 2))
         conn.execute(f"insert into {table} ({names}) values ({marks})", [key, 1, *(text_row[c] for c in columns)])
 
-    def outbox(self, *, state: str | None = None, limit: int = 1000) -> list[OutboxItem]:
-        """Outbox items in order (all, or those in ``state``)."""
-        where, params = ("where state = ?", [state]) if state else ("", [])
+    def outbox(self, *, state: str | None = None, limit: int = 1000, after: int = 0) -> list[OutboxItem]:
+        """Outbox items in order (all, or those in ``state``), from sequence number ``after`` on (exclusive: the
+        sender skips the batch whose acknowledgement is still being written)."""
+        where, params = ("where seq > ? and state = ?", [after, state]) if state else ("where seq > ?", [after])
         with self._lock:
             found = self._conn.execute(
                 "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
@@ -420,30 +421,43 @@ class LocalReplica:
             for seq, mid, shape, op, row, base, written, st, txid in found
         ]
 
+    def count_outbox(self, *, state: str | None = None) -> int:
+        """How many outbox items there are (in ``state``): a count, not the items (cheap to poll)."""
+        where, params = ("where state = ?", [state]) if state else ("", [])
+        with self._lock:
+            row = self._conn.execute(f"select count(*) from _pgferry_outbox {where}", params).fetchone()
+        return int(row[0])
+
     def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None:
         """Record the write API's results: items become ``sent`` with their txid, or are dropped at once when they
         changed nothing or their txid already streamed in."""
+        results = list(results)
         with self._transaction() as conn:
+            # A batch's results share one txid (or a few, with replays): look the txids up once, then mark the
+            # items sent in one executemany; only the few that settle at once are read and rebuilt one by one.
+            txids = {int(r["txid"]) for r in results if r.get("txid")}
+            seen: set[int] = set()
+            if txids:
+                marks = ", ".join("?" * len(txids))
+                seen = {
+                    row[0]
+                    for row in conn.execute(
+                        f"select txid from _pgferry_seen_txids where txid in ({marks})", list(txids)
+                    )
+                }
+            sent: list[tuple[int | None, str]] = []
             touched: dict[str, set[str]] = {}
             for result in results:
                 txid = int(result["txid"]) if result.get("txid") else None
-                item = conn.execute(
-                    "select shape, row_key from _pgferry_outbox where mutation_id = ?", [result["id"]]
-                ).fetchone()
-                if item is None:
+                if result.get("changed") is not False and txid not in seen:
+                    sent.append((txid, result["id"]))
                     continue
-                seen = (
-                    txid is not None
-                    and conn.execute("select 1 from _pgferry_seen_txids where txid = ?", [txid]).fetchone()
-                )
-                if result.get("changed") is False or seen:
-                    conn.execute("delete from _pgferry_outbox where mutation_id = ?", [result["id"]])
+                item = conn.execute(
+                    "delete from _pgferry_outbox where mutation_id = ? returning shape, row_key", [result["id"]]
+                ).fetchone()
+                if item is not None:
                     touched.setdefault(item[0], set()).add(item[1])
-                else:
-                    conn.execute(
-                        "update _pgferry_outbox set state = 'sent', txid = ? where mutation_id = ?",
-                        [txid, result["id"]],
-                    )
+            conn.executemany("update _pgferry_outbox set state = 'sent', txid = ? where mutation_id = ?", sent)
             for name, keys in touched.items():
                 self._rebuild(conn, name, keys)
 
@@ -504,17 +518,23 @@ class LocalReplica:
         """Visible rows of ``keys`` = synced row + the key's remaining outbox items replayed in order."""
         schema = self._schemas[name]
         columns = ", ".join(_ident(c) for c in schema)
-        for key in keys:
-            conn.execute(f"delete from {_ident(name)} where _key = ?", [key])
-            conn.execute(
-                f"insert into {_ident(name)} (_key, _pending, {columns}) "
-                f"select _key, 0, {columns} from {_ident('_synced_' + name)} where _key = ?",
-                [key],
-            )
-            for op, row in conn.execute(
-                "select op, row from _pgferry_outbox where shape = ? and row_key = ? order by seq", [name, key]
-            ).fetchall():
-                self._overlay(conn, name, key, op, json.loads(row)["text"])
+        # Set-based: the keys go into a temporary table, then one statement each copies the synced rows and reads
+        # the outbox items left to replay (a boundary touches thousands of keys when an outbox drains).
+        conn.execute("create temp table if not exists _pgferry_keys (key text primary key)")
+        conn.execute("delete from _pgferry_keys")
+        conn.executemany("insert or ignore into _pgferry_keys (key) values (?)", [(key,) for key in keys])
+        conn.execute(f"delete from {_ident(name)} where _key in (select key from _pgferry_keys)")
+        conn.execute(
+            f"insert into {_ident(name)} (_key, _pending, {columns}) "
+            f"select _key, 0, {columns} from {_ident('_synced_' + name)} "
+            "where _key in (select key from _pgferry_keys)"
+        )
+        for op, key, row in conn.execute(
+            "select op, row_key, row from _pgferry_outbox where shape = ? "
+            "and row_key in (select key from _pgferry_keys) order by seq",
+            [name],
+        ).fetchall():
+            self._overlay(conn, name, key, op, json.loads(row)["text"])
 
     def _rebuild_all(self, conn: sqlite3.Connection, name: str) -> None:
         columns = ", ".join(_ident(c) for c in self._schemas[name])
