@@ -83,6 +83,8 @@ class OutboxSender:
         # highest sequence number it covers (its items are still "pending" in the replica until it finishes).
         self._acknowledging: asyncio.Future[None] | None = None
         self._acknowledged_up_to = 0
+        # The next batch, read and encoded while the current one is applied: (the sequence number it follows, task).
+        self._next: tuple[int, asyncio.Future[tuple[bytes, list[OutboxItem]]]] | None = None
 
     def _body(self, items: list[OutboxItem]) -> tuple[bytes, list[OutboxItem]]:
         """The request body for the leading items that fit :data:`MAX_BATCH_BYTES` (at least one), and those items."""
@@ -114,21 +116,30 @@ class OutboxSender:
             }
         return mutation
 
+    def _prepare(self, after: int) -> tuple[bytes, list[OutboxItem]]:
+        """Read the next batch (items after sequence number ``after``) and encode it: on a worker thread."""
+        items = self.replica.outbox(state="pending", limit=self.batch_size, after=after)
+        return self._body(items) if items else (b"", [])
+
     async def send_once(self) -> SendOutcome:
         """Send the oldest batch of pending items (nothing to do: ``SendOutcome()``)."""
-        items = await asyncio.to_thread(
-            self.replica.outbox, state="pending", limit=self.batch_size, after=self._acknowledged_up_to
-        )
+        prepared = await self._take_next()
+        if prepared is None:
+            prepared = await asyncio.to_thread(self._prepare, self._acknowledged_up_to)
+        content, items = prepared
         if not items:
             await self.flush()
             return SendOutcome()
-        content, items = self._body(items)
         headers = {"content-type": "application/json"}
         extra = self._headers() if callable(self._headers) else self._headers
         headers.update(extra or {})
+        # While the write API works on this batch, the next one (the items after it) is read and encoded; it is
+        # only sent once this one was applied, so the order holds.
+        self._next = (items[-1].seq, asyncio.ensure_future(asyncio.to_thread(self._prepare, items[-1].seq)))
         try:
             response = await self._client.post(self.url, content=content, headers=headers)
         except httpx.TransportError:
+            await self._drop_next()
             await self.flush()
             return self._retry_later()
         if response.status_code == 200:
@@ -138,10 +149,27 @@ class OutboxSender:
             self._acknowledging = asyncio.ensure_future(asyncio.to_thread(self.replica.acknowledge, results))
             self._acknowledged_up_to = items[-1].seq
             return SendOutcome(sent=len(items))
+        await self._drop_next()  # after a refusal the next batch is read again, from what is pending then
         await self.flush()
         if response.status_code in _RETRIED:
             return self._retry_later(response.headers.get("retry-after"))
         return await self._rejected(items, response)
+
+    async def _take_next(self) -> tuple[bytes, list[OutboxItem]] | None:
+        """The batch read ahead, if it follows the batch just applied and is not empty."""
+        following = self._next
+        self._next = None
+        if following is None:
+            return None
+        after, task = following
+        prepared = await task
+        return prepared if after == self._acknowledged_up_to and prepared[1] else None
+
+    async def _drop_next(self) -> None:
+        following, self._next = self._next, None
+        if following is not None:
+            with contextlib.suppress(Exception):
+                await following[1]
 
     async def flush(self) -> None:
         """Wait for the acknowledgement being written, if any (then every applied item is marked in the replica)."""
@@ -199,9 +227,11 @@ class OutboxSender:
             )
             for waiter in waiters:
                 waiter.cancel()
+        await self._drop_next()
         await self.flush()
 
     async def aclose(self) -> None:
+        await self._drop_next()
         await self.flush()
         if self._own_client:
             await self._client.aclose()
