@@ -310,6 +310,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         report["server_snapshot_seconds"] = round(materialise(server.url), 3)
         print("initial sync into SQLite ...", file=sys.stderr)
         report["initial_sync"] = initial_sync(server.url, root)
+        if report["initial_sync"]["rows"] != report["seed"]["rows"]:
+            raise RuntimeError(f"the replica holds {report['initial_sync']['rows']} rows of {report['seed']['rows']}")
         if args.replica_rows:
             return report
         proxy = Proxy(server.url, database.url, root)

@@ -141,20 +141,33 @@ class ElectricSupabaseClient:
         _, replica = self._ready()
         gathered: list[Change] = []
         reset = False
+        # Staging runs on a worker thread while the next page is fetched and decoded; one at a time, in order, and
+        # finished before anything else touches the staged rows.
+        staging: asyncio.Future[None] | None = None
         self._set_state("connecting")
         try:
             async for batch in stream:
                 if batch.must_refetch:
                     gathered, reset = [], True
+                    if staging is not None:
+                        await staging
+                        staging = None
                     await asyncio.to_thread(replica.discard_staged, table)
                     log.info("shape rotated; re-syncing, outbox kept", table=table)
                     continue
                 gathered.extend(batch.changes)
                 if not batch.up_to_date:
                     if len(gathered) >= _STAGE_AFTER:  # a large snapshot: park it on disk, not in memory
-                        await asyncio.to_thread(replica.stage, table, gathered)
+                        if staging is not None:
+                            await staging
+                        staging = asyncio.ensure_future(
+                            asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema)
+                        )
                         gathered = []
                     continue
+                if staging is not None:
+                    await staging
+                    staging = None
                 await asyncio.to_thread(
                     replica.apply,
                     table,
