@@ -295,7 +295,7 @@ def _applied_before(
 ) -> dict[uuid.UUID, dict[str, Any]]:
     """The batch's ids applied before, with their stored results; an id another user applied is a 409."""
     rows = conn.execute(
-        "select id, user_id, result from pgferry.applied_mutations where id = any(%s)", [[m.id for m in mutations]]
+        "select id, user_id, result from pgferry.applied_mutations where id = any(%s::uuid[])", [_uuid_array(mutations)]
     ).fetchall()
     foreign = {row[0] for row in rows if row[1] != user.user_id}
     if foreign:
@@ -309,9 +309,14 @@ def _applied_before(
     return {row[0]: dict(row[2]) for row in rows}
 
 
+def _uuid_array(mutations: Sequence[Mutation]) -> str:
+    """The mutation ids as one ``uuid[]`` literal: psycopg would dump a list of UUIDs element by element in Python."""
+    return "{" + ",".join(str(m.id) for m in mutations) + "}"
+
+
 def _any_applied(conn: psycopg.Connection[Any], mutations: Sequence[Mutation]) -> bool:
     row = conn.execute(
-        "select exists (select 1 from pgferry.applied_mutations where id = any(%s))", [[m.id for m in mutations]]
+        "select exists (select 1 from pgferry.applied_mutations where id = any(%s::uuid[]))", [_uuid_array(mutations)]
     ).fetchone()
     return bool(row and row[0])
 
