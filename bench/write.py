@@ -8,9 +8,11 @@ Run from the project root::
 What is measured
 ----------------
 One throwaway PostgreSQL server (fsync on) gets the platform schema and ``--rows`` tasks (``bench/sync.py``'s
-seed: 50 users). The dev sync server runs in its own process (``python -m pgferry sync serve``); the proxy with the
-write API runs in this process (uvicorn in a thread), so it shares the GIL with the clients measured here: the
-figures are a floor of what separate processes give.
+seed: 50 users). Every server runs in its own process, started with the CLI the README documents: the dev sync
+server (``python -m pgferry sync serve --insecure``) and the proxy with the write API in front of it
+(``python -m pgferry sync proxy --upstream … --database-url …``, the token secret from ``SUPABASE_JWT_SECRET``).
+The clients measured run in a child process of their own (``--child-sync``, ``--child-writes``), so this process
+only starts, waits and reports.
 
 1. **Initial sync into SQLite**, in a child process (so its RSS is the client's alone): an
    ``ElectricSupabaseClient`` syncs the whole ``tasks`` table from the dev server into a fresh SQLite file and is
@@ -18,12 +20,12 @@ figures are a floor of what separate processes give.
    one plain HTTP client (its time, the server's snapshot included, is ``server_snapshot_seconds``), as a CDN or
    a second user would find it: the figure is the client's rate, not the dev server's snapshot rate. Its peak RSS
    (``ru_maxrss``) is reported; with ``--replica-rows 1000000`` this is the "1M replica rows under 300 MB" target.
-2. **Local write → visible on another client.** Two clients of one user (about ``rows/50`` rows each) through the
-   proxy; client A updates a task ``--writes`` times, ``--spacing`` apart; the time from A's ``update`` returning
-   (the write is in A's replica and outbox) to the new title being in B's replica is recorded.
-3. **Outbox drain.** Client A's sender is pointed at a closed port, ``--outbox`` inserts are written locally,
-   then the sender is pointed back at the proxy; the time until every item is acknowledged by the write API gives
-   mutations per second (batches of 500).
+2. **Local write → visible on another client** (child process). Two clients of one user (about ``rows/50`` rows
+   each) through the proxy; client A updates a task ``--writes`` times, ``--spacing`` apart; the time from A's
+   ``update`` returning (the write is in A's replica and outbox) to the new title being in B's replica is recorded.
+3. **Outbox drain** (same child process). Client A's sender is pointed at a closed port, ``--outbox`` inserts are
+   written locally, then the sender is pointed back at the proxy; the time until every item is acknowledged by the
+   write API gives mutations per second (in the sender's batches, ``batch_size`` in the JSON).
 
 Targets from issue 12, printed PASS/FAIL: write → visible p50 ≤ 50 ms, p99 ≤ 200 ms; outbox drain ≥ 10,000
 mutations/s; initial sync into SQLite ≥ 50,000 rows/s; 1M replica rows under 300 MB RSS.
@@ -41,11 +43,13 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ import httpx
 import jwt
 
 from pgferry.client import ClientConfig, ElectricSupabaseClient
+from pgferry.localstack.cluster import free_port
 
 # The servers' side (bench/sync.py's Database and SyncServer, the proxy) is imported in run() only: the child
 # process that measures the client's memory must not carry it.
@@ -179,7 +184,7 @@ async def outbox_drain(proxy_url: str, items: int) -> dict[str, Any]:
     sender.url = f"{proxy_url}/v1/mutations"
     sender.wake.set()
     started = time.perf_counter()
-    while client.replica.outbox(state="pending", limit=1):
+    while client.replica.count_outbox(state="pending"):
         await asyncio.sleep(0.005)
     drain_seconds = time.perf_counter() - started
     await client.close()
@@ -190,6 +195,84 @@ async def outbox_drain(proxy_url: str, items: int) -> dict[str, Any]:
         "drained_per_second": round(items / drain_seconds),
         "batch_size": sender.batch_size,
     }
+
+
+async def child_writes(proxy_url: str, writes: int, spacing: float, items: int) -> dict[str, Any]:
+    """Phases 2 and 3 in the client's own process."""
+    return {
+        "write_to_visible_ms": await write_to_visible(proxy_url, writes, spacing),
+        "outbox": await outbox_drain(proxy_url, items),
+    }
+
+
+def client_writes(proxy_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--child-writes", proxy_url]
+    command += ["--writes", str(args.writes), "--spacing", str(args.spacing), "--outbox", str(args.outbox)]
+    output = subprocess.run(command, capture_output=True, text=True)
+    if output.returncode != 0:
+        raise RuntimeError(f"the client process failed: {output.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
+    return result
+
+
+@dataclass
+class Proxy:
+    """``python -m pgferry sync proxy`` with the write API, in its own process and session (as a user starts it:
+    the README's command, the token secret from the environment, run from a directory without a ``.env``)."""
+
+    upstream: str
+    database_url: str
+    root: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        command = [
+            sys.executable, "-m", "pgferry", "sync", "proxy",
+            "--upstream", self.upstream,
+            "--database-url", self.database_url,
+            "--port", str(self.port),
+            "--log-level", "warning",
+        ]  # fmt: skip
+        env = {
+            **os.environ,
+            "SUPABASE_JWT_SECRET": JWT_SECRET,
+            "SUPABASE_URL": SUPABASE_URL,
+            "PGFERRY_HOME": str(self.root / "home"),
+        }
+        env.pop("ELECTRIC_SECRET", None)
+        self.log_path = self.root / "proxy.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                command, cwd=self.root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+            try:
+                # Any answer means it listens (an unauthenticated request is a 401).
+                httpx.post(self.url + "/v1/mutations", json={}, timeout=2)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise RuntimeError(f"proxy not listening after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -210,15 +293,13 @@ def warm_up(sync_url: str) -> None:
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from sync import Database, SyncServer  # bench/ is on sys.path when a benchmark runs as a script
 
-    from pgferry.sync import ProxyConfig, TokenVerifier, WriteApiConfig, create_proxy_app
-    from pgferry.testing.asgi import ServedApp
-
     database = Database(root, os.environ.get("PGFERRY_PG_BINDIR"), fsync=True)
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": os.getloadavg()},
     }
     server = None
+    proxy = None
     try:
         database.start()
         report["postgres"] = database.version
@@ -229,22 +310,17 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         report["server_snapshot_seconds"] = round(materialise(server.url), 3)
         print("initial sync into SQLite ...", file=sys.stderr)
         report["initial_sync"] = initial_sync(server.url, root)
+        if report["initial_sync"]["rows"] != report["seed"]["rows"]:
+            raise RuntimeError(f"the replica holds {report['initial_sync']['rows']} rows of {report['seed']['rows']}")
         if args.replica_rows:
             return report
-        write_api = WriteApiConfig(
-            database_url=database.url, verifier=TokenVerifier(jwt_secret=JWT_SECRET, supabase_url=SUPABASE_URL)
-        )
-        proxy_config = ProxyConfig(
-            upstream=server.url,
-            verifier=TokenVerifier(jwt_secret=JWT_SECRET, supabase_url=SUPABASE_URL),
-            write=write_api,
-        )
-        with ServedApp(create_proxy_app(proxy_config)) as proxy:
-            print("write -> visible on another client ...", file=sys.stderr)
-            report["write_to_visible_ms"] = asyncio.run(write_to_visible(proxy.url, args.writes, args.spacing))
-            print("outbox drain ...", file=sys.stderr)
-            report["outbox"] = asyncio.run(outbox_drain(proxy.url, args.outbox))
+        proxy = Proxy(server.url, database.url, root)
+        proxy.start()
+        print("write -> visible on another client, then outbox drain ...", file=sys.stderr)
+        report.update(client_writes(proxy.url, args))
     finally:
+        if proxy is not None:
+            proxy.stop()
         if server is not None:
             server.stop()
         database.destroy()
@@ -297,9 +373,13 @@ def main() -> int:
     parser.add_argument("--spacing", type=float, default=0.03)
     parser.add_argument("--outbox", type=int, default=10_000)
     parser.add_argument("--child-sync", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-writes", metavar="PROXY_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_sync:
         print(json.dumps(asyncio.run(child_sync(*args.child_sync))))
+        return 0
+    if args.child_writes:
+        print(json.dumps(asyncio.run(child_writes(args.child_writes, args.writes, args.spacing, args.outbox))))
         return 0
     with tempfile.TemporaryDirectory(prefix="pgferry-bench-write-") as directory:
         report = run(args, Path(directory))

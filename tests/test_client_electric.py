@@ -250,8 +250,12 @@ def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stac
     from pgferry.client import LocalReplica, OutboxSender
 
     offline = LocalReplica(path)
+    # All 50 are in the outbox on disk (checked here, not after the restart: the restarted client's sender starts
+    # delivering while its stream catches up, and may have settled some before a check could run).
+    assert offline.count_outbox(state="pending") == 50
     items = offline.outbox(state="pending", limit=20)
-    body = OutboxSender(offline, stack.proxy_url, {"tasks": "public.tasks"})._body(items)
+    body, sent = OutboxSender(offline, stack.proxy_url, {"tasks": "public.tasks"})._body(items)
+    assert len(sent) == 20
     offline.close()
     delivered = httpx.post(
         f"{stack.proxy_url}/v1/mutations",
@@ -263,7 +267,6 @@ def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stac
 
     async def scenario() -> None:
         client = await start(stack.proxy_url, ALICE, path)
-        assert client.pending() == 50
         await converge(client, stack.database_url)
         await client.close()
 
@@ -284,3 +287,32 @@ def test_setup_sync_with_a_refused_token_raises_in_one_line(stack: WriteStack) -
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_an_outbox_larger_than_one_request_is_split_and_delivered_in_order(stack: WriteStack) -> None:
+    """160 updates of ~56 KB each (an embedding, and the base the client saw) are more than the write API's 8 MiB
+    per request: the sender must split them by size (a 413 would reject a good write), deliver every one, and keep
+    their order (several updates of one row in one request included)."""
+    rejected: list[Rejection] = []
+
+    async def scenario() -> None:
+        client = await start(stack.proxy_url, ALICE)
+        client.on_conflict(rejected.append)
+        assert client._sender is not None
+        client._sender.url = f"http://127.0.0.1:{free_port()}/v1/mutations"  # offline: the outbox fills up
+        task_id = str(uuid.uuid4())
+        await client.insert("tasks", {"id": task_id, "title": "v0", "embedding": [0.123456789] * 1536})
+        for n in range(1, 160):
+            await client.update("tasks", {"id": task_id, "title": f"v{n}", "embedding": [n / 7.0] * 1536})
+        assert client.pending() == 160
+        client._sender.url = f"{stack.proxy_url}/v1/mutations"
+        client._sender.wake.set()
+        await converge(client, stack.database_url)
+        await client.close()
+
+    asyncio.run(scenario())
+    assert rejected == []
+    assert [t["title"] for t in db_tasks(stack.database_url).values()] == ["v159"]
+    with psycopg.connect(stack.database_url) as conn:
+        found = conn.execute("select count(*), count(distinct txid) from pgferry.applied_mutations").fetchone()
+    assert found is not None and found[0] == 160 and found[1] >= 2  # more than one request

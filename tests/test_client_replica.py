@@ -147,3 +147,72 @@ def test_changes_and_position_commit_together_or_not_at_all(target_url: str, db:
             time.sleep(0.2)
     assert sorted(r["title"] for r in reopened.rows("tasks")) == ["one", "three"]
     assert reopened.position("tasks") != before[0]
+
+
+STAGE_SCHEMA = {"id": {"type": "text", "pk_index": 0}, "title": {"type": "text"}, "note": {"type": "text"}}
+
+
+def staged_change(n: int, op: str = "insert", **values: str | None) -> Change:
+    key = f'"public"."tasks"/"{n}"'
+    if op == "insert":
+        return Change(key, op, {"id": str(n), "title": f"t{n} 'q' \"d\" ✓", "note": None if n % 3 else "x", **values})
+    return Change(key, op, {"id": str(n), **values}, (1000 + n,))
+
+
+def replayed(changes: list[Change]) -> dict[str, tuple[str | None, ...]]:
+    """The oracle: the changes replayed on a dict, as the protocol defines them."""
+    state: dict[str, dict[str, str | None]] = {}
+    for change in changes:
+        if change.operation == "insert":
+            state[change.key] = {c: change.value.get(c) for c in STAGE_SCHEMA}
+        elif change.operation == "update":
+            state[change.key].update(change.value)
+        else:
+            state.pop(change.key, None)
+    return {key: tuple(row[c] for c in STAGE_SCHEMA) for key, row in state.items()}
+
+
+def replica_state(replica: LocalReplica) -> dict[str, tuple[str | None, ...]]:
+    return {row[0]: tuple(row[1:]) for row in replica.query('select _key, id, title, note from "_synced_tasks"')}
+
+
+def test_staged_changes_are_invisible_until_applied_and_gone_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "replica.db"
+    replica = LocalReplica(path)
+    replica.apply("tasks", "public.tasks", [], offset="0_0", handle="h1", schema=STAGE_SCHEMA)
+    replica.stage("tasks", [staged_change(n) for n in range(3000)], schema=STAGE_SCHEMA)
+    assert replica_state(replica) == {} and replica.rows("tasks") == []
+    replica.close()  # a crash before the up-to-date: the staged rows must not survive, the offset did not move
+
+    reopened = LocalReplica(path)
+    assert reopened.position("tasks") == ("0_0", "h1")
+    assert reopened.query("select name from sqlite_master where name like '%stage%'") == [("_pgferry_staged",)]
+    reopened.apply("tasks", "public.tasks", [], offset="1_0", handle="h1", schema=STAGE_SCHEMA)
+    assert replica_state(reopened) == {}
+
+    # A snapshot staged in two parts (inserts only: the one-statement path), then applied with the last page.
+    snapshot = [staged_change(n) for n in range(12_000)]
+    reopened.stage("tasks", snapshot[:5000], schema=STAGE_SCHEMA)
+    reopened.stage("tasks", snapshot[5000:11_000], schema=STAGE_SCHEMA)
+    reopened.apply("tasks", "public.tasks", snapshot[11_000:], offset="2_0", handle="h1", schema=STAGE_SCHEMA)
+    assert replica_state(reopened) == replayed(snapshot)
+    assert reopened.query('select count(*) from "tasks"') == [(12_000,)]  # the visible table too
+
+    # Live changes staged with inserts, updates and deletes (the replayed path), some of the same keys.
+    live = [
+        staged_change(5, "update", title="renamed"),
+        staged_change(7, "delete"),
+        staged_change(7),
+        staged_change(12_001),
+        staged_change(8, "delete"),
+        staged_change(12_001, "update", note=None, title="new"),
+    ]
+    reopened.stage("tasks", live, schema=STAGE_SCHEMA)
+    seen = reopened.apply(
+        "tasks", "public.tasks", [staged_change(9, "update", note="last")], offset="3_0", handle="h1", schema=None
+    )
+    expected = replayed([*snapshot, *live, staged_change(9, "update", note="last")])
+    assert replica_state(reopened) == expected
+    assert {row[0]: tuple(row[1:]) for row in reopened.query('select _key, id, title, note from "tasks"')} == expected
+    assert seen == {1005, 1007, 1008, 1009, 13_001}
+    assert reopened.position("tasks") == ("3_0", "h1")

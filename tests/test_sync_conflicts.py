@@ -187,3 +187,22 @@ def test_deleted_rows_forget_their_column_versions(stack: WriteStack) -> None:
     post_ok(stack, mutation("delete", {"id": task_id}))
     assert rows(stack.database_url, "select count(*) from pgferry.column_versions") == [(0,)]
     assert uuid.UUID(task_id)
+
+
+@pytest.mark.parametrize("order", ["newer_first", "older_first"])
+def test_per_column_lww_holds_inside_one_batch_that_edits_a_row_twice(stack: WriteStack, order: str) -> None:
+    """An outbox delivers a series of edits of one row in one request: each must meet the versions the earlier ones
+    wrote (not those before the batch), and one version per column is stored."""
+    task_id = new_task(stack.database_url)
+    newer = edit(task_id, T0 + 3000, {"title": "base"}, title="newer", priority=3)
+    older = edit(task_id, T0 + 2500, {"title": "base"}, title="older")
+    sequence = [newer, older] if order == "newer_first" else [older, newer]
+    results = post_ok(stack, *sequence)
+    assert task(stack.database_url, task_id)["title"] == "newer"
+    assert task(stack.database_url, task_id)["priority"] == 3
+    if order == "newer_first":
+        assert results[1]["changed"] is False
+        assert results[1]["conflicts"][0]["winner"] == "server"
+    assert rows(
+        stack.database_url, "select column_name, mutation_id::text from pgferry.column_versions order by 1"
+    ) == [("priority", newer["id"]), ("title", newer["id"])]

@@ -345,3 +345,57 @@ def test_runs_of_inserts_go_in_one_statement_and_a_refusal_inside_is_still_pinne
     assert refused.status_code == 400, refused.text
     assert [e["field"] for e in refused.json()["errors"]] == ["mutations[5].row"]
     assert rows(stack.database_url, "select count(*) from tasks") == [(13,)]
+
+
+def test_a_run_of_inserts_round_trips_values_and_replays_from_its_records(stack: WriteStack) -> None:
+    """The bulk path (rows and idempotency records as one JSON document each) must keep every value exact and store
+    each mutation's own result, so a replay of the whole run returns them and writes nothing."""
+    embedding = [0.5, -1.25, 3.0] + [0.0] * 1533
+    run = [
+        mutation(
+            "insert",
+            {
+                "id": str(uuid.uuid4()),
+                "title": f"run {n} 'quoted' \\ and \"escaped\" \u2018curly\u2019 {{brace}}",
+                "tags": ["x,y", "{brace}", "", None, 'q"\\'],
+                "metadata": {"nested": {"list": [1, 2.5, None, "s"]}, "unicode": "é✓", "n": n},
+                "embedding": embedding,
+                "due_at": "2026-12-01T10:30:00.123456+02:00",
+                "priority": -n,
+            },
+        )
+        for n in range(6)
+    ]
+    first = stack.post(run)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert [r["status"] for r in body["results"]] == ["applied"] * 6
+    assert [r["key"]["id"] for r in body["results"]] == [m["row"]["id"] for m in run]
+    stored = {
+        r[0]: r[1:]
+        for r in rows(
+            stack.database_url,
+            "select id::text, title, tags, metadata, embedding::text, due_at, priority from tasks",
+        )
+    }
+    for m in run:
+        row = m["row"]
+        title, tags, metadata, vector, due_at, priority = stored[row["id"]]
+        assert (title, tags, metadata, priority) == (row["title"], row["tags"], row["metadata"], row["priority"])
+        assert [float(x) for x in vector.strip("[]").split(",")] == embedding
+        assert due_at.isoformat() == "2026-12-01T08:30:00.123456+00:00"
+    recorded = rows(
+        stack.database_url, "select id::text, txid::text, result from pgferry.applied_mutations order by id"
+    )
+    assert sorted(r[0] for r in recorded) == sorted(m["id"] for m in run)
+    assert {r[1] for r in recorded} == {body["txid"]}
+    by_id = {r["id"]: r for r in body["results"]}
+    assert all(r[2] == by_id[r[0]] for r in recorded)
+
+    again = stack.post(run)
+    assert again.status_code == 200, again.text
+    replayed = again.json()
+    assert replayed["txid"] == body["txid"]
+    assert [r["status"] for r in replayed["results"]] == ["replayed"] * 6
+    assert [{**r, "status": "applied"} for r in replayed["results"]] == body["results"]
+    assert rows(stack.database_url, "select count(*) from tasks") == [(6,)]

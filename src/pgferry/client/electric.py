@@ -36,7 +36,7 @@ import structlog
 
 from pgferry.client._shape_base import Change, ShapeOptions
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
-from pgferry.client.outbox import OutboxSender
+from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
 from pgferry.client.replica import LocalReplica, Rejection
 from pgferry.client.shape_async import AsyncShapeStream
 from pgferry.client.values import to_json_value, to_text
@@ -63,7 +63,7 @@ class ClientConfig:
     replica_path: str | Path = ":memory:"
     schema: str = "public"
     shape_params: Mapping[str, str] = field(default_factory=dict)
-    batch_size: int = 500
+    batch_size: int = DEFAULT_BATCH
 
 
 class ElectricSupabaseClient:
@@ -141,20 +141,33 @@ class ElectricSupabaseClient:
         _, replica = self._ready()
         gathered: list[Change] = []
         reset = False
+        # Staging runs on a worker thread while the next page is fetched and decoded; one at a time, in order, and
+        # finished before anything else touches the staged rows.
+        staging: asyncio.Future[None] | None = None
         self._set_state("connecting")
         try:
             async for batch in stream:
                 if batch.must_refetch:
                     gathered, reset = [], True
+                    if staging is not None:
+                        await staging
+                        staging = None
                     await asyncio.to_thread(replica.discard_staged, table)
                     log.info("shape rotated; re-syncing, outbox kept", table=table)
                     continue
                 gathered.extend(batch.changes)
                 if not batch.up_to_date:
                     if len(gathered) >= _STAGE_AFTER:  # a large snapshot: park it on disk, not in memory
-                        await asyncio.to_thread(replica.stage, table, gathered)
+                        if staging is not None:
+                            await staging
+                        staging = asyncio.ensure_future(
+                            asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema)
+                        )
                         gathered = []
                     continue
+                if staging is not None:
+                    await staging
+                    staging = None
                 await asyncio.to_thread(
                     replica.apply,
                     table,
@@ -190,7 +203,7 @@ class ElectricSupabaseClient:
     def pending(self) -> int:
         """Local writes not yet confirmed by the stream."""
         _, replica = self._ready()
-        return len(replica.outbox(limit=1_000_000))
+        return replica.count_outbox()
 
     # -- writes ---------------------------------------------------------------------------------------------------
 

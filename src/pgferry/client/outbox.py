@@ -1,6 +1,10 @@
 """The outbox sender: delivers the replica's pending local mutations to the write API, in order, in batches.
 
-One batch at a time, oldest first (``POST /v1/mutations`` with the user's token). The answer decides:
+One batch at a time, oldest first (``POST /v1/mutations`` with the user's token): up to ``batch_size`` items and
+at most :data:`MAX_BATCH_BYTES` of JSON (under the write API's 8 MiB limit, so a batch of large rows is split, not
+refused). While the write API applies batch N+1, batch N's acknowledgement is written to the replica (batch N+1 is
+read before that starts, skipping N's items): the replica and the server work at the same time, and order is kept
+because a batch is only sent after the previous one was applied. The answer decides:
 
 - 200: every item is acknowledged with its txid (:meth:`LocalReplica.acknowledge`); the optimistic state stays until
   that txid streams in (or goes at once when the server changed nothing);
@@ -29,9 +33,13 @@ from pgferry.client.shape_async import DEFAULT_BACKOFF, HeadersArg
 from pgferry.client.values import parse_value, to_json_value
 from pgferry.db.retry import RetryPolicy
 
-__all__ = ["DEFAULT_BATCH", "OutboxSender", "SendOutcome"]
+__all__ = ["DEFAULT_BATCH", "MAX_BATCH_BYTES", "OutboxSender", "SendOutcome"]
 
-DEFAULT_BATCH: Final = 500
+#: Items per request: large batches, because the write API's cost is mostly per request (a transaction, its
+#: commit, the HTTP exchange) and the replica's per acknowledgement; the write API takes at most 5,000.
+DEFAULT_BATCH: Final = 2000
+#: A batch's body stays under this (the write API refuses more than 8 MiB with a 413).
+MAX_BATCH_BYTES: Final = 4 << 20
 _RETRIED: Final = frozenset({401, 408, 429, 500, 502, 503, 504})
 
 
@@ -71,46 +79,106 @@ class OutboxSender:
         self.on_rejected = on_rejected
         self._failures = 0
         self.wake = asyncio.Event()
+        # The acknowledgement of the last applied batch, written while the next batch is on its way, and the
+        # highest sequence number it covers (its items are still "pending" in the replica until it finishes).
+        self._acknowledging: asyncio.Future[None] | None = None
+        self._acknowledged_up_to = 0
+        # The next batch, read and encoded while the current one is applied: (the sequence number it follows, task).
+        self._next: tuple[int, asyncio.Future[tuple[bytes, list[OutboxItem]]]] | None = None
 
-    def _body(self, items: list[OutboxItem]) -> bytes:
-        mutations = []
+    def _body(self, items: list[OutboxItem]) -> tuple[bytes, list[OutboxItem]]:
+        """The request body for the leading items that fit :data:`MAX_BATCH_BYTES` (at least one), and those items."""
+        encoded: list[bytes] = []
+        size = 0
         for item in items:
-            schema = self.replica.schema(item.shape)
-            mutation: dict[str, Any] = {
-                "id": item.mutation_id,
-                "op": item.op,
-                "table": self.source_tables[item.shape],
-                "row": item.row,
-                "written_at": item.written_at,
+            mutation = self._mutation(item)
+            part = json.dumps(mutation).encode()
+            if encoded and size + len(part) + 1 > MAX_BATCH_BYTES:
+                break
+            encoded.append(part)
+            size += len(part) + 1
+        return b'{"mutations": [' + b",".join(encoded) + b"]}", items[: len(encoded)]
+
+    def _mutation(self, item: OutboxItem) -> dict[str, Any]:
+        schema = self.replica.schema(item.shape)
+        mutation: dict[str, Any] = {
+            "id": item.mutation_id,
+            "op": item.op,
+            "table": self.source_tables[item.shape],
+            "row": item.row,
+            "written_at": item.written_at,
+        }
+        if item.base is not None and item.op == "update":
+            mutation["base"] = {
+                c: to_json_value(parse_value(v, schema[c]), schema[c])
+                for c, v in item.base.items()
+                if c in item.row and c in schema
             }
-            if item.base is not None and item.op == "update":
-                mutation["base"] = {
-                    c: to_json_value(parse_value(v, schema[c]), schema[c])
-                    for c, v in item.base.items()
-                    if c in item.row and c in schema
-                }
-            mutations.append(mutation)
-        return json.dumps({"mutations": mutations}).encode()
+        return mutation
+
+    def _prepare(self, after: int) -> tuple[bytes, list[OutboxItem]]:
+        """Read the next batch (items after sequence number ``after``) and encode it: on a worker thread."""
+        items = self.replica.outbox(state="pending", limit=self.batch_size, after=after)
+        return self._body(items) if items else (b"", [])
 
     async def send_once(self) -> SendOutcome:
         """Send the oldest batch of pending items (nothing to do: ``SendOutcome()``)."""
-        items = await asyncio.to_thread(self.replica.outbox, state="pending", limit=self.batch_size)
+        prepared = await self._take_next()
+        if prepared is None:
+            prepared = await asyncio.to_thread(self._prepare, self._acknowledged_up_to)
+        content, items = prepared
         if not items:
+            await self.flush()
             return SendOutcome()
         headers = {"content-type": "application/json"}
         extra = self._headers() if callable(self._headers) else self._headers
         headers.update(extra or {})
+        # While the write API works on this batch, the next one (the items after it) is read and encoded; it is
+        # only sent once this one was applied, so the order holds.
+        self._next = (items[-1].seq, asyncio.ensure_future(asyncio.to_thread(self._prepare, items[-1].seq)))
         try:
-            response = await self._client.post(self.url, content=self._body(items), headers=headers)
+            response = await self._client.post(self.url, content=content, headers=headers)
         except httpx.TransportError:
+            await self._drop_next()
+            await self.flush()
             return self._retry_later()
         if response.status_code == 200:
             self._failures = 0
-            await asyncio.to_thread(self.replica.acknowledge, response.json()["results"])
+            results = response.json()["results"]
+            await self.flush()  # the previous batch's acknowledgement, written meanwhile
+            self._acknowledging = asyncio.ensure_future(asyncio.to_thread(self.replica.acknowledge, results))
+            self._acknowledged_up_to = items[-1].seq
             return SendOutcome(sent=len(items))
+        await self._drop_next()  # after a refusal the next batch is read again, from what is pending then
+        await self.flush()
         if response.status_code in _RETRIED:
             return self._retry_later(response.headers.get("retry-after"))
         return await self._rejected(items, response)
+
+    async def _take_next(self) -> tuple[bytes, list[OutboxItem]] | None:
+        """The batch read ahead, if it follows the batch just applied and is not empty."""
+        following = self._next
+        self._next = None
+        if following is None:
+            return None
+        after, task = following
+        prepared = await task
+        return prepared if after == self._acknowledged_up_to and prepared[1] else None
+
+    async def _drop_next(self) -> None:
+        following, self._next = self._next, None
+        if following is not None:
+            with contextlib.suppress(Exception):
+                await following[1]
+
+    async def flush(self) -> None:
+        """Wait for the acknowledgement being written, if any (then every applied item is marked in the replica)."""
+        acknowledging, self._acknowledging = self._acknowledging, None
+        if acknowledging is not None:
+            try:
+                await acknowledging
+            finally:
+                self._acknowledged_up_to = 0
 
     async def _rejected(self, items: list[OutboxItem], response: httpx.Response) -> SendOutcome:
         try:
@@ -159,7 +227,11 @@ class OutboxSender:
             )
             for waiter in waiters:
                 waiter.cancel()
+        await self._drop_next()
+        await self.flush()
 
     async def aclose(self) -> None:
+        await self._drop_next()
+        await self.flush()
         if self._own_client:
             await self._client.aclose()

@@ -14,6 +14,7 @@ Pure: no I/O. Owns the wire format of mutations and value conversion; must not b
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -38,6 +39,7 @@ __all__ = [
 
 MutationOp = Literal["insert", "update", "delete"]
 _OPS: Final = ("insert", "update", "delete")
+_FIELDS: Final = frozenset({"id", "op", "table", "row", "base", "written_at"})
 
 #: Mutations one request may carry; more is a 413 (send several batches: the outbox does).
 MAX_MUTATIONS: Final = 5000
@@ -59,6 +61,7 @@ _TIMES: Final = frozenset(
 )
 _VECTOR_RE: Final = re.compile(r"^(?:\w+\.)?vector(?:\((\d+)\))?$")
 _NUMERIC_RE: Final = re.compile(r"^(?:numeric|decimal)(?:\(.*\))?$")
+_CANONICAL_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +125,10 @@ def parse_mutations(
     mutations: list[Mutation] = []
     problems: list[MutationRejectedError] = []
     seen: dict[uuid.UUID, int] = {}
+    names: dict[str, WriteTable] = {}  # the batch's table names as sent, parsed once each
     for index, item in enumerate(raw):
         try:
-            mutation = _parse_one(index, item, tables)
+            mutation = _parse_one(index, item, tables, names)
         except MutationRejectedError as exc:
             problems.append(exc)
             continue
@@ -140,19 +144,27 @@ def parse_mutations(
     return mutations, problems
 
 
-def _parse_one(index: int, item: Any, tables: Mapping[TableName, WriteTable]) -> Mutation:
+def _parse_one(
+    index: int, item: Any, tables: Mapping[TableName, WriteTable], names: dict[str, WriteTable] | None = None
+) -> Mutation:
     at = f"mutations[{index}]"
     if not isinstance(item, dict):
         raise MutationRejectedError(None, at, "must be an object with id, op, table and row")
     mutation_id = _mutation_id(item.get("id"), at)
     ident = str(mutation_id)
-    unknown = sorted(set(item) - {"id", "op", "table", "row", "base", "written_at"})
-    if unknown:
+    extra = item.keys() - _FIELDS
+    if extra:
+        unknown = sorted(extra)
         raise MutationRejectedError(ident, f"{at}.{unknown[0]}", "is not a mutation field")
     op = item.get("op")
     if op not in _OPS:
         raise MutationRejectedError(ident, f"{at}.op", "must be insert, update or delete")
-    table = _table(item.get("table"), tables, ident, at)
+    sent = item.get("table")
+    table = names.get(sent) if names is not None and isinstance(sent, str) else None
+    if table is None:
+        table = _table(sent, tables, ident, at)
+        if names is not None and isinstance(sent, str):
+            names[sent] = table
     row = item.get("row")
     if not isinstance(row, dict):
         raise MutationRejectedError(ident, f"{at}.row", "must be an object of column values")
@@ -258,27 +270,41 @@ def _scalar_text(value: Any, sql_type: str, ident: str | None, at: str) -> str:
         if not low <= value <= high:
             raise MutationRejectedError(ident, at, f"is out of range for {sql_type}")
         return str(value)
-    if sql_type in _FLOATS or _NUMERIC_RE.match(sql_type):
+    if sql_type in _FLOATS or _is_numeric(sql_type):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong("a number")
         if isinstance(value, float) and not math.isfinite(value):
             raise wrong("a finite number")
         return repr(value) if isinstance(value, float) else str(value)
-    vector = _VECTOR_RE.match(sql_type)
+    vector = _vector_type(sql_type)
     if vector is not None:
-        return _vector_text(value, vector.group(1), sql_type, ident, at)
+        return _vector_text(value, vector[0], sql_type, ident, at)
     if not isinstance(value, str):
         raise wrong("a string")
     if sql_type == "uuid":
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            raise wrong("a UUID") from None
+        if _CANONICAL_UUID_RE.match(value) is None:  # the usual form checked by pattern, others by uuid.UUID
+            try:
+                uuid.UUID(value)
+            except ValueError:
+                raise wrong("a UUID") from None
     elif sql_type in _TIMES:
         _check_time(value, sql_type, ident, at)
     elif "\x00" in value:
         raise MutationRejectedError(ident, at, "must not contain a NUL character")
     return value
+
+
+# The type tests by pattern, once per type rather than once per value (a batch converts thousands of values).
+@functools.lru_cache(maxsize=256)
+def _is_numeric(sql_type: str) -> bool:
+    return _NUMERIC_RE.match(sql_type) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _vector_type(sql_type: str) -> tuple[str | None] | None:
+    """``(dimensions or None,)`` for a pgvector type, else ``None``."""
+    match = _VECTOR_RE.match(sql_type)
+    return (match.group(1),) if match is not None else None
 
 
 def _vector_text(value: Any, dimensions: str | None, sql_type: str, ident: str | None, at: str) -> str:

@@ -246,11 +246,14 @@ class _ConflictState:
 
     def record(self, conn: psycopg.Connection[Any], user: AuthenticatedUser) -> None:
         """Store the new column versions, forget those of deleted rows, record every resolved conflict."""
-        rows = [
-            (str(m.table.name), key_text(m.key), column, version.written_at, version.mutation_id)
+        # One row per column: a batch may update the same row several times (an outbox replaying a series of
+        # edits), and the version stored is the last write's; ON CONFLICT cannot touch a row twice in a statement.
+        latest = {
+            (str(m.table.name), key_text(m.key), column): version
             for m, versions in self.written
             for column, version in versions.items()
-        ]
+        }
+        rows = [(*where, version.written_at, version.mutation_id) for where, version in latest.items()]
         if rows:
             conn.execute(
                 "insert into pgferry.column_versions (table_name, row_key, column_name, written_at, mutation_id) "
@@ -292,7 +295,7 @@ def _applied_before(
 ) -> dict[uuid.UUID, dict[str, Any]]:
     """The batch's ids applied before, with their stored results; an id another user applied is a 409."""
     rows = conn.execute(
-        "select id, user_id, result from pgferry.applied_mutations where id = any(%s)", [[m.id for m in mutations]]
+        "select id, user_id, result from pgferry.applied_mutations where id = any(%s::uuid[])", [_uuid_array(mutations)]
     ).fetchall()
     foreign = {row[0] for row in rows if row[1] != user.user_id}
     if foreign:
@@ -306,9 +309,14 @@ def _applied_before(
     return {row[0]: dict(row[2]) for row in rows}
 
 
+def _uuid_array(mutations: Sequence[Mutation]) -> str:
+    """The mutation ids as one ``uuid[]`` literal: psycopg would dump a list of UUIDs element by element in Python."""
+    return "{" + ",".join(str(m.id) for m in mutations) + "}"
+
+
 def _any_applied(conn: psycopg.Connection[Any], mutations: Sequence[Mutation]) -> bool:
     row = conn.execute(
-        "select exists (select 1 from pgferry.applied_mutations where id = any(%s))", [[m.id for m in mutations]]
+        "select exists (select 1 from pgferry.applied_mutations where id = any(%s::uuid[]))", [_uuid_array(mutations)]
     ).fetchone()
     return bool(row and row[0])
 
@@ -322,12 +330,15 @@ def _record(
 ) -> None:
     """Record the applied ids, last: a request that applied one of them meanwhile makes this insert wait for its
     commit and then conflict, and this batch starts over (and finds them applied) rather than apply them twice."""
+    # One JSON document as the parameter, not arrays: psycopg dumps a list element by element in Python (half the
+    # write API's CPU on a large batch), while PostgreSQL parses one document in C.
+    records = json.dumps([{"id": str(m.id), "result": results[m.id]} for m in fresh])
     with conn.cursor() as cursor:
         cursor.execute(
             "insert into pgferry.applied_mutations (id, user_id, txid, result) "
-            "select id, %s, %s, result from unnest(%s::uuid[], %s::jsonb[]) as r(id, result) "
+            "select id, %s, %s, result from json_to_recordset(%s::json) as r(id uuid, result jsonb) "
             "on conflict (id) do nothing",
-            [user.user_id, txid, [m.id for m in fresh], [json.dumps(results[m.id]) for m in fresh]],
+            [user.user_id, txid, records],
         )
         if cursor.rowcount != len(fresh):
             raise _RacedError
@@ -463,23 +474,22 @@ def _insert_executemany(
 def _insert_unnest(
     conn: psycopg.Connection[Any], table: WriteTable, names: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> None:
-    aliases = [sql.Identifier(f"c{index}") for index in range(len(names))]
-    statement = sql.SQL("insert into {} ({}) select {} from unnest({}) as u({})").format(
+    # The rows travel as one JSON document (an array of arrays of text, PostgreSQL array values as their literal):
+    # binding a text[] per column makes psycopg escape every element in Python, which cost more than the insert.
+    statement = sql.SQL("insert into {} ({}) select {} from json_array_elements(%s::json) as u(r)").format(
         _qualified(table),
         sql.SQL(", ").join(sql.Identifier(name) for name in names),
         sql.SQL(", ").join(
-            alias + sql.SQL("::") + sql.SQL(table.columns[name].sql_type)
-            for alias, name in zip(aliases, names, strict=True)
+            sql.SQL("(r->>{})::").format(sql.Literal(index)) + sql.SQL(table.columns[name].sql_type)
+            for index, name in enumerate(names)
         ),
-        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in names),
-        sql.SQL(", ").join(aliases),
     )
-    columns = [[_array_literal(row[index]) for row in rows] for index in range(len(names))]
-    conn.execute(statement, columns)
+    document = json.dumps([[_array_literal(value) for value in row] for row in rows])
+    conn.execute(statement, [document])
 
 
 def _array_literal(value: Any) -> Any:
-    """A value for a ``text[]`` column of unnest: text as is, an array as its PostgreSQL literal (cast later)."""
+    """A value for the JSON rows of a bulk insert: text as is, an array as its PostgreSQL literal (cast later)."""
     if not isinstance(value, list):
         return value
     parts = []
@@ -504,6 +514,8 @@ def _apply_one(
             key, decision = _update(conn, mutation, state)
             changed = bool(decision.values)
             state.written.append((mutation, decision.versions))
+            # A later update of the same row in this batch must meet these versions, not the ones read before it.
+            state.versions.setdefault((str(table.name), key_text(mutation.key)), {}).update(decision.versions)
             state.conflicts.extend((mutation, conflict) for conflict in decision.conflicts)
             if decision.conflicts:
                 result["conflicts"] = [conflict.as_json() for conflict in decision.conflicts]
