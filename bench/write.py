@@ -182,7 +182,7 @@ async def outbox_drain(proxy_url: str, items: int) -> dict[str, Any]:
         await client.insert("tasks", {"id": str(uuid.uuid4()), "user_id": USER, "title": f"outbox item {n}"})
     local_seconds = time.perf_counter() - started
     sender.url = f"{proxy_url}/v1/mutations"
-    sender.wake.set()
+    sender.retry_now()
     started = time.perf_counter()
     while client.replica.count_outbox(state="pending"):
         await asyncio.sleep(0.005)

@@ -113,7 +113,7 @@ async def main(args: argparse.Namespace) -> int:
     await asyncio.sleep(args.offline_seconds)
     print(f"B was offline with {b.pending()} pending writes; back online", file=sys.stderr)
     b._sender.url = online_url
-    b._sender.wake.set()
+    b._sender.retry_now()
     await settle([a, b], args.database_url, args.user)
 
     out, _ = await asyncio.wait_for(pglite.communicate(), 120)

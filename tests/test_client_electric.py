@@ -131,15 +131,18 @@ def test_writes_while_the_server_is_down_are_delivered_when_it_is_back(target_ur
             states: list[str] = []
             client.on_connection_state(states.append)
             first.stop()
-            ids = [str(uuid.uuid4()) for _ in range(20)]
+            ids = [str(uuid.uuid4()) for _ in range(60)]
             for n, task_id in enumerate(ids):
                 await client.insert("tasks", {"id": task_id, "user_id": ALICE, "title": f"offline {n}"})
             await asyncio.sleep(1.0)
-            assert client.pending() == 20 and db_tasks(target_url) == {}
+            assert client.pending() == 60 and db_tasks(target_url) == {}
+            assert client._sender is not None
+            # Offline writes do not cut the sender's backoff short: not one connection attempt per write.
+            assert client._sender._failures <= 12, client._sender._failures  # 24 before the fix
             with proxy(stack.sync_url):
                 await converge(client, target_url)
             assert sorted(t["title"] for t in db_tasks(target_url).values()) == sorted(
-                f"offline {n}" for n in range(20)
+                f"offline {n}" for n in range(60)
             )
             await client.close()
 
@@ -164,7 +167,7 @@ def test_two_clients_edit_the_same_row_offline_and_converge_per_column(stack: Wr
         for client in (a, b):
             assert client._sender is not None
             client._sender.url = f"{stack.proxy_url}/v1/mutations"  # back online: b first, then a
-            client._sender.wake.set()
+            client._sender.retry_now()
             await converge(client, stack.database_url)
         await converge(a, stack.database_url)
         final = db_tasks(stack.database_url)[task_id]
@@ -196,7 +199,7 @@ def test_a_rotated_shape_resyncs_and_keeps_the_outbox(stack: WriteStack) -> None
         assert client._streams["tasks"].handle not in (None, handle)  # it did refetch, under a new handle
         assert client.pending() == 1
         client._sender.url = f"{stack.proxy_url}/v1/mutations"
-        client._sender.wake.set()
+        client._sender.retry_now()
         await converge(client, stack.database_url)
         await client.close()
 
@@ -306,7 +309,7 @@ def test_an_outbox_larger_than_one_request_is_split_and_delivered_in_order(stack
             await client.update("tasks", {"id": task_id, "title": f"v{n}", "embedding": [n / 7.0] * 1536})
         assert client.pending() == 160
         client._sender.url = f"{stack.proxy_url}/v1/mutations"
-        client._sender.wake.set()
+        client._sender.retry_now()
         await converge(client, stack.database_url)
         await client.close()
 

@@ -180,9 +180,13 @@ class ElectricSupabaseClient:
                 )
                 gathered, reset = [], False
                 self._synced[table].set()
+                back_online = self.state != "connected"
                 self._set_state("connected")
                 if self._sender is not None:
-                    self._sender.wake.set()
+                    if back_online:
+                        self._sender.retry_now()  # the server answers again: no reason to sit out a backoff
+                    else:
+                        self._sender.wake.set()
         except ClientClosedError:
             return
         except ShapeRequestError as exc:

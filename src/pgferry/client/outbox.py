@@ -78,7 +78,10 @@ class OutboxSender:
         self.backoff = backoff
         self.on_rejected = on_rejected
         self._failures = 0
+        #: Set by a local write: something new to send. It ends an idle wait, never a backoff: while the server is
+        #: unreachable, each offline write would otherwise cost a connection attempt and a re-read of the outbox.
         self.wake = asyncio.Event()
+        self._retry = asyncio.Event()  # retry_now(): the server is known to be back; ends a backoff too
         # The acknowledgement of the last applied batch, written while the next batch is on its way, and the
         # highest sequence number it covers (its items are still "pending" in the replica until it finishes).
         self._acknowledging: asyncio.Future[None] | None = None
@@ -211,15 +214,21 @@ class OutboxSender:
                 delay = max(0.0, min(60.0, float(retry_after)))
         return SendOutcome(retry_in=delay)
 
+    def retry_now(self) -> None:
+        """The server is reachable again (the shape stream reconnected): end any backoff and send at once."""
+        self._retry.set()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set: send while there is something pending, sleep when idle (a local write
-        sets :attr:`wake`) or backing off."""
+        sets :attr:`wake`) or backing off (only :meth:`retry_now` or the backoff's end wakes it)."""
         while not stop.is_set():
             self.wake.clear()  # before sending: a write that lands during the send must not be slept through
+            self._retry.clear()
             outcome = await self.send_once()
             if outcome.sent or outcome.rejected:
                 continue
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
+            wake_on = [stop, self._retry] if outcome.retry_in is not None else [stop, self._retry, self.wake]
+            waiters = [asyncio.ensure_future(event.wait()) for event in wake_on]
             await asyncio.wait(
                 waiters,
                 timeout=outcome.retry_in if outcome.retry_in is not None else 1.0,
