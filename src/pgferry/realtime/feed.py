@@ -24,15 +24,13 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.realtime.authorize import Authorizer, Group, Image, RoleView, TableCatalog, TableResult
 from pgferry.realtime.channels import Channel, FrameSink, Registry, Subscription
 from pgferry.replication import Lsn, ReplicationReader, RowChange, Transaction
-from pgferry.replication._conn import conninfo
-from pgferry.replication.follow import FollowerStatus, SlotFollower
+from pgferry.replication.follow import FollowedFeed, SlotFollower
 from pgferry.sync.errors import describe_error
-from pgferry.sync.session import session_options
+from pgferry.sync.session import replication_dsn
 
 __all__ = ["ChangeFeed", "commit_timestamp"]
 
@@ -85,7 +83,7 @@ class _TableWork:
     members: list[list[Subscription]]  # per group, the subscriptions in the order of its filters
 
 
-class ChangeFeed:
+class ChangeFeed(FollowedFeed):
     """Runs the replication reader in a thread and hands every subscriber its frames."""
 
     def __init__(
@@ -103,10 +101,8 @@ class ChangeFeed:
         self._publication = publication
         self._dispatched = Lsn(0)
         self.delivered = 0
-        params = conninfo_to_dict(conninfo(url))
-        params["options"] = session_options()
         self._follower = SlotFollower(
-            make_conninfo("", **params),
+            replication_dsn(url),
             self._stream,
             thread_name="pgferry-realtime-feed",
             log=_log,
@@ -114,20 +110,6 @@ class ChangeFeed:
             describe=describe_error,
             ready=ready,
         )
-
-    @property
-    def status(self) -> FollowerStatus:
-        return self._follower.status
-
-    @property
-    def last_error(self) -> str | None:
-        return self._follower.last_error
-
-    def start(self) -> None:
-        self._follower.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._follower.stop(timeout)
 
     # -- the loop ----------------------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any, Final, Literal
 from pgferry.db.retry import RetryPolicy
 from pgferry.replication.reader import ReplicationReader
 
-__all__ = ["RESTART_POLICY", "FollowerStatus", "SlotFollower"]
+__all__ = ["RESTART_POLICY", "FollowedFeed", "FollowerStatus", "SlotFollower"]
 
 FollowerStatus = Literal["starting", "active", "reconnecting", "stopped"]
 
@@ -107,3 +107,25 @@ class SlotFollower:
                 self._reader = None
                 reader.close()
         self.status = "stopped"
+
+
+class FollowedFeed:
+    """What a server's feed shows of its :class:`SlotFollower` (status and last error for health endpoints) and
+    how it is started and stopped; the feed sets ``_follower`` in its constructor."""
+
+    _follower: SlotFollower
+
+    @property
+    def status(self) -> FollowerStatus:
+        return self._follower.status
+
+    @property
+    def last_error(self) -> str | None:
+        return self._follower.last_error
+
+    def start(self) -> None:
+        self._follower.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the batch in hand: it is stored and confirmed, or neither (the session's rule)."""
+        self._follower.stop(timeout)

@@ -21,16 +21,14 @@ from typing import Any
 
 import psycopg
 import structlog
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.errors import ConfigError
 from pgferry.replication import ReplicationReader, create_slot, get_slot, slot_lag_bytes
-from pgferry.replication._conn import conninfo
-from pgferry.replication.follow import FollowerStatus, SlotFollower
+from pgferry.replication.follow import FollowedFeed, SlotFollower
 from pgferry.sync import protocol as p
 from pgferry.sync.errors import SyncDatabaseError, describe_error
 from pgferry.sync.evaluate import WhereEvaluator
-from pgferry.sync.session import connect_sql, session_options
+from pgferry.sync.session import connect_sql, replication_dsn
 from pgferry.sync.shapes import ShapeManager
 from pgferry.sync.store import write_json_atomic
 from pgferry.sync.tables import ServedTables
@@ -136,38 +134,21 @@ def prepare_server_state(
     return ServerState(slot, publication, system_id, database, start_lsn)
 
 
-class ReplicationFeed:
+class ReplicationFeed(FollowedFeed):
     """Runs the replication reader in a thread and applies each transaction to the shapes."""
 
     def __init__(self, url: str, manager: ShapeManager, state: ServerState) -> None:
         self._url = url
         self._manager = manager
         self._state = state
-        params = conninfo_to_dict(conninfo(url))
-        params["options"] = session_options()
         self._follower = SlotFollower(
-            make_conninfo("", **params),
+            replication_dsn(url),
             self._stream,
             thread_name="pgferry-sync-feed",
             log=_log,
             log_event="sync.feed_restarting",
             describe=describe_error,  # never row values: health and logs are not for them
         )
-
-    @property
-    def status(self) -> FollowerStatus:
-        return self._follower.status
-
-    @property
-    def last_error(self) -> str | None:
-        return self._follower.last_error
-
-    def start(self) -> None:
-        self._follower.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the transaction in hand: it is stored and confirmed, or neither."""
-        self._follower.stop(timeout)
 
     def lag_bytes(self) -> int | None:
         try:

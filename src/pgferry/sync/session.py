@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgferry.db.connect import connect
+from pgferry.replication._conn import conninfo
 
 __all__ = ["SESSION_SETTINGS", "connect_sql", "session_options"]
 
@@ -28,6 +30,14 @@ DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
 
 def session_options() -> str:
     return " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in SESSION_SETTINGS.items())
+
+
+def replication_dsn(url: str) -> str:
+    """``url`` as a replication-reader conninfo with :data:`SESSION_SETTINGS`, so values arriving by replication
+    print exactly as the SQL sessions print them (the sync and Realtime feeds both need that)."""
+    params = conninfo_to_dict(conninfo(url))
+    params["options"] = session_options()
+    return make_conninfo("", **params)
 
 
 def connect_sql(url: str, *, statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS) -> psycopg.Connection[Any]:
