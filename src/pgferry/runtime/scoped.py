@@ -35,6 +35,7 @@ from pgferry.runtime.statements import (
     SessionStatements,
     claims_statement,
     inline,
+    local_settings,
     prepared_form,
     rows_of_last_result,
     send_message,
@@ -121,7 +122,7 @@ def query_as_user(
         if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
             raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")
         cursor = psycopg.ClientCursor(conn)
-        local = _settings_statement(cursor, settings)
+        local = inline(cursor, *local_settings(settings)) + "; " if settings else ""
 
         def render(session: SessionStatements | None) -> str:
             if session is None or form is None:
@@ -130,13 +131,6 @@ def query_as_user(
             return f"{claims_statement(parameters, True)}; {local}{inline(cursor, execute, values)}"
 
         return rows_of_last_result(send_message(conn, render, prepare=form is not None))
-
-
-def _settings_statement(cursor: psycopg.ClientCursor[Any], settings: Mapping[str, str] | None) -> str:
-    if not settings:
-        return ""
-    calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
-    return cursor.mogrify(f"select {calls}", [x for item in settings.items() for x in item]) + "; "
 
 
 _claims_of_users: dict[int, tuple[AuthenticatedUser, tuple[str, str, str, str]]] = {}

@@ -32,6 +32,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from pgferry.runtime.errors import SearchInputError
+from pgferry.runtime.statements import local_settings
 
 __all__ = [
     "DIMENSIONS",
@@ -213,5 +214,4 @@ def _settings(ef_search: int | None, use_index: bool) -> dict[str, str]:
 def _apply_settings(cur: psycopg.Cursor[Any], settings: dict[str, str]) -> None:
     """Every setting in one statement, for this transaction only."""
     if settings:
-        calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
-        cur.execute(f"select {calls}", [x for item in settings.items() for x in item])
+        cur.execute(*local_settings(settings))

@@ -41,6 +41,7 @@ __all__ = [
     "inline",
     "inline_literals",
     "literal_arguments",
+    "local_settings",
     "new_literals",
     "prepared_form",
     "rows_of_last_result",
@@ -210,6 +211,13 @@ def claims_statement(parameters: tuple[str, str, str, str], prepared: bool) -> s
     literals = [sql.Literal(value) for value in parameters]
     template = "execute pgferry_claims({}, {}, {}, {})" if prepared else CLAIMS_SQL.replace("%s", "{}")
     return sql.SQL(template).format(*literals).as_string(None)
+
+
+def local_settings(settings: Mapping[str, str]) -> tuple[str, list[str]]:
+    """``settings`` as one statement setting each for the current transaction only (``set_config(…, true)``),
+    and its parameters."""
+    calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
+    return f"select {calls}", [x for item in settings.items() for x in item]
 
 
 def inline(cursor: psycopg.ClientCursor[Any], statement: str, params: Sequence[Any] | Mapping[str, Any] | None) -> str:
