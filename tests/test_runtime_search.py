@@ -7,7 +7,7 @@ appear, and a tuned ``ef_search`` must give the same rows as the SQL functions.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,8 @@ from psycopg_pool import ConnectionPool
 
 from pgferry.runtime.client import create_database_client
 from pgferry.runtime.errors import SearchInputError
-from pgferry.runtime.scoped import user_transaction
-from pgferry.runtime.search import search_memory, search_tasks
+from pgferry.runtime.scoped import query_as_user_bound, user_transaction
+from pgferry.runtime.search import query_vector, search_memory, search_tasks
 from pgferry.sync.auth import AuthenticatedUser
 from tests.runtime_helpers import project, settings_for, token_for
 
@@ -116,7 +116,7 @@ def test_search_tasks_equals_exact_search_for_the_caller(
 def test_one_round_trip_search_on_the_client_equals_exact_search(
     target_url: str, seeded: dict[str, Any], ef_search: int | None, use_index: bool
 ) -> None:
-    """``client.search_tasks`` / ``search_memory`` (claims, settings and query as one message) answer as the
+    """``client.search_tasks`` / ``search_memory`` (claims, settings and query in one round trip) answer as the
     in-transaction functions do, as the caller only, and leave no setting on the pooled connection."""
     with create_database_client(settings_for(target_url), max_size=1) as client:
         alice, bob = client.verify(token_for(ALICE)), client.verify(token_for(BOB))
@@ -174,16 +174,72 @@ def test_search_memory_filters_by_agent_as_the_caller(
         assert {m.agent_name for m in found} <= {"planner"}
 
 
+def test_one_round_trip_search_through_pgbouncer_keeps_tenants_apart_and_leaves_nothing(
+    target_url: str, seeded: dict[str, Any], pgbouncer: Callable[..., str]
+) -> None:
+    """The pipelined search (claims, then the query with a binary vector, behind one Sync) through a real
+    transaction-mode pooler sharing one server connection: each user's answer is exactly their own exact search,
+    alternating users never see each other's rows, and no role, claims, setting or prepared statement is left."""
+    pooled = pgbouncer(target_url, pool_size=1)
+    with create_database_client(settings_for(target_url, supabase_pooler_url=pooled), max_size=2) as client:
+        assert client.mode == "transaction"
+        verified = {user: client.verify(token_for(user)) for user in (ALICE, BOB)}
+        for query in seeded["queries"]:
+            for user in (ALICE, BOB, ALICE):
+                ids, vectors = seeded[user]["tasks"]
+                found = client.search_tasks(verified[user], query, 0.0, 10, ef_search=200, use_index=True)
+                assert [m.id for m in found] == _exact(ids, vectors, query, 0.0, 10)
+        with pytest.raises(psycopg.errors.DivisionByZero):  # an error rolls claims and settings back with it
+            query_as_user_bound(client.pool, verified[ALICE], "select 1/0", (), settings={"hnsw.ef_search": "77"})
+        with client.pool.connection() as conn:
+            left = conn.execute(
+                "select current_user, coalesce(current_setting('request.jwt.claims', true), ''), "
+                "current_setting('hnsw.ef_search', true), (select count(*) from pg_prepared_statements)"
+            ).fetchone()
+        assert left is not None and left[:2] == ("postgres", "") and left[2] in (None, "40") and left[3] == 0
+
+
+def test_threshold_applies_to_the_nearest_k_without_walking_the_scan(
+    pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
+) -> None:
+    """A threshold no row passes answers nothing, as exact search does, and the HNSW scan stops after the k
+    nearest visible rows instead of walking pgvector's iterative scan to its tuple limit looking for one."""
+    from pgferry.runtime.search import _TASKS_INLINE
+
+    query = seeded["queries"][0]
+    ids, vectors = seeded[ALICE]["tasks"]
+    assert _exact(ids, vectors, query, 0.999, 10) == []
+    with user_transaction(pool, users[ALICE]) as conn:
+        assert search_tasks(conn, query, 0.999, 10, ef_search=40, use_index=True) == []
+        plan = conn.execute(
+            "explain (analyze, format json) " + _TASKS_INLINE,
+            {"q": query_vector(query), "threshold": 0.999, "k": 10},
+            prepare=False,
+        ).fetchone()
+    assert plan is not None
+    scans = _nodes(plan[0][0]["Plan"], "Index Scan")
+    assert [s["Index Name"] for s in scans] == ["ix_tasks_embedding_hnsw"]
+    assert scans[0]["Actual Rows"] == 10  # exactly k visible rows read, then the threshold left none
+
+
+def _nodes(plan: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    found = [plan] if plan["Node Type"] == kind else []
+    for child in plan.get("Plans", []):
+        found += _nodes(child, kind)
+    return found
+
+
 def test_use_index_makes_the_hnsw_scan_answer(
     pool: ConnectionPool[Any], seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser]
 ) -> None:
     from pgferry.runtime.search import _TASKS_INLINE  # the statement search_tasks runs, explained as it runs
 
-    query = str([float(x) for x in seeded["queries"][0]])
+    query = query_vector(seeded["queries"][0])  # the binary parameter search_tasks sends
     with user_transaction(pool, users[ALICE]) as conn:
         search_tasks(conn, seeded["queries"][0], 0.0, 5, ef_search=80, use_index=True)  # sets the transaction up
         plan = "\n".join(
-            str(r[0]) for r in conn.execute("explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5})
+            str(r[0])
+            for r in conn.execute("explain " + _TASKS_INLINE, {"q": query, "threshold": 0.0, "k": 5}, prepare=False)
         )
     assert "ix_tasks_embedding_hnsw" in plan, plan
 
@@ -205,13 +261,15 @@ def test_tuned_ef_search_applies_to_that_transaction_only(
     [
         ([0.1] * 3, 0.5, 10, None, "has 3 dimensions; pass a 1536-dimensional vector"),
         ([float("nan")] * DIM, 0.5, 10, None, "NaN or infinity"),
+        ([1e39] * DIM, 0.5, 10, None, "beyond float4's range"),
+        (["x"] * DIM, 0.5, 10, None, "not a sequence of numbers"),
         ([0.0] * DIM, 0.5, 10, None, "all zeros"),
         ([0.1] * DIM, 1.5, 10, None, "from -1 to 1"),
         ([0.1] * DIM, 0.5, 0, None, "from 1 to 200"),
         ([0.1] * DIM, 0.5, 201, None, "from 1 to 200"),
         ([0.1] * DIM, 0.5, 10, 0, "1 to 1000"),
     ],
-    ids=["dimension", "nan", "zeros", "threshold", "k-zero", "k-too-many", "ef-zero"],
+    ids=["dimension", "nan", "float4-overflow", "not-numbers", "zeros", "threshold", "k-zero", "k-too-many", "ef-zero"],
 )
 def test_bad_search_input_is_one_clear_line_and_touches_nothing(
     pool: ConnectionPool[Any],

@@ -36,6 +36,7 @@ from pgferry.runtime.scoped import (
     apply_user_to_session,
     auser_transaction,
     query_as_user,
+    query_as_user_bound,
     service_role_transaction,
     user_transaction,
 )
@@ -157,10 +158,10 @@ class DatabaseClient:
         use_index: bool = False,
     ) -> list[TaskMatch]:
         """``user``'s ``k`` tasks most similar to ``embedding`` (see :func:`pgferry.runtime.search.search_tasks`),
-        in one round trip: claims, search settings and the query go out as one message."""
+        in one round trip: the claims and search settings, then the query with the embedding as a binary parameter,
+        pipelined as one implicit transaction (:func:`pgferry.runtime.scoped.query_as_user_bound`)."""
         statement, params, settings = tasks_query(embedding, threshold, k, ef_search=ef_search, use_index=use_index)
-        # Not prepared: a generic plan of the nearest-neighbour query could trade the HNSW scan for a sort.
-        rows = query_as_user(self.pool, user, statement, params, settings=settings)
+        rows = query_as_user_bound(self.pool, user, statement, params, settings=settings)
         return [TaskMatch(*row) for row in rows]
 
     def search_memory(
@@ -178,7 +179,7 @@ class DatabaseClient:
         statement, params, settings = memory_query(
             embedding, threshold, k, agent_name=agent_name, ef_search=ef_search, use_index=use_index
         )
-        rows = query_as_user(self.pool, user, statement, params, settings=settings)
+        rows = query_as_user_bound(self.pool, user, statement, params, settings=settings)
         return [MemoryMatch(*row) for row in rows]
 
     def service_role_transaction(self) -> Any:

@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 
 from pgferry.db.rls import (
     CLAIMS_SQL,
@@ -50,6 +50,7 @@ __all__ = [
     "apply_user_to_session",
     "auser_transaction",
     "query_as_user",
+    "query_as_user_bound",
     "service_role_transaction",
     "user_claims_of",
     "user_transaction",
@@ -131,6 +132,39 @@ def query_as_user(
             return f"{claims_statement(parameters, True)}; {local}{inline(cursor, execute, values)}"
 
         return rows_of_last_result(send_message(conn, render, prepare=form is not None))
+
+
+def query_as_user_bound(
+    pool: ConnectionPool[Any],
+    user: AuthenticatedUser,
+    statement: str,
+    params: Sequence[Any] | Mapping[str, Any],
+    *,
+    settings: Mapping[str, str] | None = None,
+) -> list[tuple[Any, ...]]:
+    """:func:`query_as_user` for a statement whose values must be bound by the server, e.g. a binary ``vector``
+    (a 1536-d embedding written as text costs more to format and parse than the HNSW scan that uses it).
+
+    The claims-and-settings statement and ``statement`` are pipelined in the extended protocol behind one Sync,
+    which PostgreSQL runs as one implicit transaction — the same guarantees as :func:`query_as_user` (claims and
+    settings last exactly until the statement ends, an error rolls both back, nothing stays on the pooled
+    connection, right behind a transaction-mode pooler: statements are unnamed), still one round trip. Never
+    prepared: a generic plan of a nearest-neighbour query could trade the HNSW scan for a sort. The extended
+    protocol takes exactly one statement per query, so a second one cannot ride along.
+    """
+    parameters = _claims_parameters_of(user)
+    setting_calls = "".join(", pg_catalog.set_config(%s, %s, true)" for _ in settings or ())
+    setup = CLAIMS_SQL + setting_calls
+    setup_params = [*parameters, *(x for item in (settings or {}).items() for x in item)]
+    with pool.connection() as conn:
+        if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
+            raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")
+        with conn.pipeline():
+            conn.execute(setup, setup_params, prepare=False)
+            cursor = conn.cursor()
+            cursor.execute(statement, params, prepare=False)
+        result = cursor.pgresult
+        return cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else []
 
 
 _claims_of_users: dict[int, tuple[AuthenticatedUser, tuple[str, str, str, str]]] = {}

@@ -21,14 +21,18 @@ Owns argument checking and the two queries; must not open connections or decide 
 
 from __future__ import annotations
 
-import json
 import math
+import struct
+import sys
 import uuid
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg.rows import class_row
 
 from pgferry.runtime.errors import SearchInputError
@@ -38,8 +42,10 @@ __all__ = [
     "DIMENSIONS",
     "MAX_MATCHES",
     "MemoryMatch",
+    "QueryVector",
     "TaskMatch",
     "memory_query",
+    "query_vector",
     "search_memory",
     "search_tasks",
     "tasks_query",
@@ -73,52 +79,82 @@ class MemoryMatch:
     similarity: float
 
 
-_TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)s, %(threshold)s, %(k)s)"
-_MEMORY_BY_FUNCTION: Final = "select * from public.match_agent_memory(%(q)s, %(threshold)s, %(k)s, %(agent)s)"
+_TASKS_BY_FUNCTION: Final = "select * from public.match_tasks(%(q)b::vector, %(threshold)s, %(k)s)"
+_MEMORY_BY_FUNCTION: Final = (
+    "select * from public.match_agent_memory(%(q)b::vector, %(threshold)s, %(k)s, %(agent)s::text)"
+)
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
-# The query vector is written once (a 1536-d literal is ~30 KB of text; the one-message path inlines it) and read
-# through scalar subqueries, which the HNSW scan takes as its ordering argument. The k nearest are found ordered
-# by distance alone, which the HNSW index yields without a sort (with the id as a
-# second key, PostgreSQL 15 sorts instead, even with sorts disabled); the k rows are then ordered as the functions do.
+# The query vector is one binary parameter (6 KB; as a text literal it is ~30 KB that the client spends longer
+# formatting and the server longer parsing than the HNSW scan itself takes). The k nearest visible rows are found
+# ordered by distance alone, which the HNSW index yields without a sort (with the id as a second key, PostgreSQL
+# 15 sorts instead, even with sorts disabled); the threshold is applied to those k afterwards — the same rows the
+# functions' WHERE gives, since everything past the k-th nearest is farther still — so a threshold nothing passes
+# ends the scan at k rows instead of walking the iterative scan to hnsw.max_scan_tuples; the k rows are then
+# ordered as the functions do.
 _TASKS_INLINE: Final = """
-  with query as (select %(q)s::vector as embedding)
-  select * from (
-    select t.id, t.title, t.description, t.status, t.environment_id,
-           1 - (t.embedding <=> (select embedding from query)) as similarity
+  select id, title, description, status, environment_id, 1 - distance as similarity from (
+    select t.id, t.title, t.description, t.status, t.environment_id, t.embedding <=> %(q)b::vector as distance
     from public.tasks t
-    where t.embedding <=> (select embedding from query) < 1 - %(threshold)s
-    order by t.embedding <=> (select embedding from query)
+    order by t.embedding <=> %(q)b::vector
     limit %(k)s
   ) nearest
+  where distance < 1 - %(threshold)s
   order by similarity desc, id
 """
 _MEMORY_INLINE: Final = """
-  with query as (select %(q)s::vector as embedding)
-  select * from (
-    select m.id, m.agent_name, m.memory_type, m.content, m.importance,
-           1 - (m.embedding <=> (select embedding from query)) as similarity
+  select id, agent_name, memory_type, content, importance, 1 - distance as similarity from (
+    select m.id, m.agent_name, m.memory_type, m.content, m.importance, m.embedding <=> %(q)b::vector as distance
     from public.agent_memory m
-    where m.embedding <=> (select embedding from query) < 1 - %(threshold)s
-      and (%(agent)s::text is null or m.agent_name = %(agent)s::text)
+    where (%(agent)s::text is null or m.agent_name = %(agent)s::text)
       and (m.expires_at is null or m.expires_at > now())
-    order by m.embedding <=> (select embedding from query)
+    order by m.embedding <=> %(q)b::vector
     limit %(k)s
   ) nearest
+  where distance < 1 - %(threshold)s
   order by similarity desc, id
 """
 
 
-def _vector_literal(embedding: Sequence[float] | Any) -> str:
-    """``'[x, y, …]'``, pgvector's text form; accepts lists, tuples and numpy arrays."""
+class QueryVector(bytes):
+    """A query embedding in pgvector's binary form (dimensions, then big-endian float4s), sent as a binary
+    parameter; the statement casts it (``%(q)b::vector``), which tells the server to read it with ``vector_recv``."""
+
+    __slots__ = ()
+
+
+class _QueryVectorDumper(Dumper):
+    format = Format.BINARY
+    oid = 0  # unknown: the ``::vector`` cast in the statement decides, so no per-connection type lookup is needed
+
+    def dump(self, obj: QueryVector) -> bytes:
+        return bytes(obj)
+
+
+psycopg.adapters.register_dumper(QueryVector, _QueryVectorDumper)
+
+
+def query_vector(embedding: Sequence[float] | Any) -> QueryVector:
+    """``embedding`` (a list, tuple or numpy array) as a binary ``vector`` parameter, checked first: the width, no
+    NaN or infinity (also none from a value too large for float4, which is what pgvector stores), not all zeros."""
     tolist = getattr(embedding, "tolist", None)  # numpy: one C call instead of 1,536 float() calls
-    values = [float(x) for x in (tolist() if callable(tolist) else embedding)]
+    try:
+        values = array("f", tolist() if callable(tolist) else embedding)
+    except (TypeError, ValueError) as exc:
+        raise SearchInputError(f"embedding is not a sequence of numbers ({exc}); pass {DIMENSIONS} floats") from None
     if len(values) != DIMENSIONS:
         raise SearchInputError(f"embedding has {len(values)} dimensions; pass a {DIMENSIONS}-dimensional vector")
-    if not all(math.isfinite(x) for x in values):
-        raise SearchInputError("embedding contains NaN or infinity; pass finite numbers only")
+    if not all(map(math.isfinite, values)):
+        raise SearchInputError(
+            "embedding contains NaN or infinity (or a value beyond float4's range); pass finite numbers only"
+        )
     if not any(values):
         raise SearchInputError("embedding is all zeros, which has no cosine similarity; pass a real embedding")
-    return json.dumps(values)
+    if sys.byteorder == "little":
+        values.byteswap()
+    return QueryVector(_VECTOR_HEADER + values.tobytes())
+
+
+_VECTOR_HEADER: Final = struct.pack(">HH", DIMENSIONS, 0)
 
 
 def _check(threshold: float, k: int, ef_search: int | None) -> None:
@@ -147,7 +183,7 @@ def search_tasks(
     statement, params, settings = tasks_query(embedding, threshold, k, ef_search=ef_search, use_index=use_index)
     with conn.cursor(row_factory=class_row(TaskMatch)) as cur:
         _apply_settings(cur, settings)
-        cur.execute(statement, params)
+        cur.execute(statement, params, prepare=False)  # a generic plan could trade the HNSW scan for a sort
         return cur.fetchall()
 
 
@@ -167,7 +203,7 @@ def search_memory(
     )
     with conn.cursor(row_factory=class_row(MemoryMatch)) as cur:
         _apply_settings(cur, settings)
-        cur.execute(statement, params)
+        cur.execute(statement, params, prepare=False)  # a generic plan could trade the HNSW scan for a sort
         return cur.fetchall()
 
 
@@ -177,7 +213,7 @@ def tasks_query(
     """``search_tasks`` as ``(statement, params, transaction settings)``, for one round trip as the user
     (:meth:`pgferry.runtime.client.DatabaseClient.search_tasks`); rows are :class:`TaskMatch` fields in order."""
     _check(threshold, k, ef_search)
-    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k}
+    params = {"q": query_vector(embedding), "threshold": threshold, "k": k}
     if ef_search is None and not use_index:
         return _TASKS_BY_FUNCTION, params, {}
     return _TASKS_INLINE, params, _settings(ef_search, use_index)
@@ -194,7 +230,7 @@ def memory_query(
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """``search_memory`` as ``(statement, params, transaction settings)``; rows are :class:`MemoryMatch` fields."""
     _check(threshold, k, ef_search)
-    params = {"q": _vector_literal(embedding), "threshold": threshold, "k": k, "agent": agent_name}
+    params = {"q": query_vector(embedding), "threshold": threshold, "k": k, "agent": agent_name}
     if ef_search is None and not use_index:
         return _MEMORY_BY_FUNCTION, params, {}
     return _MEMORY_INLINE, params, _settings(ef_search, use_index)
