@@ -319,3 +319,82 @@ def test_an_outbox_larger_than_one_request_is_split_and_delivered_in_order(stack
     with psycopg.connect(stack.database_url) as conn:
         found = conn.execute("select count(*), count(distinct txid) from pgferry.applied_mutations").fetchone()
     assert found is not None and found[0] == 160 and found[1] >= 2  # more than one request
+
+
+def test_an_acknowledged_write_is_settled_by_the_snapshot_of_a_rotated_shape(stack: WriteStack, tmp_path: Path) -> None:
+    """The gap: an item the write API applied (acknowledged with its txid) whose change never reaches this client's
+    stream, because the shape is rotated first. The new snapshot carries no txids; the item must still settle (the
+    snapshot, taken after the acknowledgement, holds the write) and its overlay must not shadow later changes.
+    Alongside: a rejected item rolls back over the new snapshot, and an item never sent stays pending, re-applied
+    over it, and is delivered afterwards."""
+    from pgferry.client.outbox import OutboxSender
+    from pgferry.client.replica import LocalReplica
+
+    path = tmp_path / "agent.db"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        bobs = str(
+            conn.execute("insert into tasks (user_id, title) values (%s, 'bob''s') returning id", [BOB]).fetchone()[0]
+        )  # type: ignore[index]
+
+    async def scenario() -> None:
+        client = await start(stack.proxy_url, ALICE, path)
+        await client.close()  # offline from the stream from here on: its position stays before the write
+
+        # The outbox delivers while the stream is not followed: acknowledged ("sent" with a txid), never seen.
+        replica = LocalReplica(path)
+        acked = str(uuid.uuid4())
+        replica.write(
+            "tasks",
+            "insert",
+            {"id": acked, "user_id": str(ALICE), "title": "acked"},
+            {"id": acked, "user_id": str(ALICE), "title": "acked"},
+        )
+        sender = OutboxSender(
+            replica,
+            stack.proxy_url,
+            {"tasks": "public.tasks"},
+            headers=lambda: {"authorization": f"Bearer {token_for(ALICE)}"},
+        )
+        outcome = await sender.send_once()
+        await sender.flush()
+        assert outcome.sent == 1
+        assert [item.state for item in replica.outbox()] == ["sent"]
+        # Then a write the server will refuse (bob's row) and one that is sent only after the restart.
+        planted = {"id": str(uuid.uuid4()), "user_id": str(BOB), "title": "planted"}
+        replica.write("tasks", "insert", planted, planted)
+        later = str(uuid.uuid4())
+        row = {"id": later, "user_id": str(ALICE), "title": "written offline"}
+        replica.write("tasks", "insert", row, row)
+        await sender.aclose()
+        position = replica.position("tasks")
+        replica.close()
+        assert position is not None
+
+        # The shape is rotated server-side before this client saw the acknowledged change.
+        response = await asyncio.to_thread(
+            httpx.delete, f"{stack.sync_url}/v1/shape", params={"handle": position[1], "secret": SYNC_SECRET}
+        )
+        assert response.status_code == 202
+
+        client = ElectricSupabaseClient()
+        await client.initialize(
+            ClientConfig(url=stack.proxy_url, access_token=lambda: token_for(ALICE), replica_path=path)
+        )
+        rejected: list[Rejection] = []
+        client.on_conflict(rejected.append)
+        await asyncio.wait_for(client.setup_sync(["tasks"]), 30)
+        assert client._streams["tasks"].handle != position[1]  # it did refetch
+        await converge(client, stack.database_url)  # every item settles: the acked one, then the offline one
+        assert sorted(r["title"] for r in client.query("tasks")) == ["acked", "written offline"]
+        assert [r.row["title"] for r in rejected] == ["planted"]  # reported, its overlay rolled back
+        # No stale overlay: a later change to the acknowledged row shows through.
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            conn.execute("update tasks set title = 'changed elsewhere' where id = %s", [acked])
+        await converge(client, stack.database_url)
+        assert client.pending() == 0
+        await client.close()
+
+    asyncio.run(scenario())
+    assert db_tasks(stack.database_url, BOB) == {
+        bobs: {"title": "bob's", "status": "pending", "priority": 0, "tags": []}
+    }

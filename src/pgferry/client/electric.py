@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,7 +169,7 @@ class ElectricSupabaseClient:
                 if staging is not None:
                     await staging
                     staging = None
-                await asyncio.to_thread(
+                apply = functools.partial(
                     replica.apply,
                     table,
                     stream.state.options.table,
@@ -178,6 +179,12 @@ class ElectricSupabaseClient:
                     schema=batch.schema,
                     reset=reset,
                 )
+                if reset and self._sender is not None:
+                    # A reset settles the acknowledged items (the replica's docstring): none may be in flight.
+                    async with self._sender.held():
+                        await asyncio.to_thread(apply)
+                else:
+                    await asyncio.to_thread(apply)
                 gathered, reset = [], False
                 self._synced[table].set()
                 back_online = self.state != "connected"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -88,6 +88,7 @@ class OutboxSender:
         self._acknowledged_up_to = 0
         # The next batch, read and encoded while the current one is applied: (the sequence number it follows, task).
         self._next: tuple[int, asyncio.Future[tuple[bytes, list[OutboxItem]]]] | None = None
+        self._sending = asyncio.Lock()  # held by a send (request and answer) and by held()
 
     def _body(self, items: list[OutboxItem]) -> tuple[bytes, list[OutboxItem]]:
         """The request body for the leading items that fit :data:`MAX_BATCH_BYTES` (at least one), and those items."""
@@ -126,6 +127,19 @@ class OutboxSender:
 
     async def send_once(self) -> SendOutcome:
         """Send the oldest batch of pending items (nothing to do: ``SendOutcome()``)."""
+        async with self._sending:
+            return await self._send_once()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No batch in flight and every acknowledgement written while inside: a rotated shape's first up-to-date
+        is applied in here, so an item is either acknowledged before it (settled by the new snapshot) or sent after
+        it (its change then follows in the new shape's log)."""
+        async with self._sending:
+            await self.flush()
+            yield
+
+    async def _send_once(self) -> SendOutcome:
         prepared = await self._take_next()
         if prepared is None:
             prepared = await asyncio.to_thread(self._prepare, self._acknowledged_up_to)
