@@ -12,7 +12,8 @@
     client.on_connection_state(lambda state: ...)   # "connecting" / "connected" / "disconnected"
     await client.close()
 
-Reads come from :class:`~pgferry.client.replica.LocalReplica`, fed by one
+Reads come from the replica (:class:`~pgferry.client.replica.LocalReplica` on SQLite, or
+:class:`~pgferry.client.replica_pg.PostgresReplica` for a ``postgresql://`` URL), fed by one
 :class:`~pgferry.client.shape_async.AsyncShapeStream` per table (resumed from the stored offset after a restart);
 writes go to the replica and its outbox at once and an :class:`~pgferry.client.outbox.OutboxSender` delivers them
 to the write API behind the same URL. A rotated shape (``must-refetch``: the server's schema changed, or the shape was
@@ -38,7 +39,8 @@ import structlog
 from pgferry.client._shape_base import Change, ShapeOptions
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
-from pgferry.client.replica import LocalReplica, Rejection
+from pgferry.client.replica import Rejection
+from pgferry.client.replicas import Replica, open_replica
 from pgferry.client.shape_async import AsyncShapeStream
 from pgferry.client.values import to_json_value, to_text
 
@@ -56,7 +58,9 @@ ConnectionState = Literal["connecting", "connected", "disconnected"]
 class ClientConfig:
     """Where to sync from and how: ``url`` is the proxy (``/v1/shape`` and ``/v1/mutations``); ``access_token``
     the user's Supabase access token, or a callable returning the current one (called before every request);
-    ``replica_path`` the SQLite file (``":memory:"`` for none); ``shape_params`` extra query parameters per
+    ``replica_path`` where the replica lives: a SQLite file (a path or ``sqlite:///path``; ``":memory:"`` for
+    none) or a PostgreSQL database (``postgresql://…``, tables in schema ``pgferry_replica`` unless the URL says
+    ``?replica_schema=…``); ``shape_params`` extra query parameters per
     request (a dev server's ``secret``, never needed through the proxy)."""
 
     url: str
@@ -72,7 +76,7 @@ class ElectricSupabaseClient:
 
     def __init__(self) -> None:
         self.config: ClientConfig | None = None
-        self.replica: LocalReplica | None = None
+        self.replica: Replica | None = None
         self._http: httpx.AsyncClient | None = None
         self._streams: dict[str, AsyncShapeStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,7 +93,7 @@ class ElectricSupabaseClient:
 
     async def initialize(self, config: ClientConfig) -> None:
         self.config = config
-        self.replica = await asyncio.to_thread(LocalReplica, config.replica_path)
+        self.replica = await asyncio.to_thread(open_replica, config.replica_path)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0))
 
     def _headers(self) -> dict[str, str]:
@@ -264,7 +268,7 @@ class ElectricSupabaseClient:
             for hook in self._state_hooks:
                 hook(state)
 
-    def _ready(self) -> tuple[ClientConfig, LocalReplica]:
+    def _ready(self) -> tuple[ClientConfig, Replica]:
         if self.config is None or self.replica is None:
             raise ClientClosedError("call initialize(config) first")
         return self.config, self.replica

@@ -28,7 +28,8 @@ from typing import Any, Final
 
 import httpx
 
-from pgferry.client.replica import LocalReplica, OutboxItem, Rejection
+from pgferry.client.replica import OutboxItem, Rejection
+from pgferry.client.replicas import Replica
 from pgferry.client.shape_async import DEFAULT_BACKOFF, HeadersArg
 from pgferry.client.values import parse_value, to_json_value
 from pgferry.db.retry import RetryPolicy
@@ -53,12 +54,12 @@ class SendOutcome:
 
 
 class OutboxSender:
-    """Drains a :class:`LocalReplica`'s outbox to ``url`` (the proxy or a mounted write API; ``/v1/mutations`` is
-    appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
+    """Drains a replica's outbox (SQLite or PostgreSQL) to ``url`` (the proxy or a mounted write API;
+    ``/v1/mutations`` is appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
 
     def __init__(
         self,
-        replica: LocalReplica,
+        replica: Replica,
         url: str,
         source_tables: Mapping[str, str],
         *,
