@@ -150,6 +150,8 @@ class PostgresReplica:
                 "key, shape text not null, key text not null, op text not null, value jsonb not null, "
                 "txids bigint[] not null)"
             )
+            #: Shapes with a typed staging table (TEMP, this connection's) and its columns.
+            self._staging: dict[str, list[str]] = {}
             self._schemas: dict[str, dict[str, Any]] = {
                 name: schema for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
             }
@@ -198,21 +200,113 @@ class PostgresReplica:
         ]
 
     def stage(self, name: str, changes: Sequence[Change], *, schema: Mapping[str, Any] | None = None) -> None:
-        """Park changes of a long stretch before the next up-to-date in the connection's TEMP table (not in
-        memory); the next :meth:`apply` moves them in, in its one transaction. Invisible until then, gone after a
-        crash (the offset did not move either)."""
-        with (
-            self._transaction() as conn,
-            conn.cursor() as cursor,
-            cursor.copy("copy _pgferry_staged (shape, key, op, value, txids) from stdin") as copy,
-        ):
-            for c in changes:
-                copy.write_row((name, c.key, c.operation, Jsonb(dict(c.value)), list(c.txids)))
+        """Park changes of a long stretch before the next up-to-date (a large snapshot) in a TEMP table, not in
+        memory; the next :meth:`apply` moves them in, in its one transaction. Invisible until then, gone after a
+        crash (the offset did not move either).
+
+        With the shape's ``schema`` (the stream's), inserts go by COPY into a typed TEMP table of their own
+        (``_pgferry_stage_<name>``, PostgreSQL parsing each value once), so :meth:`apply` moves a staged snapshot
+        into the synced table with one statement; an update or delete is kept as JSON beside them, in order."""
+        schema = schema or self._schemas.get(name)
+        if not schema:
+            with (
+                self._transaction() as conn,
+                conn.cursor() as cursor,
+                cursor.copy("copy _pgferry_staged (shape, key, op, value, txids) from stdin") as copy,
+            ):
+                for c in changes:
+                    copy.write_row((name, c.key, c.operation, Jsonb(dict(c.value)), list(c.txids)))
+            return
+        with self._transaction() as conn:
+            columns = self._staging.get(name)
+            table = sql.Identifier(f"_pgferry_stage_{name}")
+            if columns is None:
+                columns = list(schema)
+                typed = sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(_ident(c), sql.SQL(self.column_type(schema[c]))) for c in columns
+                )
+                conn.execute(
+                    sql.SQL(
+                        "create temp table {} (_seq bigint generated always as identity primary key, "
+                        '_op text not null, _key text collate "C" not null, _txids bigint[] not null, '
+                        "_value jsonb, {})"
+                    ).format(table, typed)
+                )
+            names = sql.SQL(", ").join(_ident(c) for c in ("_op", "_key", "_txids", "_value", *columns))
+            nulls = (None,) * len(columns)
+            with (
+                conn.cursor() as cursor,
+                cursor.copy(sql.SQL("copy pg_temp.{} ({}) from stdin").format(table, names)) as copy,
+            ):
+                for c in changes:
+                    if c.operation == "insert":
+                        copy.write_row(("insert", c.key, list(c.txids), None, *(c.value.get(k) for k in columns)))
+                    else:
+                        copy.write_row((c.operation, c.key, list(c.txids), Jsonb(dict(c.value)), *nulls))
+        self._staging[name] = columns  # the table exists (committed) from here on
+
+    def _apply_typed_stage(
+        self,
+        conn: psycopg.Connection[Any],
+        name: str,
+        touched: set[str],
+        txids: set[int],
+        *,
+        already: int,
+    ) -> int:
+        """Move the typed staging table's rows into the synced table, in order, and drop it. Only inserts (a
+        snapshot): one ``insert … select distinct on (_key)`` (the last insert of a key wins); otherwise replayed
+        change by change through :meth:`_apply_changes`."""
+        staged_columns = self._staging.get(name)
+        if staged_columns is None:
+            return 0
+        table = sql.Identifier(f"_pgferry_stage_{name}")
+        columns = list(self._schemas[name])
+        row = conn.execute(
+            sql.SQL("select count(*), coalesce(bool_or(_op <> 'insert'), false) from pg_temp.{}").format(table)
+        ).fetchone()
+        count, mixed = (int(row[0]), bool(row[1])) if row else (0, False)
+        if count and not mixed:
+            common = [c for c in staged_columns if c in columns]
+            listed = sql.SQL(", ").join(_ident(c) for c in ("_key", *common))
+            sets = sql.SQL(", ").join(sql.SQL("{0} = excluded.{0}").format(_ident(c)) for c in columns)
+            conn.execute(
+                sql.SQL(
+                    "insert into {} ({}) select distinct on (_key) {} from pg_temp.{} order by _key, _seq desc "
+                    "on conflict (_key) do update set {}"
+                ).format(self._table(f"_synced_{name}"), listed, listed, table, sets)
+            )
+            txids.update(
+                t for (t,) in conn.execute(sql.SQL("select distinct unnest(_txids) from pg_temp.{}").format(table))
+            )
+            if already + count <= _REBUILD_BY_KEY_UP_TO:
+                touched.update(k for (k,) in conn.execute(sql.SQL("select _key from pg_temp.{}").format(table)))
+        elif count:
+            listed = sql.SQL(", ").join(sql.SQL("{}::text").format(_ident(c)) for c in staged_columns)
+            with conn.cursor(name="pgferry_typed_stage") as cursor:
+                cursor.itersize = 2000
+                cursor.execute(
+                    sql.SQL("select _op, _key, _txids, _value, {} from pg_temp.{} order by _seq").format(listed, table)
+                )
+                from_disk = (
+                    Change(
+                        key,
+                        op,
+                        value if op != "insert" else dict(zip(staged_columns, rest, strict=True)),
+                        tuple(found),
+                    )
+                    for op, key, found, value, *rest in cursor
+                )
+                self._apply_changes(conn, name, from_disk, touched, txids, already=already)
+        conn.execute(sql.SQL("drop table pg_temp.{}").format(table))
+        return count
 
     def discard_staged(self, name: str) -> None:
         """Forget staged changes (the shape must be refetched)."""
         with self._transaction() as conn:
             conn.execute("delete from _pgferry_staged where shape = %s", [name])
+            conn.execute(sql.SQL("drop table if exists pg_temp.{}").format(sql.Identifier(f"_pgferry_stage_{name}")))
+        self._staging.pop(name, None)
 
     def apply(
         self,
@@ -244,6 +338,7 @@ class PostgresReplica:
                 from_disk = (Change(k, o, v, tuple(t)) for k, o, v, t in staged)
                 count = self._apply_changes(conn, name, from_disk, touched, txids)
             conn.execute("delete from _pgferry_staged where shape = %s", [name])
+            count += self._apply_typed_stage(conn, name, touched, txids, already=count)
             count += self._apply_changes(conn, name, changes, touched, txids, already=count)
             conn.execute(
                 'insert into _pgferry_shapes (name, source_table, "offset", handle, schema) '
@@ -270,6 +365,7 @@ class PostgresReplica:
                 self._rebuild_all(conn, name)
             else:
                 self._rebuild(conn, name, touched | settled)
+        self._staging.pop(name, None)  # committed: the typed staging table was dropped with it
         return txids
 
     def _ensure_tables(self, conn: psycopg.Connection[Any], name: str, schema: dict[str, Any]) -> None:
@@ -313,13 +409,17 @@ class PostgresReplica:
         run_columns: tuple[str, ...] | None = None
         count = 0
         incoming = sql.Identifier(f"_pgferry_in_{name}")
-        conn.execute(sql.SQL("drop table if exists pg_temp.{}").format(incoming))
-        conn.execute(sql.SQL("create temp table {} (like {}) on commit drop").format(incoming, synced))
+        created = False
 
         def flush() -> None:
+            nonlocal created
             if not run or run_columns is None:
                 run.clear()
                 return
+            if not created:  # only when there are inserts: a live boundary of updates needs no DDL
+                conn.execute(sql.SQL("drop table if exists pg_temp.{}").format(incoming))
+                conn.execute(sql.SQL("create temp table {} (like {}) on commit drop").format(incoming, synced))
+                created = True
             names = sql.SQL(", ").join(_ident(c) for c in ("_key", *run_columns))
             with conn.cursor() as cursor:
                 with cursor.copy(sql.SQL("copy pg_temp.{} ({}) from stdin").format(incoming, names)) as copy:
