@@ -398,3 +398,97 @@ def test_an_acknowledged_write_is_settled_by_the_snapshot_of_a_rotated_shape(sta
     assert db_tasks(stack.database_url, BOB) == {
         bobs: {"title": "bob's", "status": "pending", "priority": 0, "tags": []}
     }
+
+
+class GatedRelay:
+    """An HTTP relay in front of the proxy with two gates: shape requests wait at ``stream_gate`` before they are
+    forwarded (the stream is paused without a backoff), mutation answers wait at ``ack_gate`` after the write API
+    committed (an acknowledgement in flight). ``waiting`` counts shape requests held at the gate."""
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.stream_gate = threading.Event()
+        self.ack_gate = threading.Event()
+        self.stream_gate.set()
+        self.ack_gate.set()
+        self.waiting = 0
+        self.forwarded_mutations = 0
+
+        async def forward(request: Request) -> Response:
+            headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type")}
+            async with httpx.AsyncClient(timeout=60) as client:
+                answer = await client.request(
+                    request.method,
+                    upstream + request.url.path,
+                    params=list(request.query_params.multi_items()),
+                    content=await request.body(),
+                    headers=headers,
+                )
+            passed = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.startswith("electric-") or k in ("content-type", "cache-control", "etag")
+            }
+            return Response(answer.content, answer.status_code, headers=passed)
+
+        async def shape(request: Request) -> Response:
+            if not self.stream_gate.is_set():
+                self.waiting += 1
+                await asyncio.to_thread(self.stream_gate.wait, 60)
+                self.waiting -= 1
+            return await forward(request)
+
+        async def mutations(request: Request) -> Response:
+            response = await forward(request)
+            self.forwarded_mutations += 1
+            await asyncio.to_thread(self.ack_gate.wait, 60)
+            return response
+
+        self.app = Starlette(
+            routes=[Route("/v1/shape", shape, methods=["GET"]), Route("/v1/mutations", mutations, methods=["POST"])]
+        )
+
+
+def test_an_acknowledgement_in_flight_across_a_refetch_still_settles(stack: WriteStack) -> None:
+    """The write commits before the rotated shape's new snapshot is taken, but its acknowledgement arrives only
+    after that snapshot is up to date: the client must not apply the reset in between (the snapshot holds the write,
+    so its txid will never stream in), or the item would stay pending forever."""
+    relay = GatedRelay(stack.proxy_url)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with ServedApp(relay.app) as served:
+            client = await start(served.url, ALICE)
+            relay.stream_gate.clear()  # the stream's next request waits in the relay
+            deadline = loop.time() + 30
+            while relay.waiting == 0:
+                assert loop.time() < deadline, "the stream never reached the gate"
+                await asyncio.sleep(0.05)
+            relay.ack_gate.clear()
+            task_id = str(uuid.uuid4())
+            await client.insert("tasks", {"id": task_id, "user_id": ALICE, "title": "acked late"})
+            while relay.forwarded_mutations == 0:  # committed; its answer is held
+                assert loop.time() < deadline, "the write never reached the write API"
+                await asyncio.sleep(0.05)
+            assert list(await asyncio.to_thread(db_tasks, stack.database_url)) == [task_id]
+            handle = client._streams["tasks"].handle
+            response = await asyncio.to_thread(
+                httpx.delete, f"{stack.sync_url}/v1/shape", params={"handle": handle, "secret": SYNC_SECRET}
+            )
+            assert response.status_code == 202
+            relay.stream_gate.set()  # 409, then the new snapshot (with the write) up to date
+            while client._streams["tasks"].handle in (None, handle):
+                assert loop.time() < deadline, "no refetch"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # time enough to apply the new snapshot, were the client not waiting
+            relay.ack_gate.set()
+            await converge(client, stack.database_url, timeout=20)
+            await client.close()
+
+    asyncio.run(scenario())
