@@ -226,8 +226,12 @@ KILLED_CLIENT = textwrap.dedent(
 )
 
 
-def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stack: WriteStack, tmp_path: Path) -> None:
-    path = tmp_path / "agent.db"
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(
+    stack: WriteStack, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    # The outbox is durable in either replica: a SQLite file, or a PostgreSQL database (a fresh one on the server).
+    path = str(tmp_path / "agent.db") if kind == "sqlite" else str(request.getfixturevalue("blank_url"))
     process = subprocess.Popen(
         [
             sys.executable,
@@ -250,9 +254,9 @@ def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stac
 
     # The first 20 were delivered just before the kill, but their answer was lost: the server has them, the outbox
     # still says pending. (Posted here as the sender would have, from the outbox on disk.)
-    from pgferry.client import LocalReplica, OutboxSender
+    from pgferry.client import OutboxSender, open_replica
 
-    offline = LocalReplica(path)
+    offline = open_replica(path)
     # All 50 are in the outbox on disk (checked here, not after the restart: the restarted client's sender starts
     # delivering while its stream catches up, and may have settled some before a check could run).
     assert offline.count_outbox(state="pending") == 50
