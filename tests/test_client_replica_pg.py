@@ -253,3 +253,88 @@ def test_the_client_writes_optimistically_through_a_postgres_replica(stack: Writ
         await restarted.close()
 
     asyncio.run(scenario())
+
+
+def terminate_replica_connections(url: str, *, via: str | None = None) -> int:
+    """Drop the replica's connections to database ``url`` from the server side, as a PostgreSQL restart or an idle
+    timeout would (connected to ``via``, another database on that server, when ``url`` refuses connections)."""
+    from urllib.parse import urlsplit
+
+    with psycopg.connect(via or url, autocommit=True) as conn:
+        found = conn.execute(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity "
+            "where application_name = 'pgferry-replica' and datname = %s",
+            [urlsplit(url).path.lstrip("/")],
+        ).fetchone()
+        return int(found[0]) if found else 0
+
+
+def test_a_lost_connection_never_applies_a_boundary_without_its_staged_changes(blank_url: str) -> None:
+    from pgferry.client.replica_pg import StagedChangesLost
+
+    replica = open_replica(blank_url)
+    replica.apply("tasks", "public.tasks", [], offset="0_0", handle="h1", schema=STAGE_SCHEMA)
+    replica.stage("tasks", [staged_change(n) for n in range(100)], schema=STAGE_SCHEMA)
+    assert terminate_replica_connections(blank_url) == 1
+    # The staged rows went with the connection: storing the next offset now would skip them for good.
+    with pytest.raises(psycopg.OperationalError):
+        replica.apply("tasks", "public.tasks", [staged_change(100)], offset="1_0", handle="h1", schema=None)
+    with pytest.raises(StagedChangesLost):  # and again, however often it is tried, on the new connection
+        replica.apply("tasks", "public.tasks", [staged_change(100)], offset="1_0", handle="h1", schema=None)
+    assert replica.position("tasks") == ("0_0", "h1") and replica_state(replica) == {}
+    # Once the staged changes are given up (the stream restarts from 0_0), the boundary is fetched and applied again.
+    replica.discard_staged("tasks")
+    again = [staged_change(n) for n in range(101)]
+    replica.stage("tasks", again[:100], schema=STAGE_SCHEMA)
+    replica.apply("tasks", "public.tasks", again[100:], offset="1_0", handle="h1", schema=None)
+    assert replica_state(replica) == replayed(again) and replica.position("tasks") == ("1_0", "h1")
+    # Reads reconnect on their own (nothing staged is at stake), and so a local write after a drop goes through.
+    assert terminate_replica_connections(blank_url) == 1
+    assert replica.count_outbox() == 0
+    assert terminate_replica_connections(blank_url) == 1
+    replica.write("tasks", "update", {"id": "5", "title": "local"}, {"id": "5", "title": "local"})
+    assert replica.count_outbox() == 1
+    replica.close()
+
+
+def test_the_client_recovers_when_the_replica_database_goes_away_for_a_while(stack: WriteStack, blank_url: str) -> None:
+    """The replica's database drops the client's connection and refuses new ones for a while: the stream's next
+    boundary cannot be applied (reported through ``on_error``), the outbox sender cannot read; once the database
+    takes connections again the stream starts over from the stored position and everything converges."""
+    from urllib.parse import urlsplit
+
+    name = urlsplit(blank_url).path.lstrip("/")
+
+    def allow_connections(allowed: bool) -> None:
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:  # the same server, another database
+            conn.execute(f'alter database "{name}" with allow_connections {str(allowed).lower()}')
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        client = await start(stack.proxy_url, ALICE, blank_url)
+        errors: list[BaseException] = []
+        client.on_error(errors.append)
+        task_id = str(uuid.uuid4())
+        await client.insert("tasks", {"id": task_id, "user_id": ALICE, "title": "before"})
+        await converge(client, stack.database_url)
+        await asyncio.to_thread(allow_connections, False)
+        try:
+            assert await asyncio.to_thread(terminate_replica_connections, blank_url, via=stack.database_url) >= 1
+            with psycopg.connect(stack.database_url, autocommit=True) as conn:  # a change the stream must deliver
+                conn.execute("insert into tasks (user_id, title) values (%s, 'while the replica was away')", [ALICE])
+            deadline = loop.time() + 30
+            while not errors:  # no replica reads here: they would fail too while connections are refused
+                assert loop.time() < deadline, "the failed boundary was never reported"
+                await asyncio.sleep(0.05)
+            assert isinstance(errors[0], psycopg.OperationalError), errors
+            assert client.state == "disconnected"
+        finally:
+            await asyncio.to_thread(allow_connections, True)
+        await converge(client, stack.database_url, timeout=60)
+        await client.update("tasks", {"id": task_id, "title": "written after recovery"})
+        await converge(client, stack.database_url)
+        titles = sorted(r["title"] for r in client.query("tasks"))
+        assert titles == ["while the replica was away", "written after recovery"]
+        await client.close()
+
+    asyncio.run(scenario())

@@ -41,7 +41,7 @@ from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
 from pgferry.client.replica import Rejection
 from pgferry.client.replicas import Replica, open_replica
-from pgferry.client.shape_async import AsyncShapeStream
+from pgferry.client.shape_async import DEFAULT_BACKOFF, AsyncShapeStream
 from pgferry.client.values import to_json_value, to_text
 
 __all__ = ["ClientConfig", "ConnectionState", "ElectricSupabaseClient"]
@@ -109,17 +109,7 @@ class ElectricSupabaseClient:
         for table in tables:
             if table in self._streams:
                 continue
-            position = await asyncio.to_thread(replica.position, table)
-            offset, handle = position if position is not None else ("-1", None)
-            stream = AsyncShapeStream(
-                config.url,
-                ShapeOptions(table=f"{config.schema}.{table}", extra=dict(config.shape_params)),
-                headers=self._headers,
-                offset=offset,
-                handle=handle,
-                client=self._http,
-            )
-            self._streams[table] = stream
+            stream = await self._open_stream(table)
             self._synced[table] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._follow(table, stream), name=f"pgferry-sync-{table}"))
         if self._sender is None:
@@ -141,7 +131,68 @@ class ElectricSupabaseClient:
                 if table in self._failed:
                     raise self._failed[table]
 
+    async def _open_stream(self, table: str) -> AsyncShapeStream:
+        """A stream for ``table`` from the replica's stored position (from the start if there is none)."""
+        config, replica = self._ready()
+        position = await asyncio.to_thread(replica.position, table)
+        offset, handle = position if position is not None else ("-1", None)
+        stream = AsyncShapeStream(
+            config.url,
+            ShapeOptions(table=f"{config.schema}.{table}", extra=dict(config.shape_params)),
+            headers=self._headers,
+            offset=offset,
+            handle=handle,
+            client=self._http,
+        )
+        self._streams[table] = stream
+        return stream
+
     async def _follow(self, table: str, stream: AsyncShapeStream) -> None:
+        """Follow ``table``'s stream into the replica until closed or refused. When the replica itself fails (its
+        PostgreSQL restarted or unreachable, a full disk), the error goes to ``on_error`` and the stream starts
+        again from the stored position after a backoff: what was gathered or staged since is fetched again, so
+        nothing is applied twice or skipped."""
+        _, replica = self._ready()
+        failures = 0
+        while True:
+            try:
+                await self._follow_stream(table, stream)
+                return
+            except ClientClosedError:
+                return
+            except ShapeRequestError as exc:
+                self._failed[table] = exc
+                self._synced[table].set()  # a setup_sync waiting for this table raises it
+                self._set_state("disconnected")
+                for hook in self._error_hooks:
+                    hook(exc)
+                log.warning("shape stream stopped", table=table, problem=str(exc))
+                return
+            except Exception as exc:  # the replica failed; the stream itself retries its own errors forever
+                if self._stop.is_set():
+                    return
+                failures += 1
+                self._set_state("disconnected")
+                for hook in self._error_hooks:
+                    hook(exc)
+                log.warning(
+                    "replica failed; restarting the stream from its stored position", table=table, problem=str(exc)
+                )
+            await stream.aclose()
+            while not self._stop.is_set():
+                await asyncio.sleep(DEFAULT_BACKOFF.delay(failures))
+                try:
+                    await asyncio.to_thread(replica.discard_staged, table)
+                    stream = await self._open_stream(table)
+                    break
+                except Exception as exc:  # still failing: keep trying, reported once per attempt
+                    failures += 1
+                    for hook in self._error_hooks:
+                        hook(exc)
+            if self._stop.is_set():
+                return
+
+    async def _follow_stream(self, table: str, stream: AsyncShapeStream) -> None:
         """Gather each response's changes; apply them with the position at every up-to-date (atomically)."""
         _, replica = self._ready()
         gathered: list[Change] = []
@@ -198,15 +249,10 @@ class ElectricSupabaseClient:
                         self._sender.retry_now()  # the server answers again: no reason to sit out a backoff
                     else:
                         self._sender.wake.set()
-        except ClientClosedError:
-            return
-        except ShapeRequestError as exc:
-            self._failed[table] = exc
-            self._synced[table].set()  # a setup_sync waiting for this table raises it
-            self._set_state("disconnected")
-            for hook in self._error_hooks:
-                hook(exc)
-            log.warning("shape stream stopped", table=table, problem=str(exc))
+        finally:
+            if staging is not None:  # an error elsewhere: let the staging thread end before anyone restarts
+                with contextlib.suppress(Exception):
+                    await staging
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -255,7 +301,8 @@ class ElectricSupabaseClient:
         self._state_hooks.append(hook)
 
     def on_error(self, hook: Callable[[BaseException], Any]) -> None:
-        """Called when a stream stops for good (a refused shape request: bad table, revoked token)."""
+        """Called when a stream stops for good (a refused shape request: bad table, revoked token), and when the
+        replica fails (the stream then starts again from the stored position, with backoff)."""
         self._error_hooks.append(hook)
 
     def _rejected(self, rejection: Rejection) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
+import structlog
 
 from pgferry.client.replica import OutboxItem, Rejection
 from pgferry.client.replicas import Replica
@@ -35,6 +36,8 @@ from pgferry.client.values import parse_value, to_json_value
 from pgferry.db.retry import RetryPolicy
 
 __all__ = ["DEFAULT_BATCH", "MAX_BATCH_BYTES", "OutboxSender", "SendOutcome"]
+
+log = structlog.get_logger("pgferry.client")
 
 #: Items per request: large batches, because the write API's cost is mostly per request (a transaction, its
 #: commit, the HTTP exchange) and the replica's per acknowledgement; the write API takes at most 5,000.
@@ -239,7 +242,15 @@ class OutboxSender:
         while not stop.is_set():
             self.wake.clear()  # before sending: a write that lands during the send must not be slept through
             self._retry.clear()
-            outcome = await self.send_once()
+            try:
+                outcome = await self.send_once()
+            except Exception as exc:  # the replica failed (a batch not read, an acknowledgement not written)
+                # Unacknowledged items stay pending and are sent again later: the server applies an id only once.
+                log.warning("outbox: the replica failed; retrying", problem=str(exc))
+                await self._drop_next()
+                with contextlib.suppress(Exception):
+                    await self.flush()
+                outcome = self._retry_later()
             if outcome.sent or outcome.rejected:
                 continue
             wake_on = [stop, self._retry] if outcome.retry_in is not None else [stop, self._retry, self.wake]

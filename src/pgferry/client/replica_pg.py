@@ -23,6 +23,7 @@ PostgreSQL storage of a replica; must not do HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -39,7 +40,7 @@ from pgferry.client._shape_base import Change
 from pgferry.client.replica import OutboxItem, Rejection
 from pgferry.client.values import parse_value
 
-__all__ = ["DEFAULT_SCHEMA", "PostgresReplica"]
+__all__ = ["DEFAULT_SCHEMA", "PostgresReplica", "StagedChangesLost"]
 
 DEFAULT_SCHEMA: Final = "pgferry_replica"
 
@@ -105,6 +106,11 @@ _NATIVE: Final = frozenset(
 Op = Literal["insert", "update", "delete"]
 
 
+class StagedChangesLost(psycopg.OperationalError):
+    """The connection to the replica's database was lost between staging and applying: the staged changes are
+    gone, so the boundary cannot be applied; the stream must start again from the stored position."""
+
+
 def _ident(name: str) -> sql.Identifier:
     return sql.Identifier(name)
 
@@ -122,49 +128,86 @@ class PostgresReplica:
     """``PostgresReplica("postgresql://…")``. Thread-safe: one connection behind a lock."""
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
-        conninfo, from_url = _split_url(url)
+        self._conninfo, from_url = _split_url(url)
         self.path = url
         self.namespace = schema or from_url
-        self._conn = psycopg.connect(conninfo, autocommit=True)
         self._lock = threading.RLock()
+        #: Shapes with a typed staging table (TEMP, this connection's) and its columns.
+        self._staging: dict[str, list[str]] = {}
+        #: Shapes with staged changes of any kind, and those whose staged changes a lost connection took along.
+        self._staged: set[str] = set()
+        self._lost: set[str] = set()
+        self._closed = False
+        self._conn = self._connect()
         with self._lock:
-            # The server renders values in UTC with ISO dates; so must the replica, or text would not round-trip.
-            self._conn.execute("set timezone to 'UTC'")
-            self._conn.execute("set datestyle to 'ISO, MDY'")
-            self._conn.execute("set intervalstyle to 'postgres'")
-            self._conn.execute("set extra_float_digits to 1")
-            with self._conn.transaction():
-                self._conn.execute(sql.SQL("create schema if not exists {}").format(_ident(self.namespace)))
-                self._conn.execute(
-                    sql.SQL("set search_path to {}, public").format(_ident(self.namespace))  # query() sees shapes
-                )
-                for statement in _META.split(";"):
-                    if statement.strip():
-                        self._conn.execute(statement)
-            found = self._conn.execute("select oid::regtype::text from pg_type where typname = 'vector' limit 1")
-            vector = found.fetchone()
-            self._vector_type: str | None = str(vector[0]) if vector else None
-            # Staged changes of a boundary that has not come yet; TEMP, so they end with the connection (a crash).
-            self._conn.execute(
-                "create temp table if not exists _pgferry_staged (seq bigint generated always as identity primary "
-                "key, shape text not null, key text not null, op text not null, value jsonb not null, "
-                "txids bigint[] not null)"
-            )
-            #: Shapes with a typed staging table (TEMP, this connection's) and its columns.
-            self._staging: dict[str, list[str]] = {}
             self._schemas: dict[str, dict[str, Any]] = {
-                name: schema for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
+                name: schema for name, schema in self._connection().execute("select name, schema from _pgferry_shapes")
             }
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._conninfo, autocommit=True, application_name="pgferry-replica")
+        # The server renders values in UTC with ISO dates; so must the replica, or text would not round-trip.
+        conn.execute("set timezone to 'UTC'")
+        conn.execute("set datestyle to 'ISO, MDY'")
+        conn.execute("set intervalstyle to 'postgres'")
+        conn.execute("set extra_float_digits to 1")
+        with conn.transaction():
+            conn.execute(sql.SQL("create schema if not exists {}").format(_ident(self.namespace)))
+            conn.execute(sql.SQL("set search_path to {}, public").format(_ident(self.namespace)))  # query() sees shapes
+            for statement in _META.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        found = conn.execute("select oid::regtype::text from pg_type where typname = 'vector' limit 1").fetchone()
+        self._vector_type: str | None = str(found[0]) if found else None
+        # Staged changes of a boundary that has not come yet; TEMP, so they end with the connection (a crash).
+        conn.execute(
+            "create temp table if not exists _pgferry_staged (seq bigint generated always as identity primary "
+            "key, shape text not null, key text not null, op text not null, value jsonb not null, "
+            "txids bigint[] not null)"
+        )
+        return conn
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The connection, opened again if the server dropped it (a restart, an idle timeout): the replica lives in
+        a database that may be across a network. Its TEMP tables went with the old connection, so shapes that had
+        staged changes are marked lost: their :meth:`apply` refuses until :meth:`discard_staged` (the client then
+        restarts the stream from the stored position), so an offset is never stored without its staged rows."""
+        with self._lock:
+            if (self._conn.closed and not self._closed) or self._conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+                self._lost |= self._staged
+                self._staged.clear()
+                self._staging.clear()
+                self._conn = self._connect()
+            return self._conn
+
+    def _read(self, query: Any, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Rows of a read, tried once more on a new connection when the server dropped the old one: a read
+        stages nothing, so it can simply be repeated (a write's transaction is not: it raises)."""
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection()
+                try:
+                    cursor = conn.execute(query, params)
+                    return cursor.fetchall() if cursor.description else []
+                except psycopg.OperationalError:
+                    if attempt == 2 or not conn.broken:
+                        raise
+            raise AssertionError("unreachable")
 
     # -- transactions ---------------------------------------------------------------------------------------------
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._lock, self._conn.transaction():
-            yield self._conn
+        with self._lock:
+            conn = self._connection()
+            with conn.transaction():
+                yield conn
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._conn.close()
 
     def _table(self, name: str) -> sql.Composed:
@@ -186,9 +229,8 @@ class PostgresReplica:
 
     def position(self, name: str) -> tuple[str, str | None] | None:
         """The stored ``(offset, handle)`` of a shape, to resume its stream; ``None`` if never synced."""
-        with self._lock:
-            row = self._conn.execute('select "offset", handle from _pgferry_shapes where name = %s', [name]).fetchone()
-        return (str(row[0]), row[1]) if row else None
+        found = self._read('select "offset", handle from _pgferry_shapes where name = %s', [name])
+        return (str(found[0][0]), found[0][1]) if found else None
 
     def schema(self, name: str) -> dict[str, Any]:
         return self._schemas.get(name, {})
@@ -216,6 +258,7 @@ class PostgresReplica:
             ):
                 for c in changes:
                     copy.write_row((name, c.key, c.operation, Jsonb(dict(c.value)), list(c.txids)))
+            self._staged.add(name)
             return
         with self._transaction() as conn:
             columns = self._staging.get(name)
@@ -244,6 +287,7 @@ class PostgresReplica:
                     else:
                         copy.write_row((c.operation, c.key, list(c.txids), Jsonb(dict(c.value)), *nulls))
         self._staging[name] = columns  # the table exists (committed) from here on
+        self._staged.add(name)
 
     def _apply_typed_stage(
         self,
@@ -307,6 +351,8 @@ class PostgresReplica:
             conn.execute("delete from _pgferry_staged where shape = %s", [name])
             conn.execute(sql.SQL("drop table if exists pg_temp.{}").format(sql.Identifier(f"_pgferry_stage_{name}")))
         self._staging.pop(name, None)
+        self._staged.discard(name)
+        self._lost.discard(name)
 
     def apply(
         self,
@@ -321,7 +367,12 @@ class PostgresReplica:
     ) -> set[int]:
         """Apply the changes gathered up to an up-to-date boundary (staged ones first), with the new position, in
         one transaction; ``reset`` replaces the shape's rows (after a must-refetch). Returns the txids seen, and
-        settles the outbox items they acknowledge."""
+        settles the outbox items they acknowledge. Raises :class:`StagedChangesLost` when a lost connection took
+        this shape's staged changes along (the stream must restart from the stored position)."""
+        with self._lock:
+            self._connection()
+            if name in self._lost:
+                raise StagedChangesLost(f"the staged changes of {name} were lost with the replica's connection")
         with self._transaction() as conn:
             if schema is not None and (reset or dict(schema) != self._schemas.get(name)):
                 self._ensure_tables(conn, name, dict(schema))
@@ -366,6 +417,7 @@ class PostgresReplica:
             else:
                 self._rebuild(conn, name, touched | settled)
         self._staging.pop(name, None)  # committed: the typed staging table was dropped with it
+        self._staged.discard(name)
         return txids
 
     def _ensure_tables(self, conn: psycopg.Connection[Any], name: str, schema: dict[str, Any]) -> None:
@@ -475,8 +527,7 @@ class PostgresReplica:
             return []
         table = self._table(f"_synced_{name}" if synced else name)
         listed = sql.SQL(", ").join(sql.SQL("{}::text").format(_ident(c)) for c in schema)
-        with self._lock:
-            found = self._conn.execute(sql.SQL("select {} from {} order by _key").format(listed, table)).fetchall()
+        found = self._read(sql.SQL("select {} from {} order by _key").format(listed, table))
         result = []
         for row in found:
             values = dict(zip(schema, row, strict=True))
@@ -486,22 +537,17 @@ class PostgresReplica:
     def query(self, sql_text: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only SQL query on the replica (psycopg placeholders, ``%s``; native values). The shapes'
         tables are on the search path by their names."""
-        with self._lock:
-            cursor = self._conn.execute(sql_text.encode(), params or None)
-            return cursor.fetchall() if cursor.description else []
+        return self._read(sql_text.encode(), params or None)
 
     def pending_keys(self, name: str) -> set[str]:
-        with self._lock:
-            found = self._conn.execute(sql.SQL("select _key from {} where _pending > 0").format(self._table(name)))
-            return {r[0] for r in found}
+        return {r[0] for r in self._read(sql.SQL("select _key from {} where _pending > 0").format(self._table(name)))}
 
     # -- local writes and the outbox ------------------------------------------------------------------------------
 
     def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
         """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
-        with self._lock:
-            source = self._conn.execute("select source_table from _pgferry_shapes where name = %s", [name]).fetchone()
-        schema, _, table = (source[0] if source else f"public.{name}").partition(".")
+        source = self._read("select source_table from _pgferry_shapes where name = %s", [name])
+        schema, _, table = (source[0][0] if source else f"public.{name}").partition(".")
         parts = [
             '"' + ("_" if row.get(c) is None else str(row[c]).replace("/", "//")) + '"' for c in self.primary_key(name)
         ]
@@ -580,12 +626,11 @@ class PostgresReplica:
     def outbox(self, *, state: str | None = None, limit: int = 1000, after: int = 0) -> list[OutboxItem]:
         """Outbox items in order (all, or those in ``state``), from sequence number ``after`` on (exclusive)."""
         where, params = ("where seq > %s and state = %s", [after, state]) if state else ("where seq > %s", [after])
-        with self._lock:
-            found = self._conn.execute(
-                "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
-                f"from _pgferry_outbox {where} order by seq limit %s",
-                [*params, limit],
-            ).fetchall()
+        found = self._read(
+            "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
+            f"from _pgferry_outbox {where} order by seq limit %s",
+            [*params, limit],
+        )
         return [
             OutboxItem(seq, mid, shape, op, row["json"], base, written, st, txid)
             for seq, mid, shape, op, row, base, written, st, txid in found
@@ -594,9 +639,8 @@ class PostgresReplica:
     def count_outbox(self, *, state: str | None = None) -> int:
         """How many outbox items there are (in ``state``): a count, not the items (cheap to poll)."""
         where, params = ("where state = %s", [state]) if state else ("", [])
-        with self._lock:
-            row = self._conn.execute(f"select count(*) from _pgferry_outbox {where}", params).fetchone()
-        return int(row[0]) if row else 0
+        found = self._read(f"select count(*) from _pgferry_outbox {where}", params)
+        return int(found[0][0]) if found else 0
 
     def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None:
         """Record the write API's results: items become ``sent`` with their txid, or are dropped at once when they
@@ -668,10 +712,9 @@ class PostgresReplica:
         return rejected
 
     def rejections(self) -> list[Rejection]:
-        with self._lock:
-            found = self._conn.execute(
-                "select mutation_id, shape, op, row, field, problem, status from _pgferry_rejected order by rejected_at"
-            ).fetchall()
+        found = self._read(
+            "select mutation_id, shape, op, row, field, problem, status from _pgferry_rejected order by rejected_at"
+        )
         return [Rejection(m, s, o, r["json"], f, p, st) for m, s, o, r, f, p, st in found]
 
     # -- rebuilding visible rows --------------------------------------------------------------------------------------
