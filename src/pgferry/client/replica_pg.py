@@ -241,14 +241,24 @@ class PostgresReplica:
             c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
         ]
 
-    def stage(self, name: str, changes: Sequence[Change], *, schema: Mapping[str, Any] | None = None) -> None:
+    def stage(
+        self,
+        name: str,
+        changes: Sequence[Change],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> None:
         """Park changes of a long stretch before the next up-to-date (a large snapshot) in a TEMP table, not in
         memory; the next :meth:`apply` moves them in, in its one transaction. Invisible until then, gone after a
         crash (the offset did not move either).
 
         With the shape's ``schema`` (the stream's), inserts go by COPY into a typed TEMP table of their own
         (``_pgferry_stage_<name>``, PostgreSQL parsing each value once), so :meth:`apply` moves a staged snapshot
-        into the synced table with one statement; an update or delete is kept as JSON beside them, in order."""
+        into the synced table with one statement; an update or delete is kept as JSON beside them, in order.
+        ``replace`` (the next apply resets the shape) is accepted for the SQLite replica's interface and changes
+        nothing here: a staged snapshot is moved in with one statement either way."""
+        del replace
         schema = schema or self._schemas.get(name)
         if not schema:
             with (
