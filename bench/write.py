@@ -4,6 +4,7 @@ Run from the project root::
 
     .venv/bin/python bench/write.py                         # 100k rows synced, 200 writes, 10k outbox items
     .venv/bin/python bench/write.py --replica-rows 1000000  # the 1M-row replica memory target
+    .venv/bin/python bench/write.py --replica-rows 100000 --pg-replica   # also into a PostgreSQL replica
 
 What is measured
 ----------------
@@ -20,6 +21,8 @@ only starts, waits and reports.
    one plain HTTP client (its time, the server's snapshot included, is ``server_snapshot_seconds``), as a CDN or
    a second user would find it: the figure is the client's rate, not the dev server's snapshot rate. Its peak RSS
    (``ru_maxrss``) is reported; with ``--replica-rows 1000000`` this is the "1M replica rows under 300 MB" target.
+   With ``--pg-replica`` the same client syncs again into a ``postgresql://`` replica: a fresh database on the
+   same server (``PostgresReplica``, native column types), timed the same way.
 2. **Local write → visible on another client** (child process). Two clients of one user (about ``rows/50`` rows
    each) through the proxy; client A updates a task ``--writes`` times, ``--spacing`` apart; the time from A's
    ``update`` returning (the write is in A's replica and outbox) to the new title being in B's replica is recorded.
@@ -124,14 +127,19 @@ def materialise(sync_url: str) -> float:
         }
 
 
-def initial_sync(sync_url: str, root: Path) -> dict[str, Any]:
+def initial_sync(sync_url: str, root: Path, replica_url: str | None = None) -> dict[str, Any]:
+    """Into a fresh SQLite file, or into the PostgreSQL database ``replica_url`` (``--pg-replica``)."""
     path = root / f"replica-{uuid.uuid4().hex[:8]}.db"
     output = subprocess.run(
-        [sys.executable, __file__, "--child-sync", sync_url, str(path)], capture_output=True, text=True, check=True
+        [sys.executable, __file__, "--child-sync", sync_url, replica_url or str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
     result["rows_per_second"] = round(result["rows"] / result["seconds"])
-    result["replica_file_bytes"] = path.stat().st_size
+    if replica_url is None:
+        result["replica_file_bytes"] = path.stat().st_size
     return result
 
 
@@ -312,6 +320,15 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         report["initial_sync"] = initial_sync(server.url, root)
         if report["initial_sync"]["rows"] != report["seed"]["rows"]:
             raise RuntimeError(f"the replica holds {report['initial_sync']['rows']} rows of {report['seed']['rows']}")
+        if args.pg_replica:
+            from pgferry.localstack.databases import create_database
+
+            assert database.cluster is not None
+            print("initial sync into a PostgreSQL replica ...", file=sys.stderr)
+            replica_url = create_database(database.cluster, "bench_replica")
+            report["initial_sync_postgres"] = initial_sync(server.url, root, replica_url)
+            if report["initial_sync_postgres"]["rows"] != report["seed"]["rows"]:
+                raise RuntimeError(f"the PostgreSQL replica holds {report['initial_sync_postgres']['rows']} rows")
         if args.replica_rows:
             return report
         proxy = Proxy(server.url, database.url, root)
@@ -345,6 +362,15 @@ def verdicts(report: dict[str, Any]) -> list[tuple[str, str, bool]]:
             sync["max_rss_bytes"] < TARGET_RSS_BYTES,
         )
     )
+    if "initial_sync_postgres" in report:
+        into_pg = report["initial_sync_postgres"]
+        out.append(
+            (
+                "initial sync into a PostgreSQL replica (same server)",
+                f"{into_pg['rows_per_second']:,} rows/s ({into_pg['rows']:,} rows)",
+                into_pg["rows_per_second"] >= TARGET_SYNC_ROWS_PER_SECOND,
+            )
+        )
     if "write_to_visible_ms" in report:
         lat = report["write_to_visible_ms"]
         out.append(
@@ -372,6 +398,9 @@ def main() -> int:
     parser.add_argument("--writes", type=int, default=200)
     parser.add_argument("--spacing", type=float, default=0.03)
     parser.add_argument("--outbox", type=int, default=10_000)
+    parser.add_argument(
+        "--pg-replica", action="store_true", help="also sync into a PostgreSQL replica (a database on the same server)"
+    )
     parser.add_argument("--child-sync", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--child-writes", metavar="PROXY_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -385,7 +414,7 @@ def main() -> int:
         report = run(args, Path(directory))
     report["verdicts"] = [{"what": w, "measured": m, "met": ok} for w, m, ok in verdicts(report)]
     RESULTS_DIR.mkdir(exist_ok=True)
-    suffix = "-1m" if args.replica_rows else ""
+    suffix = ("-1m" if args.replica_rows else "") + ("-pg-replica" if args.pg_replica else "")
     path = RESULTS_DIR / f"write-{dt.date.today().isoformat()}{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     for what, measured, ok in verdicts(report):

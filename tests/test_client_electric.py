@@ -226,8 +226,12 @@ KILLED_CLIENT = textwrap.dedent(
 )
 
 
-def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stack: WriteStack, tmp_path: Path) -> None:
-    path = tmp_path / "agent.db"
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(
+    stack: WriteStack, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    # The outbox is durable in either replica: a SQLite file, or a PostgreSQL database (a fresh one on the server).
+    path = str(tmp_path / "agent.db") if kind == "sqlite" else str(request.getfixturevalue("blank_url"))
     process = subprocess.Popen(
         [
             sys.executable,
@@ -250,9 +254,9 @@ def test_a_client_killed_with_a_full_outbox_delivers_each_item_exactly_once(stac
 
     # The first 20 were delivered just before the kill, but their answer was lost: the server has them, the outbox
     # still says pending. (Posted here as the sender would have, from the outbox on disk.)
-    from pgferry.client import LocalReplica, OutboxSender
+    from pgferry.client import OutboxSender, open_replica
 
-    offline = LocalReplica(path)
+    offline = open_replica(path)
     # All 50 are in the outbox on disk (checked here, not after the restart: the restarted client's sender starts
     # delivering while its stream catches up, and may have settled some before a check could run).
     assert offline.count_outbox(state="pending") == 50
@@ -319,3 +323,176 @@ def test_an_outbox_larger_than_one_request_is_split_and_delivered_in_order(stack
     with psycopg.connect(stack.database_url) as conn:
         found = conn.execute("select count(*), count(distinct txid) from pgferry.applied_mutations").fetchone()
     assert found is not None and found[0] == 160 and found[1] >= 2  # more than one request
+
+
+def test_an_acknowledged_write_is_settled_by_the_snapshot_of_a_rotated_shape(stack: WriteStack, tmp_path: Path) -> None:
+    """The gap: an item the write API applied (acknowledged with its txid) whose change never reaches this client's
+    stream, because the shape is rotated first. The new snapshot carries no txids; the item must still settle (the
+    snapshot, taken after the acknowledgement, holds the write) and its overlay must not shadow later changes.
+    Alongside: a rejected item rolls back over the new snapshot, and an item never sent stays pending, re-applied
+    over it, and is delivered afterwards."""
+    from pgferry.client.outbox import OutboxSender
+    from pgferry.client.replica import LocalReplica
+
+    path = tmp_path / "agent.db"
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        bobs = str(
+            conn.execute("insert into tasks (user_id, title) values (%s, 'bob''s') returning id", [BOB]).fetchone()[0]
+        )  # type: ignore[index]
+
+    async def scenario() -> None:
+        client = await start(stack.proxy_url, ALICE, path)
+        await client.close()  # offline from the stream from here on: its position stays before the write
+
+        # The outbox delivers while the stream is not followed: acknowledged ("sent" with a txid), never seen.
+        replica = LocalReplica(path)
+        acked = str(uuid.uuid4())
+        replica.write(
+            "tasks",
+            "insert",
+            {"id": acked, "user_id": str(ALICE), "title": "acked"},
+            {"id": acked, "user_id": str(ALICE), "title": "acked"},
+        )
+        sender = OutboxSender(
+            replica,
+            stack.proxy_url,
+            {"tasks": "public.tasks"},
+            headers=lambda: {"authorization": f"Bearer {token_for(ALICE)}"},
+        )
+        outcome = await sender.send_once()
+        await sender.flush()
+        assert outcome.sent == 1
+        assert [item.state for item in replica.outbox()] == ["sent"]
+        # Then a write the server will refuse (bob's row) and one that is sent only after the restart.
+        planted = {"id": str(uuid.uuid4()), "user_id": str(BOB), "title": "planted"}
+        replica.write("tasks", "insert", planted, planted)
+        later = str(uuid.uuid4())
+        row = {"id": later, "user_id": str(ALICE), "title": "written offline"}
+        replica.write("tasks", "insert", row, row)
+        await sender.aclose()
+        position = replica.position("tasks")
+        replica.close()
+        assert position is not None
+
+        # The shape is rotated server-side before this client saw the acknowledged change.
+        response = await asyncio.to_thread(
+            httpx.delete, f"{stack.sync_url}/v1/shape", params={"handle": position[1], "secret": SYNC_SECRET}
+        )
+        assert response.status_code == 202
+
+        client = ElectricSupabaseClient()
+        await client.initialize(
+            ClientConfig(url=stack.proxy_url, access_token=lambda: token_for(ALICE), replica_path=path)
+        )
+        rejected: list[Rejection] = []
+        client.on_conflict(rejected.append)
+        await asyncio.wait_for(client.setup_sync(["tasks"]), 30)
+        assert client._streams["tasks"].handle != position[1]  # it did refetch
+        await converge(client, stack.database_url)  # every item settles: the acked one, then the offline one
+        assert sorted(r["title"] for r in client.query("tasks")) == ["acked", "written offline"]
+        assert [r.row["title"] for r in rejected] == ["planted"]  # reported, its overlay rolled back
+        # No stale overlay: a later change to the acknowledged row shows through.
+        with psycopg.connect(stack.database_url, autocommit=True) as conn:
+            conn.execute("update tasks set title = 'changed elsewhere' where id = %s", [acked])
+        await converge(client, stack.database_url)
+        assert client.pending() == 0
+        await client.close()
+
+    asyncio.run(scenario())
+    assert db_tasks(stack.database_url, BOB) == {
+        bobs: {"title": "bob's", "status": "pending", "priority": 0, "tags": []}
+    }
+
+
+class GatedRelay:
+    """An HTTP relay in front of the proxy with two gates: shape requests wait at ``stream_gate`` before they are
+    forwarded (the stream is paused without a backoff), mutation answers wait at ``ack_gate`` after the write API
+    committed (an acknowledgement in flight). ``waiting`` counts shape requests held at the gate."""
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.stream_gate = threading.Event()
+        self.ack_gate = threading.Event()
+        self.stream_gate.set()
+        self.ack_gate.set()
+        self.waiting = 0
+        self.forwarded_mutations = 0
+
+        async def forward(request: Request) -> Response:
+            headers = {k: v for k, v in request.headers.items() if k in ("authorization", "content-type")}
+            async with httpx.AsyncClient(timeout=60) as client:
+                answer = await client.request(
+                    request.method,
+                    upstream + request.url.path,
+                    params=list(request.query_params.multi_items()),
+                    content=await request.body(),
+                    headers=headers,
+                )
+            passed = {
+                k: v
+                for k, v in answer.headers.items()
+                if k.startswith("electric-") or k in ("content-type", "cache-control", "etag")
+            }
+            return Response(answer.content, answer.status_code, headers=passed)
+
+        async def shape(request: Request) -> Response:
+            if not self.stream_gate.is_set():
+                self.waiting += 1
+                await asyncio.to_thread(self.stream_gate.wait, 60)
+                self.waiting -= 1
+            return await forward(request)
+
+        async def mutations(request: Request) -> Response:
+            response = await forward(request)
+            self.forwarded_mutations += 1
+            await asyncio.to_thread(self.ack_gate.wait, 60)
+            return response
+
+        self.app = Starlette(
+            routes=[Route("/v1/shape", shape, methods=["GET"]), Route("/v1/mutations", mutations, methods=["POST"])]
+        )
+
+
+def test_an_acknowledgement_in_flight_across_a_refetch_still_settles(stack: WriteStack) -> None:
+    """The write commits before the rotated shape's new snapshot is taken, but its acknowledgement arrives only
+    after that snapshot is up to date: the client must not apply the reset in between (the snapshot holds the write,
+    so its txid will never stream in), or the item would stay pending forever."""
+    relay = GatedRelay(stack.proxy_url)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        with ServedApp(relay.app) as served:
+            client = await start(served.url, ALICE)
+            relay.stream_gate.clear()  # the stream's next request waits in the relay
+            deadline = loop.time() + 30
+            while relay.waiting == 0:
+                assert loop.time() < deadline, "the stream never reached the gate"
+                await asyncio.sleep(0.05)
+            relay.ack_gate.clear()
+            task_id = str(uuid.uuid4())
+            await client.insert("tasks", {"id": task_id, "user_id": ALICE, "title": "acked late"})
+            while relay.forwarded_mutations == 0:  # committed; its answer is held
+                assert loop.time() < deadline, "the write never reached the write API"
+                await asyncio.sleep(0.05)
+            assert list(await asyncio.to_thread(db_tasks, stack.database_url)) == [task_id]
+            handle = client._streams["tasks"].handle
+            response = await asyncio.to_thread(
+                httpx.delete, f"{stack.sync_url}/v1/shape", params={"handle": handle, "secret": SYNC_SECRET}
+            )
+            assert response.status_code == 202
+            relay.stream_gate.set()  # 409, then the new snapshot (with the write) up to date
+            while client._streams["tasks"].handle in (None, handle):
+                assert loop.time() < deadline, "no refetch"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1.5)  # time enough to apply the new snapshot, were the client not waiting
+            relay.ack_gate.set()
+            await converge(client, stack.database_url, timeout=20)
+            await client.close()
+
+    asyncio.run(scenario())

@@ -1,4 +1,5 @@
-"""pgferry's Python sync client: Electric's Shape protocol, a local SQLite replica, optimistic writes and an outbox.
+"""pgferry's Python sync client: Electric's Shape protocol, a local replica (SQLite or PostgreSQL), optimistic
+writes and an outbox.
 
 The public API::
 
@@ -14,7 +15,9 @@ The public API::
   protocol base (:mod:`~pgferry.client._shape_base`, psycopg 3's pattern); works against Electric, pgferry's dev
   server and the proxy alike.
 - :mod:`~pgferry.client.replica` — the SQLite replica (values kept in PostgreSQL's text form, applied atomically
-  with the offset at up-to-date boundaries), the optimistic overlay and the durable outbox.
+  with the offset at up-to-date boundaries), the optimistic overlay and the durable outbox;
+  :mod:`~pgferry.client.replica_pg` the same on any PostgreSQL database, typed natively;
+  :mod:`~pgferry.client.replicas` the interface both keep and ``open_replica(url_or_path)``.
 - :mod:`~pgferry.client.outbox` — delivery of the outbox to the write API (``POST /v1/mutations``).
 - :mod:`~pgferry.client.electric` — ``ElectricSupabaseClient``, the seed's interface over all of it.
 - :mod:`~pgferry.client.values` — PostgreSQL text values to Python and back.
@@ -29,6 +32,7 @@ from pgferry.client.electric import ClientConfig, ConnectionState, ElectricSupab
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import OutboxSender, SendOutcome
 from pgferry.client.replica import LocalReplica, OutboxItem, Rejection
+from pgferry.client.replicas import Replica, open_replica
 from pgferry.client.shape import ShapeStream
 from pgferry.client.shape_async import AsyncShapeStream
 
@@ -43,9 +47,11 @@ __all__ = [
     "OutboxItem",
     "OutboxSender",
     "Rejection",
+    "Replica",
     "SendOutcome",
     "ShapeBatch",
     "ShapeOptions",
     "ShapeRequestError",
     "ShapeStream",
+    "open_replica",
 ]

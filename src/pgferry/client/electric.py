@@ -12,7 +12,8 @@
     client.on_connection_state(lambda state: ...)   # "connecting" / "connected" / "disconnected"
     await client.close()
 
-Reads come from :class:`~pgferry.client.replica.LocalReplica`, fed by one
+Reads come from the replica (:class:`~pgferry.client.replica.LocalReplica` on SQLite, or
+:class:`~pgferry.client.replica_pg.PostgresReplica` for a ``postgresql://`` URL), fed by one
 :class:`~pgferry.client.shape_async.AsyncShapeStream` per table (resumed from the stored offset after a restart);
 writes go to the replica and its outbox at once and an :class:`~pgferry.client.outbox.OutboxSender` delivers them
 to the write API behind the same URL. A rotated shape (``must-refetch``: the server's schema changed, or the shape was
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +39,9 @@ import structlog
 from pgferry.client._shape_base import Change, ShapeOptions
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
-from pgferry.client.replica import LocalReplica, Rejection
-from pgferry.client.shape_async import AsyncShapeStream
+from pgferry.client.replica import Rejection
+from pgferry.client.replicas import Replica, open_replica
+from pgferry.client.shape_async import DEFAULT_BACKOFF, AsyncShapeStream
 from pgferry.client.values import to_json_value, to_text
 
 __all__ = ["ClientConfig", "ConnectionState", "ElectricSupabaseClient"]
@@ -55,7 +58,9 @@ ConnectionState = Literal["connecting", "connected", "disconnected"]
 class ClientConfig:
     """Where to sync from and how: ``url`` is the proxy (``/v1/shape`` and ``/v1/mutations``); ``access_token``
     the user's Supabase access token, or a callable returning the current one (called before every request);
-    ``replica_path`` the SQLite file (``":memory:"`` for none); ``shape_params`` extra query parameters per
+    ``replica_path`` where the replica lives: a SQLite file (a path or ``sqlite:///path``; ``":memory:"`` for
+    none) or a PostgreSQL database (``postgresql://…``, tables in schema ``pgferry_replica`` unless the URL says
+    ``?replica_schema=…``); ``shape_params`` extra query parameters per
     request (a dev server's ``secret``, never needed through the proxy)."""
 
     url: str
@@ -71,7 +76,7 @@ class ElectricSupabaseClient:
 
     def __init__(self) -> None:
         self.config: ClientConfig | None = None
-        self.replica: LocalReplica | None = None
+        self.replica: Replica | None = None
         self._http: httpx.AsyncClient | None = None
         self._streams: dict[str, AsyncShapeStream] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -88,7 +93,7 @@ class ElectricSupabaseClient:
 
     async def initialize(self, config: ClientConfig) -> None:
         self.config = config
-        self.replica = await asyncio.to_thread(LocalReplica, config.replica_path)
+        self.replica = await asyncio.to_thread(open_replica, config.replica_path)
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=10.0))
 
     def _headers(self) -> dict[str, str]:
@@ -104,17 +109,7 @@ class ElectricSupabaseClient:
         for table in tables:
             if table in self._streams:
                 continue
-            position = await asyncio.to_thread(replica.position, table)
-            offset, handle = position if position is not None else ("-1", None)
-            stream = AsyncShapeStream(
-                config.url,
-                ShapeOptions(table=f"{config.schema}.{table}", extra=dict(config.shape_params)),
-                headers=self._headers,
-                offset=offset,
-                handle=handle,
-                client=self._http,
-            )
-            self._streams[table] = stream
+            stream = await self._open_stream(table)
             self._synced[table] = asyncio.Event()
             self._tasks.append(asyncio.create_task(self._follow(table, stream), name=f"pgferry-sync-{table}"))
         if self._sender is None:
@@ -136,7 +131,68 @@ class ElectricSupabaseClient:
                 if table in self._failed:
                     raise self._failed[table]
 
+    async def _open_stream(self, table: str) -> AsyncShapeStream:
+        """A stream for ``table`` from the replica's stored position (from the start if there is none)."""
+        config, replica = self._ready()
+        position = await asyncio.to_thread(replica.position, table)
+        offset, handle = position if position is not None else ("-1", None)
+        stream = AsyncShapeStream(
+            config.url,
+            ShapeOptions(table=f"{config.schema}.{table}", extra=dict(config.shape_params)),
+            headers=self._headers,
+            offset=offset,
+            handle=handle,
+            client=self._http,
+        )
+        self._streams[table] = stream
+        return stream
+
     async def _follow(self, table: str, stream: AsyncShapeStream) -> None:
+        """Follow ``table``'s stream into the replica until closed or refused. When the replica itself fails (its
+        PostgreSQL restarted or unreachable, a full disk), the error goes to ``on_error`` and the stream starts
+        again from the stored position after a backoff: what was gathered or staged since is fetched again, so
+        nothing is applied twice or skipped."""
+        _, replica = self._ready()
+        failures = 0
+        while True:
+            try:
+                await self._follow_stream(table, stream)
+                return
+            except ClientClosedError:
+                return
+            except ShapeRequestError as exc:
+                self._failed[table] = exc
+                self._synced[table].set()  # a setup_sync waiting for this table raises it
+                self._set_state("disconnected")
+                for hook in self._error_hooks:
+                    hook(exc)
+                log.warning("shape stream stopped", table=table, problem=str(exc))
+                return
+            except Exception as exc:  # the replica failed; the stream itself retries its own errors forever
+                if self._stop.is_set():
+                    return
+                failures += 1
+                self._set_state("disconnected")
+                for hook in self._error_hooks:
+                    hook(exc)
+                log.warning(
+                    "replica failed; restarting the stream from its stored position", table=table, problem=str(exc)
+                )
+            await stream.aclose()
+            while not self._stop.is_set():
+                await asyncio.sleep(DEFAULT_BACKOFF.delay(failures))
+                try:
+                    await asyncio.to_thread(replica.discard_staged, table)
+                    stream = await self._open_stream(table)
+                    break
+                except Exception as exc:  # still failing: keep trying, reported once per attempt
+                    failures += 1
+                    for hook in self._error_hooks:
+                        hook(exc)
+            if self._stop.is_set():
+                return
+
+    async def _follow_stream(self, table: str, stream: AsyncShapeStream) -> None:
         """Gather each response's changes; apply them with the position at every up-to-date (atomically)."""
         _, replica = self._ready()
         gathered: list[Change] = []
@@ -168,7 +224,7 @@ class ElectricSupabaseClient:
                 if staging is not None:
                     await staging
                     staging = None
-                await asyncio.to_thread(
+                apply = functools.partial(
                     replica.apply,
                     table,
                     stream.state.options.table,
@@ -178,6 +234,12 @@ class ElectricSupabaseClient:
                     schema=batch.schema,
                     reset=reset,
                 )
+                if reset and self._sender is not None:
+                    # A reset settles the acknowledged items (the replica's docstring): none may be in flight.
+                    async with self._sender.held():
+                        await asyncio.to_thread(apply)
+                else:
+                    await asyncio.to_thread(apply)
                 gathered, reset = [], False
                 self._synced[table].set()
                 back_online = self.state != "connected"
@@ -187,15 +249,10 @@ class ElectricSupabaseClient:
                         self._sender.retry_now()  # the server answers again: no reason to sit out a backoff
                     else:
                         self._sender.wake.set()
-        except ClientClosedError:
-            return
-        except ShapeRequestError as exc:
-            self._failed[table] = exc
-            self._synced[table].set()  # a setup_sync waiting for this table raises it
-            self._set_state("disconnected")
-            for hook in self._error_hooks:
-                hook(exc)
-            log.warning("shape stream stopped", table=table, problem=str(exc))
+        finally:
+            if staging is not None:  # an error elsewhere: let the staging thread end before anyone restarts
+                with contextlib.suppress(Exception):
+                    await staging
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -244,7 +301,8 @@ class ElectricSupabaseClient:
         self._state_hooks.append(hook)
 
     def on_error(self, hook: Callable[[BaseException], Any]) -> None:
-        """Called when a stream stops for good (a refused shape request: bad table, revoked token)."""
+        """Called when a stream stops for good (a refused shape request: bad table, revoked token), and when the
+        replica fails (the stream then starts again from the stored position, with backoff)."""
         self._error_hooks.append(hook)
 
     def _rejected(self, rejection: Rejection) -> None:
@@ -257,7 +315,7 @@ class ElectricSupabaseClient:
             for hook in self._state_hooks:
                 hook(state)
 
-    def _ready(self) -> tuple[ClientConfig, LocalReplica]:
+    def _ready(self) -> tuple[ClientConfig, Replica]:
         if self.config is None or self.replica is None:
             raise ClientClosedError("call initialize(config) first")
         return self.config, self.replica

@@ -22,18 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
+import structlog
 
-from pgferry.client.replica import LocalReplica, OutboxItem, Rejection
+from pgferry.client.replica import OutboxItem, Rejection
+from pgferry.client.replicas import Replica
 from pgferry.client.shape_async import DEFAULT_BACKOFF, HeadersArg
 from pgferry.client.values import parse_value, to_json_value
 from pgferry.db.retry import RetryPolicy
 
 __all__ = ["DEFAULT_BATCH", "MAX_BATCH_BYTES", "OutboxSender", "SendOutcome"]
+
+log = structlog.get_logger("pgferry.client")
 
 #: Items per request: large batches, because the write API's cost is mostly per request (a transaction, its
 #: commit, the HTTP exchange) and the replica's per acknowledgement; the write API takes at most 5,000.
@@ -53,12 +57,12 @@ class SendOutcome:
 
 
 class OutboxSender:
-    """Drains a :class:`LocalReplica`'s outbox to ``url`` (the proxy or a mounted write API; ``/v1/mutations`` is
-    appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
+    """Drains a replica's outbox (SQLite or PostgreSQL) to ``url`` (the proxy or a mounted write API;
+    ``/v1/mutations`` is appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
 
     def __init__(
         self,
-        replica: LocalReplica,
+        replica: Replica,
         url: str,
         source_tables: Mapping[str, str],
         *,
@@ -88,6 +92,7 @@ class OutboxSender:
         self._acknowledged_up_to = 0
         # The next batch, read and encoded while the current one is applied: (the sequence number it follows, task).
         self._next: tuple[int, asyncio.Future[tuple[bytes, list[OutboxItem]]]] | None = None
+        self._sending = asyncio.Lock()  # held by a send (request and answer) and by held()
 
     def _body(self, items: list[OutboxItem]) -> tuple[bytes, list[OutboxItem]]:
         """The request body for the leading items that fit :data:`MAX_BATCH_BYTES` (at least one), and those items."""
@@ -126,6 +131,19 @@ class OutboxSender:
 
     async def send_once(self) -> SendOutcome:
         """Send the oldest batch of pending items (nothing to do: ``SendOutcome()``)."""
+        async with self._sending:
+            return await self._send_once()
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """No batch in flight and every acknowledgement written while inside: a rotated shape's first up-to-date
+        is applied in here, so an item is either acknowledged before it (settled by the new snapshot) or sent after
+        it (its change then follows in the new shape's log)."""
+        async with self._sending:
+            await self.flush()
+            yield
+
+    async def _send_once(self) -> SendOutcome:
         prepared = await self._take_next()
         if prepared is None:
             prepared = await asyncio.to_thread(self._prepare, self._acknowledged_up_to)
@@ -224,7 +242,15 @@ class OutboxSender:
         while not stop.is_set():
             self.wake.clear()  # before sending: a write that lands during the send must not be slept through
             self._retry.clear()
-            outcome = await self.send_once()
+            try:
+                outcome = await self.send_once()
+            except Exception as exc:  # the replica failed (a batch not read, an acknowledgement not written)
+                # Unacknowledged items stay pending and are sent again later: the server applies an id only once.
+                log.warning("outbox: the replica failed; retrying", problem=str(exc))
+                await self._drop_next()
+                with contextlib.suppress(Exception):
+                    await self.flush()
+                outcome = self._retry_later()
             if outcome.sent or outcome.rejected:
                 continue
             wake_on = [stop, self._retry] if outcome.retry_in is not None else [stop, self._retry, self.wake]

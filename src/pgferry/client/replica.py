@@ -16,6 +16,12 @@ Outbox items are ``pending`` (not yet acknowledged) or ``sent`` (the write API a
 the stream (``_pgferry_seen_txids``, recorded at each applied boundary), at once when the server says it changed
 nothing, or when it is rejected (the rejection is kept in ``_pgferry_rejected`` for the application).
 
+A rotated shape (``must-refetch``) would strand ``sent`` items whose change had not streamed in yet: the new
+snapshot carries no txids. So the resetting :meth:`apply` (the new shape's first up-to-date) settles every ``sent``
+item of the shape: each was committed before that up-to-date, so the new snapshot or the log up to it holds the
+write (the client holds the outbox sender while it applies the reset, so no acknowledgement is in flight). Pending
+items stay and are replayed over the new rows; rejected ones were already rolled back.
+
 Synchronous (sqlite3, WAL); the async client calls it on a worker thread. Owns the local storage; must not do HTTP.
 """
 
@@ -272,6 +278,8 @@ class LocalReplica:
                     [_SEEN_TXIDS_KEPT],
                 )
             settled = self._drop_seen(conn, name)
+            if reset:  # every acknowledged write is in the new snapshot or its log so far (module docstring)
+                conn.execute("delete from _pgferry_outbox where shape = ? and state = 'sent'", [name])
             if reset or count > _REBUILD_BY_KEY_UP_TO:
                 self._rebuild_all(conn, name)
             else:
