@@ -33,7 +33,7 @@ class SlotFollower:
     :attr:`stopping`. If it raises, the failure is logged to ``log`` as ``log_event`` (text from ``describe``,
     which must not carry row values: health bodies and logs are not for them), :attr:`status` turns
     ``reconnecting`` and a new attempt starts after the policy's delay. ``ready``, if given, is waited for
-    before the first attempt.
+    before the first attempt. ``on_stream`` is each reader's (see :class:`ReplicationReader`).
     """
 
     def __init__(
@@ -48,8 +48,10 @@ class SlotFollower:
         ready: threading.Event | None = None,
         policy: RetryPolicy = RESTART_POLICY,
         status_interval: float = 5.0,
+        on_stream: Callable[[bool], None] | None = None,
     ) -> None:
         self._dsn = replication_dsn
+        self._on_stream = on_stream
         self._session = session
         self._thread_name = thread_name
         self._log_event = log_event
@@ -92,7 +94,7 @@ class SlotFollower:
                     return
         failures = 0
         while not self._stop.is_set():
-            reader = ReplicationReader(self._dsn, status_interval=self._status_interval)
+            reader = ReplicationReader(self._dsn, status_interval=self._status_interval, on_stream=self._on_stream)
             self._reader = reader
             try:
                 self._session(reader)

@@ -528,8 +528,15 @@ class ReplicationReader:
         status_interval: float = 10.0,
         connect_timeout: float = 10.0,
         messages: bool = False,
+        on_stream: Callable[[bool], None] | None = None,
     ) -> None:
+        """``on_stream(True)`` is called (on the reading thread) each time a stream starts, ``on_stream(False)``
+        each time one ends; a consumer of a temporary slot needs both, since it misses whatever commits between."""
         self._conninfo = conninfo(dsn)
+        self._on_stream = on_stream
+        self._temporary = False
+        self._slot_base = ""
+        self._temporary_serial = 0
         self._policy = retry_policy
         self._status_interval = status_interval
         self._connect_timeout = connect_timeout
@@ -601,12 +608,20 @@ class ReplicationReader:
         slot: str,
         publication_names: Sequence[str] | str,
         start_lsn: Lsn | int | str | None = None,
+        *,
+        temporary: bool = False,
     ) -> None:
         """Connect and start streaming from ``slot`` (retrying per the policy while the server is unreachable).
 
         ``start_lsn``: the consumer's stored position, if it has one; streaming starts at the later of it and
         the slot's ``confirmed_flush_lsn``. Calling ``start`` again restarts from the confirmed position and
         re-delivers everything not confirmed.
+
+        ``temporary=True``: each connection creates its own ``TEMPORARY`` slot (named ``slot`` plus a serial
+        number) and streams from its start; the server drops it when the connection ends, so a consumer that
+        crashes leaves no slot holding WAL behind. The price: nothing is re-delivered after a reconnect, and
+        what committed while disconnected is never seen — for consumers that only need to know *that*
+        something changed (a cache), which ``on_stream`` tells them.
         """
         check_slot_name(slot)
         publications = [publication_names] if isinstance(publication_names, str) else list(publication_names)
@@ -616,6 +631,8 @@ class ReplicationReader:
         self._reset_positions()
         self._connects = self._delivered = self._skipped = 0
         self._slot = slot
+        self._slot_base = slot
+        self._temporary = temporary
         self._publications = publications
         self._start_lsn = Lsn(0) if start_lsn is None else Lsn.coerce(start_lsn)
         self._stop.clear()
@@ -918,7 +935,7 @@ class ReplicationReader:
         assert self._slot is not None
         conn = connect_replication(self._conninfo, connect_timeout=self._connect_timeout)
         try:
-            start = self._check_slot(conn, self._slot)
+            start = self._create_temporary_slot(conn) if self._temporary else self._check_slot(conn, self._slot)
             options = ["proto_version '1'", f"publication_names {publication_names_option(self._publications)}"]
             if self._messages:
                 options.append("messages 'true'")
@@ -942,6 +959,22 @@ class ReplicationReader:
         self._reported = Lsn(0)
         self._feedback_due = True  # tell the new walsender our position right away
         _log.info("replication.streaming", slot=self._slot, start_lsn=str(start), connects=self._connects)
+        if self._on_stream is not None:
+            self._on_stream(True)
+
+    def _create_temporary_slot(self, conn: psycopg.Connection[Any]) -> Lsn:
+        """A fresh ``TEMPORARY`` slot on this connection; where it starts. A new name each time: the slot of a
+        connection that just died may live on until its walsender notices."""
+        database = conn.execute("select pg_catalog.current_database()").fetchone()
+        self._check_publications(conn, str(database[0]) if database else "")
+        self._temporary_serial += 1
+        self._slot = check_slot_name(f"{self._slot_base}_{os.getpid()}_{self._temporary_serial}")
+        row = conn.execute(
+            f"CREATE_REPLICATION_SLOT {self._slot} TEMPORARY LOGICAL {OUTPUT_PLUGIN} NOEXPORT_SNAPSHOT"
+        ).fetchone()
+        if row is None:  # pragma: no cover - the server always answers with one row
+            raise ReplicationError(f"CREATE_REPLICATION_SLOT {self._slot} returned no row")
+        return Lsn.parse(str(row[1]))
 
     def _check_slot(self, conn: psycopg.Connection[Any], slot: str) -> Lsn:
         """Fail fast and clearly on a wrong slot; return where to start (our position vs. the slot's)."""
@@ -962,6 +995,13 @@ class ReplicationReader:
             raise ReplicationError(
                 f"replication slot {slot!r} belongs to database {database!r}; connect the reader to that database"
             )
+        self._check_publications(conn, current)
+        with self._lock:
+            if confirmed is not None:
+                self._confirmed = max(self._confirmed, Lsn.parse(confirmed))
+            return max(self._confirmed, self._start_lsn)
+
+    def _check_publications(self, conn: psycopg.Connection[Any], current: str) -> None:
         found = conn.execute(
             sql.SQL("select pubname::text from pg_catalog.pg_publication where pubname::text = any(array[{}])").format(
                 sql.SQL(", ").join(sql.Literal(name) for name in self._publications)
@@ -974,10 +1014,6 @@ class ReplicationReader:
                 f"publication(s) {', '.join(missing)} do not exist in database {current!r}; "
                 "create them with ensure_publication() first"
             )
-        with self._lock:
-            if confirmed is not None:
-                self._confirmed = max(self._confirmed, Lsn.parse(confirmed))
-            return max(self._confirmed, self._start_lsn)
 
     def _wait_result(self, pgconn: pq.abc.PGconn) -> pq.abc.PGresult:
         deadline = time.monotonic() + max(self._connect_timeout, 1.0)
@@ -1005,6 +1041,8 @@ class ReplicationReader:
 
     def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
+        if conn is not None and self._on_stream is not None:
+            self._on_stream(False)
         if conn is not None:
             try:
                 conn.close()

@@ -31,10 +31,12 @@ from sqlalchemy.pool import NullPool
 from pgferry.config import DatabaseMode, Settings
 from pgferry.db.connect import CONNECT_PARAMS
 from pgferry.errors import ConfigError
-from pgferry.runtime.endpoints import ConnectionPlan, plan_connection
+from pgferry.runtime.endpoints import ConnectionPlan, EndpointMode, plan_connection
+from pgferry.runtime.query_cache import DEFAULT_PUBLICATION, QueryCache
 from pgferry.runtime.scoped import (
     apply_user_to_session,
     auser_transaction,
+    claims_key,
     query_as_user,
     query_as_user_bound,
     service_role_transaction,
@@ -118,6 +120,8 @@ class DatabaseClient:
         )
         self.sessions: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         self._supabase: SupabaseClient | None = None
+        self.query_cache: QueryCache | None = None
+        """The optional read cache (``create_database_client(…, read_cache=True)``); ``query(…, cache=True)``."""
 
     def _sqlalchemy_connection(self) -> PooledConnection:
         conn = self.pool.getconn()
@@ -140,12 +144,53 @@ class DatabaseClient:
 
     def user_transaction(self, user: AuthenticatedUser) -> Any:
         """``with client.user_transaction(user) as conn:`` psycopg connection in a transaction as ``user``."""
-        return user_transaction(self.pool, user)
+        return self._writes_invalidate(user_transaction(self.pool, user))
 
-    def query(self, user: AuthenticatedUser, statement: str, params: Any = ()) -> list[tuple[Any, ...]]:
+    def query(
+        self, user: AuthenticatedUser, statement: str, params: Any = (), *, cache: bool = False
+    ) -> list[tuple[Any, ...]]:
         """One statement as ``user`` in one round trip (see :func:`pgferry.runtime.scoped.query_as_user`), from
-        statements prepared once per server session where the endpoint keeps sessions."""
-        return query_as_user(self.pool, user, statement, params, prepare=self.plan.mode.allows_prepared_statements)
+        statements prepared once per server session where the endpoint keeps sessions.
+
+        ``cache=True`` answers from the read cache when it can (see :mod:`pgferry.runtime.query_cache`: only for
+        reads whose answer depends on the rows alone); a statement that is not a plain ``SELECT`` drops the cache
+        when it has run, so this process reads its own writes."""
+        prepare = self.plan.mode.allows_prepared_statements
+        if cache:
+            query_cache = self._require_cache()
+            return query_cache.read(
+                claims_key(user),
+                statement,
+                params,
+                load=lambda: query_as_user(self.pool, user, statement, params, prepare=prepare),
+                explain=lambda: query_as_user(self.pool, user, "explain (verbose, format json) " + statement, params)[
+                    0
+                ][0],
+            )
+        try:
+            return query_as_user(self.pool, user, statement, params, prepare=prepare)
+        finally:
+            if self.query_cache is not None and not _plain_select(statement):
+                self.query_cache.invalidate_all()
+
+    def _require_cache(self) -> QueryCache:
+        if self.query_cache is None:
+            raise ConfigError(
+                "read_cache",
+                "query(…, cache=True) needs the read cache: create the client with "
+                "create_database_client(settings, read_cache=True)",
+            )
+        return self.query_cache
+
+    @contextmanager
+    def _writes_invalidate(self, transaction: Any) -> Iterator[Any]:
+        """``transaction`` (a context manager), dropping the read cache when it ends: it may have written."""
+        try:
+            with transaction as inside:
+                yield inside
+        finally:
+            if self.query_cache is not None:
+                self.query_cache.invalidate_all()
 
     def search_tasks(
         self,
@@ -184,19 +229,19 @@ class DatabaseClient:
 
     def service_role_transaction(self) -> Any:
         """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""
-        return service_role_transaction(self.pool)
+        return self._writes_invalidate(service_role_transaction(self.pool))
+
+    def session(self, user: AuthenticatedUser) -> Any:
+        """A SQLAlchemy session whose one transaction runs as ``user``; committed at the end of the block."""
+        return self._writes_invalidate(self._session_as(user))
+
+    def service_role_session(self) -> Any:
+        return self._writes_invalidate(self._session_as(None))
 
     @contextmanager
-    def session(self, user: AuthenticatedUser) -> Iterator[Session]:
-        """A SQLAlchemy session whose one transaction runs as ``user``; committed at the end of the block."""
+    def _session_as(self, user: AuthenticatedUser | None) -> Iterator[Session]:
         with self.sessions.begin() as session:
             apply_user_to_session(session, user)
-            yield session
-
-    @contextmanager
-    def service_role_session(self) -> Iterator[Session]:
-        with self.sessions.begin() as session:
-            apply_user_to_session(session, None)
             yield session
 
     # -- supabase-py ---------------------------------------------------------------------------------------------
@@ -221,6 +266,8 @@ class DatabaseClient:
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        if self.query_cache is not None:
+            self.query_cache.close()
         self.engine.dispose()
         self.pool.close()
         if self.project is not None:
@@ -244,15 +291,30 @@ def create_database_client(
     min_size: int = 1,
     max_size: int = 10,
     timeout: float = 30.0,
+    read_cache: bool = False,
+    read_cache_publication: str = DEFAULT_PUBLICATION,
 ) -> DatabaseClient:
     """A ready :class:`DatabaseClient` for ``settings`` (``SUPABASE_POOLER_URL`` or ``SUPABASE_DB_URL``,
     ``PGFERRY_DB_MODE``, ``SUPABASE_URL`` + keys + JWT secret/JWKS); ``url``/``mode`` override the settings.
 
     The pool opens without waiting for the database: a service starts while the database is down and its first
     query waits (up to ``timeout``) or fails with a retryable error.
+
+    ``read_cache=True`` also starts the read cache (:mod:`pgferry.runtime.query_cache`), whose feed follows
+    ``read_cache_publication`` over a direct connection (``SUPABASE_DB_URL``, or ``url`` when it is direct):
+    a pooler cannot carry replication, and the role needs REPLICATION.
     """
     plan = plan_connection(settings, url=url, mode=mode)
     client = DatabaseClient(plan, _project(settings), min_size=min_size, max_size=max_size, timeout=timeout)
+    if read_cache:
+        direct = plan.url if plan.mode == EndpointMode.DIRECT else settings.supabase_db_url
+        if direct is None:
+            raise ConfigError(
+                "SUPABASE_DB_URL",
+                "the read cache follows the database by logical replication, which needs a direct connection: "
+                "set SUPABASE_DB_URL (port 5432, not the pooler) or pass a direct url=",
+            )
+        client.query_cache = QueryCache(str(direct), publication=read_cache_publication).start()
     return client.open()
 
 
@@ -329,3 +391,8 @@ async def create_async_database_client(
     client = AsyncDatabaseClient(plan, _project(settings), min_size=min_size, max_size=max_size, timeout=timeout)
     await client.pool.open(wait=False)
     return client
+
+
+def _plain_select(statement: str) -> bool:
+    """Whether ``statement`` is a ``SELECT`` (which, short of calling a writing function, changes nothing)."""
+    return statement.lstrip().lower().startswith("select")

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "apply_user_to_session",
     "auser_transaction",
+    "claims_key",
     "query_as_user",
     "query_as_user_bound",
     "service_role_transaction",
@@ -165,6 +166,11 @@ def query_as_user_bound(
             cursor.execute(statement, params, prepare=False)
         result = cursor.pgresult
         return cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else []
+
+
+def claims_key(user: AuthenticatedUser) -> tuple[str, str, str, str]:
+    """What identifies ``user``'s view of the data under RLS (role and claims), e.g. to key cached reads by."""
+    return _claims_parameters_of(user)
 
 
 _claims_of_users: dict[int, tuple[AuthenticatedUser, tuple[str, str, str, str]]] = {}
