@@ -9,11 +9,12 @@ What is measured
 ----------------
 A throwaway server with the platform schema gets ``--rows`` tasks with 1536-dimension embeddings (unit vectors
 around ``--topics`` random centroids, so neighbours are close and the graph has structure to get wrong), owned by
-``--users`` users in equal shares, loaded by binary ``COPY`` and indexed once with the migration's own HNSW index
-(``vector_cosine_ops``, pgvector defaults m=16, ef_construction=64). Every query runs exactly as a service runs it:
-a pooled connection from ``create_database_client``, a transaction as a user whose access token was verified
-(``SET LOCAL ROLE authenticated`` + claims), the search, commit — two ways: ``client.search_tasks(user, …)``
-(claims, settings and query in one message, one round trip) and ``search_tasks(conn, …)`` inside
+``--users`` users in equal shares, loaded by binary ``COPY`` and indexed once with the migrations' own HNSW index
+(``vector_cosine_ops``, m=16, ef_construction=128: migration 20261130000400). Every query runs exactly as a
+service runs it: a pooled connection from ``create_database_client``, a transaction as a user whose access
+token was verified (``SET LOCAL ROLE authenticated`` + claims), the search, commit — two ways:
+``client.search_tasks(user, …)`` (claims and settings, then the query with the embedding as a binary parameter,
+pipelined: one round trip) and ``search_tasks(conn, …)`` inside
 ``client.user_transaction(user)`` (five round trips). RLS
 keeps 1/``--users`` of the rows, so the HNSW scan must filter by owner: pgvector 0.8's iterative scan
 (``strict_order``) keeps scanning until ``k`` rows pass. Latency is the wall time of that whole transaction on the
@@ -63,10 +64,13 @@ def make_vectors(rng: np.random.Generator, n: int, centroids: np.ndarray, noise:
     return vectors.astype(np.float32)
 
 
-def load(url: str, ids: list[uuid.UUID], owners: list[uuid.UUID], vectors: np.ndarray) -> dict[str, float]:
-    timings: dict[str, float] = {}
+def load(url: str, ids: list[uuid.UUID], owners: list[uuid.UUID], vectors: np.ndarray) -> dict[str, Any]:
+    timings: dict[str, Any] = {}
     with psycopg.connect(url, autocommit=True) as conn:
         register_vector(conn)
+        row = conn.execute("select pg_get_indexdef('public.ix_tasks_embedding_hnsw'::regclass)").fetchone()
+        assert row is not None
+        index_definition = str(row[0])  # the migrations' own index, options included, built after the load
         conn.execute("drop index if exists public.ix_tasks_embedding_hnsw")
         started = time.perf_counter()
         with (
@@ -80,8 +84,9 @@ def load(url: str, ids: list[uuid.UUID], owners: list[uuid.UUID], vectors: np.nd
         started = time.perf_counter()
         conn.execute("set maintenance_work_mem = '2GB'")
         conn.execute("set max_parallel_maintenance_workers = 1")
-        conn.execute("create index ix_tasks_embedding_hnsw on public.tasks using hnsw (embedding vector_cosine_ops)")
+        conn.execute(index_definition)
         timings["hnsw_build_seconds"] = round(time.perf_counter() - started, 1)
+        timings["index"] = index_definition
         conn.execute("vacuum analyze public.tasks")
     return timings
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -143,3 +144,22 @@ def test_match_agent_memory_filters_by_agent_and_owner(target_url: str, seeded: 
         with scoped_transaction(conn, user_claims(BOB)):
             rows = conn.execute("select id from public.match_agent_memory(%s, -1, 200)", (vectors[0],)).fetchall()
         assert not {r[0] for r in rows} & set(ids)
+
+
+def test_hnsw_indexes_are_built_for_filtered_search(target_url: str) -> None:
+    """Migration 20261130000400: both graphs built with ef_construction 128 (a coarser graph needs four times the
+    scan for the same recall under RLS), and running it again over indexes already built so changes nothing."""
+    query = (
+        "select c.relname::text, c.reloptions::text[], c.oid from pg_class c "
+        "where c.relname in ('ix_tasks_embedding_hnsw', 'ix_agent_memory_embedding_hnsw') order by 1"
+    )
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        before = conn.execute(query).fetchall()
+        assert [(name, options) for name, options, _ in before] == [
+            ("ix_agent_memory_embedding_hnsw", ["m=16", "ef_construction=128"]),
+            ("ix_tasks_embedding_hnsw", ["m=16", "ef_construction=128"]),
+        ]
+        sql = next(Path("supabase/migrations").glob("20261130000400_*.sql")).read_text()
+        for block in sql.split("$$;")[:-1]:
+            conn.execute(block[block.index("do $$") :] + "$$")
+        assert conn.execute(query).fetchall() == before  # same oids: nothing rebuilt
