@@ -217,9 +217,39 @@ def test_threshold_applies_to_the_nearest_k_without_walking_the_scan(
             prepare=False,
         ).fetchone()
     assert plan is not None
-    scans = _nodes(plan[0][0]["Plan"], "Index Scan")
-    assert [s["Index Name"] for s in scans] == ["ix_tasks_embedding_hnsw"]
-    assert scans[0]["Actual Rows"] == 10  # exactly k visible rows read, then the threshold left none
+    root = plan[0][0]["Plan"]
+    scans = [node for node in _nodes(root, "Index Scan") if node["Index Name"] == "ix_tasks_embedding_hnsw"]
+    assert len(scans) == 1 and scans[0]["Actual Rows"] == 10  # exactly k visible rows read, then none passed
+    exact = [node for node in _nodes(root, "Index Scan") if node["Index Name"] != "ix_tasks_embedding_hnsw"]
+    assert all(node["Actual Loops"] == 0 for node in exact)  # the exact fallback never ran: k were found
+
+
+def test_a_tiny_tenant_the_hnsw_scan_gives_up_on_gets_the_exact_answer(
+    target_url: str, seeded: dict[str, Any], users: dict[uuid.UUID, AuthenticatedUser], pool: ConnectionPool[Any]
+) -> None:
+    """pgvector's iterative scan stops at ``hnsw.max_scan_tuples``; a user whose few rows lie far from the query in
+    a graph full of other tenants' rows gets fewer than k from it. The search must notice and answer exactly."""
+    carol = uuid.UUID("00000000-0000-4000-8000-0000000000c3")
+    query = seeded["queries"][0]
+    far = np.stack([-query + np.float32(0.01) * n for n in range(1, 4)]).astype(np.float32)
+    far /= np.linalg.norm(far, axis=1, keepdims=True)
+    ids = [uuid.uuid4() for _ in far]
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        conn.cursor().executemany(
+            "insert into public.tasks (id, user_id, title, embedding) values (%s, %s, 'far', %s)",
+            [(i, carol, _literal(v)) for i, v in zip(ids, far, strict=True)],
+        )
+    with project() as tokens:
+        carol_user = tokens.verify_sync(token_for(carol))
+    with user_transaction(pool, carol_user) as conn:
+        conn.execute("set local hnsw.max_scan_tuples = 1")  # the iterative scan gives up after its first pass
+        found = search_tasks(conn, query, -1.0, 10, ef_search=20)
+        direct = conn.execute(
+            "select count(*) from (select id from public.tasks order by embedding <=> %s::vector limit 10) x",
+            (_literal(query),),
+        ).fetchone()
+    assert direct is not None and direct[0] < 3  # the HNSW scan alone really does come up short here
+    assert [m.id for m in found] == _exact(ids, far, query, -1.0, 10)
 
 
 def _nodes(plan: dict[str, Any], kind: str) -> list[dict[str, Any]]:

@@ -200,7 +200,7 @@ class DatabaseClient:
         k: int,
         *,
         ef_search: int | None = None,
-        use_index: bool = False,
+        use_index: bool = True,
     ) -> list[TaskMatch]:
         """``user``'s ``k`` tasks most similar to ``embedding`` (see :func:`pgferry.runtime.search.search_tasks`),
         in one round trip: the claims and search settings, then the query with the embedding as a binary parameter,
@@ -218,7 +218,7 @@ class DatabaseClient:
         *,
         agent_name: str | None = None,
         ef_search: int | None = None,
-        use_index: bool = False,
+        use_index: bool = True,
     ) -> list[MemoryMatch]:
         """``user``'s agent memories most similar to ``embedding``, in one round trip (see :meth:`search_tasks`)."""
         statement, params, settings = memory_query(

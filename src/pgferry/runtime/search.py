@@ -1,20 +1,22 @@
-"""Vector search as the calling user: ``search_tasks`` and ``search_memory`` over the ``match_*`` SQL functions.
+"""Vector search as the calling user: ``search_tasks`` and ``search_memory``, the ``match_*`` SQL functions' query.
 
 Both run on a connection that is already inside an RLS-scoped transaction (:mod:`pgferry.runtime.scoped`), so a
-user only ever matches their own rows; nothing here filters by owner itself. With the default ``ef_search`` they
-call ``public.match_tasks`` / ``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would. Those functions
-pin ``hnsw.ef_search = 100`` in their definition (a function's ``SET`` clause overrides the caller's), so an
-explicit ``ef_search`` (or ``use_index``) runs the functions' own query inline instead, with ``hnsw.ef_search``
-and pgvector 0.8's ``hnsw.iterative_scan = strict_order`` set for this transaction only. Both paths return the same rows
-(``tests/test_runtime_search.py`` checks them against exact search).
+user only ever matches their own rows; nothing here filters by owner itself.
 
-Which plan runs is the planner's choice by default, and under RLS it often picks the exact one: the owner's rows
-through the ``user_id`` index, every distance computed, a sort. That is right for a user with few rows and slow for
-one with thousands (each 1536-d vector is detoasted). ``use_index=True`` makes the HNSW scan the only cheap plan
-(sequential, bitmap and explicit sorts off for the transaction, the inline query: a SQL function's query is planned
-for a generic ``LIMIT`` and keeps the exact plan even then): fast for large tenants,
-but for a user owning a tiny share of the rows the iterative scan may stop at ``hnsw.max_scan_tuples`` with fewer
-than ``k`` matches. ``bench/vector.py`` measures both.
+By default (``use_index=True``) they run the functions' query inline with the HNSW scan made the only cheap plan
+for it (sequential, bitmap and explicit sorts off for this transaction only) and pgvector 0.8's iterative scan
+(``hnsw.iterative_scan = strict_order``, ``hnsw.ef_search`` = ``ef_search`` or 100): under RLS the planner, left
+alone, usually picks the exact plan — the owner's rows through the ``user_id`` index, every distance computed,
+a sort — which is right for a user with few rows and ~100 ms for one with 10,000 (each 1536-d vector is
+detoasted). The HNSW scan is not enough alone for a user owning a tiny share of a big table: the iterative scan
+may stop at ``hnsw.max_scan_tuples`` before meeting ``k`` of their rows. So the query checks: fewer than ``k``
+rows found means the exact search answers instead, in the same statement.
+
+``use_index=False`` leaves the plan to the planner: with no ``ef_search`` it calls ``public.match_tasks`` /
+``public.match_agent_memory`` exactly as PostgREST's ``rpc`` would (they pin ``hnsw.ef_search = 100``; a
+function's ``SET`` clause overrides the caller's), with one it runs the inline query under that setting. Every
+path returns the same rows (``tests/test_runtime_search.py`` checks them against exact search);
+``bench/vector.py`` measures them.
 
 Owns argument checking and the two queries; must not open connections or decide who the user is.
 """
@@ -85,34 +87,56 @@ _MEMORY_BY_FUNCTION: Final = (
 )
 # The functions' bodies (migration 20261125000400), for a tuned ef_search; search_path as the functions set it.
 # The query vector is one binary parameter (6 KB; as a text literal it is ~30 KB that the client spends longer
-# formatting and the server longer parsing than the HNSW scan itself takes). The k nearest visible rows are found
-# ordered by distance alone, which the HNSW index yields without a sort (with the id as a second key, PostgreSQL
-# 15 sorts instead, even with sorts disabled); the threshold is applied to those k afterwards — the same rows the
-# functions' WHERE gives, since everything past the k-th nearest is farther still — so a threshold nothing passes
-# ends the scan at k rows instead of walking the iterative scan to hnsw.max_scan_tuples; the k rows are then
-# ordered as the functions do.
-_TASKS_INLINE: Final = """
-  select id, title, description, status, environment_id, 1 - distance as similarity from (
-    select t.id, t.title, t.description, t.status, t.environment_id, t.embedding <=> %(q)b::vector as distance
-    from public.tasks t
-    order by t.embedding <=> %(q)b::vector
+# formatting and the server longer parsing than the HNSW scan itself takes). ``nearest``: the k nearest visible rows
+# ordered by distance alone, which the HNSW index yields without a sort (with the id as a second key, PostgreSQL 15
+# sorts instead, even with sorts disabled). If the scan found fewer than k — pgvector's iterative scan stops at
+# hnsw.max_scan_tuples, which a user owning a tiny share of a big table can hit before meeting k of their rows —
+# the exact search runs instead (the owner's rows through their index, every distance, a sort; ``+ 0`` keeps the
+# HNSW index from answering it); otherwise that branch is never executed (a one-time filter). The threshold is
+# applied to those k afterwards — the same rows the functions' WHERE gives, since everything past the k-th nearest
+# is farther still — so a threshold nothing passes ends the scan at k rows instead of walking the iterative scan
+# to its limit; the rows are then ordered as the functions do.
+_NEAREST: Final = """
+  with nearest as materialized (
+    select {columns}, {alias}.embedding <=> %(q)b::vector as distance
+    from {table} {alias}
+    {where}
+    order by {alias}.embedding <=> %(q)b::vector
     limit %(k)s
-  ) nearest
+  )
+  select {names}, 1 - distance as similarity from (
+    select * from nearest where (select count(*) from nearest) >= %(k)s
+    union all
+    (select {columns}, {alias}.embedding <=> %(q)b::vector as distance
+     from {table} {alias}
+     where (select count(*) from nearest) < %(k)s {also}
+     order by ({alias}.embedding <=> %(q)b::vector) + 0
+     limit %(k)s)
+  ) found
   where distance < 1 - %(threshold)s
   order by similarity desc, id
 """
-_MEMORY_INLINE: Final = """
-  select id, agent_name, memory_type, content, importance, 1 - distance as similarity from (
-    select m.id, m.agent_name, m.memory_type, m.content, m.importance, m.embedding <=> %(q)b::vector as distance
-    from public.agent_memory m
-    where (%(agent)s::text is null or m.agent_name = %(agent)s::text)
-      and (m.expires_at is null or m.expires_at > now())
-    order by m.embedding <=> %(q)b::vector
-    limit %(k)s
-  ) nearest
-  where distance < 1 - %(threshold)s
-  order by similarity desc, id
-"""
+_TASK_COLUMNS: Final = ("id", "title", "description", "status", "environment_id")
+_MEMORY_COLUMNS: Final = ("id", "agent_name", "memory_type", "content", "importance")
+_MEMORY_FILTER: Final = (
+    "(%(agent)s::text is null or m.agent_name = %(agent)s::text) and (m.expires_at is null or m.expires_at > now())"
+)
+_TASKS_INLINE: Final = _NEAREST.format(
+    columns=", ".join(f"t.{c}" for c in _TASK_COLUMNS),
+    names=", ".join(_TASK_COLUMNS),
+    table="public.tasks",
+    alias="t",
+    where="",
+    also="",
+)
+_MEMORY_INLINE: Final = _NEAREST.format(
+    columns=", ".join(f"m.{c}" for c in _MEMORY_COLUMNS),
+    names=", ".join(_MEMORY_COLUMNS),
+    table="public.agent_memory",
+    alias="m",
+    where="where " + _MEMORY_FILTER,
+    also="and " + _MEMORY_FILTER,
+)
 
 
 class QueryVector(bytes):
@@ -173,7 +197,7 @@ def search_tasks(
     k: int,
     *,
     ef_search: int | None = None,
-    use_index: bool = False,
+    use_index: bool = True,
 ) -> list[TaskMatch]:
     """The caller's ``k`` tasks most similar to ``embedding`` with cosine similarity above ``threshold``.
 
@@ -195,7 +219,7 @@ def search_memory(
     *,
     agent_name: str | None = None,
     ef_search: int | None = None,
-    use_index: bool = False,
+    use_index: bool = True,
 ) -> list[MemoryMatch]:
     """The caller's ``k`` agent memories most similar to ``embedding`` (optionally of one agent), unexpired."""
     statement, params, settings = memory_query(
@@ -208,7 +232,7 @@ def search_memory(
 
 
 def tasks_query(
-    embedding: Sequence[float] | Any, threshold: float, k: int, *, ef_search: int | None = None, use_index: bool = False
+    embedding: Sequence[float] | Any, threshold: float, k: int, *, ef_search: int | None = None, use_index: bool = True
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """``search_tasks`` as ``(statement, params, transaction settings)``, for one round trip as the user
     (:meth:`pgferry.runtime.client.DatabaseClient.search_tasks`); rows are :class:`TaskMatch` fields in order."""
@@ -226,7 +250,7 @@ def memory_query(
     *,
     agent_name: str | None = None,
     ef_search: int | None = None,
-    use_index: bool = False,
+    use_index: bool = True,
 ) -> tuple[str, dict[str, Any], dict[str, str]]:
     """``search_memory`` as ``(statement, params, transaction settings)``; rows are :class:`MemoryMatch` fields."""
     _check(threshold, k, ef_search)
