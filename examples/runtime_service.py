@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pgferry.config import Settings, load_settings
 from pgferry.errors import PgferryError
+from pgferry.observability.logging import configure_logging
 from pgferry.runtime.client import create_database_client
 from pgferry.runtime.doctor import diagnose
 from pgferry.runtime.queue import Operation
@@ -82,7 +83,8 @@ def run(settings: Settings, tokens: list[str], state_dir: Path) -> None:
         problems = [f for f in diagnose(direct.get_secret_value()) if f.status == "problem"]
         print(f"doctor: {len(problems)} problem(s)" + "".join(f"\n  {p.check}: {p.message}" for p in problems))
 
-    with create_database_client(settings, max_size=4) as client:
+    # The read cache follows the database by logical replication over the direct URL (a pooler cannot carry it).
+    with create_database_client(settings, max_size=4, read_cache=direct is not None) as client:
         print(
             f"client: {client.plan.mode.value} mode, prepared statements "
             f"{'on' if client.plan.mode.allows_prepared_statements else 'off'}"
@@ -109,6 +111,16 @@ def run(settings: Settings, tokens: list[str], state_dir: Path) -> None:
         with client.user_transaction(users[0]) as conn:
             found = search_tasks(conn, embedding(1), threshold=0.5, k=2, ef_search=64)
         print("search: " + "; ".join(f"{match.title} ({match.similarity:.3f})" for match in found))
+        found = client.search_tasks(users[0], embedding(2), threshold=0.5, k=2)  # one round trip, default HNSW
+        print("search (one round trip): " + "; ".join(f"{match.title} ({match.similarity:.3f})" for match in found))
+
+        if client.query_cache is not None and client.query_cache.wait_streaming(10):
+            count = "select count(*) from public.tasks where title like 'Rotate%%key'"
+            before = [client.query(user, count, cache=True)[0][0] for user in users for _ in range(2)]
+            client.query(users[0], "update public.tasks set title = title || ' (done)' where title like 'Rotate%%'")
+            after = client.query(users[0], count, cache=True)[0][0]  # the write went through this client: fresh
+            stats = client.query_cache.stats()
+            print(f"read cache: {stats.hits} hit(s), {stats.misses} miss(es), counts {before} then {after}")
 
         health = health_check(client)
         print(f"health: ok={health.ok}, queue depth {db.queue.depth()}")
@@ -124,6 +136,7 @@ def main() -> int:
     parser.add_argument("--local-stack", action="store_true", help="use the stack `pgferry dev up` started")
     parser.add_argument("--state-dir", type=Path, help="where the write queue and read cache live")
     args = parser.parse_args()
+    configure_logging(os.environ.get("LOG_LEVEL", "warning"), json=True)  # structured logs to stderr, as a service
     try:
         if args.local_stack:
             os.environ.update(local_stack_environment())

@@ -54,8 +54,10 @@ def test_the_runtime_example_service_runs(target_url: str, pgbouncer: Callable[.
     assert first[4] == "user 00a1: reads 3 task(s), owners ['00a1'], stale=False"
     assert first[5] == "user 00b2: reads 3 task(s), owners ['00b2'], stale=False"
     assert first[6] == "search: Tune the HNSW index on tasks (1.000)"  # the others are far below the threshold
-    assert first[7] == "health: ok=True, queue depth 0"
-    assert first[8] == "metrics: 8 timed transaction(s), pool waiting 0"  # 6 writes, 2 reads
+    assert first[7] == "search (one round trip): Rotate the service-role key (1.000)"
+    assert first[8] == "read cache: 2 hit(s), 3 miss(es), counts [1, 1, 1, 1] then 0"  # 2nd reads hit; a write drops
+    assert first[9] == "health: ok=True, queue depth 0"
+    assert first[10] == "metrics: 8 timed transaction(s), pool waiting 0"  # 6 writes, 2 reads
     with psycopg.connect(target_url) as conn:
         assert conn.execute("select count(*) from public.tasks").fetchone() == (6,)
 
