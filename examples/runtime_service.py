@@ -9,8 +9,10 @@
 What it does: ``pgferry doctor``'s checks on the direct URL; ``create_database_client`` (the pooler URL, so
 transaction mode: no prepared statements); two users' tokens verified; each user's tasks written through
 ``ResilientDatabase`` with idempotency keys (run it twice: the second run reports duplicates, nothing doubles);
-each user's tasks read back as that user (RLS: never the other's); ``search_tasks`` with a tuned ``ef_search``;
-the health check and a few Prometheus metrics. ``tests/test_runtime_example.py`` runs this file.
+each user's tasks read back as that user (RLS: never the other's); ``search_tasks`` with a tuned ``ef_search`` and
+``client.search_tasks`` (one round trip); the read cache (reads answered from memory until the replication feed
+or a write through the client says the rows changed); the health check and a few Prometheus metrics.
+``tests/test_runtime_example.py`` runs this file.
 """
 
 from __future__ import annotations
