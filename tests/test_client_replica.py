@@ -261,8 +261,11 @@ def test_a_new_snapshot_is_loaded_once_in_log_order_and_gone_after_a_crash(tmp_p
     # The synced table that was the snapshot table has its unique key index (updates and upserts go by key).
     indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = '_synced_tasks'")
     assert ("_synced_tasks__key",) in indexes
-    with pytest.raises(sqlite3.IntegrityError):
-        replica.query('insert into "_synced_tasks" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
+    visible_indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = 'tasks'")
+    assert ("_pgferry_key_tasks",) in visible_indexes
+    for table in ("_synced_tasks", "tasks"):
+        with pytest.raises(sqlite3.IntegrityError):
+            replica.query(f'insert into "{table}" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
 
     # Live changes after it take the ordinary path, by key.
     replica.apply(

@@ -126,6 +126,11 @@ def _key_index(name: str) -> str:
     return f"_synced_{name}__key"
 
 
+def _visible_key_index(name: str) -> str:
+    """The unique index on ``_key`` of a visible table created for a new snapshot (no ``primary key``)."""
+    return f"_pgferry_key_{name}"
+
+
 class LocalReplica:
     """``LocalReplica(path)`` (``":memory:"`` for a throwaway one). Thread-safe: one connection behind a lock."""
 
@@ -393,7 +398,7 @@ class LocalReplica:
                 )
             settled = self._drop_seen(conn, name)
             if snapshot is not None or reset or count > _REBUILD_BY_KEY_UP_TO:
-                self._rebuild_all(conn, name)
+                self._rebuild_all(conn, name, index=snapshot is not None)
             else:
                 self._rebuild(conn, name, touched | settled)
         self._next.pop(name, None)
@@ -402,12 +407,18 @@ class LocalReplica:
     def _take_snapshot(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any], columns: list[str]) -> None:
         """Make the snapshot table (:meth:`stage`) the shape's synced table, in the apply's transaction: renamed and
         given its unique index on ``_key`` (built once, from sorted keys), or copied when the shape's columns
-        changed since it was started. The visible table is recreated empty, for the apply to rebuild."""
+        changed since it was started. The visible table is recreated empty and without its key index, for the apply
+        to fill in table order and then index (:meth:`_rebuild_all`): the snapshot's rows are not in key order."""
         loaded = _ident(_next_table(name))
         synced = _ident(f"_synced_{name}")
         conn.execute(f"drop table if exists {synced}")
         conn.execute(f"drop table if exists {_ident(name)}")
         self._schemas[name] = schema
+        # The visible table without a primary key: the apply copies every row into it, then indexes it once.
+        conn.execute(
+            f"create table {_ident(name)} (_key text not null, _pending integer not null default 0, "
+            f"{', '.join(f'{_ident(c)} text' for c in schema)})"
+        )
         if columns != list(schema):
             self._ensure_tables(conn, name, schema)
             common = ", ".join(["_key", *(_ident(c) for c in columns if c in schema)])
@@ -427,7 +438,6 @@ class LocalReplica:
             conn.execute(f"delete from {synced} where rowid not in (select max(rowid) from {synced} group by _key)")
             conn.execute(index)
         conn.execute("release _pgferry_index")
-        self._ensure_tables(conn, name, schema)  # the visible table
 
     def _apply_typed_stage(
         self,
@@ -791,14 +801,20 @@ class LocalReplica:
         ).fetchall():
             self._overlay(conn, name, key, op, json.loads(row)["text"])
 
-    def _rebuild_all(self, conn: sqlite3.Connection, name: str) -> None:
+    def _rebuild_all(self, conn: sqlite3.Connection, name: str, *, index: bool = False) -> None:
+        """Visible rows = all synced rows + every remaining outbox item replayed in order. ``index``: the visible
+        table was just created without its key index (:meth:`_take_snapshot`): it is built after the copy, from
+        sorted keys, and before the replay, which looks rows up by key."""
         columns = ", ".join(_ident(c) for c in self._schemas[name])
         conn.execute(f"delete from {_ident(name)}")
-        # In key order: the visible table's key index is then filled front to back.
         conn.execute(
             f"insert into {_ident(name)} (_key, _pending, {columns}) "
-            f"select _key, 0, {columns} from {_ident('_synced_' + name)} order by _key"
+            f"select _key, 0, {columns} from {_ident('_synced_' + name)}"
         )
+        if index:
+            conn.execute(
+                f"create unique index if not exists {_ident(_visible_key_index(name))} on {_ident(name)} (_key)"
+            )
         pending = conn.execute(
             "select op, row_key, row from _pgferry_outbox where shape = ? order by seq", [name]
         ).fetchall()
