@@ -353,8 +353,8 @@ class LocalReplica:
         """Apply the changes gathered up to an up-to-date boundary, with the new position, in one transaction;
         ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
         outbox items they acknowledge."""
-        snapshot = self._next.get(name)
         with self._transaction() as conn:
+            snapshot = self._next.get(name)
             txids: set[int] = set()
             if snapshot is not None:
                 next_schema, next_txids = snapshot
@@ -401,7 +401,8 @@ class LocalReplica:
                 self._rebuild_all(conn, name, index=snapshot is not None)
             else:
                 self._rebuild(conn, name, touched | settled)
-        self._next.pop(name, None)
+            if snapshot is not None:
+                del self._next[name]  # under the lock: a stage for this shape now starts a new one
         return txids
 
     def _take_snapshot(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any], columns: list[str]) -> None:
