@@ -216,3 +216,90 @@ def test_staged_changes_are_invisible_until_applied_and_gone_after_a_crash(tmp_p
     assert {row[0]: tuple(row[1:]) for row in reopened.query('select _key, id, title, note from "tasks"')} == expected
     assert seen == {1005, 1007, 1008, 1009, 13_001}
     assert reopened.position("tasks") == ("3_0", "h1")
+
+
+def next_tables(replica: LocalReplica) -> list[str]:
+    return [
+        r[0] for r in replica.query("select name from sqlite_master where name like '\\_pgferry\\_next%' escape '\\'")
+    ]
+
+
+def test_a_new_snapshot_is_loaded_once_in_log_order_and_gone_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "replica.db"
+    replica = LocalReplica(path)
+    snapshot = [staged_change(n) for n in range(12_000)]
+    replica.stage("tasks", snapshot[:5000], schema=STAGE_SCHEMA)  # never applied: the snapshot-table path
+    assert next_tables(replica) == ["_pgferry_next_tasks"] and replica.rows("tasks") == []
+    replica.close()  # a crash before the up-to-date: nothing of it survives, and there is no position
+
+    replica = LocalReplica(path)
+    assert replica.position("tasks") is None and next_tables(replica) == []
+    # Inserts (one of them from the log, with its txid; a key inserted twice: the later one wins), then the first
+    # update ends the snapshot: the rest of that page and the next are staged after it; the last page in memory.
+    from_log = Change('"public"."tasks"/"12000"', "insert", {"id": "12000", "title": "logged", "note": None}, (555,))
+    parts = [
+        snapshot[:5000],
+        [*snapshot[5000:9000], from_log, staged_change(7, title="twice")],
+        [
+            *snapshot[9000:10_000],
+            staged_change(5, "update", title="renamed"),
+            staged_change(10_000),
+            staged_change(8, "delete"),
+        ],
+        [staged_change(n) for n in range(10_001, 11_000)],
+    ]
+    last = [*snapshot[11_000:], staged_change(9, "update", note="last"), staged_change(12_001)]
+    for part in parts:
+        replica.stage("tasks", part, schema=STAGE_SCHEMA)
+    seen = replica.apply("tasks", "public.tasks", last, offset="1_0", handle="h1", schema=STAGE_SCHEMA)
+
+    expected = replayed([change for part in parts for change in part] + last)
+    assert replica_state(replica) == expected
+    assert {row[0]: tuple(row[1:]) for row in replica.query('select _key, id, title, note from "tasks"')} == expected
+    assert seen == {555, 1005, 1008, 1009}
+    assert replica.position("tasks") == ("1_0", "h1") and next_tables(replica) == []
+    # The synced table that was the snapshot table has its unique key index (updates and upserts go by key).
+    indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = '_synced_tasks'")
+    assert ("_synced_tasks__key",) in indexes
+    visible_indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = 'tasks'")
+    assert ("_pgferry_key_tasks",) in visible_indexes
+    for table in ("_synced_tasks", "tasks"):
+        with pytest.raises(sqlite3.IntegrityError):
+            replica.query(f'insert into "{table}" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
+
+    # Live changes after it take the ordinary path, by key.
+    replica.apply(
+        "tasks", "public.tasks", [staged_change(1, "update", title="live"), staged_change(2, "delete")],
+        offset="2_0", handle="h1", schema=None,
+    )  # fmt: skip
+    expected = replayed(
+        [change for part in parts for change in part]
+        + last
+        + [staged_change(1, "update", title="live"), staged_change(2, "delete")]
+    )
+    assert replica_state(replica) == expected
+
+
+def test_a_refetched_snapshot_replaces_the_rows_at_its_apply_and_keeps_pending_writes(tmp_path: Path) -> None:
+    replica = LocalReplica(tmp_path / "replica.db")
+    old = [staged_change(n) for n in range(10)]
+    replica.apply("tasks", "public.tasks", old, offset="1_0", handle="h1", schema=STAGE_SCHEMA)
+    replica.write("tasks", "update", {"id": "3", "title": "local"}, {"id": "3", "title": "local"})
+
+    # A must-refetch: the new snapshot is loaded beside the old rows, which stay what the application sees.
+    new = [staged_change(n, title=f"new {n}") for n in range(3, 8000)]
+    replica.stage("tasks", new[:6000], schema=STAGE_SCHEMA, replace=True)
+    assert next_tables(replica) == ["_pgferry_next_tasks"]
+    assert replica_state(replica) == replayed(old) and len(replica.rows("tasks")) == 10
+    replica.apply("tasks", "public.tasks", new[6000:], offset="5_0", handle="h2", schema=STAGE_SCHEMA, reset=True)
+
+    assert replica_state(replica) == replayed(new)
+    visible = {row["id"]: row for row in replica.rows("tasks", typed=False)}
+    assert len(visible) == len(new) and "0" not in visible
+    assert visible["3"]["title"] == "local" and replica.pending_keys("tasks") == {'"public"."tasks"/"3"'}
+    assert visible["4"]["title"] == "new 4"
+
+    # A second must-refetch while one is being loaded: the loaded part is dropped, the shape's rows kept.
+    replica.stage("tasks", new[:5000], schema=STAGE_SCHEMA, replace=True)
+    replica.discard_staged("tasks")
+    assert next_tables(replica) == [] and replica_state(replica) == replayed(new)

@@ -217,7 +217,7 @@ class ElectricSupabaseClient:
                         if staging is not None:
                             await staging
                         staging = asyncio.ensure_future(
-                            asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema)
+                            asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema, replace=reset)
                         )
                         gathered = []
                     continue

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -117,6 +118,25 @@ def _stage_table(name: str) -> str:
     return f"_pgferry_stage_{name}"
 
 
+#: Prefix of the tables a whole new snapshot is loaded into before it becomes a shape's synced table.
+_NEXT_PREFIX: Final = "_pgferry_next_"
+
+
+def _next_table(name: str) -> str:
+    """The table a shape's new snapshot is loaded into (see :meth:`LocalReplica.stage`)."""
+    return _NEXT_PREFIX + name
+
+
+def _key_index(name: str) -> str:
+    """The unique index on ``_key`` of a synced table that started as a snapshot table (no ``primary key``)."""
+    return f"_synced_{name}__key"
+
+
+def _visible_key_index(name: str) -> str:
+    """The unique index on ``_key`` of a visible table created for a new snapshot (no ``primary key``)."""
+    return f"_pgferry_key_{name}"
+
+
 class LocalReplica:
     """``LocalReplica(path)`` (``":memory:"`` for a throwaway one). Thread-safe: one connection behind a lock."""
 
@@ -132,8 +152,17 @@ class LocalReplica:
             )
             self._conn.executescript(_META)
             # Staged changes of a boundary that never committed (a crash): their offset was not stored either.
-            # (Typed staging tables are TEMP tables: they end with the connection.)
+            # (Typed staging tables are TEMP tables: they end with the connection; snapshot tables do not.)
             self._conn.execute("delete from _pgferry_staged")
+            leftover = self._conn.execute(
+                "select name from sqlite_schema where type = 'table' and substr(name, 1, ?) = ?",
+                [len(_NEXT_PREFIX), _NEXT_PREFIX],
+            ).fetchall()
+            for (table,) in leftover:
+                self._conn.execute(f"drop table {_ident(table)}")
+        # Shapes whose new snapshot is being loaded into their snapshot table: its columns, and the txids of the
+        # changes in it (recorded as seen when it is applied).
+        self._next: dict[str, tuple[dict[str, Any], set[int]]] = {}
         self._schemas: dict[str, dict[str, Any]] = {
             name: json.loads(schema) for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
         }
@@ -172,7 +201,14 @@ class LocalReplica:
             c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
         ]
 
-    def stage(self, name: str, changes: Sequence[Change], *, schema: Mapping[str, Any] | None = None) -> None:
+    def stage(
+        self,
+        name: str,
+        changes: Sequence[Change],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> None:
         """Park changes of a long stretch before the next up-to-date (a large snapshot) on disk, not in memory; the
         next :meth:`apply` moves them in with its own, in its one transaction. Invisible until then.
 
@@ -181,7 +217,21 @@ class LocalReplica:
         synced table with one statement instead of decoding a JSON document per row; an update or delete is kept as
         JSON beside them and replayed in order. That table is TEMP: it never reaches the replica file's journal (no
         fsync per staged page, no checkpoint copy) and vanishes with the connection, so a crash cannot leave staged
-        rows behind to be applied under a later offset."""
+        rows behind to be applied under a later offset.
+
+        A whole new snapshot — the shape was never applied, or ``replace`` (a must-refetch: the next apply replaces
+        its rows) — goes instead into a table of its own in the replica file (``_pgferry_next_<name>``, no index:
+        rows are appended as they come), which :meth:`apply` turns into the synced table by renaming it and
+        indexing it once: the rows are written once, not staged, sorted and copied. Its pages are committed without
+        fsync (``synchronous = normal``; the apply's commit syncs them with the rest), and a snapshot table left by a
+        crash is dropped when the replica is opened, like any staged change. The first change that is not an insert
+        ends the snapshot: it and everything after go to the staging table above, applied after the snapshot."""
+        if schema and self._stage_next(name, changes, schema, replace=replace):
+            return
+        self._stage_changes(name, changes, schema)
+
+    def _stage_changes(self, name: str, changes: Sequence[Change], schema: Mapping[str, Any] | None) -> None:
+        """Stage into the typed staging table (or, without a schema, as JSON); see :meth:`stage`."""
         schema = schema or self._schemas.get(name)
         if not schema:
             with self._transaction() as conn:
@@ -212,6 +262,69 @@ class LocalReplica:
                 ],
             )
 
+    def _stage_next(self, name: str, changes: Sequence[Change], schema: Mapping[str, Any], *, replace: bool) -> bool:
+        """Load the leading inserts of ``changes`` into the snapshot table when this is a whole new snapshot (see
+        :meth:`stage`); stage the rest the usual way. ``False``: not a new snapshot, nothing done."""
+        with self._lock:
+            if name not in self._next:
+                fresh = replace or name not in self._schemas
+                if not fresh or self._stage_columns_if_any(self._conn, _stage_table(name)) is not None:
+                    return False
+                if self._conn.execute("select 1 from _pgferry_staged where shape = ? limit 1", [name]).fetchone():
+                    return False
+                columns = list(schema)
+                with self._transaction() as conn:
+                    conn.execute(f"drop table if exists {_ident(_next_table(name))}")
+                    conn.execute(
+                        f"create table {_ident(_next_table(name))} "
+                        f"(_key text not null, {', '.join(f'{_ident(c)} text' for c in columns)})"
+                    )
+                self._next[name] = (dict(schema), set())
+            next_schema, txids = self._next[name]
+            columns = list(next_schema)
+            if self._stage_columns_if_any(self._conn, _stage_table(name)) is not None:
+                tail = 0  # the snapshot already ended: keep the order, stage after it
+            else:
+                tail = next((i for i, c in enumerate(changes) if c.operation != "insert"), len(changes))
+            if tail:
+                self._load_next(name, columns, changes[:tail], txids)
+        if tail < len(changes):
+            self._stage_changes(name, changes[tail:], schema)
+        return True
+
+    def _load_next(self, name: str, columns: list[str], inserts: Sequence[Change], txids: set[int]) -> None:
+        """Append inserts to the snapshot table, in one transaction committed without fsync (see :meth:`stage`)."""
+        durable = self.path != ":memory:"
+        if durable:
+            self._conn.execute("pragma synchronous = normal")
+        try:
+            with self._transaction() as conn:
+                self._append_next(conn, name, columns, inserts, txids)
+        finally:
+            if durable:
+                self._conn.execute("pragma synchronous = full")
+
+    @staticmethod
+    def _append_next(
+        conn: sqlite3.Connection, name: str, columns: list[str], inserts: Sequence[Change], txids: set[int]
+    ) -> None:
+        take = itemgetter(*columns)
+        rows: list[tuple[Any, ...]] = []
+        for change in inserts:
+            value = change.value
+            if len(columns) == 1:
+                rows.append((change.key, value.get(columns[0])))
+                continue
+            try:
+                rows.append((change.key, *take(value)))
+            except KeyError:  # a row without some column (Electric's ``columns``): NULL, as the apply would
+                rows.append((change.key, *(value.get(c) for c in columns)))
+            if change.txids:
+                txids.update(change.txids)
+        names = ", ".join(["_key", *(_ident(c) for c in columns)])
+        marks = ", ".join(["?"] * (len(columns) + 1))
+        conn.executemany(f"insert into {_ident(_next_table(name))} ({names}) values ({marks})", rows)
+
     def _stage_columns(self, conn: sqlite3.Connection, table: str, wanted: list[str]) -> list[str]:
         """The typed staging table's columns, created with ``wanted`` when it does not exist yet."""
         found = self._stage_columns_if_any(conn, table)
@@ -229,6 +342,8 @@ class LocalReplica:
         with self._transaction() as conn:
             conn.execute("delete from _pgferry_staged where shape = ?", [name])
             conn.execute(f"drop table if exists temp.{_ident(_stage_table(name))}")
+            conn.execute(f"drop table if exists {_ident(_next_table(name))}")
+            self._next.pop(name, None)
 
     def apply(
         self,
@@ -245,14 +360,24 @@ class LocalReplica:
         ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
         outbox items they acknowledge."""
         with self._transaction() as conn:
-            if schema is not None and (reset or dict(schema) != self._schemas.get(name)):
+            snapshot = self._next.get(name)
+            txids: set[int] = set()
+            if snapshot is not None:
+                next_schema, next_txids = snapshot
+                if self._stage_columns_if_any(conn, _stage_table(name)) is None:
+                    # The inserts gathered since the last stage still belong to the snapshot: append them too.
+                    tail = next((i for i, c in enumerate(changes) if c.operation != "insert"), len(changes))
+                    self._append_next(conn, name, list(next_schema), changes[:tail], next_txids)
+                    changes = changes[tail:]
+                self._take_snapshot(conn, name, dict(schema) if schema is not None else next_schema, list(next_schema))
+                txids.update(next_txids)
+            elif schema is not None and (reset or dict(schema) != self._schemas.get(name)):
                 self._ensure_tables(conn, name, dict(schema))
             columns = list(self._schemas[name])
             synced = _ident(f"_synced_{name}")
-            if reset:
+            if reset and snapshot is None:
                 conn.execute(f"delete from {synced}")
             touched: set[str] = set()
-            txids: set[int] = set()
             staged = conn.cursor().execute(
                 "select key, op, value, txids from _pgferry_staged where shape = ? order by seq", [name]
             )
@@ -280,11 +405,48 @@ class LocalReplica:
             settled = self._drop_seen(conn, name)
             if reset:  # every acknowledged write is in the new snapshot or its log so far (module docstring)
                 conn.execute("delete from _pgferry_outbox where shape = ? and state = 'sent'", [name])
-            if reset or count > _REBUILD_BY_KEY_UP_TO:
-                self._rebuild_all(conn, name)
+            if snapshot is not None or reset or count > _REBUILD_BY_KEY_UP_TO:
+                self._rebuild_all(conn, name, index=snapshot is not None)
             else:
                 self._rebuild(conn, name, touched | settled)
+            if snapshot is not None:
+                del self._next[name]  # under the lock: a stage for this shape now starts a new one
         return txids
+
+    def _take_snapshot(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any], columns: list[str]) -> None:
+        """Make the snapshot table (:meth:`stage`) the shape's synced table, in the apply's transaction: renamed and
+        given its unique index on ``_key`` (built once, from sorted keys), or copied when the shape's columns
+        changed since it was started. The visible table is recreated empty and without its key index, for the apply
+        to fill in table order and then index (:meth:`_rebuild_all`): the snapshot's rows are not in key order."""
+        loaded = _ident(_next_table(name))
+        synced = _ident(f"_synced_{name}")
+        conn.execute(f"drop table if exists {synced}")
+        conn.execute(f"drop table if exists {_ident(name)}")
+        self._schemas[name] = schema
+        # The visible table without a primary key: the apply copies every row into it, then indexes it once.
+        conn.execute(
+            f"create table {_ident(name)} (_key text not null, _pending integer not null default 0, "
+            f"{', '.join(f'{_ident(c)} text' for c in schema)})"
+        )
+        if columns != list(schema):
+            self._ensure_tables(conn, name, schema)
+            common = ", ".join(["_key", *(_ident(c) for c in columns if c in schema)])
+            conn.execute(
+                f"insert or replace into {synced} ({common}) select {common} from {loaded} order by _key, rowid"
+            )
+            conn.execute(f"drop table {loaded}")
+            return
+        conn.execute(f"alter table {loaded} rename to {synced}")
+        index = f"create unique index {_ident(_key_index(name))} on {synced} (_key)"
+        conn.execute("savepoint _pgferry_index")
+        try:
+            conn.execute(index)
+        except sqlite3.IntegrityError:
+            # A key twice (inserted again later in the log): the last insert wins, as applying them in order would.
+            conn.execute("rollback to _pgferry_index")
+            conn.execute(f"delete from {synced} where rowid not in (select max(rowid) from {synced} group by _key)")
+            conn.execute(index)
+        conn.execute("release _pgferry_index")
 
     def _apply_typed_stage(
         self,
@@ -648,13 +810,20 @@ class LocalReplica:
         ).fetchall():
             self._overlay(conn, name, key, op, json.loads(row)["text"])
 
-    def _rebuild_all(self, conn: sqlite3.Connection, name: str) -> None:
+    def _rebuild_all(self, conn: sqlite3.Connection, name: str, *, index: bool = False) -> None:
+        """Visible rows = all synced rows + every remaining outbox item replayed in order. ``index``: the visible
+        table was just created without its key index (:meth:`_take_snapshot`): it is built after the copy, from
+        sorted keys, and before the replay, which looks rows up by key."""
         columns = ", ".join(_ident(c) for c in self._schemas[name])
         conn.execute(f"delete from {_ident(name)}")
         conn.execute(
             f"insert into {_ident(name)} (_key, _pending, {columns}) "
             f"select _key, 0, {columns} from {_ident('_synced_' + name)}"
         )
+        if index:
+            conn.execute(
+                f"create unique index if not exists {_ident(_visible_key_index(name))} on {_ident(name)} (_key)"
+            )
         pending = conn.execute(
             "select op, row_key, row from _pgferry_outbox where shape = ? order by seq", [name]
         ).fetchall()

@@ -28,7 +28,14 @@ class Replica(Protocol):
 
     def schema(self, name: str) -> dict[str, Any]: ...
 
-    def stage(self, name: str, changes: Sequence[Change], *, schema: Mapping[str, Any] | None = None) -> None: ...
+    def stage(
+        self,
+        name: str,
+        changes: Sequence[Change],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> None: ...
 
     def discard_staged(self, name: str) -> None: ...
 

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgspec
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
@@ -69,6 +70,9 @@ where a.attrelid = %s::regclass and a.attnum > 0 and not a.attisdropped
 order by a.attnum
 """
 _DEFAULT_POLICY: Final[ConflictPolicy] = ColumnLww()
+#: JSON documents sent as one parameter (a batch's rows, its records) are encoded by msgspec: several times faster
+#: than the stdlib's encoder on thousands of small objects, the same JSON.
+_JSON: Final = msgspec.json.Encoder()
 _MAX_ATTEMPTS: Final = 4
 _PRIMARY_KEY_SQL: Final = """
 select a.attname
@@ -332,7 +336,7 @@ def _record(
     commit and then conflict, and this batch starts over (and finds them applied) rather than apply them twice."""
     # One JSON document as the parameter, not arrays: psycopg dumps a list element by element in Python (half the
     # write API's CPU on a large batch), while PostgreSQL parses one document in C.
-    records = json.dumps([{"id": str(m.id), "result": results[m.id]} for m in fresh])
+    records = _JSON.encode([{"id": str(m.id), "result": results[m.id]} for m in fresh]).decode()
     with conn.cursor() as cursor:
         cursor.execute(
             "insert into pgferry.applied_mutations (id, user_id, txid, result) "
@@ -484,7 +488,7 @@ def _insert_unnest(
             for index, name in enumerate(names)
         ),
     )
-    document = json.dumps([[_array_literal(value) for value in row] for row in rows])
+    document = _JSON.encode([[_array_literal(value) for value in row] for row in rows]).decode()
     conn.execute(statement, [document])
 
 
