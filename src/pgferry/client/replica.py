@@ -137,7 +137,22 @@ def _visible_key_index(name: str) -> str:
     return f"_pgferry_key_{name}"
 
 
-class LocalReplica:
+class ShapeSchemas:
+    """What both replicas know of their shapes' columns: the stream's schema per shape, and its key from it."""
+
+    _schemas: dict[str, dict[str, Any]]
+
+    def schema(self, name: str) -> dict[str, Any]:
+        return self._schemas.get(name, {})
+
+    def primary_key(self, name: str) -> list[str]:
+        schema = self.schema(name)
+        return [
+            c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
+        ]
+
+
+class LocalReplica(ShapeSchemas):
     """``LocalReplica(path)`` (``":memory:"`` for a throwaway one). Thread-safe: one connection behind a lock."""
 
     def __init__(self, path: str | Path) -> None:
@@ -191,15 +206,6 @@ class LocalReplica:
         with self._lock:
             row = self._conn.execute('select "offset", handle from _pgferry_shapes where name = ?', [name]).fetchone()
         return (str(row[0]), row[1]) if row else None
-
-    def schema(self, name: str) -> dict[str, Any]:
-        return self._schemas.get(name, {})
-
-    def primary_key(self, name: str) -> list[str]:
-        schema = self.schema(name)
-        return [
-            c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
-        ]
 
     def stage(
         self,

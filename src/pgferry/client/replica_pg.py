@@ -37,7 +37,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgferry.client._shape_base import Change
-from pgferry.client.replica import OutboxItem, Rejection
+from pgferry.client.replica import OutboxItem, Rejection, ShapeSchemas
 from pgferry.client.values import parse_value
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresReplica", "StagedChangesLost"]
@@ -124,7 +124,7 @@ def _split_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
-class PostgresReplica:
+class PostgresReplica(ShapeSchemas):
     """``PostgresReplica("postgresql://…")``. Thread-safe: one connection behind a lock."""
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
@@ -231,15 +231,6 @@ class PostgresReplica:
         """The stored ``(offset, handle)`` of a shape, to resume its stream; ``None`` if never synced."""
         found = self._read('select "offset", handle from _pgferry_shapes where name = %s', [name])
         return (str(found[0][0]), found[0][1]) if found else None
-
-    def schema(self, name: str) -> dict[str, Any]:
-        return self._schemas.get(name, {})
-
-    def primary_key(self, name: str) -> list[str]:
-        schema = self.schema(name)
-        return [
-            c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
-        ]
 
     def stage(
         self,
