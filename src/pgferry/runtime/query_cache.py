@@ -11,9 +11,10 @@ The rules that keep it from serving a wrong answer:
   what the rows are for those claims, so another user (or the same user with other claims) never gets them.
 * **Known dependencies only.** Which tables a statement reads comes from its plan (``EXPLAIN (VERBOSE)`` as the
   user, once per statement text), including tables read by RLS policies' subqueries. A statement is cached only
-  when it reads at least one table, every table it reads is in the feed's publication, and its plan has no
-  function scan (a function could read tables the plan does not show) and no data modification; any other
-  statement always goes to the database.
+  when it reads at least one table, every table it reads is in the feed's publication and none is partitioned,
+  a partition or an inheritance parent (which of those a plan names depends on its parameters or on children
+  created later), and its plan has no function scan (a function could read tables the plan does not show) and
+  no data modification; any other statement always goes to the database.
 * **No lost invalidation.** A read notes its tables' generations before it runs and stores its rows only if
   none changed by the time it returns: a change committed after the read's snapshot is delivered after the
   read began, so it is either seen then or invalidates the stored entry when it arrives.
@@ -64,6 +65,8 @@ class CacheStats:
     invalidations: int
     entries: int
     streaming: bool
+    streams: int
+    """Streams started so far: each one after the first followed a cut (and began with an empty cache)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,9 @@ class QueryCache:
         self._epoch = 0  # bumped whenever everything is dropped
         self._streaming = False
         self._streaming_event = threading.Event()
+        self._streams = 0
         self._published: frozenset[Table] = frozenset()
+        self._partitioned: frozenset[Table] = frozenset()
         self._plans: dict[str, frozenset[Table] | None] = {}
         self._counts = dict.fromkeys(("hits", "misses", "uncacheable", "invalidations"), 0)
         self._follower = SlotFollower(
@@ -154,7 +159,9 @@ class QueryCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(**self._counts, entries=len(self._entries), streaming=self._streaming)
+            return CacheStats(
+                **self._counts, entries=len(self._entries), streaming=self._streaming, streams=self._streams
+            )
 
     # -- reads ------------------------------------------------------------------------------------------------------
 
@@ -179,7 +186,9 @@ class QueryCache:
             with self._lock:
                 self._plans[statement] = tables
         tables = self._plans[statement]
-        if not tables or not tables <= self._published:  # None: the plan hides reads; empty: reads no table
+        # None: the plan hides reads; empty: reads no table; partitions and inheritance: the tables a plan names
+        # depend on the parameters (pruning) or on children created later, so it cannot name them once for all.
+        if not tables or not tables <= self._published or tables & self._partitioned:
             with self._lock:
                 self._counts["uncacheable"] += 1
             return load()
@@ -240,6 +249,7 @@ class QueryCache:
     def _set_streaming(self, streaming: bool) -> None:
         with self._lock:
             self._streaming = streaming
+            self._streams += streaming
             self._drop_everything()  # either way: what was cached may have changed unseen
         if streaming:
             self._streaming_event.set()
@@ -248,17 +258,26 @@ class QueryCache:
 
     def _on_stream(self, started: bool) -> None:
         if started:
-            self._published = self._publication_tables()
+            self._published, self._partitioned = self._catalog()
         self._set_streaming(started)
         _log.info("query_cache.feed", streaming=started)
 
-    def _publication_tables(self) -> frozenset[Table]:
+    def _catalog(self) -> tuple[frozenset[Table], frozenset[Table]]:
+        """The publication's tables, and every table that is partitioned, a partition or has inheritance children."""
         with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
-            rows = conn.execute(
+            published = conn.execute(
                 "select schemaname::text, tablename::text from pg_catalog.pg_publication_tables where pubname = %s",
                 (self.publication,),
             ).fetchall()
-        return frozenset((str(schema), str(table)) for schema, table in rows)
+            partitioned = conn.execute(
+                "select n.nspname::text, c.relname::text from pg_catalog.pg_class c "
+                "join pg_catalog.pg_namespace n on n.oid = c.relnamespace "
+                "where c.relkind = 'p' or c.relispartition or c.relhassubclass"
+            ).fetchall()
+        return (
+            frozenset((str(schema), str(table)) for schema, table in published),
+            frozenset((str(schema), str(table)) for schema, table in partitioned),
+        )
 
     def _follow(self, reader: ReplicationReader) -> None:
         reader.start(self._slot_prefix, [self.publication], temporary=True)
