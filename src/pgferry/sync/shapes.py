@@ -508,6 +508,8 @@ class ShapeManager:
         batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
         stop = threading.Event()
         progress = [time.monotonic()]
+        # COPY text is about two thirds of the JSON made from it: cut blocks so segments hold ~segment_bytes.
+        block_bytes = max(1, self.segment_bytes * 2 // 3)
 
         def put(item: list[bytes] | BaseException | None) -> None:
             while not stop.is_set():
@@ -515,7 +517,15 @@ class ShapeManager:
                     batches.put(item, timeout=0.1)
                     return
 
+        def convert(rows: list[bytes]) -> list[bytes]:
+            block = b"".join(rows)
+            if not block.endswith(b"\n"):  # PostgreSQL sends one whole row per COPY message
+                raise ShapeUnavailableError("table", "the snapshot stream ended inside a row; retry", retry_after=2)
+            return template.convert(block)
+
         def produce() -> None:
+            """Read and convert: the GIL-bound work stays in this one thread, so it never waits for the GIL
+            between rows; the consumer compresses and writes (without the GIL) meanwhile."""
             try:
                 with conn.cursor() as cursor, cursor.copy(sql.SQL("copy ({}) to stdout").format(query), params) as copy:
                     batch: list[bytes] = []
@@ -524,11 +534,11 @@ class ShapeManager:
                         progress[0] = time.monotonic()
                         batch.append(bytes(data))
                         size += len(data)
-                        if size >= self.segment_bytes:
-                            put(batch)
+                        if size >= block_bytes:
+                            put(convert(batch))
                             batch, size = [], 0
                     if batch:
-                        put(batch)
+                        put(convert(batch))
                 put(None)
             except BaseException as exc:  # handed to the consumer, which raises it
                 put(exc)
@@ -537,7 +547,6 @@ class ShapeManager:
         reader.start()
         timeout = self.snapshot_timeout_ms / 1000
         count = 0
-        pending = b""
         cancelled = False
         try:
             while True:
@@ -555,17 +564,11 @@ class ShapeManager:
                     if self._closing.is_set():
                         raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
                     raise item
-                block = pending + b"".join(item)
-                end = block.rfind(b"\n") + 1
-                block, pending = block[:end], block[end:]  # pending: empty unless a row was split between batches
-                messages = template.convert(block)
-                if messages:
-                    shape.log.append_run(0, count, messages)
-                    count += len(messages)
+                if item:
+                    shape.log.append_run(0, count, item)
+                    count += len(item)
                     shape.first_rows.set()
                     shape.notify()
-            if pending:
-                raise ShapeUnavailableError("table", "the snapshot stream ended inside a row; retry", retry_after=2)
         finally:
             stop.set()
             if reader.is_alive():
