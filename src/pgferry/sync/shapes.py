@@ -502,9 +502,10 @@ class ShapeManager:
         """Stream the snapshot's rows out of PostgreSQL with one ``COPY (…) TO STDOUT`` and append them to the
         log as messages in segments of about ``segment_bytes``, compressed as they are written, so that clients
         are served the first pages while later rows are still being produced. A reader thread pulls the COPY
-        stream (psycopg waits on the socket without the GIL) into a small bounded queue while this thread turns
-        the text into messages (:class:`~pgferry.sync.copytext.MessageTemplate`) and compresses segments
-        (without the GIL): at most a few segments are in memory at once. Returns the number of rows."""
+        stream (psycopg waits on the socket without the GIL) and turns each block of it into messages
+        (:class:`~pgferry.sync.copytext.MessageTemplate`), handing them through a small bounded queue to this
+        thread, which compresses and writes segments (compression runs without the GIL): at most a few segments
+        are in memory at once. Returns the number of rows."""
         batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
         stop = threading.Event()
         progress = [time.monotonic()]
