@@ -501,6 +501,9 @@ def test_kill_9_of_the_server_loses_and_duplicates_nothing(target_url: str, tmp_
         insert_task(db, f"before {i}")
     proc = start()
     try:
+        # The served long-polls run on uvicorn's C HTTP parser and uvloop (issue 16: half the cost per request).
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        assert "httptools/parser" in maps and "uvloop/loop" in maps
         last, rows = sync_to_end(Remote)  # type: ignore[arg-type]
         seen = [m["key"] for m in rows]
 

@@ -6,8 +6,10 @@ the dev Shape server's ``serve`` joins ``proxy`` here without touching the wirin
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -21,6 +23,30 @@ DEFAULT_UPSTREAM = "http://127.0.0.1:3000"
 sync_app = typer.Typer(
     help="ElectricSQL sync: the authorizing shape proxy and the dev Shape server.", no_args_is_help=True
 )
+
+
+def fast_uvicorn_options() -> tuple[Literal["auto", "httptools"], Literal["auto", "uvloop"]]:
+    """``(http, loop)`` for uvicorn: its C HTTP parser (httptools) and libuv event loop (uvloop), named
+    explicitly when installed (both are dependencies of the sync extra; uvloop has no Windows build). Every
+    long-poll is a request parsed and answered by the server: with h11 and asyncio that per-request work was what
+    10,000 live clients cost (the slowest fan-out round took 3.3 s); these halve it. Without them uvicorn's
+    pure-Python defaults still work."""
+    http: Literal["auto", "httptools"] = "httptools" if importlib.util.find_spec("httptools") else "auto"
+    loop: Literal["auto", "uvloop"] = "uvloop" if importlib.util.find_spec("uvloop") else "auto"
+    return http, loop
+
+
+def tune_gc_for_many_connections() -> None:
+    """Collect young garbage less often, and never rescan what startup built.
+
+    Every long-poll's wake-up allocates a request, a response, tasks and futures; with CPython's default
+    thresholds (700 allocations per young collection) 10,000 woken clients trigger thousands of collections, each
+    also scanning the older objects the waiting clients hold. Measured with 5,000 live clients and 3 rounds (load
+    ~5): 10-13 s of server CPU with the defaults, 6.4-6.8 s with these settings. ``gc.freeze()``
+    moves the objects alive after startup out of the collector's sight; cycles are still collected, just in
+    bigger batches."""
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 @sync_app.command()
@@ -89,6 +115,8 @@ def proxy(
     )
     writes = f", writes on http://{host}:{port}/v1/mutations" if write is not None else " (reads only)"
     typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape{writes}", err=True)
+    http, loop = fast_uvicorn_options()
+    tune_gc_for_many_connections()
     uvicorn.run(
         create_proxy_app(config),
         host=host,
@@ -96,6 +124,8 @@ def proxy(
         log_level=log_level,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
+        http=http,
+        loop=loop,
     )
 
 
@@ -172,4 +202,14 @@ def serve(
     # A clear one-line error now rather than a failed startup.
     check_sync_database(url.get_secret_value(), config.tables)
     typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
-    uvicorn.run(create_sync_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    http, loop = fast_uvicorn_options()
+    tune_gc_for_many_connections()
+    uvicorn.run(
+        create_sync_app(config),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        http=http,
+        loop=loop,
+    )

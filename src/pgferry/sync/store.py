@@ -32,6 +32,8 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import add
 from pathlib import Path
 from typing import Any
 
@@ -196,21 +198,41 @@ class ShapeLog:
         :meth:`sync` to make them durable."""
         if not entries:
             return
-        plain = b",".join(body for _offset, body in entries)
+        bodies = [body for _offset, body in entries]
+        tx = array("q", (offset.tx for offset, _body in entries))
+        op = array("q", (offset.op for offset, _body in entries))
+        self._append_segment(bodies, tx, op, deflated)
+
+    def append_run(self, tx: int, first_op: int, bodies: Sequence[bytes]) -> None:
+        """Append ``bodies`` as one segment at offsets ``tx_first_op``, ``tx_first_op+1``, …: :meth:`append`
+        for a snapshot slice of thousands of rows, without a Python object per row for its offset."""
+        if not bodies:
+            return
+        count = len(bodies)
+        self._append_segment(bodies, array("q", (tx,)) * count, array("q", range(first_op, first_op + count)))
+
+    def _append_segment(
+        self, bodies: Sequence[bytes], tx: array[int], op: array[int], deflated: bytes | None = None
+    ) -> None:
+        plain = b",".join(bodies)
         gz = deflated if deflated is not None else compress_segment(plain)
         zstd = compress_zstd(plain)
         first = len(self._tx)
         plain_pos = self._size
         gz_pos = plain_pos + len(plain)
         zstd_pos = gz_pos + len(gz)
-        records = array("q")
-        position = plain_pos
-        for offset, body in entries:
-            records.extend((offset.tx, offset.op, position, len(body)))
-            position += len(body) + 1
+        count = len(bodies)
+        lengths = array("q", map(len, bodies))
+        # Each body starts one comma after the end of the one before it.
+        positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=plain_pos))
+        records = array("q", bytes(_ENTRY_BYTES * count))
+        records[0::_ENTRY_FIELDS] = tx
+        records[1::_ENTRY_FIELDS] = op
+        records[2::_ENTRY_FIELDS] = positions
+        records[3::_ENTRY_FIELDS] = lengths
         crc = zlib.crc32(plain)
         header = _SEGMENT.pack(
-            _SEGMENT_KIND, first, len(entries), plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
+            _SEGMENT_KIND, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
         )
         self._data.write(plain)
         self._data.write(gz)
@@ -219,10 +241,10 @@ class ShapeLog:
         self._index.write(header + records.tobytes())
         self._index.flush()
         with self._lock:
-            self._tx.extend(records[0::_ENTRY_FIELDS])
-            self._op.extend(records[1::_ENTRY_FIELDS])
-            self._pos.extend(records[2::_ENTRY_FIELDS])
-            self._len.extend(records[3::_ENTRY_FIELDS])
+            self._tx.extend(tx)
+            self._op.extend(op)
+            self._pos.extend(positions)
+            self._len.extend(lengths)
             self._seg_first.append(first)
             self._seg_plain.append(plain_pos)
             self._seg_plain_len.append(len(plain))

@@ -32,6 +32,15 @@ try:
 except ImportError:  # optional: without it the server offers gzip and identity only
     zstandard = None
 
+# ISA-L's deflate (the ``isal`` package) writes the same format about four times as fast as zlib at level 1 with
+# a slightly better ratio; a fresh snapshot is compressed on its way to the first client, so this is on the
+# critical path of an initial sync. zlib is the fallback when the package is missing.
+_deflate: Any
+try:
+    from isal import isal_zlib as _deflate
+except ImportError:  # pragma: no cover - isal is a dependency of the sync extra
+    _deflate = zlib
+
 __all__ = [
     "AVAILABLE_ENCODINGS",
     "COMPRESS_LEVEL",
@@ -54,8 +63,8 @@ _POLY = 0xEDB88320
 def compress_segment(plain: bytes, level: int = COMPRESS_LEVEL) -> bytes:
     """Raw deflate of ``plain`` ending in a sync flush: byte aligned and self-contained, so it can be placed
     anywhere inside a deflate stream."""
-    compressor = zlib.compressobj(level, zlib.DEFLATED, -15)
-    return compressor.compress(plain) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    compressor = _deflate.compressobj(level, _deflate.DEFLATED, -15)
+    return bytes(compressor.compress(plain) + compressor.flush(_deflate.Z_SYNC_FLUSH))
 
 
 ZSTD_LEVEL = 1  # like gzip's level 1: fast enough for a fresh snapshot on its way to the first client

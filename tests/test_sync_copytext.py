@@ -1,0 +1,166 @@
+"""Snapshot messages built in Python from COPY text (issue 16) are byte for byte what the live path encodes.
+
+The snapshot reads plain ``COPY (select key, col::text, …) TO STDOUT`` and turns its text into JSON in bulk
+(:mod:`pgferry.sync.copytext`), relying on COPY's escaping being nearly JSON's. Everything that could break that
+shortcut is seeded here: every ASCII byte (raw control characters, ``\\v``, quotes, backslashes), values that
+read like COPY's NULL marker, ``%`` (the template is a ``%`` format), slashes and quotes in keys, odd column names,
+unicode, NULLs. The oracle is independent of the converter: the rows read back by psycopg as text and encoded by
+the live path's own functions (:func:`~pgferry.sync.protocol.row_key`, :func:`change_message`,
+:func:`encode_message`), compared with every message of the shape's stored log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgferry.sync.copytext import MessageTemplate, decode_field
+from pgferry.sync.protocol import (
+    BEFORE_ALL,
+    LogOffset,
+    ShapeDefinition,
+    TableName,
+    change_message,
+    encode_message,
+    row_key,
+)
+from pgferry.sync.shapes import ShapeManager
+
+TABLE = TableName("public", "copytext_t")
+ODD = 'we%ird "col" \\ é'  # a column name with %, a quote, a backslash and unicode
+
+VALUES: list[str | None] = [
+    *(f"byte {i:02x}: <{chr(i)}>" for i in range(1, 128)),
+    "\\N",
+    "\\\\N",
+    '"\\N"',
+    "\\",
+    "N",
+    "ends with a backslash \\",
+    '"',
+    '""',
+    "%s %d %%",
+    "tab\tnewline\nreturn\rvtab\vformfeed\fbackspace\b",
+    "unicode é ☃ 𝄞 \u2028 \u2029 \x7f",
+    "",
+    None,
+    "x" * 5000,
+]
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@pytest.fixture
+def table(target_url: str) -> Iterator[str]:
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        conn.execute("drop table if exists copytext_t")
+        conn.execute(
+            f"""create table copytext_t (k text, n int, a text, j jsonb, arr text[], ts timestamptz,
+                {_ident(ODD)} text, primary key (k, n))"""
+        )
+        with conn.cursor() as cur:
+            for i, value in enumerate(VALUES):
+                key = f'k/{i}/"q"\\{value if value is not None and len(value) < 50 else ""}'
+                cur.execute(
+                    "insert into copytext_t values (%s, %s, %s, %s, %s, now() - %s * interval '1 hour', %s)",
+                    [
+                        key,
+                        i,
+                        value,
+                        None if value is None else json.dumps({"v": value, "n": [i, None]}),
+                        None if value is None else [value, None, "b"],
+                        i,
+                        value if i % 2 else None,
+                    ],
+                )
+        yield target_url
+        conn.execute("drop table copytext_t")
+
+
+def _oracle(url: str, columns: list[str]) -> list[bytes]:
+    """Every row encoded by the live path's functions from psycopg's text values."""
+    select = ", ".join(f"{_ident(c)}::text" for c in columns)
+    options = "-c TimeZone=UTC -c DateStyle=ISO,MDY -c extra_float_digits=1 -c IntervalStyle=postgres"
+    with psycopg.connect(url, options=options) as conn:
+        rows = conn.execute(f"select {select} from copytext_t").fetchall()
+    out = []
+    for row in rows:
+        value = dict(zip(columns, row, strict=True))
+        message = change_message(
+            key=row_key(TABLE, [value["k"], value["n"]]),
+            operation="insert",
+            value=value,
+            relation=TABLE,
+            offset=LogOffset(0, 0),
+            txid=None,
+        )
+        out.append(encode_message(message))
+    return sorted(out)
+
+
+def _snapshot(url: str, tmp_path: Path, definition: ShapeDefinition) -> list[bytes]:
+    """Every message of a new shape's snapshot, as stored (tiny segments: many blocks, fast and exact mixed)."""
+    manager = ShapeManager(url, tmp_path / "sync", segment_bytes=2048)
+    try:
+        table, clause = manager.validate(definition)
+        shape, _created = manager.register(definition, table, clause)
+        manager.take_snapshot(shape)
+        assert shape.snapshot_error is None, shape.snapshot_error
+        assert shape.log.segments > 1
+        messages: list[bytes] = []
+        offset = BEFORE_ALL
+        while True:
+            chunk = shape.log.read_after(offset, max_bytes=10_000)
+            if not chunk.messages:
+                break
+            messages.extend(chunk.messages)
+            assert chunk.last_offset is not None
+            offset = chunk.last_offset
+        return messages
+    finally:
+        manager.close()
+
+
+def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(table: str, tmp_path: Path) -> None:
+    columns = ["k", "n", "a", "j", "arr", "ts", ODD]
+    messages = _snapshot(table, tmp_path, ShapeDefinition(TABLE))
+    assert len(messages) == len(VALUES)
+    assert sorted(messages) == _oracle(table, columns)
+    for message in messages:  # valid JSON, compact, as json.dumps writes it
+        assert message == json.dumps(json.loads(message), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_selected_columns_and_where_keep_the_same_encoding(table: str, tmp_path: Path) -> None:
+    columns = ["n", ODD, "k"]
+    definition = ShapeDefinition(TABLE, where="n % 3 = 0", columns=tuple(columns))
+    messages = _snapshot(table, tmp_path, definition)
+    expected = [m for m in _oracle(table, columns) if json.loads(m)["value"]["n"] is not None]
+    expected = [m for m in expected if int(json.loads(m)["value"]["n"]) % 3 == 0]
+    assert sorted(messages) == expected
+    assert [list(json.loads(m)["value"]) for m in messages[:1]] == [columns]
+
+
+def test_the_fast_and_exact_conversions_agree_line_by_line() -> None:
+    """Every line that has no raw control character and no ``\\v`` may take either path: both must agree."""
+    template = MessageTemplate(["a", "b%"], '"s"."t"/', [0], {"operation": "insert", "relation": ["s", "t"]})
+    fields = [  # (a, b) as COPY text; the key column is built from a as the snapshot query builds it
+        (b"plain/x", b"\\N"),
+        (b"\\\\N", b'"\\\\N"'),
+        (b'q\\\\"', b"\\t\\n\\r\\b\\f"),
+        (b"\xc3\xa9", b"%s"),
+        (b"", b""),
+    ]
+    lines = [b'"s"."t"/"' + a.replace(b"/", b"//") + b'"\t' + a + b"\t" + b for a, b in fields]
+    for line in lines:
+        fast = template.convert(line + b"\n")
+        assert fast == [template.exact(line)], line
+        assert json.loads(fast[0])["value"]["a"] == decode_field(line.split(b"\t")[1])
+    assert template.convert(b"".join(line + b"\n" for line in lines)) == [template.exact(line) for line in lines]
+    assert decode_field(b"\\N") is None
+    assert decode_field(b"a\\\\b\\vc\\td") == "a\\b\vc\td"
