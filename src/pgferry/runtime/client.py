@@ -17,8 +17,8 @@ what a user may see (the database's policies).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["AsyncDatabaseClient", "DatabaseClient", "create_async_database_client", "create_database_client"]
 
 APPLICATION_NAME = "pgferry-runtime"
+
+T = TypeVar("T")
 
 
 def _connection_kwargs(plan: ConnectionPlan) -> dict[str, Any]:
@@ -142,7 +144,7 @@ class DatabaseClient:
         """The user of an access token, verified (signature, expiry, audience, issuer, role ``authenticated``)."""
         return _require(self.project).verify_sync(token)
 
-    def user_transaction(self, user: AuthenticatedUser) -> Any:
+    def user_transaction(self, user: AuthenticatedUser) -> AbstractContextManager[psycopg.Connection[Any]]:
         """``with client.user_transaction(user) as conn:`` psycopg connection in a transaction as ``user``."""
         return self._writes_invalidate(user_transaction(self.pool, user))
 
@@ -183,7 +185,7 @@ class DatabaseClient:
         return self.query_cache
 
     @contextmanager
-    def _writes_invalidate(self, transaction: Any) -> Iterator[Any]:
+    def _writes_invalidate(self, transaction: AbstractContextManager[T]) -> Iterator[T]:
         """``transaction`` (a context manager), dropping the read cache when it ends: it may have written."""
         try:
             with transaction as inside:
@@ -227,15 +229,15 @@ class DatabaseClient:
         rows = query_as_user_bound(self.pool, user, statement, params, settings=settings)
         return [MemoryMatch(*row) for row in rows]
 
-    def service_role_transaction(self) -> Any:
+    def service_role_transaction(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A transaction as ``service_role`` (bypasses RLS): server code only, takes no token."""
         return self._writes_invalidate(service_role_transaction(self.pool))
 
-    def session(self, user: AuthenticatedUser) -> Any:
+    def session(self, user: AuthenticatedUser) -> AbstractContextManager[Session]:
         """A SQLAlchemy session whose one transaction runs as ``user``; committed at the end of the block."""
         return self._writes_invalidate(self._session_as(user))
 
-    def service_role_session(self) -> Any:
+    def service_role_session(self) -> AbstractContextManager[Session]:
         return self._writes_invalidate(self._session_as(None))
 
     @contextmanager
