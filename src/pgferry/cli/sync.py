@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -49,6 +49,18 @@ def tune_gc_for_many_connections() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def serve_many_connections(app: Any, host: str, port: int, log_level: str, **options: Any) -> None:
+    """Run ``app`` under uvicorn as the sync server and the proxy both run: many long-polling clients per process
+    (:func:`fast_uvicorn_options`, :func:`tune_gc_for_many_connections`), five seconds to shut down gracefully."""
+    import uvicorn  # here, so `pgferry --help` and the other commands do not pay for it
+
+    http, loop = fast_uvicorn_options()
+    tune_gc_for_many_connections()
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, http=http, loop=loop, **options
+    )
+
+
 @sync_app.command()
 def proxy(
     upstream: Annotated[
@@ -86,9 +98,7 @@ def proxy(
 ) -> None:
     """Serve /v1/shape for signed-in Supabase users: verify the token, scope the shape to the user, forward; and,
     with a database, the write API POST /v1/mutations (one transaction as the user, RLS decides)."""
-    # Imported here so `pgferry --help` and the other commands do not pay for starlette/uvicorn/httpx.
-    import uvicorn
-
+    # Imported here so `pgferry --help` and the other commands do not pay for starlette/httpx.
     from pgferry.config import parse_database_url
     from pgferry.sync import (
         ProxyConfig,
@@ -115,18 +125,7 @@ def proxy(
     )
     writes = f", writes on http://{host}:{port}/v1/mutations" if write is not None else " (reads only)"
     typer.echo(f"pgferry shape proxy on http://{host}:{port}/v1/shape -> {config.upstream}/v1/shape{writes}", err=True)
-    http, loop = fast_uvicorn_options()
-    tune_gc_for_many_connections()
-    uvicorn.run(
-        create_proxy_app(config),
-        host=host,
-        port=port,
-        log_level=log_level,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-        http=http,
-        loop=loop,
-    )
+    serve_many_connections(create_proxy_app(config), host, port, log_level, proxy_headers=False)
 
 
 @sync_app.command()
@@ -172,8 +171,6 @@ def serve(
 
     Every request must carry the secret from ELECTRIC_SECRET as the `secret` query parameter (the shape proxy
     adds it), unless --insecure."""
-    import uvicorn
-
     from pgferry.config import parse_database_url
     from pgferry.sync import SyncServerConfig, check_sync_database, create_sync_app, default_served_tables
 
@@ -202,14 +199,4 @@ def serve(
     # A clear one-line error now rather than a failed startup.
     check_sync_database(url.get_secret_value(), config.tables)
     typer.echo(f"pgferry sync server on http://{host}:{port}/v1/shape (shape logs in {directory})", err=True)
-    http, loop = fast_uvicorn_options()
-    tune_gc_for_many_connections()
-    uvicorn.run(
-        create_sync_app(config),
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=5,
-        http=http,
-        loop=loop,
-    )
+    serve_many_connections(create_sync_app(config), host, port, log_level)
