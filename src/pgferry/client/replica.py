@@ -79,6 +79,8 @@ _SEEN_TXIDS_KEPT: Final = 100_000
 
 #: Above this many changes at one boundary the visible table is rebuilt whole (one statement) rather than by key.
 _REBUILD_BY_KEY_UP_TO: Final = 10_000
+#: Bytes the replica file's WAL is cut back to after a checkpoint (a snapshot loads into the WAL unchecked).
+WAL_SIZE_LIMIT = 64 << 20
 #: The outbox's stored JSON is read with msgspec (see :meth:`LocalReplica.outbox`).
 _DECODE_JSON: Final = msgspec.json.decode
 
@@ -151,6 +153,9 @@ class LocalReplica:
         with self._lock:
             if self.path != ":memory:":
                 self._conn.execute("pragma journal_mode = wal")
+                # A snapshot loads without checkpoints (:meth:`_load_next`), so the WAL grows to its size; once it is
+                # checkpointed the file is cut back to this, not kept at the snapshot's size on disk.
+                self._conn.execute(f"pragma journal_size_limit = {WAL_SIZE_LIMIT}")
             self._conn.execute(
                 "pragma synchronous = normal" if self.path == ":memory:" else "pragma synchronous = full"
             )
