@@ -303,3 +303,39 @@ def test_a_refetched_snapshot_replaces_the_rows_at_its_apply_and_keeps_pending_w
     replica.stage("tasks", new[:5000], schema=STAGE_SCHEMA, replace=True)
     replica.discard_staged("tasks")
     assert next_tables(replica) == [] and replica_state(replica) == replayed(new)
+
+
+def test_a_snapshot_loads_without_checkpoints_and_leaves_no_snapshot_sized_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new snapshot is appended without WAL checkpoints (one at the apply instead of one per thousand pages):
+    the WAL grows while it loads, everything is in the file and readable after the apply, and the next write cuts
+    the WAL back to the limit rather than leaving a snapshot-sized file beside the replica."""
+    import pgferry.client.replica as replica_module
+
+    monkeypatch.setattr(replica_module, "WAL_SIZE_LIMIT", 1 << 20)
+    path = tmp_path / "replica.db"
+    replica = LocalReplica(path)
+    schema = {"id": {"type": "text", "pk_index": 0}, "title": {"type": "text"}}
+    for page in range(4):
+        replica.stage(
+            "t",
+            [
+                Change(f'"public"."t"/"{n}"', "insert", {"id": str(n), "title": f"{n} " + "x" * 500}, ())
+                for n in range(page * 2000, (page + 1) * 2000)
+            ],
+            schema=schema,
+        )
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 4 << 20  # ~4 MB of rows in the WAL,
+    assert path.stat().st_size < 1 << 20  # none of them checkpointed into the file yet
+    replica.apply("t", "public.t", [], offset="0_0", handle="h", schema=schema)
+    replica.write("t", "insert", {"id": "new", "title": "after"}, {"id": "new", "title": "after"})
+    assert wal.stat().st_size <= 1 << 20
+    replica.close()
+    reopened = LocalReplica(path)
+    assert reopened.query(
+        "select count(*), min(title = id || ' ' || substr(title, length(id) + 2)) from _synced_t"
+    ) == [(8000, 1)]
+    assert reopened.query("select title from t where id = 'new'") == [("after",)]
+    reopened.close()

@@ -39,6 +39,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import msgspec
+
 from pgferry.client._shape_base import Change
 from pgferry.client.values import parse_value
 
@@ -77,6 +79,10 @@ _SEEN_TXIDS_KEPT: Final = 100_000
 
 #: Above this many changes at one boundary the visible table is rebuilt whole (one statement) rather than by key.
 _REBUILD_BY_KEY_UP_TO: Final = 10_000
+#: Bytes the replica file's WAL is cut back to after a checkpoint (a snapshot loads into the WAL unchecked).
+WAL_SIZE_LIMIT = 64 << 20
+#: The outbox's stored JSON is read with msgspec (see :meth:`LocalReplica.outbox`).
+_DECODE_JSON: Final = msgspec.json.decode
 
 Op = Literal["insert", "update", "delete"]
 
@@ -162,6 +168,9 @@ class LocalReplica(ShapeSchemas):
         with self._lock:
             if self.path != ":memory:":
                 self._conn.execute("pragma journal_mode = wal")
+                # A snapshot loads without checkpoints (:meth:`_load_next`), so the WAL grows to its size; once it is
+                # checkpointed the file is cut back to this, not kept at the snapshot's size on disk.
+                self._conn.execute(f"pragma journal_size_limit = {WAL_SIZE_LIMIT}")
             self._conn.execute(
                 "pragma synchronous = normal" if self.path == ":memory:" else "pragma synchronous = full"
             )
@@ -303,12 +312,16 @@ class LocalReplica(ShapeSchemas):
         durable = self.path != ":memory:"
         if durable:
             self._conn.execute("pragma synchronous = normal")
+            # No checkpoint while the snapshot loads: each one copied the pages just appended from the WAL into the
+            # file and reset the WAL, once per thousand pages; the apply's commit (and its checkpoint) does it once.
+            self._conn.execute("pragma wal_autocheckpoint = 0")
         try:
             with self._transaction() as conn:
                 self._append_next(conn, name, columns, inserts, txids)
         finally:
             if durable:
                 self._conn.execute("pragma synchronous = full")
+                self._conn.execute("pragma wal_autocheckpoint = 1000")
 
     @staticmethod
     def _append_next(
@@ -694,10 +707,11 @@ class LocalReplica(ShapeSchemas):
                 f"from _pgferry_outbox {where} order by seq limit ?",
                 [*params, limit],
             ).fetchall()
+        # msgspec decodes the stored JSON (the same values as json.loads) several times faster: the sender reads a
+        # whole batch of items per request.
+        decode = _DECODE_JSON
         return [
-            OutboxItem(
-                seq, mid, shape, op, json.loads(row)["json"], json.loads(base) if base else None, written, st, txid
-            )
+            OutboxItem(seq, mid, shape, op, decode(row)["json"], decode(base) if base else None, written, st, txid)
             for seq, mid, shape, op, row, base, written, st, txid in found
         ]
 

@@ -77,6 +77,9 @@ DEFAULT_RETENTION_SECONDS: Final = 7 * 24 * 3600.0
 MAX_BODY_BYTES: Final = 8 << 20
 _PURGE_INTERVAL: Final = 60.0
 _JSON: Final = msgspec.json.Encoder()
+#: Bodies are decoded by msgspec first (in C, several times faster than ``json.loads`` on a batch of thousands of
+#: mutations: a drain's write API shares its cores with PostgreSQL); the same objects for any JSON both accept.
+_DECODE: Final = msgspec.json.decode
 
 
 def default_write_tables() -> dict[str, str | None]:
@@ -239,7 +242,11 @@ class WriteApi:
             if len(data) > MAX_BODY_BYTES:
                 return _too_large()
         try:
-            return json.loads(data)
+            return _DECODE(data)
+        except msgspec.DecodeError:
+            pass
+        try:
+            return json.loads(data)  # what msgspec refuses (NaN, 1e400, a lone surrogate) is decided as it always was
         except ValueError:
             return json_error(400, {"message": "Invalid request", "errors": {"body": ["is not valid JSON"]}})
 
