@@ -157,6 +157,14 @@ class ShapeSchemas:
             c for c, _ in sorted(((c, e["pk_index"]) for c, e in schema.items() if "pk_index" in e), key=lambda x: x[1])
         ]
 
+    def _key_in(self, name: str, source_table: str | None, row: Mapping[str, str | None]) -> str:
+        """The shape log's key of ``row`` in shape ``name`` of ``source_table`` (``schema.table``)."""
+        schema, _, table = (source_table or f"public.{name}").partition(".")
+        parts = [
+            '"' + ("_" if row.get(c) is None else str(row[c]).replace("/", "//")) + '"' for c in self.primary_key(name)
+        ]
+        return f'"{schema}"."{table}"/' + "/".join(parts)
+
 
 class LocalReplica(ShapeSchemas):
     """``LocalReplica(path)`` (``":memory:"`` for a throwaway one). Thread-safe: one connection behind a lock."""
@@ -628,11 +636,7 @@ class LocalReplica(ShapeSchemas):
         """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
         with self._lock:
             source = self._conn.execute("select source_table from _pgferry_shapes where name = ?", [name]).fetchone()
-        schema, _, table = (source[0] if source else f"public.{name}").partition(".")
-        parts = [
-            '"' + ("_" if row.get(c) is None else str(row[c]).replace("/", "//")) + '"' for c in self.primary_key(name)
-        ]
-        return f'"{schema}"."{table}"/' + "/".join(parts)
+        return self._key_in(name, source[0] if source else None, row)
 
     def write(
         self,

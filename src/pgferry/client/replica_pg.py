@@ -548,11 +548,7 @@ class PostgresReplica(ShapeSchemas):
     def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
         """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
         source = self._read("select source_table from _pgferry_shapes where name = %s", [name])
-        schema, _, table = (source[0][0] if source else f"public.{name}").partition(".")
-        parts = [
-            '"' + ("_" if row.get(c) is None else str(row[c]).replace("/", "//")) + '"' for c in self.primary_key(name)
-        ]
-        return f'"{schema}"."{table}"/' + "/".join(parts)
+        return self._key_in(name, source[0][0] if source else None, row)
 
     def write(
         self,
