@@ -35,6 +35,7 @@ from pgferry.runtime.statements import (
     SessionStatements,
     claims_statement,
     inline,
+    local_setting_calls,
     local_settings,
     prepared_form,
     rows_of_last_result,
@@ -154,9 +155,9 @@ def query_as_user_bound(
     protocol takes exactly one statement per query, so a second one cannot ride along.
     """
     parameters = _claims_parameters_of(user)
-    setting_calls = "".join(", pg_catalog.set_config(%s, %s, true)" for _ in settings or ())
-    setup = CLAIMS_SQL + setting_calls
-    setup_params = [*parameters, *(x for item in (settings or {}).items() for x in item)]
+    calls, setting_params = local_setting_calls(settings or {})
+    setup = f"{CLAIMS_SQL}, {calls}" if calls else CLAIMS_SQL
+    setup_params = [*parameters, *setting_params]
     with pool.connection() as conn:
         if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
             raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")

@@ -216,8 +216,15 @@ def claims_statement(parameters: tuple[str, str, str, str], prepared: bool) -> s
 def local_settings(settings: Mapping[str, str]) -> tuple[str, list[str]]:
     """``settings`` as one statement setting each for the current transaction only (``set_config(…, true)``),
     and its parameters."""
+    calls, params = local_setting_calls(settings)
+    return f"select {calls}", params
+
+
+def local_setting_calls(settings: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The ``set_config(…, true)`` calls of :func:`local_settings` (comma-separated, to add to a select list) and
+    their parameters."""
     calls = ", ".join("pg_catalog.set_config(%s, %s, true)" for _ in settings)
-    return f"select {calls}", [x for item in settings.items() for x in item]
+    return calls, [x for item in settings.items() for x in item]
 
 
 def inline(cursor: psycopg.ClientCursor[Any], statement: str, params: Sequence[Any] | Mapping[str, Any] | None) -> str:
