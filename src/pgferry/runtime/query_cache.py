@@ -200,12 +200,11 @@ class QueryCache:
                 self._counts["hits"] += 1
                 return list(entry.rows)
             self._counts["misses"] += 1
-            before = (self._epoch, [self._generation.get(t, 0) for t in sorted(tables)])
+            before = self._versions(tables)
         rows = load()
         if len(rows) <= MAX_CACHED_ROWS:
             with self._lock:
-                after = (self._epoch, [self._generation.get(t, 0) for t in sorted(tables)])
-                if after == before and self._streaming:
+                if self._versions(tables) == before and self._streaming:
                     self._store(key, _Entry(list(rows), tables))
         return rows
 
@@ -215,6 +214,10 @@ class QueryCache:
             self._drop_everything()
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _versions(self, tables: frozenset[Table]) -> tuple[int, list[int]]:
+        """What must not change while a read runs for its rows to be kept (called under the lock)."""
+        return self._epoch, [self._generation.get(t, 0) for t in sorted(tables)]
 
     def _store(self, key: Hashable, entry: _Entry) -> None:
         self._entries[key] = entry
