@@ -261,11 +261,12 @@ def test_a_new_snapshot_is_loaded_once_in_log_order_and_gone_after_a_crash(tmp_p
     # The synced table that was the snapshot table has its unique key index (updates and upserts go by key).
     indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = '_synced_tasks'")
     assert ("_synced_tasks__key",) in indexes
-    visible_indexes = replica.query("select name from sqlite_master where type = 'index' and tbl_name = 'tasks'")
-    assert ("_pgferry_key_tasks",) in visible_indexes
-    for table in ("_synced_tasks", "tasks"):
-        with pytest.raises(sqlite3.IntegrityError):
-            replica.query(f'insert into "{table}" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
+    with pytest.raises(sqlite3.IntegrityError):
+        replica.query('insert into "_synced_tasks" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
+    # The visible rows are a view over the synced rows and the overlay: never a second copy, never writable.
+    assert replica.query("select type from sqlite_master where name = 'tasks'") == [("view",)]
+    with pytest.raises(sqlite3.OperationalError, match="view"):
+        replica.query('insert into "tasks" (_key, id) values (\'"public"."tasks"/"1"\', \'1\')')
 
     # Live changes after it take the ordinary path, by key.
     replica.apply(
@@ -339,3 +340,111 @@ def test_a_snapshot_loads_without_checkpoints_and_leaves_no_snapshot_sized_wal(
     ) == [(8000, 1)]
     assert reopened.query("select title from t where id = 'new'") == [("after",)]
     reopened.close()
+
+
+def visible_by_replay(replica: LocalReplica) -> dict[str, tuple[str | None, ...]]:
+    """The oracle for the visible rows: the synced rows with every outbox item replayed over them in order, by
+    the rules of a local write (an update of a row that is not there changes nothing; an insert of a row that is
+    there updates it) — computed in Python from the synced table and the outbox, not from the overlay."""
+    state: dict[str, dict[str, str | None]] = {
+        key: dict(zip(STAGE_SCHEMA, rest, strict=True)) for key, *rest in replica_state_rows(replica)
+    }
+    for op, key, row in replica.query("select op, row_key, row from _pgferry_outbox order by seq"):
+        text = json.loads(row)["text"]
+        if op == "delete":
+            state.pop(key, None)
+        elif key in state:
+            state[key].update({c: v for c, v in text.items() if c in STAGE_SCHEMA})
+        elif op == "insert":
+            state[key] = {c: text.get(c) for c in STAGE_SCHEMA}
+    return {key: tuple(row[c] for c in STAGE_SCHEMA) for key, row in state.items()}
+
+
+def replica_state_rows(replica: LocalReplica) -> list[tuple[Any, ...]]:
+    return replica.query('select _key, id, title, note from "_synced_tasks"')
+
+
+def visible_state(replica: LocalReplica) -> dict[str, tuple[str | None, ...]]:
+    return {row[0]: tuple(row[1:]) for row in replica.query('select _key, id, title, note from "tasks"')}
+
+
+def test_visible_rows_are_the_synced_rows_with_the_outbox_replayed_over_them(tmp_path: Path) -> None:
+    """Random local writes, synced changes, acknowledgements, settling and rejections: after every step the view
+    shows exactly the synced rows with the remaining outbox replayed (judged by replaying in Python), and the
+    overlay holds only keys that have outbox items."""
+    import random
+
+    rng = random.Random(20261130)
+    replica = LocalReplica(tmp_path / "replica.db")
+    replica.apply(
+        "tasks", "public.tasks", [staged_change(n) for n in range(40)], offset="0_0", handle="h", schema=STAGE_SCHEMA
+    )
+    txid = 5000
+    for step in range(600):
+        n = rng.randrange(60)
+        action = rng.random()
+        if action < 0.45:
+            op = rng.choice(["insert", "update", "delete"])
+            row = {"id": str(n)} if op == "delete" else {"id": str(n), "title": f"local {step}"}
+            if op == "insert":
+                row["note"] = rng.choice([None, f"n{step}"])
+            replica.write("tasks", op, row, row)  # type: ignore[arg-type]
+        elif action < 0.75:
+            op = rng.choice(["insert", "update", "delete"])
+            txid += 1
+            key = f'"public"."tasks"/"{n}"'
+            change = (
+                Change(key, "insert", {"id": str(n), "title": f"server {step}", "note": None}, (txid,))
+                if op == "insert"
+                else Change(key, op, {"id": str(n), **({"note": f"s{step}"} if op == "update" else {})}, (txid,))
+            )
+            known = key in replica_state(replica)
+            if op != "insert" and not known:
+                continue  # the server never sends an update or delete of a row the shape does not hold
+            replica.apply("tasks", "public.tasks", [change], offset=f"{step}_0", handle="h", schema=None)
+        elif action < 0.9:
+            items = replica.outbox(state="pending", limit=rng.randrange(1, 4))
+            if items:
+                txid += 1
+                replica.acknowledge([{"id": item.mutation_id, "txid": str(txid)} for item in items])
+                if rng.random() < 0.5:  # the change streams in: the items settle at that boundary
+                    with replica._transaction() as conn:  # record the txid as seen, as a streamed change would
+                        conn.execute("insert or ignore into _pgferry_seen_txids values (?, 0)", [txid])
+                    replica.apply("tasks", "public.tasks", [], offset=f"{step}_2", handle="h", schema=None)
+        else:
+            items = replica.outbox(state="pending", limit=1)
+            if items:
+                replica.reject([{"id": items[0].mutation_id, "problem": "no", "status": 403}])
+        assert visible_state(replica) == visible_by_replay(replica), f"step {step}"
+        with_items = {r[0] for r in replica.query("select distinct row_key from _pgferry_outbox")}
+        overlay_keys = {r[0] for r in replica.query('select _key from "_pgferry_overlay_tasks"')}
+        assert overlay_keys <= with_items, f"step {step}: keys left in the overlay without outbox items"
+
+
+def test_a_replica_with_a_visible_table_is_converted_to_the_view_when_opened(tmp_path: Path) -> None:
+    """Replicas written before the visible rows became a view keep them as a table: opening one replaces it with
+    the view and rebuilds the overlay from the outbox, losing nothing."""
+    path = tmp_path / "replica.db"
+    replica = LocalReplica(path)
+    replica.apply(
+        "tasks", "public.tasks", [staged_change(n) for n in range(20)], offset="1_0", handle="h", schema=STAGE_SCHEMA
+    )
+    replica.write("tasks", "update", {"id": "3", "title": "local"}, {"id": "3", "title": "local"})
+    replica.write("tasks", "delete", {"id": "4"}, {"id": "4"})
+    replica.write("tasks", "insert", {"id": "99", "title": "new", "note": None}, {"id": "99", "title": "new"})
+    expected = visible_state(replica)
+    replica.close()
+    with sqlite3.connect(path) as old:  # the old layout: the visible rows as a table of their own
+        old.execute('create table "tasks_copy" as select * from "tasks"')
+        old.execute('drop view "tasks"')
+        old.execute('drop table "_pgferry_overlay_tasks"')
+        old.execute('alter table "tasks_copy" rename to "tasks"')
+    assert sqlite3.connect(path).execute("select type from sqlite_master where name = 'tasks'").fetchall() == [
+        ("table",)
+    ]
+
+    reopened = LocalReplica(path)
+    assert reopened.query("select type from sqlite_master where name = 'tasks'") == [("view",)]
+    assert visible_state(reopened) == expected == visible_by_replay(reopened)
+    assert reopened.pending_keys("tasks") == {'"public"."tasks"/"3"', '"public"."tasks"/"99"'}
+    assert reopened.position("tasks") == ("1_0", "h")

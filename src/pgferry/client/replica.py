@@ -9,7 +9,12 @@ it (PostgreSQL's text form: uuid, jsonb, arrays, timestamps and vectors round-tr
   (``_pgferry_shapes``), so after a crash the replica is never ahead of or behind its offset. A ``must-refetch``
   replaces the rows in that same way once the new snapshot is up to date (no empty moment, no half state).
 - ``"<name>"``: what the application reads and queries with SQL: the synced row with every pending local mutation
-  replayed over it, in order. A local write changes this table and enters ``_pgferry_outbox`` in one transaction.
+  replayed over it, in order. It is a **view**: the synced rows, except keys held in the overlay table
+  ``"_pgferry_overlay_<name>"``, plus the overlay's rows not marked deleted. The overlay holds only keys with
+  outbox items (their synced row with the items replayed over it), so a snapshot of a million rows is written
+  once, not copied into a second table, and a boundary rebuilds only the keys that have local writes. A local
+  write changes the overlay and enters ``_pgferry_outbox`` in one transaction. The view is read-only to the
+  application: writing to it is an error, not a change the sync would silently overwrite.
 
 Outbox items are ``pending`` (not yet acknowledged) or ``sent`` (the write API applied them in transaction
 ``txid``). An item is dropped — and its key's visible row rebuilt from the synced row — when its txid has appeared in
@@ -138,9 +143,9 @@ def _key_index(name: str) -> str:
     return f"_synced_{name}__key"
 
 
-def _visible_key_index(name: str) -> str:
-    """The unique index on ``_key`` of a visible table created for a new snapshot (no ``primary key``)."""
-    return f"_pgferry_key_{name}"
+def _overlay_table(name: str) -> str:
+    """The table of a shape's keys that have local writes: their visible rows (see the module docstring)."""
+    return f"_pgferry_overlay_{name}"
 
 
 class ShapeSchemas:
@@ -198,6 +203,25 @@ class LocalReplica(ShapeSchemas):
         self._schemas: dict[str, dict[str, Any]] = {
             name: json.loads(schema) for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
         }
+        with self._lock:
+            self._views_from_visible_tables()
+
+    def _views_from_visible_tables(self) -> None:
+        """A replica written before the visible rows became a view kept them as a full table: replace it with the
+        view and the overlay, rebuilt from the outbox, in one transaction (no row is lost: the synced table and
+        the outbox are the truth; the old table was derived from them)."""
+        old = [
+            name
+            for name in self._schemas
+            if self._conn.execute("select 1 from sqlite_schema where type = 'table' and name = ?", [name]).fetchone()
+        ]
+        if not old:
+            return
+        with self._transaction() as conn:
+            for name in old:
+                conn.execute(f"drop table {_ident(name)}")
+                self._ensure_tables(conn, name, self._schemas[name])
+                self._rebuild_all(conn, name)
 
     # -- transactions ---------------------------------------------------------------------------------------------
 
@@ -433,7 +457,7 @@ class LocalReplica(ShapeSchemas):
             if reset:  # every acknowledged write is in the new snapshot or its log so far (module docstring)
                 conn.execute("delete from _pgferry_outbox where shape = ? and state = 'sent'", [name])
             if snapshot is not None or reset or count > _REBUILD_BY_KEY_UP_TO:
-                self._rebuild_all(conn, name, index=snapshot is not None)
+                self._rebuild_all(conn, name)
             else:
                 self._rebuild(conn, name, touched | settled)
             if snapshot is not None:
@@ -443,18 +467,16 @@ class LocalReplica(ShapeSchemas):
     def _take_snapshot(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any], columns: list[str]) -> None:
         """Make the snapshot table (:meth:`stage`) the shape's synced table, in the apply's transaction: renamed and
         given its unique index on ``_key`` (built once, from sorted keys), or copied when the shape's columns
-        changed since it was started. The visible table is recreated empty and without its key index, for the apply
-        to fill in table order and then index (:meth:`_rebuild_all`): the snapshot's rows are not in key order."""
+        changed since it was started. The visible view is recreated over it; the apply rebuilds the overlay."""
         loaded = _ident(_next_table(name))
         synced = _ident(f"_synced_{name}")
+        # The view goes first: SQLite checks views that name a table when one is dropped or renamed.
+        conn.execute(f"drop view if exists {_ident(name)}")
         conn.execute(f"drop table if exists {synced}")
-        conn.execute(f"drop table if exists {_ident(name)}")
+        old = self._schemas.get(name)
+        if old is not None and old != schema:
+            conn.execute(f"drop table if exists {_ident(_overlay_table(name))}")
         self._schemas[name] = schema
-        # The visible table without a primary key: the apply copies every row into it, then indexes it once.
-        conn.execute(
-            f"create table {_ident(name)} (_key text not null, _pending integer not null default 0, "
-            f"{', '.join(f'{_ident(c)} text' for c in schema)})"
-        )
         if columns != list(schema):
             self._ensure_tables(conn, name, schema)
             common = ", ".join(["_key", *(_ident(c) for c in columns if c in schema)])
@@ -474,6 +496,7 @@ class LocalReplica(ShapeSchemas):
             conn.execute(f"delete from {synced} where rowid not in (select max(rowid) from {synced} group by _key)")
             conn.execute(index)
         conn.execute("release _pgferry_index")
+        self._ensure_tables(conn, name, schema)
 
     def _apply_typed_stage(
         self,
@@ -528,20 +551,32 @@ class LocalReplica(ShapeSchemas):
         return found[5:] if found else None
 
     def _ensure_tables(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any]) -> None:
-        """Create (or, when the server's columns changed, recreate) the shape's two tables."""
+        """Create (or, when the server's columns changed, recreate) the shape's synced and overlay tables and its
+        visible view (module docstring)."""
         old = self._schemas.get(name)
         if old is not None and old != schema:
+            conn.execute(f"drop view if exists {_ident(name)}")
             conn.execute(f"drop table if exists {_ident('_synced_' + name)}")
-            conn.execute(f"drop table if exists {_ident(name)}")
+            conn.execute(f"drop table if exists {_ident(_overlay_table(name))}")
         self._schemas[name] = schema
         # One index per table: the shape log's row key, which encodes the primary key (a second index on the key
         # columns would double the cost of every applied row). Rowid tables, not WITHOUT ROWID: rows of several
         # hundred bytes left WITHOUT ROWID pages half empty (a 100k-row replica grew from ~180 to 277 MB).
         columns = ", ".join(f"{_ident(c)} text" for c in schema)
-        conn.execute(f"create table if not exists {_ident('_synced_' + name)} (_key text primary key, {columns})")
+        synced, overlay = _ident("_synced_" + name), _ident(_overlay_table(name))
+        conn.execute(f"create table if not exists {synced} (_key text primary key, {columns})")
         conn.execute(
-            f"create table if not exists {_ident(name)} "
-            f"(_key text primary key, _pending integer not null default 0, {columns})"
+            f"create table if not exists {overlay} "
+            f"(_key text primary key, _pending integer not null, _deleted integer not null, {columns})"
+        )
+        # Keys in the overlay are read from it alone (a pending delete hides the synced row); SQLite pushes a
+        # query's conditions into both arms, so a lookup by key stays two index probes.
+        names = ", ".join(_ident(c) for c in schema)
+        conn.execute(
+            f"create view if not exists {_ident(name)} (_key, _pending, {names}) as "
+            f"select _key, 0, {names} from {synced} as s "
+            f"where not exists (select 1 from {overlay} as o where o._key = s._key) "
+            f"union all select _key, _pending, {names} from {overlay} where not _deleted"
         )
 
     def _apply_changes(
@@ -628,7 +663,12 @@ class LocalReplica(ShapeSchemas):
 
     def pending_keys(self, name: str) -> set[str]:
         with self._lock:
-            return {r[0] for r in self._conn.execute(f"select _key from {_ident(name)} where _pending > 0")}
+            return {
+                r[0]
+                for r in self._conn.execute(
+                    f"select _key from {_ident(_overlay_table(name))} where _pending > 0 and not _deleted"
+                )
+            }
 
     # -- local writes and the outbox ------------------------------------------------------------------------------
 
@@ -675,31 +715,52 @@ class LocalReplica(ShapeSchemas):
 
     def _visible(self, conn: sqlite3.Connection, name: str, key: str) -> dict[str, Any] | None:
         schema = self._schemas[name]
-        row = conn.execute(
-            f"select {', '.join(_ident(c) for c in schema)} from {_ident(name)} where _key = ?", [key]
+        names = ", ".join(_ident(c) for c in schema)
+        found = conn.execute(
+            f"select _deleted, {names} from {_ident(_overlay_table(name))} where _key = ?", [key]
         ).fetchone()
+        if found is not None:
+            return None if found[0] else dict(zip(schema, found[1:], strict=True))
+        row = conn.execute(f"select {names} from {_ident('_synced_' + name)} where _key = ?", [key]).fetchone()
         return dict(zip(schema, row, strict=True)) if row else None
 
     def _overlay(
         self, conn: sqlite3.Connection, name: str, key: str, op: str, text_row: Mapping[str, str | None]
     ) -> None:
-        table = _ident(name)
+        """Replay one local write over the key's visible row, in the overlay (a key enters it with a copy of its
+        synced row, if any). An update of a row that is not visible changes nothing, as on the server."""
+        overlay = _ident(_overlay_table(name))
+        found = conn.execute(f"select _deleted from {overlay} where _key = ?", [key]).fetchone()
+        if found is None:
+            names = ", ".join(_ident(c) for c in self._schemas[name])
+            copied = conn.execute(
+                f"insert into {overlay} (_key, _pending, _deleted, {names}) "
+                f"select _key, 0, 0, {names} from {_ident('_synced_' + name)} where _key = ?",
+                [key],
+            ).rowcount
+            exists = copied > 0
+        else:
+            exists = not found[0]
         if op == "delete":
-            conn.execute(f"delete from {table} where _key = ?", [key])
+            conn.execute(
+                f"insert into {overlay} (_key, _pending, _deleted) values (?, 0, 1) "
+                "on conflict (_key) do update set _deleted = 1, _pending = 0",
+                [key],
+            )
             return
         columns = [c for c in text_row if c in self._schemas[name]]
-        exists = conn.execute(f"select 1 from {table} where _key = ?", [key]).fetchone()
         if exists or op == "update":
             if exists and columns:
                 sets = ", ".join(f"{_ident(c)} = ?" for c in columns)
                 conn.execute(
-                    f"update {table} set {sets}, _pending = _pending + 1 where _key = ?",
+                    f"update {overlay} set {sets}, _pending = _pending + 1 where _key = ?",
                     [*(text_row[c] for c in columns), key],
                 )
             return
-        names = ", ".join(["_key", "_pending", *(_ident(c) for c in columns)])
-        marks = ", ".join(["?"] * (len(columns) + 2))
-        conn.execute(f"insert into {table} ({names}) values ({marks})", [key, 1, *(text_row[c] for c in columns)])
+        conn.execute(f"delete from {overlay} where _key = ?", [key])  # a pending delete, inserted again
+        names = ", ".join(["_key", "_pending", "_deleted", *(_ident(c) for c in columns)])
+        marks = ", ".join(["?"] * (len(columns) + 3))
+        conn.execute(f"insert into {overlay} ({names}) values ({marks})", [key, 1, 0, *(text_row[c] for c in columns)])
 
     def outbox(self, *, state: str | None = None, limit: int = 1000, after: int = 0) -> list[OutboxItem]:
         """Outbox items in order (all, or those in ``state``), from sequence number ``after`` on (exclusive: the
@@ -813,20 +874,14 @@ class LocalReplica(ShapeSchemas):
         return {r[1] for r in found}
 
     def _rebuild(self, conn: sqlite3.Connection, name: str, keys: Iterable[str]) -> None:
-        """Visible rows of ``keys`` = synced row + the key's remaining outbox items replayed in order."""
-        schema = self._schemas[name]
-        columns = ", ".join(_ident(c) for c in schema)
-        # Set-based: the keys go into a temporary table, then one statement each copies the synced rows and reads
-        # the outbox items left to replay (a boundary touches thousands of keys when an outbox drains).
+        """Visible rows of ``keys`` = synced row + the key's remaining outbox items replayed in order: the keys
+        leave the overlay, and those with items left enter it again by replaying them."""
+        # Set-based: the keys go into a temporary table, then one statement clears them from the overlay and one
+        # reads the outbox items left to replay (a boundary touches thousands of keys when an outbox drains).
         conn.execute("create temp table if not exists _pgferry_keys (key text primary key)")
         conn.execute("delete from _pgferry_keys")
         conn.executemany("insert or ignore into _pgferry_keys (key) values (?)", [(key,) for key in keys])
-        conn.execute(f"delete from {_ident(name)} where _key in (select key from _pgferry_keys)")
-        conn.execute(
-            f"insert into {_ident(name)} (_key, _pending, {columns}) "
-            f"select _key, 0, {columns} from {_ident('_synced_' + name)} "
-            "where _key in (select key from _pgferry_keys)"
-        )
+        conn.execute(f"delete from {_ident(_overlay_table(name))} where _key in (select key from _pgferry_keys)")
         for op, key, row in conn.execute(
             "select op, row_key, row from _pgferry_outbox where shape = ? "
             "and row_key in (select key from _pgferry_keys) order by seq",
@@ -834,20 +889,10 @@ class LocalReplica(ShapeSchemas):
         ).fetchall():
             self._overlay(conn, name, key, op, json.loads(row)["text"])
 
-    def _rebuild_all(self, conn: sqlite3.Connection, name: str, *, index: bool = False) -> None:
-        """Visible rows = all synced rows + every remaining outbox item replayed in order. ``index``: the visible
-        table was just created without its key index (:meth:`_take_snapshot`): it is built after the copy, from
-        sorted keys, and before the replay, which looks rows up by key."""
-        columns = ", ".join(_ident(c) for c in self._schemas[name])
-        conn.execute(f"delete from {_ident(name)}")
-        conn.execute(
-            f"insert into {_ident(name)} (_key, _pending, {columns}) "
-            f"select _key, 0, {columns} from {_ident('_synced_' + name)}"
-        )
-        if index:
-            conn.execute(
-                f"create unique index if not exists {_ident(_visible_key_index(name))} on {_ident(name)} (_key)"
-            )
+    def _rebuild_all(self, conn: sqlite3.Connection, name: str) -> None:
+        """Visible rows = all synced rows + every remaining outbox item replayed in order: the overlay is emptied
+        and refilled from the outbox (the synced rows are never copied)."""
+        conn.execute(f"delete from {_ident(_overlay_table(name))}")
         pending = conn.execute(
             "select op, row_key, row from _pgferry_outbox where shape = ? order by seq", [name]
         ).fetchall()
