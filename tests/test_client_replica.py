@@ -309,9 +309,10 @@ def test_a_refetched_snapshot_replaces_the_rows_at_its_apply_and_keeps_pending_w
 def test_a_snapshot_loads_without_checkpoints_and_leaves_no_snapshot_sized_wal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A new snapshot is appended without WAL checkpoints (one at the apply instead of one per thousand pages):
-    the WAL grows while it loads, everything is in the file and readable after the apply, and the next write cuts
-    the WAL back to the limit rather than leaving a snapshot-sized file beside the replica."""
+    """A new snapshot is appended without WAL checkpoints (one in the background after the apply instead of one per
+    thousand pages): the WAL grows while it loads, everything is readable after the apply and in the file after the
+    checkpoint, and the next write cuts the WAL back to the limit rather than leaving a snapshot-sized file beside
+    the replica."""
     import pgferry.client.replica as replica_module
 
     monkeypatch.setattr(replica_module, "WAL_SIZE_LIMIT", 1 << 20)
@@ -331,6 +332,10 @@ def test_a_snapshot_loads_without_checkpoints_and_leaves_no_snapshot_sized_wal(
     assert wal.stat().st_size > 4 << 20  # ~4 MB of rows in the WAL,
     assert path.stat().st_size < 1 << 20  # none of them checkpointed into the file yet
     replica.apply("t", "public.t", [], offset="0_0", handle="h", schema=schema)
+    # The apply commits without copying the snapshot into the file; a background checkpoint does that after it.
+    assert replica.query("select count(*) from t") == [(8000,)]
+    replica.wait_for_checkpoint()
+    assert path.stat().st_size > 4 << 20
     replica.write("t", "insert", {"id": "new", "title": "after"}, {"id": "new", "title": "after"})
     assert wal.stat().st_size <= 1 << 20
     replica.close()

@@ -45,11 +45,14 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import msgspec
+import structlog
 
 from pgferry.client._shape_base import Change
 from pgferry.client.values import parse_value
 
 __all__ = ["LocalReplica", "OutboxItem", "Rejection"]
+
+log = structlog.get_logger("pgferry.client")
 
 _META: Final = """
 create table if not exists _pgferry_shapes (
@@ -178,6 +181,7 @@ class LocalReplica(ShapeSchemas):
         self.path = str(path)
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
+        self._checkpointer: threading.Thread | None = None
         with self._lock:
             if self.path != ":memory:":
                 self._conn.execute("pragma journal_mode = wal")
@@ -237,8 +241,39 @@ class LocalReplica(ShapeSchemas):
             self._conn.execute("commit")
 
     def close(self) -> None:
+        self.wait_for_checkpoint()
         with self._lock:
             self._conn.close()
+
+    def wait_for_checkpoint(self) -> None:
+        """Wait for a background checkpoint started by a snapshot's apply (:meth:`apply`), if one is running."""
+        checkpointer = self._checkpointer
+        if checkpointer is not None:
+            checkpointer.join()
+
+    def _checkpoint_in_background(self) -> None:
+        """Copy the WAL into the replica file on a thread of its own, on a connection of its own.
+
+        A new snapshot reaches the file only through the WAL (:meth:`_load_next`); checkpointing it inside the
+        apply's commit made every first sync wait for a second write of the whole snapshot, which durability does
+        not need: the commit's fsync of the WAL already made it safe, and SQLite's WAL mode lets a checkpoint run
+        beside readers and writers. ``PASSIVE``: it never blocks the replica's own connection; the next write after
+        it finished resets the WAL, cut back to ``journal_size_limit``."""
+        if self.path == ":memory:" or (self._checkpointer is not None and self._checkpointer.is_alive()):
+            return
+
+        def checkpoint() -> None:
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None)
+                try:
+                    conn.execute("pragma wal_checkpoint(passive)")
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:  # the next autocheckpoint of the replica's own connection does it instead
+                log.warning("background checkpoint of the replica failed", path=self.path, problem=str(exc))
+
+        self._checkpointer = threading.Thread(target=checkpoint, name="pgferry-replica-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     # -- shapes ---------------------------------------------------------------------------------------------------
 
@@ -409,7 +444,34 @@ class LocalReplica(ShapeSchemas):
     ) -> set[int]:
         """Apply the changes gathered up to an up-to-date boundary, with the new position, in one transaction;
         ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
-        outbox items they acknowledge."""
+        outbox items they acknowledge. A new snapshot's apply commits without checkpointing the WAL it was loaded
+        into; a background checkpoint follows (:meth:`_checkpoint_in_background`)."""
+        with self._lock:
+            snapshot = name in self._next and self.path != ":memory:"
+            if snapshot:
+                self._conn.execute("pragma wal_autocheckpoint = 0")
+            try:
+                txids = self._apply_boundary(
+                    name, source_table, changes, offset=offset, handle=handle, schema=schema, reset=reset
+                )
+            finally:
+                if snapshot:
+                    self._conn.execute("pragma wal_autocheckpoint = 1000")
+            if snapshot:
+                self._checkpoint_in_background()
+            return txids
+
+    def _apply_boundary(
+        self,
+        name: str,
+        source_table: str,
+        changes: Sequence[Change],
+        *,
+        offset: str,
+        handle: str | None,
+        schema: Mapping[str, Any] | None,
+        reset: bool,
+    ) -> set[int]:
         with self._transaction() as conn:
             snapshot = self._next.get(name)
             txids: set[int] = set()
