@@ -431,6 +431,20 @@ class LocalReplica(ShapeSchemas):
             conn.execute(f"drop table if exists {_ident(_next_table(name))}")
             self._next.pop(name, None)
 
+    @contextmanager
+    def _checkpointed_after_if_snapshot(self, name: str) -> Iterator[None]:
+        """Around the apply of a new snapshot: commit without checkpointing the WAL it was loaded into, then start
+        a background checkpoint (:meth:`_checkpoint_in_background`). Anything else: nothing."""
+        if name not in self._next or self.path == ":memory:":
+            yield
+            return
+        self._conn.execute("pragma wal_autocheckpoint = 0")
+        try:
+            yield
+        finally:
+            self._conn.execute("pragma wal_autocheckpoint = 1000")
+        self._checkpoint_in_background()
+
     def apply(
         self,
         name: str,
@@ -446,33 +460,7 @@ class LocalReplica(ShapeSchemas):
         ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
         outbox items they acknowledge. A new snapshot's apply commits without checkpointing the WAL it was loaded
         into; a background checkpoint follows (:meth:`_checkpoint_in_background`)."""
-        with self._lock:
-            snapshot = name in self._next and self.path != ":memory:"
-            if snapshot:
-                self._conn.execute("pragma wal_autocheckpoint = 0")
-            try:
-                txids = self._apply_boundary(
-                    name, source_table, changes, offset=offset, handle=handle, schema=schema, reset=reset
-                )
-            finally:
-                if snapshot:
-                    self._conn.execute("pragma wal_autocheckpoint = 1000")
-            if snapshot:
-                self._checkpoint_in_background()
-            return txids
-
-    def _apply_boundary(
-        self,
-        name: str,
-        source_table: str,
-        changes: Sequence[Change],
-        *,
-        offset: str,
-        handle: str | None,
-        schema: Mapping[str, Any] | None,
-        reset: bool,
-    ) -> set[int]:
-        with self._transaction() as conn:
+        with self._lock, self._checkpointed_after_if_snapshot(name), self._transaction() as conn:
             snapshot = self._next.get(name)
             txids: set[int] = set()
             if snapshot is not None:
