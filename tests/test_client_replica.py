@@ -286,6 +286,7 @@ def test_a_refetched_snapshot_replaces_the_rows_at_its_apply_and_keeps_pending_w
     old = [staged_change(n) for n in range(10)]
     replica.apply("tasks", "public.tasks", old, offset="1_0", handle="h1", schema=STAGE_SCHEMA)
     replica.write("tasks", "update", {"id": "3", "title": "local"}, {"id": "3", "title": "local"})
+    replica.query('create index by_note on "_synced_tasks" (note)')  # an application's index
 
     # A must-refetch: the new snapshot is loaded beside the old rows, which stay what the application sees.
     new = [staged_change(n, title=f"new {n}") for n in range(3, 8000)]
@@ -299,6 +300,7 @@ def test_a_refetched_snapshot_replaces_the_rows_at_its_apply_and_keeps_pending_w
     assert len(visible) == len(new) and "0" not in visible
     assert visible["3"]["title"] == "local" and replica.pending_keys("tasks") == {'"public"."tasks"/"3"'}
     assert visible["4"]["title"] == "new 4"
+    assert replica.query("select tbl_name from sqlite_master where name = 'by_note'") == [("_synced_tasks",)]
 
     # A second must-refetch while one is being loaded: the loaded part is dropped, the shape's rows kept.
     replica.stage("tasks", new[:5000], schema=STAGE_SCHEMA, replace=True)
@@ -444,6 +446,7 @@ def test_a_replica_with_a_visible_table_is_converted_to_the_view_when_opened(tmp
         old.execute('drop view "tasks"')
         old.execute('drop table "_pgferry_overlay_tasks"')
         old.execute('alter table "tasks_copy" rename to "tasks"')
+        old.execute('create index "tasks by title" on "tasks" (title) where note is null')
     assert sqlite3.connect(path).execute("select type from sqlite_master where name = 'tasks'").fetchall() == [
         ("table",)
     ]
@@ -453,3 +456,11 @@ def test_a_replica_with_a_visible_table_is_converted_to_the_view_when_opened(tmp
     assert visible_state(reopened) == expected == visible_by_replay(reopened)
     assert reopened.pending_keys("tasks") == {'"public"."tasks"/"3"', '"public"."tasks"/"99"'}
     assert reopened.position("tasks") == ("1_0", "h")
+    # The application's index on the old table now serves the view from the synced table.
+    assert reopened.query("select tbl_name, sql from sqlite_master where name = 'tasks by title'") == [
+        ("_synced_tasks", 'CREATE INDEX "tasks by title" on "_synced_tasks" (title) where note is null')
+    ]
+    plan = " ".join(
+        str(r) for r in reopened.query("explain query plan select * from tasks where title = 'x' and note is null")
+    )
+    assert "tasks by title" in plan

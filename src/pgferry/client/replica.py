@@ -33,6 +33,7 @@ Synchronous (sqlite3, WAL); the async client calls it on a worker thread. Owns t
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -146,6 +147,40 @@ def _key_index(name: str) -> str:
     return f"_synced_{name}__key"
 
 
+#: ``CREATE [UNIQUE] INDEX [IF NOT EXISTS] <name> ON <table> (`` as SQLite stores it: groups around the table.
+_INDEX_ON: Final = re.compile(
+    r'^(\s*create\s+(?:unique\s+)?index\s+(?:if\s+not\s+exists\s+)?(?:"(?:[^"]|"")*"|\[[^\]]*\]|`(?:[^`]|``)*`|[^\s(]+)'
+    r'\s+on\s+)(?:"(?:[^"]|"")*"|\[[^\]]*\]|`(?:[^`]|``)*`|[^\s(]+)(\s*\()',
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _application_indexes(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
+    """``(name, create statement)`` of the indexes an application made on ``table`` (not the replica's own)."""
+    return [
+        (str(index), str(create))
+        for index, create in conn.execute(
+            "select name, sql from sqlite_schema where type = 'index' and tbl_name = ? and sql is not null", [table]
+        )
+        if not str(index).startswith("_pgferry_") and not str(index).endswith("__key")
+    ]
+
+
+def _recreate_indexes(conn: sqlite3.Connection, indexes: list[tuple[str, str]], table: str) -> None:
+    """Create an application's indexes again on ``table`` (after the table they were on was replaced: a new
+    snapshot, or the old layout's visible table). One that no longer fits (a column the server dropped) is
+    skipped with a warning: a missing index costs speed, refusing the snapshot would cost the sync."""
+    for index, create in indexes:
+        statement = _INDEX_ON.sub(lambda m: m.group(1) + _ident(table) + m.group(2), create, count=1)
+        conn.execute("savepoint _pgferry_app_index")
+        try:
+            conn.execute(statement)
+        except sqlite3.Error as exc:
+            conn.execute("rollback to _pgferry_app_index")
+            log.warning("an index on the replica could not be created again", index=index, problem=str(exc))
+        conn.execute("release _pgferry_app_index")
+
+
 def _overlay_table(name: str) -> str:
     """The table of a shape's keys that have local writes: their visible rows (see the module docstring)."""
     return f"_pgferry_overlay_{name}"
@@ -223,8 +258,10 @@ class LocalReplica(ShapeSchemas):
             return
         with self._transaction() as conn:
             for name in old:
+                indexes = _application_indexes(conn, name)
                 conn.execute(f"drop table {_ident(name)}")
                 self._ensure_tables(conn, name, self._schemas[name])
+                _recreate_indexes(conn, indexes, f"_synced_{name}")  # the view reads through them
                 self._rebuild_all(conn, name)
 
     # -- transactions ---------------------------------------------------------------------------------------------
@@ -522,6 +559,7 @@ class LocalReplica(ShapeSchemas):
         synced = _ident(f"_synced_{name}")
         # The view goes first: SQLite checks views that name a table when one is dropped or renamed.
         conn.execute(f"drop view if exists {_ident(name)}")
+        indexes = _application_indexes(conn, f"_synced_{name}")
         conn.execute(f"drop table if exists {synced}")
         old = self._schemas.get(name)
         if old is not None and old != schema:
@@ -534,6 +572,7 @@ class LocalReplica(ShapeSchemas):
                 f"insert or replace into {synced} ({common}) select {common} from {loaded} order by _key, rowid"
             )
             conn.execute(f"drop table {loaded}")
+            _recreate_indexes(conn, indexes, f"_synced_{name}")
             return
         conn.execute(f"alter table {loaded} rename to {synced}")
         index = f"create unique index {_ident(_key_index(name))} on {synced} (_key)"
@@ -547,6 +586,7 @@ class LocalReplica(ShapeSchemas):
             conn.execute(index)
         conn.execute("release _pgferry_index")
         self._ensure_tables(conn, name, schema)
+        _recreate_indexes(conn, indexes, f"_synced_{name}")
 
     def _apply_typed_stage(
         self,
@@ -604,8 +644,10 @@ class LocalReplica(ShapeSchemas):
         """Create (or, when the server's columns changed, recreate) the shape's synced and overlay tables and its
         visible view (module docstring)."""
         old = self._schemas.get(name)
+        indexes: list[tuple[str, str]] = []
         if old is not None and old != schema:
             conn.execute(f"drop view if exists {_ident(name)}")
+            indexes = _application_indexes(conn, f"_synced_{name}")
             conn.execute(f"drop table if exists {_ident('_synced_' + name)}")
             conn.execute(f"drop table if exists {_ident(_overlay_table(name))}")
         self._schemas[name] = schema
@@ -628,6 +670,7 @@ class LocalReplica(ShapeSchemas):
             f"where not exists (select 1 from {overlay} as o where o._key = s._key) "
             f"union all select _key, _pending, {names} from {overlay} where not _deleted"
         )
+        _recreate_indexes(conn, indexes, f"_synced_{name}")
 
     def _apply_changes(
         self,
