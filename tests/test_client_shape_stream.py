@@ -146,3 +146,64 @@ def test_through_the_proxy_each_user_gets_their_rows(target_url: str, tmp_path: 
                 )
             )
     assert USER != ALICE and uuid.UUID(str(ALICE))
+
+
+def test_pages_decoded_by_the_schema_read_exactly_as_plain_json_says() -> None:
+    """The schema-typed decoding (a struct per column, inserts as ``RowValues``) against ``json.loads`` of the same
+    page: every change's key, operation, txids and values; an insert that leaves a column out has it as NULL, an
+    update or delete only the columns it carries; a page whose values are not all strings falls back to the
+    generic decoding, unchanged."""
+    import json
+    import random
+
+    from pgferry.client import RowValues
+    from pgferry.client._shape_base import ShapeState
+
+    rng = random.Random(7)
+    columns = ["id", "title", "due at ü", "note"]
+    schema = {c: {"type": "text", **({"pk_index": 0} if c == "id" else {})} for c in columns}
+    alphabet = ["a", "\\", '"', "\n", "\u2028", "✓", "🚀", "\x01", " ", "null", "{"]
+
+    def text() -> str | None:
+        return None if rng.random() < 0.2 else "".join(rng.choice(alphabet) for _ in range(rng.randrange(8)))
+
+    messages: list[dict[str, Any]] = []
+    for n in range(400):
+        op = rng.choice(["insert", "insert", "update", "delete"])
+        present = [c for c in columns if c == "id" or rng.random() < (0.9 if op == "insert" else 0.4)]
+        headers: dict[str, Any] = {"operation": op}
+        if rng.random() < 0.5:
+            headers["txids"] = [rng.randrange(1, 10**9)]
+        messages.append({"headers": headers, "key": f'"public"."t"/"{n}"', "value": {c: text() for c in present}})
+    messages.append({"headers": {"control": "up-to-date", "global_last_seen_lsn": "1"}})
+    body = json.dumps(messages).encode()
+
+    state = ShapeState(ShapeOptions("t"))
+    batch = state.on_response(200, {"electric-schema": json.dumps(schema), "electric-offset": "0_0"}, body)
+    assert batch is not None and batch.up_to_date
+    expected = [m for m in messages if "key" in m]
+    assert len(batch.changes) == len(expected)
+    typed = 0
+    for change, message in zip(batch.changes, expected, strict=True):
+        op = message["headers"]["operation"]
+        assert (change.key, change.operation) == (message["key"], op)
+        assert change.txids == tuple(message["headers"].get("txids", ()))
+        if op == "insert":
+            typed += isinstance(change.value, RowValues)
+            assert dict(change.value) == {c: message["value"].get(c) for c in columns}
+        else:
+            assert dict(change.value) == message["value"]
+    assert typed == sum(1 for m in expected if m["headers"]["operation"] == "insert") > 100
+
+    # A column name msgspec cannot take as a field (a quote or backslash in it): the generic decoding, same values.
+    odd_schema = {**schema, 'say "hi"': {"type": "text"}}
+    plain = ShapeState(ShapeOptions("t"))
+    page = json.dumps([{"headers": {"operation": "insert"}, "key": "k", "value": {"id": "1", 'say "hi"': "x"}}])
+    batch = plain.on_response(200, {"electric-schema": json.dumps(odd_schema), "electric-offset": "0_0"}, page.encode())
+    assert batch is not None and dict(batch.changes[0].value) == {"id": "1", 'say "hi"': "x"}
+
+    # A value that is not a string (another server's number): the generic decoding, values as they came.
+    odd = json.dumps([{"headers": {"operation": "insert"}, "key": "k", "value": {"id": 1, "title": "x"}}]).encode()
+    batch = state.on_response(200, {"electric-offset": "0_1"}, odd)
+    assert batch is not None and dict(batch.changes[0].value) == {"id": 1, "title": "x"}
+    assert not isinstance(batch.changes[0].value, RowValues)

@@ -27,7 +27,7 @@ Needs ``httpx`` (``pip install 'pgferry[client]'``). Must not import the server 
 
 from __future__ import annotations
 
-from pgferry.client._shape_base import Change, ShapeBatch, ShapeOptions
+from pgferry.client._shape_base import Change, RowValues, ShapeBatch, ShapeOptions
 from pgferry.client.electric import ClientConfig, ConnectionState, ElectricSupabaseClient
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import OutboxSender, SendOutcome
@@ -48,6 +48,7 @@ __all__ = [
     "OutboxSender",
     "Rejection",
     "Replica",
+    "RowValues",
     "SendOutcome",
     "ShapeBatch",
     "ShapeOptions",

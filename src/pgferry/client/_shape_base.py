@@ -13,15 +13,15 @@ Owns the client's protocol state (offset, handle, cursor, schema); must not do H
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, overload
 
 import msgspec
 
 from pgferry.client.errors import ShapeRequestError
 
-__all__ = ["Change", "ShapeBatch", "ShapeOptions", "ShapeState"]
+__all__ = ["Change", "RowValues", "ShapeBatch", "ShapeOptions", "ShapeState"]
 
 HANDLE: Final = "electric-handle"
 OFFSET: Final = "electric-offset"
@@ -41,6 +41,54 @@ class Change:
     operation: str
     value: Mapping[str, str | None]
     txids: tuple[int, ...] = ()
+
+
+class ColumnOrder:
+    """A shape's columns in schema order, with each one's position: shared by every :class:`RowValues` decoded
+    under that schema."""
+
+    __slots__ = ("names", "position")
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.position = {name: index for index, name in enumerate(names)}
+
+
+class RowValues(Mapping[str, "str | None"]):
+    """An insert's values as a tuple in the schema's column order (``row``), read as a mapping.
+
+    A snapshot is all inserts: decoding each row straight into a tuple, instead of a dict per row, halves the
+    client's decoding CPU, and a replica loading a snapshot takes ``row`` as it is. Every column of
+    the schema is present (a column the message left out is ``None``: for an insert that is what it means)."""
+
+    __slots__ = ("columns", "row")
+
+    def __init__(self, columns: ColumnOrder, row: tuple[str | None, ...]) -> None:
+        self.columns = columns
+        self.row = row
+
+    def __getitem__(self, column: str) -> str | None:
+        return self.row[self.columns.position[column]]
+
+    @overload
+    def get(self, column: str, /) -> str | None: ...
+    @overload
+    def get(self, column: str, default: Any, /) -> Any: ...
+    def get(self, column: str, default: Any = None, /) -> Any:
+        index = self.columns.position.get(column)
+        return default if index is None else self.row[index]
+
+    def __contains__(self, column: object) -> bool:
+        return column in self.columns.position
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns.names)
+
+    def __len__(self) -> int:
+        return len(self.columns.names)
+
+    def __repr__(self) -> str:
+        return f"RowValues({dict(self)!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +147,7 @@ class ShapeState:
         self.up_to_date = False
         self.schema: Mapping[str, Any] | None = None
         self.failures = 0
+        self._typed: _TypedMessages | None = None
 
     def request_params(self) -> dict[str, str]:
         query = self.options.query()
@@ -135,7 +184,9 @@ class ShapeState:
         self.cursor = headers.get(CURSOR) or self.cursor
         if SCHEMA in headers:
             self.schema = json.loads(headers[SCHEMA])
-        changes, up_to_date, refetch = _read_messages(body)
+        if self.schema and (self._typed is None or self._typed.schema != self.schema):
+            self._typed = _TypedMessages.for_schema(self.schema)
+        changes, up_to_date, refetch = _read_messages(body, self._typed)
         if refetch:
             return self._must_refetch(headers)
         up_to_date = up_to_date or UP_TO_DATE in headers
@@ -169,9 +220,74 @@ class _Message(msgspec.Struct):
 _MESSAGES: Final = msgspec.json.Decoder(list[_Message])
 
 
-def _read_messages(body: bytes) -> tuple[list[Change], bool, bool]:
+class _TypedMessages:
+    """A decoder for one schema: each message's ``value`` straight into a struct with a field per column (no dict,
+    no key strings per row), turned into :class:`RowValues` for inserts and a dict of the columns present for
+    updates and deletes (where a missing column means unchanged, not NULL)."""
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        self.schema = dict(schema)
+        self.columns = ColumnOrder(tuple(schema))
+        fields = [(f"c{i}", str | None | msgspec.UnsetType, msgspec.UNSET) for i in range(len(self.columns.names))]
+        value = msgspec.defstruct("Value", fields, rename={f"c{i}": name for i, name in enumerate(self.columns.names)})
+        message = msgspec.defstruct(
+            "Message",
+            [
+                ("headers", _Headers, msgspec.field(default_factory=_Headers)),
+                ("key", str | None, None),
+                ("value", value | None, None),
+            ],
+        )
+        self.decoder: msgspec.json.Decoder[list[Any]] = msgspec.json.Decoder(list[message])  # type: ignore[valid-type]
+
+    @classmethod
+    def for_schema(cls, schema: Mapping[str, Any]) -> _TypedMessages | None:
+        try:
+            return cls(schema)
+        except (TypeError, ValueError):  # a column name msgspec cannot take: the generic decoding serves
+            return None
+
+    def read(self, body: bytes) -> tuple[list[Change], bool, bool] | None:
+        """The page's changes, or ``None`` when a value is not a string or null (the generic decoding then keeps
+        it as it came)."""
+        try:
+            messages: list[Any] = self.decoder.decode(body)
+        except msgspec.ValidationError:
+            return None
+        columns, names, unset, astuple = self.columns, self.columns.names, msgspec.UNSET, msgspec.structs.astuple
+        changes: list[Change] = []
+        append = changes.append
+        up_to_date = refetch = False
+        for message in messages:
+            headers = message.headers
+            if message.key is not None:
+                txids = headers.txids
+                values: tuple[Any, ...] = astuple(message.value) if message.value is not None else (unset,) * len(names)
+                operation = headers.operation
+                if operation == "insert":
+                    if unset in values:
+                        values = tuple(None if v is unset else v for v in values)
+                    value: Mapping[str, str | None] = RowValues(columns, values)
+                else:
+                    value = {c: v for c, v in zip(names, values, strict=True) if v is not unset}
+                append(Change(message.key, operation, value, tuple(map(int, txids)) if txids else ()))
+            elif headers.control == "up-to-date":
+                up_to_date = True
+            elif headers.control == "must-refetch":
+                refetch = True
+        return changes, up_to_date, refetch
+
+
+def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[list[Change], bool, bool]:
     if not body.strip():
         return [], False, False
+    if typed is not None:
+        try:
+            read = typed.read(body)
+        except msgspec.DecodeError as exc:
+            raise ShapeRequestError(200, f"the shape answer is not a JSON array of messages: {exc}") from None
+        if read is not None:
+            return read
     try:
         messages = _MESSAGES.decode(body)
     except msgspec.DecodeError as exc:

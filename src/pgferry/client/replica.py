@@ -48,7 +48,7 @@ from typing import Any, Final, Literal
 import msgspec
 import structlog
 
-from pgferry.client._shape_base import Change
+from pgferry.client._shape_base import Change, RowValues
 from pgferry.client.values import parse_value
 
 __all__ = ["LocalReplica", "OutboxItem", "Rejection"]
@@ -432,16 +432,19 @@ class LocalReplica(ShapeSchemas):
         conn: sqlite3.Connection, name: str, columns: list[str], inserts: Sequence[Change], txids: set[int]
     ) -> None:
         take = itemgetter(*columns)
+        order = tuple(columns)
         rows: list[tuple[Any, ...]] = []
         for change in inserts:
             value = change.value
-            if len(columns) == 1:
+            if type(value) is RowValues and value.columns.names == order:  # decoded in this order: as it is
+                rows.append((change.key, *value.row))
+            elif len(columns) == 1:
                 rows.append((change.key, value.get(columns[0])))
-                continue
-            try:
-                rows.append((change.key, *take(value)))
-            except KeyError:  # a row without some column (Electric's ``columns``): NULL, as the apply would
-                rows.append((change.key, *(value.get(c) for c in columns)))
+            else:
+                try:
+                    rows.append((change.key, *take(value)))
+                except KeyError:  # a row without some column (Electric's ``columns``): NULL, as the apply would
+                    rows.append((change.key, *(value.get(c) for c in columns)))
             if change.txids:
                 txids.update(change.txids)
         names = ", ".join(["_key", *(_ident(c) for c in columns)])
