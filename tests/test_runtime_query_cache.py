@@ -218,3 +218,21 @@ def test_a_read_overtaken_by_a_change_is_not_kept(seeded: str, client: DatabaseC
     assert cache.read(claims_key(alice), TITLES, (), lambda: query_as_user(client.pool, alice, TITLES), explain) == (
         _truth(seeded, ALICE)
     )
+
+
+def test_remembered_plans_stay_bounded_and_answers_stay_right(
+    seeded: str, client: DatabaseClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service that formats values into its SQL makes a new statement text per call: the cache forgets the
+    oldest plans beyond ``MAX_PLANS`` instead of growing, and a forgotten statement is explained again."""
+    import pgferry.runtime.query_cache as query_cache
+
+    monkeypatch.setattr(query_cache, "MAX_PLANS", 5)
+    cache = client.query_cache
+    assert cache is not None
+    alice = client.verify(token_for(ALICE))
+    for round_ in range(2):
+        for n in range(12):
+            statement = f"select id, title from public.tasks where {n} >= 0 order by id"
+            assert client.query(alice, statement, cache=True) == _truth(seeded, ALICE), (round_, n)
+            assert len(cache._plans) <= 5

@@ -48,6 +48,11 @@ __all__ = ["DEFAULT_PUBLICATION", "CacheStats", "QueryCache", "tables_read_by_pl
 
 _log = structlog.get_logger("pgferry.runtime.query_cache")
 
+#: Statement texts whose tables are remembered; the oldest is forgotten beyond this (asked again if it comes back).
+#: A service has few distinct texts, but one that formats values into its SQL would otherwise grow this forever.
+MAX_PLANS = 4096
+_NOT_EXPLAINED: Any = object()
+
 DEFAULT_PUBLICATION: Final = "supabase_realtime"
 """Supabase's publication of the tables clients subscribe to; the platform's user tables are all in it."""
 MAX_CACHED_ROWS: Final = 10_000
@@ -120,7 +125,7 @@ class QueryCache:
         self._streams = 0
         self._published: frozenset[Table] = frozenset()
         self._partitioned: frozenset[Table] = frozenset()
-        self._plans: dict[str, frozenset[Table] | None] = {}
+        self._plans: OrderedDict[str, frozenset[Table] | None] = OrderedDict()
         self._counts = dict.fromkeys(("hits", "misses", "uncacheable", "invalidations"), 0)
         self._follower = SlotFollower(
             replication_dsn,
@@ -181,11 +186,13 @@ class QueryCache:
         """
         if not self._streaming:
             return load()
-        if statement not in self._plans:
+        tables = self._plans.get(statement, _NOT_EXPLAINED)
+        if tables is _NOT_EXPLAINED:
             tables = tables_read_by_plan(explain())
             with self._lock:
                 self._plans[statement] = tables
-        tables = self._plans[statement]
+                while len(self._plans) > MAX_PLANS:
+                    self._plans.popitem(last=False)
         # None: the plan hides reads; empty: reads no table; partitions and inheritance: the tables a plan names
         # depend on the parameters (pruning) or on children created later, so it cannot name them once for all.
         if not tables or not tables <= self._published or tables & self._partitioned:
