@@ -5,6 +5,7 @@ Run from the project root::
     .venv/bin/python bench/write.py                         # 100k rows synced, 200 writes, 10k outbox items
     .venv/bin/python bench/write.py --replica-rows 1000000  # the 1M-row replica memory target
     .venv/bin/python bench/write.py --replica-rows 100000 --pg-replica   # also into a PostgreSQL replica
+    .venv/bin/python bench/write.py --replica-rows 20000 --embeddings    # wide rows: each with a 1536-d vector
 
 What is measured
 ----------------
@@ -22,7 +23,9 @@ only starts, waits and reports.
    a second user would find it: the figure is the client's rate, not the dev server's snapshot rate. Its peak RSS
    (``ru_maxrss``) is reported; with ``--replica-rows 1000000`` this is the "1M replica rows under 300 MB" target.
    With ``--pg-replica`` the same client syncs again into a ``postgresql://`` replica: a fresh database on the
-   same server (``PostgresReplica``, native column types), timed the same way.
+   same server (``PostgresReplica``, native column types), timed the same way. ``--embeddings`` seeds every
+   task with its 1536-d embedding (the rows the generator otherwise leaves without one: ~19 KB of JSON each), a
+   shape the replica was not tuned on; MB/s of the shape's JSON is reported beside rows/s.
 2. **Local write → visible on another client** (child process). Two clients of one user (about ``rows/50`` rows
    each) through the proxy; client A updates a task ``--writes`` times, ``--spacing`` apart; the time from A's
    ``update`` returning (the write is in A's replica and outbox) to the new title being in B's replica is recorded.
@@ -110,16 +113,18 @@ async def child_sync(url: str, path: str) -> dict[str, Any]:
     }
 
 
-def materialise(sync_url: str) -> float:
+def materialise(sync_url: str) -> tuple[float, int]:
     """Page through the whole ``tasks`` shape once, as a first client would, so the server's snapshot of it exists;
-    returns the seconds it took (the server's snapshot included)."""
+    returns the seconds it took (the server's snapshot included) and the bytes of JSON it is."""
     started = time.perf_counter()
     params = {"table": "public.tasks", "offset": "-1"}
+    json_bytes = 0
     while True:
         response = httpx.get(f"{sync_url}/v1/shape", params=params, timeout=120)
         response.raise_for_status()
+        json_bytes += len(response.content)
         if "electric-up-to-date" in response.headers:
-            return time.perf_counter() - started
+            return time.perf_counter() - started, json_bytes
         params = {
             "table": "public.tasks",
             "offset": response.headers["electric-offset"],
@@ -311,13 +316,16 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         database.start()
         report["postgres"] = database.version
-        report["seed"] = database.seed(args.replica_rows or args.rows, embeddings=False)
+        report["seed"] = database.seed(args.replica_rows or args.rows, embeddings=args.embeddings)
         server = SyncServer(database.url, root / "sync", root / "sync.log", live_timeout=20.0)
         server.start()
         warm_up(server.url)
-        report["server_snapshot_seconds"] = round(materialise(server.url), 3)
+        snapshot_seconds, json_bytes = materialise(server.url)
+        report["server_snapshot_seconds"] = round(snapshot_seconds, 3)
+        report["shape_json_bytes"] = json_bytes
         print("initial sync into SQLite ...", file=sys.stderr)
         report["initial_sync"] = initial_sync(server.url, root)
+        report["initial_sync"]["json_mb_per_second"] = round(json_bytes / report["initial_sync"]["seconds"] / 1e6, 1)
         if report["initial_sync"]["rows"] != report["seed"]["rows"]:
             raise RuntimeError(f"the replica holds {report['initial_sync']['rows']} rows of {report['seed']['rows']}")
         if args.pg_replica:
@@ -401,6 +409,11 @@ def main() -> int:
     parser.add_argument(
         "--pg-replica", action="store_true", help="also sync into a PostgreSQL replica (a database on the same server)"
     )
+    parser.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="seed every task with its 1536-d embedding (wide vector rows, ~19 KB of JSON each); use with --rows",
+    )
     parser.add_argument("--child-sync", nargs=2, metavar=("URL", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--child-writes", metavar="PROXY_URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -414,7 +427,12 @@ def main() -> int:
         report = run(args, Path(directory))
     report["verdicts"] = [{"what": w, "measured": m, "met": ok} for w, m, ok in verdicts(report)]
     RESULTS_DIR.mkdir(exist_ok=True)
-    suffix = ("-1m" if args.replica_rows else "") + ("-pg-replica" if args.pg_replica else "")
+    rows_tag = "-1m" if args.replica_rows == 1_000_000 else f"-{args.replica_rows // 1000}k"
+    suffix = (
+        (rows_tag if args.replica_rows else "")
+        + ("-pg-replica" if args.pg_replica else "")
+        + ("-vectors" if args.embeddings else "")
+    )
     path = RESULTS_DIR / f"write-{dt.date.today().isoformat()}{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     for what, measured, ok in verdicts(report):

@@ -496,3 +496,44 @@ def test_an_acknowledgement_in_flight_across_a_refetch_still_settles(stack: Writ
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_snapshot_of_wide_rows_is_staged_by_bytes_not_only_by_count(
+    stack: WriteStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of tens of KB (a 1536-d vector, a long description) reach the byte limit long before the row-count
+    limit: the client parks them in the replica file by bytes held, so memory follows bytes, and the replica
+    still ends exactly as the database."""
+    import pgferry.client.electric as electric
+    from pgferry.client.replica import LocalReplica
+
+    monkeypatch.setattr(electric, "_STAGE_AFTER_BYTES", 256 << 10)
+    staged: list[int] = []
+    original = LocalReplica.stage
+
+    def counting_stage(self: LocalReplica, name: str, changes: Any, **kwargs: Any) -> None:
+        staged.append(len(changes))
+        original(self, name, changes, **kwargs)
+
+    monkeypatch.setattr(LocalReplica, "stage", counting_stage)
+    with psycopg.connect(stack.database_url, autocommit=True) as conn:
+        conn.execute(
+            "insert into tasks (user_id, title, description) "
+            "select %s, 'wide ' || n, repeat(md5(n::text), 600) from generate_series(1, 400) n",
+            [ALICE],
+        )
+
+    async def scenario() -> None:
+        client = await start(stack.proxy_url, ALICE)
+        try:
+            # 400 rows are far below the count limit; by bytes they are staged a page or so at a time.
+            assert len(staged) >= 2 and max(staged) < 400
+            await converge(client, stack.database_url)
+            descriptions = {str(r["id"]): r["description"] for r in client.query("tasks")}
+            with psycopg.connect(stack.database_url) as conn:
+                expected = dict(conn.execute("select id::text, description from tasks where user_id = %s", [ALICE]))
+            assert descriptions == expected and len(expected) == 400
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())

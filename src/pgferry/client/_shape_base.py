@@ -105,6 +105,9 @@ class ShapeBatch:
     up_to_date: bool = False
     must_refetch: bool = False
     schema: Mapping[str, Any] | None = None
+    #: Bytes of the answer's JSON: what holding its changes in memory costs, roughly (wide rows make few changes
+    #: large).
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ class ShapeState:
         up_to_date = up_to_date or UP_TO_DATE in headers
         if up_to_date:
             self.up_to_date = True
-        return ShapeBatch(changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema)
+        return ShapeBatch(changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema, size=len(body))
 
     def _must_refetch(self, headers: Mapping[str, str]) -> ShapeBatch:
         self.offset = "-1"

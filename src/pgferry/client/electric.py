@@ -48,8 +48,10 @@ __all__ = ["ClientConfig", "ConnectionState", "ElectricSupabaseClient"]
 
 log = structlog.get_logger("pgferry.client")
 
-#: Changes held in memory before an up-to-date; beyond this they are staged in the replica file.
+#: Changes held in memory before an up-to-date; beyond this many, or this many bytes of their JSON (rows with a
+#: 1536-d vector are ~19 KB each: 5,000 of them held ~250 MB), they are staged in the replica file.
 _STAGE_AFTER = 5_000
+_STAGE_AFTER_BYTES = 16 << 20
 
 ConnectionState = Literal["connecting", "connected", "disconnected"]
 
@@ -196,6 +198,7 @@ class ElectricSupabaseClient:
         """Gather each response's changes; apply them with the position at every up-to-date (atomically)."""
         _, replica = self._ready()
         gathered: list[Change] = []
+        gathered_bytes = 0
         reset = False
         # Staging runs on a worker thread while the next page is fetched and decoded; one at a time, in order, and
         # finished before anything else touches the staged rows.
@@ -204,7 +207,7 @@ class ElectricSupabaseClient:
         try:
             async for batch in stream:
                 if batch.must_refetch:
-                    gathered, reset = [], True
+                    gathered, gathered_bytes, reset = [], 0, True
                     if staging is not None:
                         await staging
                         staging = None
@@ -212,14 +215,16 @@ class ElectricSupabaseClient:
                     log.info("shape rotated; re-syncing, outbox kept", table=table)
                     continue
                 gathered.extend(batch.changes)
+                gathered_bytes += batch.size
                 if not batch.up_to_date:
-                    if len(gathered) >= _STAGE_AFTER:  # a large snapshot: park it on disk, not in memory
+                    # A large snapshot: park it on disk, not in memory.
+                    if len(gathered) >= _STAGE_AFTER or gathered_bytes >= _STAGE_AFTER_BYTES:
                         if staging is not None:
                             await staging
                         staging = asyncio.ensure_future(
                             asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema, replace=reset)
                         )
-                        gathered = []
+                        gathered, gathered_bytes = [], 0
                     continue
                 if staging is not None:
                     await staging
@@ -240,7 +245,7 @@ class ElectricSupabaseClient:
                         await asyncio.to_thread(apply)
                 else:
                     await asyncio.to_thread(apply)
-                gathered, reset = [], False
+                gathered, gathered_bytes, reset = [], 0, False
                 self._synced[table].set()
                 back_online = self.state != "connected"
                 self._set_state("connected")
