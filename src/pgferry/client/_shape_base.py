@@ -21,7 +21,7 @@ import msgspec
 
 from pgferry.client.errors import ShapeRequestError
 
-__all__ = ["Change", "ShapeBatch", "ShapeOptions", "ShapeState"]
+__all__ = ["Change", "ShapeBatch", "ShapeOptions", "ShapeState", "lsn_number"]
 
 HANDLE: Final = "electric-handle"
 OFFSET: Final = "electric-offset"
@@ -49,7 +49,9 @@ class ShapeBatch:
 
     ``up_to_date``: the client now holds everything up to ``offset`` (a consistent point: apply the changes
     gathered since the previous up-to-date atomically here). ``must_refetch``: the shape was rotated; drop every
-    row of it and everything gathered, the stream starts over."""
+    row of it and everything gathered, the stream starts over. ``global_lsn``: the up-to-date's
+    ``global_last_seen_lsn`` when it carried one (a commit position: the server had processed every transaction
+    committed at or before it, so each change of those that belongs to this shape came before this up-to-date)."""
 
     changes: list[Change]
     offset: str
@@ -57,6 +59,7 @@ class ShapeBatch:
     up_to_date: bool = False
     must_refetch: bool = False
     schema: Mapping[str, Any] | None = None
+    global_lsn: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,15 @@ class ShapeState:
         self.cursor = headers.get(CURSOR) or self.cursor
         if SCHEMA in headers:
             self.schema = json.loads(headers[SCHEMA])
-        changes, up_to_date, refetch = _read_messages(body)
+        changes, up_to_date, refetch, global_lsn = _read_messages(body)
         if refetch:
             return self._must_refetch(headers)
         up_to_date = up_to_date or UP_TO_DATE in headers
         if up_to_date:
             self.up_to_date = True
-        return ShapeBatch(changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema)
+        return ShapeBatch(
+            changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema, global_lsn=global_lsn
+        )
 
     def _must_refetch(self, headers: Mapping[str, str]) -> ShapeBatch:
         self.offset = "-1"
@@ -156,6 +161,7 @@ class _Headers(msgspec.Struct):
     operation: str = "insert"
     control: str | None = None
     txids: list[int | str] = msgspec.field(default_factory=list)
+    global_last_seen_lsn: str | int | None = None
 
 
 class _Message(msgspec.Struct):
@@ -169,9 +175,9 @@ class _Message(msgspec.Struct):
 _MESSAGES: Final = msgspec.json.Decoder(list[_Message])
 
 
-def _read_messages(body: bytes) -> tuple[list[Change], bool, bool]:
+def _read_messages(body: bytes) -> tuple[list[Change], bool, bool, int | None]:
     if not body.strip():
-        return [], False, False
+        return [], False, False, None
     try:
         messages = _MESSAGES.decode(body)
     except msgspec.DecodeError as exc:
@@ -179,6 +185,7 @@ def _read_messages(body: bytes) -> tuple[list[Change], bool, bool]:
     changes: list[Change] = []
     append = changes.append
     up_to_date = refetch = False
+    global_lsn: int | None = None
     for message in messages:
         headers = message.headers
         if message.key is not None:
@@ -186,9 +193,27 @@ def _read_messages(body: bytes) -> tuple[list[Change], bool, bool]:
             append(Change(message.key, headers.operation, message.value, tuple(map(int, txids)) if txids else ()))
         elif headers.control == "up-to-date":
             up_to_date = True
+            seen = lsn_number(headers.global_last_seen_lsn)
+            if seen is not None:
+                global_lsn = seen if global_lsn is None else max(global_lsn, seen)
         elif headers.control == "must-refetch":
             refetch = True
-    return changes, up_to_date, refetch
+    return changes, up_to_date, refetch, global_lsn
+
+
+def lsn_number(value: str | int | None) -> int | None:
+    """A WAL position as a number, from Electric's decimal text (``global_last_seen_lsn``), PostgreSQL's ``X/Y``
+    text (the write API's ``lsn``) or a number; ``None`` for anything else (an old server sends none)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    high, slash, low = value.strip().partition("/")
+    try:
+        number = (int(high, 16) << 32) | int(low, 16) if slash else int(high, 10)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

@@ -121,6 +121,7 @@ class ElectricSupabaseClient:
                 client=self._http,
                 batch_size=config.batch_size,
                 on_rejected=self._rejected,
+                followed=self._streams,  # read at each acknowledgement: tables synced later count from then on
             )
             self._tasks.append(asyncio.create_task(self._sender.run(self._stop), name="pgferry-outbox"))
         else:
@@ -233,6 +234,7 @@ class ElectricSupabaseClient:
                     handle=batch.handle,
                     schema=batch.schema,
                     reset=reset,
+                    processed_lsn=batch.global_lsn,
                 )
                 if reset and self._sender is not None:
                     # A reset settles the acknowledged items (the replica's docstring): none may be in flight.
