@@ -537,3 +537,216 @@ def test_a_snapshot_of_wide_rows_is_staged_by_bytes_not_only_by_count(
             await client.close()
 
     asyncio.run(scenario())
+
+
+# -- acknowledged writes that no shape of the client holds (issue 12) ---------------------------------------------
+#
+# Their txid never streams in: they settle when an up-to-date of their table's shape carries global_last_seen_lsn at
+# or past the write API's commit position (``lsn``), or on acknowledgement when the client follows no stream of the
+# table. The database, read as its owner, is the oracle for what was written.
+
+
+def replica_target(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A replica in a SQLite file, or in a fresh database on the target server."""
+    return str(tmp_path / "agent.db") if kind == "sqlite" else str(request.getfixturevalue("blank_url"))
+
+
+def db_row(url: str, table: str, row_id: str) -> tuple[Any, ...] | None:
+    with psycopg.connect(url) as conn:
+        columns = "title, status" if table == "tasks" else "name, version"
+        return conn.execute(f"select {columns} from {table} where id = %s", [row_id]).fetchone()
+
+
+async def start_queued_only(
+    url: str, path: str, tables: tuple[str, ...] = ("tasks",), *, where: str | None = "status = 'queued'"
+) -> ElectricSupabaseClient:
+    """A client whose shapes hold only Alice's rows with status 'queued' (the proxy adds the owner term)."""
+    client = ElectricSupabaseClient()
+    await client.initialize(
+        ClientConfig(
+            url=url,
+            access_token=lambda: token_for(ALICE),
+            replica_path=path,
+            shape_params={"where": where} if where else {},
+        )
+    )
+    await asyncio.wait_for(client.setup_sync(list(tables)), 30)
+    return client
+
+
+async def until_settled(client: ElectricSupabaseClient, timeout: float) -> float:
+    """Seconds until the outbox is empty; an AssertionError naming the items' states after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while client.pending():
+        if loop.time() - started > timeout:
+            assert client.replica is not None
+            states = [(item.state, item.txid, item.lsn) for item in client.replica.outbox()]
+            raise AssertionError(f"not settled after {timeout} s: {states}")
+        await asyncio.sleep(0.05)
+    return loop.time() - started
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_write_outside_a_where_filtered_shape_settles_and_leaves_the_visible_table(
+    stack: WriteStack, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The row does not match the shape's where clause, so the stream never carries its txid. With nothing else
+    written afterwards (an idle server) the item still settles within a few seconds, its optimistic row leaves the
+    visible table (it is not in the shape), and the database holds it. Then a row in the shape that is updated out
+    of it: the stream's delete (with the txid) settles it and removes it."""
+    path = replica_target(kind, tmp_path, request)
+    outside = str(uuid.uuid4())
+    leaving = str(uuid.uuid4())
+
+    async def scenario() -> None:
+        client = await start_queued_only(stack.proxy_url, path)
+        await client.insert("tasks", {"id": outside, "title": "not queued", "status": "pending"})
+        assert [r["title"] for r in client.query("tasks")] == ["not queued"]  # optimistic, pending
+        took = await until_settled(client, timeout=15)
+        assert took < 10, f"settling took {took:.1f} s on an idle server"
+        assert client.query("tasks") == []  # not in the shape: the synced table never had it
+        assert await asyncio.to_thread(db_row, stack.database_url, "tasks", outside) == ("not queued", "pending")
+
+        await client.insert("tasks", {"id": leaving, "title": "queued", "status": "queued"})
+        await until_settled(client, timeout=15)
+        assert [r["title"] for r in client.query("tasks", synced=True)] == ["queued"]
+        await client.update("tasks", {"id": leaving, "status": "running"})
+        assert [r["status"] for r in client.query("tasks")] == ["running"]  # optimistic
+        await until_settled(client, timeout=15)
+        assert client.query("tasks") == []  # the stream's delete: the row left the shape
+        await client.close()
+
+    asyncio.run(scenario())
+    assert db_row(stack.database_url, "tasks", leaving) == ("queued", "running")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_write_to_a_table_the_client_does_not_follow_settles_on_acknowledgement(
+    stack: WriteStack, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The replica knows ``workflows`` from an earlier session, this one follows only ``tasks``: a write to
+    ``workflows`` is delivered (from the table the replica recorded) and settled by its acknowledgement, since no
+    stream of that table will ever show it; later items are not held up behind it."""
+    path = replica_target(kind, tmp_path, request)
+    workflow = str(uuid.uuid4())
+    task = str(uuid.uuid4())
+
+    async def scenario() -> None:
+        client = await start_queued_only(stack.proxy_url, path, ("tasks", "workflows"), where=None)
+        await client.close()
+        client = await start_queued_only(stack.proxy_url, path, where=None)  # tasks only
+        await client.insert("workflows", {"id": workflow, "name": "nightly"})
+        await client.insert("tasks", {"id": task, "title": "after it", "status": "queued"})
+        await until_settled(client, timeout=15)
+        assert client.query("workflows") == []  # the replica's copy of an unfollowed table is not moved
+        assert [r["title"] for r in client.query("tasks")] == ["after it"]
+        await client.close()
+
+    asyncio.run(scenario())
+    assert db_row(stack.database_url, "workflows", workflow) == ("nightly", 1)
+    assert db_row(stack.database_url, "tasks", task) == ("after it", "queued")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_an_acknowledged_write_outside_the_shape_settles_after_a_restart(
+    stack: WriteStack, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The item was acknowledged (``sent``, its commit position stored in the outbox) while no stream ran; the
+    restarted client settles it from the stored position at its first up-to-date past it."""
+    from pgferry.client import OutboxSender, open_replica
+
+    path = replica_target(kind, tmp_path, request)
+    outside = str(uuid.uuid4())
+
+    async def scenario() -> None:
+        client = await start_queued_only(stack.proxy_url, path)
+        await client.close()
+        replica = open_replica(path)
+        row = {"id": outside, "user_id": str(ALICE), "title": "acked offline", "status": "pending"}
+        replica.write("tasks", "insert", row, row)
+        sender = OutboxSender(
+            replica,
+            stack.proxy_url,
+            {"tasks": "public.tasks"},
+            headers=lambda: {"authorization": f"Bearer {token_for(ALICE)}"},
+        )
+        assert (await sender.send_once()).sent == 1
+        await sender.aclose()
+        [item] = replica.outbox()
+        assert item.state == "sent" and item.txid is not None and item.lsn is not None
+        replica.close()
+
+        client = await start_queued_only(stack.proxy_url, path)
+        await until_settled(client, timeout=15)
+        assert client.query("tasks") == []
+        await client.close()
+
+    asyncio.run(scenario())
+    assert db_row(stack.database_url, "tasks", outside) == ("acked offline", "pending")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_an_outbox_from_before_commit_positions_gains_the_column(
+    target_url: str, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """A replica written by the code before has no ``lsn`` column in its outbox: opening it adds the column and
+    keeps the items. (``target_url``: the server pair whose target server holds a PostgreSQL replica.)"""
+    from pgferry.client import open_replica
+
+    path = replica_target(kind, tmp_path, request)
+    replica = open_replica(path)
+    schema = {"id": {"type": "uuid", "pk_index": 0}, "title": {"type": "text"}}
+    replica.apply("tasks", "public.tasks", [], offset="0_0", handle="h", schema=schema)
+    row = {"id": str(uuid.uuid4()), "title": "old"}
+    replica.write("tasks", "insert", row, row)
+    replica.query("alter table _pgferry_outbox drop column lsn")
+    replica.close()
+
+    reopened = open_replica(path)
+    [item] = reopened.outbox()
+    assert item.row == row and item.lsn is None
+    reopened.acknowledge([{"id": item.mutation_id, "txid": "7", "lsn": "1/2A"}])
+    [item] = reopened.outbox()
+    assert (item.state, item.txid, item.lsn) == ("sent", 7, (1 << 32) | 0x2A)
+    reopened.close()
+
+
+def test_an_acknowledgement_after_an_up_to_date_past_its_commit_settles_at_once(
+    target_url: str, tmp_path: Path
+) -> None:
+    """The stream already applied an up-to-date past the write's commit when the write API's answer arrives (held in
+    a relay): the item settles with its acknowledgement, not at the next up-to-date, which on a quiet shape comes
+    only after a long-poll's timeout (30 s here)."""
+    with write_stack(target_url, tmp_path / "sync", live_timeout=30) as stack:
+        relay = GatedRelay(stack.proxy_url)
+        outside = str(uuid.uuid4())
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            with ServedApp(relay.app) as served:
+                client = await start_queued_only(served.url, ":memory:")
+                relay.ack_gate.clear()
+                await client.insert("tasks", {"id": outside, "title": "not queued", "status": "pending"})
+                deadline = loop.time() + 20
+                while relay.forwarded_mutations == 0:  # committed; its answer is held
+                    assert loop.time() < deadline, "the write never reached the write API"
+                    await asyncio.sleep(0.05)
+                # A later change in the shape: its up-to-date carries a position past the held write's commit.
+                queued = str(uuid.uuid4())
+                with psycopg.connect(stack.database_url, autocommit=True) as conn:
+                    conn.execute(
+                        "insert into tasks (id, user_id, title, status) values (%s, %s, 'elsewhere', 'queued')",
+                        [queued, ALICE],
+                    )
+                while [r["title"] for r in client.query("tasks", synced=True)] != ["elsewhere"]:
+                    assert loop.time() < deadline, "the later change never streamed in"
+                    await asyncio.sleep(0.05)
+                relay.ack_gate.set()
+                took = await until_settled(client, timeout=10)
+                assert took < 5, f"settled only after {took:.1f} s"
+                assert [r["title"] for r in client.query("tasks")] == ["elsewhere"]
+                await client.close()
+
+        asyncio.run(scenario())
+        assert db_row(stack.database_url, "tasks", outside) == ("not queued", "pending")

@@ -76,6 +76,74 @@ def test_initial_snapshot_has_electric_headers_schema_and_text_values(server: Se
     assert up_to_date["headers"]["global_last_seen_lsn"].isdigit()
 
 
+def _commit_position(db: psycopg.Connection[Any]) -> int:
+    """The position the write API reports for the commit just made on ``db``: the insert position right after it,
+    minus one (``pgferry.sync.writer._commit_position``), as a number."""
+    row = db.execute("select (pg_catalog.pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+    assert row is not None
+    return int(row[0]) - 1
+
+
+def _seen_lsn(response: httpx.Response) -> int:
+    return int(response.json()[-1]["headers"]["global_last_seen_lsn"])
+
+
+def test_global_last_seen_lsn_passes_commits_no_shape_holds_on_an_idle_server(server: ServedApp, db: Any) -> None:
+    """A commit that no shape holds — a row the shape's where clause excludes, a table the server does not publish
+    — and nothing written after it: a live up-to-date still soon carries global_last_seen_lsn at or past the commit's
+    position, so a client can settle such a write. (Electric's own stays at the last commit it processed.)"""
+    last, _ = sync_to_end(server, where="priority = 99")
+    db.execute("create table scratch_unpublished (x int)")
+    for commit in ("outside the where clause", "unpublished table"):
+        if commit == "outside the where clause":
+            insert_task(db, "outside", priority=1)
+        else:
+            db.execute("insert into scratch_unpublished values (1)")
+        position = _commit_position(db)
+        deadline = time.monotonic() + 15
+        response = last
+        while _seen_lsn(response) < position:
+            assert time.monotonic() < deadline, f"{commit}: global_last_seen_lsn stayed below {position}"
+            response = live_after(server, response, where="priority = 99")
+            assert response.status_code == 200 and changes(response) == []
+        last = response
+
+
+def test_the_up_to_date_after_a_change_is_past_its_whole_commit_record(server: ServedApp, db: Any) -> None:
+    """The live answer carrying a change reports global_last_seen_lsn past the change's commit LSN (the end of its
+    commit record, less one), not at it: that is what the write API's commit position for the same commit (read
+    right after it) is compared with, so a write settles with its own commit, without waiting for later WAL."""
+    insert_task(db, "first")
+    last, _ = sync_to_end(server)
+    waiting = Later(lambda: live_after(server, last))
+    time.sleep(0.5)  # the long-poll is waiting: it answers as the change is applied, before any later keepalive
+    insert_task(db, "second")
+    response = waiting.result()
+    [change] = changes(response)
+    assert _seen_lsn(response) > int(change["headers"]["lsn"])
+
+
+def test_applying_a_transaction_moves_the_processed_position_to_just_before_its_end(tmp_path: Path) -> None:
+    """The same property without the race the HTTP test above has with the feed's keepalive handling (which usually
+    moves the position a moment later anyway): right after applying a transaction the position is the end of its
+    commit record less one, never the commit LSN (Electric's figure), and never the end itself (a commit may start
+    there); later positions only move it forward."""
+    import datetime as dt
+
+    from pgferry.replication.lsn import Lsn
+    from pgferry.replication.reader import Transaction
+    from pgferry.sync.shapes import ShapeManager
+
+    manager = ShapeManager("postgresql://unused", tmp_path)  # no shapes: nothing is evaluated or read
+    txn = Transaction(xid=7, commit_lsn=Lsn(1000), end_lsn=Lsn(1048), commit_ts=dt.datetime.now(dt.UTC), changes=())
+    manager.apply_transactions([txn], evaluator=None)  # type: ignore[arg-type]
+    assert manager.processed_lsn == 1047
+    manager.advance_processed(1040)  # an older keepalive position
+    assert manager.processed_lsn == 1047
+    manager.advance_processed(2000)
+    assert manager.processed_lsn == 1999
+
+
 def test_live_insert_update_delete_reach_a_waiting_client(server: ServedApp, db: Any) -> None:
     task_id = insert_task(db, "first")
     last, _ = sync_to_end(server)

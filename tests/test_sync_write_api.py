@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 
+from pgferry.replication.lsn import Lsn
 from pgferry.sync import MutationRejectedError, WriteApiConfig, create_write_app
 from pgferry.sync.writer import BatchRejectedError
 from pgferry.testing.asgi import ServedApp
@@ -104,6 +105,15 @@ def test_a_batch_is_applied_in_one_transaction_whose_txid_the_shape_log_shows(st
     ours = [c for c in seen if c["headers"].get("txids") == [int(txid)]]
     assert {c["headers"]["operation"] for c in ours} == {"insert", "update"}
 
+    # The commit position: at or after the start of the commit record, which the shape log names (headers.lsn,
+    # from the replication stream), and before the WAL written after the answer.
+    position = Lsn.parse(body["lsn"])
+    assert {r["lsn"] for r in body["results"]} == {body["lsn"]}
+    assert {int(c["headers"]["lsn"]) for c in ours} == {int(ours[0]["headers"]["lsn"])}
+    assert int(ours[0]["headers"]["lsn"]) <= position
+    after = rows(stack.database_url, "select pg_catalog.pg_current_wal_insert_lsn()::text")[0][0]
+    assert position < Lsn.parse(after)
+
 
 def test_a_replayed_mutation_id_is_not_applied_twice(stack: WriteStack) -> None:
     task = add_task(stack.database_url, ALICE, "original")
@@ -119,6 +129,8 @@ def test_a_replayed_mutation_id_is_not_applied_twice(stack: WriteStack) -> None:
     result = again.json()["results"][0]
     assert result["status"] == "replayed"
     assert result["txid"] == first_txid == again.json()["txid"]
+    # A replay's commit position still bounds the original commit (the answer's, never a stale stored one).
+    assert Lsn.parse(result["lsn"]) == Lsn.parse(again.json()["lsn"]) >= Lsn.parse(response.json()["lsn"])
     assert rows(stack.database_url, "select title from tasks where id = %s", [task]) == [("second edit",)]
     recorded = rows(stack.database_url, "select count(*) from pgferry.applied_mutations where id = %s", [first["id"]])
     assert recorded == [(1,)]
@@ -390,7 +402,9 @@ def test_a_run_of_inserts_round_trips_values_and_replays_from_its_records(stack:
     assert sorted(r[0] for r in recorded) == sorted(m["id"] for m in run)
     assert {r[1] for r in recorded} == {body["txid"]}
     by_id = {r["id"]: r for r in body["results"]}
-    assert all(r[2] == by_id[r[0]] for r in recorded)
+    # Stored as answered, but for the commit position, which is only known after the commit (a replay is answered
+    # with the position read then).
+    assert all(r[2] == {k: v for k, v in by_id[r[0]].items() if k != "lsn"} for r in recorded)
 
     again = stack.post(run)
     assert again.status_code == 200, again.text

@@ -65,8 +65,12 @@ class WriteStack:
 
 
 @contextlib.contextmanager
-def write_stack(database_url: str, data_dir: Path, **write_options: Any) -> Iterator[WriteStack]:
-    sync_config = SyncServerConfig(database_url=database_url, data_dir=data_dir, live_timeout=2, secret=SYNC_SECRET)
+def write_stack(
+    database_url: str, data_dir: Path, *, live_timeout: float = 2, **write_options: Any
+) -> Iterator[WriteStack]:
+    sync_config = SyncServerConfig(
+        database_url=database_url, data_dir=data_dir, live_timeout=live_timeout, secret=SYNC_SECRET
+    )
     with ServedApp(create_sync_app(sync_config)) as sync:
         proxy_config = ProxyConfig(
             upstream=sync.url,

@@ -21,7 +21,7 @@ import msgspec
 
 from pgferry.client.errors import ShapeRequestError
 
-__all__ = ["Change", "RowValues", "ShapeBatch", "ShapeOptions", "ShapeState"]
+__all__ = ["Change", "RowValues", "ShapeBatch", "ShapeOptions", "ShapeState", "lsn_number"]
 
 HANDLE: Final = "electric-handle"
 OFFSET: Final = "electric-offset"
@@ -97,7 +97,9 @@ class ShapeBatch:
 
     ``up_to_date``: the client now holds everything up to ``offset`` (a consistent point: apply the changes
     gathered since the previous up-to-date atomically here). ``must_refetch``: the shape was rotated; drop every
-    row of it and everything gathered, the stream starts over."""
+    row of it and everything gathered, the stream starts over. ``global_lsn``: the up-to-date's
+    ``global_last_seen_lsn`` when it carried one (a commit position: the server had processed every transaction
+    committed at or before it, so each change of those that belongs to this shape came before this up-to-date)."""
 
     changes: list[Change]
     offset: str
@@ -108,6 +110,7 @@ class ShapeBatch:
     #: Bytes of the answer's JSON: what holding its changes in memory costs, roughly (wide rows make few changes
     #: large).
     size: int = 0
+    global_lsn: int | None = None
 
 
 @dataclass(frozen=True)
@@ -189,13 +192,21 @@ class ShapeState:
             self.schema = json.loads(headers[SCHEMA])
         if self.schema and (self._typed is None or self._typed.schema != self.schema):
             self._typed = _TypedMessages.for_schema(self.schema)
-        changes, up_to_date, refetch = _read_messages(body, self._typed)
+        changes, up_to_date, refetch, global_lsn = _read_messages(body, self._typed)
         if refetch:
             return self._must_refetch(headers)
         up_to_date = up_to_date or UP_TO_DATE in headers
         if up_to_date:
             self.up_to_date = True
-        return ShapeBatch(changes, self.offset, self.handle, up_to_date=up_to_date, schema=self.schema, size=len(body))
+        return ShapeBatch(
+            changes,
+            self.offset,
+            self.handle,
+            up_to_date=up_to_date,
+            schema=self.schema,
+            size=len(body),
+            global_lsn=global_lsn,
+        )
 
     def _must_refetch(self, headers: Mapping[str, str]) -> ShapeBatch:
         self.offset = "-1"
@@ -210,6 +221,7 @@ class _Headers(msgspec.Struct):
     operation: str = "insert"
     control: str | None = None
     txids: list[int | str] = msgspec.field(default_factory=list)
+    global_last_seen_lsn: str | int | None = None
 
 
 class _Message(msgspec.Struct):
@@ -250,7 +262,7 @@ class _TypedMessages:
         except (TypeError, ValueError):  # a column name msgspec cannot take: the generic decoding serves
             return None
 
-    def read(self, body: bytes) -> tuple[list[Change], bool, bool] | None:
+    def read(self, body: bytes) -> tuple[list[Change], bool, bool, int | None] | None:
         """The page's changes, or ``None`` when a value is not a string or null (the generic decoding then keeps
         it as it came)."""
         try:
@@ -261,6 +273,7 @@ class _TypedMessages:
         changes: list[Change] = []
         append = changes.append
         up_to_date = refetch = False
+        global_lsn: int | None = None
         for message in messages:
             headers = message.headers
             if message.key is not None:
@@ -276,14 +289,15 @@ class _TypedMessages:
                 append(Change(message.key, operation, value, tuple(map(int, txids)) if txids else ()))
             elif headers.control == "up-to-date":
                 up_to_date = True
+                global_lsn = _later(global_lsn, lsn_number(headers.global_last_seen_lsn))
             elif headers.control == "must-refetch":
                 refetch = True
-        return changes, up_to_date, refetch
+        return changes, up_to_date, refetch, global_lsn
 
 
-def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[list[Change], bool, bool]:
+def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[list[Change], bool, bool, int | None]:
     if not body.strip():
-        return [], False, False
+        return [], False, False, None
     if typed is not None:
         try:
             read = typed.read(body)
@@ -298,6 +312,7 @@ def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[li
     changes: list[Change] = []
     append = changes.append
     up_to_date = refetch = False
+    global_lsn: int | None = None
     for message in messages:
         headers = message.headers
         if message.key is not None:
@@ -305,9 +320,32 @@ def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[li
             append(Change(message.key, headers.operation, message.value, tuple(map(int, txids)) if txids else ()))
         elif headers.control == "up-to-date":
             up_to_date = True
+            global_lsn = _later(global_lsn, lsn_number(headers.global_last_seen_lsn))
         elif headers.control == "must-refetch":
             refetch = True
-    return changes, up_to_date, refetch
+    return changes, up_to_date, refetch, global_lsn
+
+
+def _later(current: int | None, seen: int | None) -> int | None:
+    """The later of two WAL positions where either may be unknown."""
+    if seen is None:
+        return current
+    return seen if current is None else max(current, seen)
+
+
+def lsn_number(value: str | int | None) -> int | None:
+    """A WAL position as a number, from Electric's decimal text (``global_last_seen_lsn``), PostgreSQL's ``X/Y``
+    text (the write API's ``lsn``) or a number; ``None`` for anything else (an old server sends none)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    high, slash, low = value.strip().partition("/")
+    try:
+        number = (int(high, 16) << 32) | int(low, 16) if slash else int(high, 10)
+    except ValueError:
+        return None
+    return number if number >= 0 else None
 
 
 def retry_after(headers: Mapping[str, str]) -> float | None:

@@ -15,10 +15,11 @@
 Reads come from the replica (:class:`~pgferry.client.replica.LocalReplica` on SQLite, or
 :class:`~pgferry.client.replica_pg.PostgresReplica` for a ``postgresql://`` URL), fed by one
 :class:`~pgferry.client.shape_async.AsyncShapeStream` per table (resumed from the stored offset after a restart);
-writes go to the replica and its outbox at once and an :class:`~pgferry.client.outbox.OutboxSender` delivers them
-to the write API behind the same URL. A rotated shape (``must-refetch``: the server's schema changed, or the shape was
-deleted) re-syncs that table and keeps the outbox; connection loss is retried forever and reported through the
-connection-state callbacks; errors of the streams go to ``on_error``.
+writes go to the replica and its outbox at once and an :class:`~pgferry.client.outbox.OutboxSender` delivers them to
+the write API behind the same URL; each stays pending until its stream shows it, or shows the server past its commit
+(a write outside the table's shape; see :mod:`pgferry.client.replica`). A rotated shape (``must-refetch``: the
+server's schema changed, or the shape was deleted) re-syncs that table and keeps the outbox; connection loss is
+retried forever and reported through the connection-state callbacks; errors of the streams go to ``on_error``.
 
 Owns the orchestration of streams, replica and sender; must not speak the protocol itself.
 """
@@ -123,6 +124,7 @@ class ElectricSupabaseClient:
                 client=self._http,
                 batch_size=config.batch_size,
                 on_rejected=self._rejected,
+                followed=self._streams,  # read at each acknowledgement: tables synced later count from then on
             )
             self._tasks.append(asyncio.create_task(self._sender.run(self._stop), name="pgferry-outbox"))
         else:
@@ -238,6 +240,7 @@ class ElectricSupabaseClient:
                     handle=batch.handle,
                     schema=batch.schema,
                     reset=reset,
+                    processed_lsn=batch.global_lsn,
                 )
                 if reset and self._sender is not None:
                     # A reset settles the acknowledged items (the replica's docstring): none may be in flight.

@@ -6,8 +6,9 @@ refused). While the write API applies batch N+1, batch N's acknowledgement is wr
 read before that starts, skipping N's items): the replica and the server work at the same time, and order is kept
 because a batch is only sent after the previous one was applied. The answer decides:
 
-- 200: every item is acknowledged with its txid (:meth:`LocalReplica.acknowledge`); the optimistic state stays until
-  that txid streams in (or goes at once when the server changed nothing);
+- 200: every item is acknowledged with its txid and commit position (:meth:`LocalReplica.acknowledge`); the
+  optimistic state stays until that txid streams in or an up-to-date of its shape is past that position (or goes at
+  once when the server changed nothing, or when the client follows no stream of its table);
 - 4xx with per-mutation errors: those mutations are rejected — their optimistic state rolled back and reported to
   the application — and the rest of the batch, which the server did not write (all-or-nothing), is sent again;
 - 401: the token is refreshed through the headers callable on the next attempt;
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -61,7 +62,10 @@ class SendOutcome:
 
 class OutboxSender:
     """Drains a replica's outbox (SQLite or PostgreSQL) to ``url`` (the proxy or a mounted write API;
-    ``/v1/mutations`` is appended when absent). ``source_tables`` maps each shape name to its ``schema.table``."""
+    ``/v1/mutations`` is appended when absent). ``source_tables`` maps each shape name to its ``schema.table`` (a
+    shape not in it: the one the replica recorded). ``followed``: the shapes whose streams the client follows, read
+    at each acknowledgement (an item of any other shape settles on acknowledgement: nothing would ever settle it);
+    ``None``: every shape is followed."""
 
     def __init__(
         self,
@@ -74,10 +78,12 @@ class OutboxSender:
         batch_size: int = DEFAULT_BATCH,
         backoff: RetryPolicy = DEFAULT_BACKOFF,
         on_rejected: Callable[[Rejection], Any] | None = None,
+        followed: Container[str] | None = None,
     ) -> None:
         self.url = url if url.rstrip("/").endswith("/v1/mutations") else url.rstrip("/") + "/v1/mutations"
         self.replica = replica
         self.source_tables = dict(source_tables)
+        self.followed = followed
         self._headers = headers
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0))
@@ -115,7 +121,7 @@ class OutboxSender:
         mutation: dict[str, Any] = {
             "id": item.mutation_id,
             "op": item.op,
-            "table": self.source_tables[item.shape],
+            "table": self._source_table(item.shape),
             "row": item.row,
             "written_at": item.written_at,
         }
@@ -126,6 +132,15 @@ class OutboxSender:
                 if c in item.row and c in schema
             }
         return mutation
+
+    def _source_table(self, shape: str) -> str:
+        """``schema.table`` of a shape: as configured, else as the replica recorded it (an item written to a table the
+        client synced before and does not follow now must still go out, or it would block every item after it)."""
+        known = self.source_tables.get(shape)
+        if known is None:
+            known = self.replica.source_table(shape) or f"public.{shape}"
+            self.source_tables[shape] = known
+        return known
 
     def _prepare(self, after: int) -> tuple[bytes, list[OutboxItem]]:
         """Read the next batch (items after sequence number ``after``) and encode it: on a worker thread."""
@@ -170,7 +185,9 @@ class OutboxSender:
             self._failures = 0
             results = response.json()["results"]
             await self.flush()  # the previous batch's acknowledgement, written meanwhile
-            self._acknowledging = asyncio.ensure_future(asyncio.to_thread(self.replica.acknowledge, results))
+            self._acknowledging = asyncio.ensure_future(
+                asyncio.to_thread(self.replica.acknowledge, results, followed=self.followed)
+            )
             self._acknowledged_up_to = items[-1].seq
             return SendOutcome(sent=len(items))
         await self._drop_next()  # after a refusal the next batch is read again, from what is pending then

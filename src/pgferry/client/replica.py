@@ -17,9 +17,25 @@ it (PostgreSQL's text form: uuid, jsonb, arrays, timestamps and vectors round-tr
   application: writing to it is an error, not a change the sync would silently overwrite.
 
 Outbox items are ``pending`` (not yet acknowledged) or ``sent`` (the write API applied them in transaction
-``txid``). An item is dropped — and its key's visible row rebuilt from the synced row — when its txid has appeared in
-the stream (``_pgferry_seen_txids``, recorded at each applied boundary), at once when the server says it changed
-nothing, or when it is rejected (the rejection is kept in ``_pgferry_rejected`` for the application).
+``txid``, committed at WAL position ``lsn``). An item is dropped — and its key's visible row rebuilt from the synced
+row — when its txid has appeared in the stream (``_pgferry_seen_txids``, recorded at each applied boundary), at once
+when the server says it changed nothing, or when it is rejected (the rejection is kept in ``_pgferry_rejected`` for
+the application).
+
+A write whose row is in no shape of this client, before and after it (a where clause the row does not match), never
+shows its txid in the stream; a row that leaves a shape does (Electric sends a delete). So an item is also dropped
+when an up-to-date of its shape carries ``global_last_seen_lsn`` at or past the item's ``lsn`` (:meth:`apply`'s
+``processed_lsn``), or already at its acknowledgement when the last applied up-to-date did; and at once when
+acknowledged for a shape the client does not follow (:meth:`acknowledge`'s ``followed``). The guarantee relied on:
+the sync server has processed every transaction committed at or before ``global_last_seen_lsn`` before it sends that
+up-to-date (both Electric and the dev server read it before reading the shape's log), so whatever of the write
+belongs to the shape was applied with that boundary or an earlier one; the write API's ``lsn`` is at or after the
+start of the write's commit record (both positions in the WAL of the one database the write API writes to and the
+sync server replicates from). Dropping the item then rebuilds the visible row from the synced one, so a row outside
+the shape leaves the visible table. Against Electric, ``global_last_seen_lsn`` is the commit LSN of the last
+transaction it processed, so such an item settles only at an up-to-date that reports some later commit on a table
+Electric syncs; the dev server also advances it over WAL that held nothing for it (keepalive positions), so there it
+settles on an idle server too.
 
 A rotated shape (``must-refetch``) would strand ``sent`` items whose change had not streamed in yet: the new
 snapshot carries no txids. So the resetting :meth:`apply` (the new shape's first up-to-date) settles every ``sent``
@@ -38,7 +54,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
@@ -48,7 +64,7 @@ from typing import Any, Final, Literal
 import msgspec
 import structlog
 
-from pgferry.client._shape_base import Change, RowValues
+from pgferry.client._shape_base import Change, RowValues, lsn_number
 from pgferry.client.values import parse_value
 
 __all__ = ["LocalReplica", "OutboxItem", "Rejection"]
@@ -69,7 +85,8 @@ create table if not exists _pgferry_outbox (
   base text,
   written_at integer not null,
   state text not null default 'pending',
-  txid integer
+  txid integer,
+  lsn integer
 );
 create table if not exists _pgferry_staged (
   seq integer primary key autoincrement, shape text not null, key text not null, op text not null,
@@ -109,6 +126,7 @@ class OutboxItem:
     written_at: int
     state: str
     txid: int | None
+    lsn: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +205,27 @@ def _overlay_table(name: str) -> str:
 
 
 class ShapeSchemas:
-    """What both replicas know of their shapes' columns: the stream's schema per shape, and its key from it."""
+    """What both replicas know of their shapes' columns: the stream's schema per shape, and its key from it; and
+    how far each shape's server had processed the WAL at its last applied up-to-date (see the module docstring)."""
 
     _schemas: dict[str, dict[str, Any]]
+    #: ``global_last_seen_lsn`` of each shape's last applied up-to-date (in memory: the next one after a restart
+    #: sets it again; until then items wait for it).
+    _processed: dict[str, int]
+
+    def _settles_on_acknowledgement(self, shape: str, lsn: int | None, followed: Container[str] | None) -> bool:
+        """Whether an acknowledged item of ``shape`` committed at ``lsn`` is settled at once, with nothing to wait
+        for: the client follows no stream of its shape, or that stream's last applied up-to-date was already past
+        its commit (every change of it in the shape was applied then)."""
+        if followed is not None and shape not in followed:
+            return True
+        processed = self._processed.get(shape)
+        return lsn is not None and processed is not None and lsn <= processed
+
+    def _record_processed(self, name: str, processed_lsn: int | None) -> None:
+        """Remember the applied up-to-date's position (after its transaction committed)."""
+        if processed_lsn is not None:
+            self._processed[name] = processed_lsn
 
     def schema(self, name: str) -> dict[str, Any]:
         return self._schemas.get(name, {})
@@ -227,6 +263,9 @@ class LocalReplica(ShapeSchemas):
                 "pragma synchronous = normal" if self.path == ":memory:" else "pragma synchronous = full"
             )
             self._conn.executescript(_META)
+            outbox_columns = {row[1] for row in self._conn.execute("pragma table_info(_pgferry_outbox)")}
+            if "lsn" not in outbox_columns:  # a replica file from before items carried their commit position
+                self._conn.execute("alter table _pgferry_outbox add column lsn integer")
             # Staged changes of a boundary that never committed (a crash): their offset was not stored either.
             # (Typed staging tables are TEMP tables: they end with the connection; snapshot tables do not.)
             self._conn.execute("delete from _pgferry_staged")
@@ -242,6 +281,7 @@ class LocalReplica(ShapeSchemas):
         self._schemas: dict[str, dict[str, Any]] = {
             name: json.loads(schema) for name, schema in self._conn.execute("select name, schema from _pgferry_shapes")
         }
+        self._processed: dict[str, int] = {}
         with self._lock:
             self._views_from_visible_tables()
 
@@ -495,11 +535,13 @@ class LocalReplica(ShapeSchemas):
         handle: str | None,
         schema: Mapping[str, Any] | None,
         reset: bool = False,
+        processed_lsn: int | None = None,
     ) -> set[int]:
         """Apply the changes gathered up to an up-to-date boundary, with the new position, in one transaction;
         ``reset`` replaces the shape's rows (after a must-refetch). Returns the keys' txids seen, and settles the
-        outbox items they acknowledge. A new snapshot's apply commits without checkpointing the WAL it was loaded
-        into; a background checkpoint follows (:meth:`_checkpoint_in_background`)."""
+        outbox items they acknowledge, and those committed at or before ``processed_lsn`` (the up-to-date's
+        ``global_last_seen_lsn``; see the module docstring). A new snapshot's apply commits without checkpointing
+        the WAL it was loaded into; a background checkpoint follows (:meth:`_checkpoint_in_background`)."""
         with self._lock, self._checkpointed_after_if_snapshot(name), self._transaction() as conn:
             snapshot = self._next.get(name)
             txids: set[int] = set()
@@ -543,7 +585,7 @@ class LocalReplica(ShapeSchemas):
                     "(select txid from _pgferry_seen_txids order by seen_at desc limit ?)",
                     [_SEEN_TXIDS_KEPT],
                 )
-            settled = self._drop_seen(conn, name)
+            settled = self._drop_seen(conn, name, processed_lsn)
             if reset:  # every acknowledged write is in the new snapshot or its log so far (module docstring)
                 conn.execute("delete from _pgferry_outbox where shape = ? and state = 'sent'", [name])
             if snapshot is not None or reset or count > _REBUILD_BY_KEY_UP_TO:
@@ -552,6 +594,7 @@ class LocalReplica(ShapeSchemas):
                 self._rebuild(conn, name, touched | settled)
             if snapshot is not None:
                 del self._next[name]  # under the lock: a stage for this shape now starts a new one
+        self._record_processed(name, processed_lsn)  # committed: the shape holds every change up to it
         return txids
 
     def _take_snapshot(self, conn: sqlite3.Connection, name: str, schema: dict[str, Any], columns: list[str]) -> None:
@@ -768,11 +811,15 @@ class LocalReplica(ShapeSchemas):
 
     # -- local writes and the outbox ------------------------------------------------------------------------------
 
-    def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
-        """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
+    def source_table(self, name: str) -> str | None:
+        """The ``schema.table`` shape ``name`` was synced from (``None``: never synced)."""
         with self._lock:
             source = self._conn.execute("select source_table from _pgferry_shapes where name = ?", [name]).fetchone()
-        return self._key_in(name, source[0] if source else None, row)
+        return str(source[0]) if source else None
+
+    def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
+        """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
+        return self._key_in(name, self.source_table(name), row)
 
     def write(
         self,
@@ -864,7 +911,7 @@ class LocalReplica(ShapeSchemas):
         where, params = ("where seq > ? and state = ?", [after, state]) if state else ("where seq > ?", [after])
         with self._lock:
             found = self._conn.execute(
-                "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
+                "select seq, mutation_id, shape, op, row, base, written_at, state, txid, lsn "
                 f"from _pgferry_outbox {where} order by seq limit ?",
                 [*params, limit],
             ).fetchall()
@@ -872,8 +919,8 @@ class LocalReplica(ShapeSchemas):
         # whole batch of items per request.
         decode = _DECODE_JSON
         return [
-            OutboxItem(seq, mid, shape, op, decode(row)["json"], decode(base) if base else None, written, st, txid)
-            for seq, mid, shape, op, row, base, written, st, txid in found
+            OutboxItem(seq, mid, shape, op, decode(row)["json"], decode(base) if base else None, written, st, txid, lsn)
+            for seq, mid, shape, op, row, base, written, st, txid, lsn in found
         ]
 
     def count_outbox(self, *, state: str | None = None) -> int:
@@ -883,9 +930,11 @@ class LocalReplica(ShapeSchemas):
             row = self._conn.execute(f"select count(*) from _pgferry_outbox {where}", params).fetchone()
         return int(row[0])
 
-    def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None:
-        """Record the write API's results: items become ``sent`` with their txid, or are dropped at once when they
-        changed nothing or their txid already streamed in."""
+    def acknowledge(self, results: Iterable[Mapping[str, Any]], *, followed: Container[str] | None = None) -> None:
+        """Record the write API's results: items become ``sent`` with their txid and commit position (``lsn``), or
+        are dropped at once when they changed nothing, their txid already streamed in, their shape's last applied
+        up-to-date was past their commit, or their shape is not in ``followed`` (the shapes the client streams;
+        ``None``: all). See the module docstring."""
         results = list(results)
         with self._transaction() as conn:
             # A batch's results share one txid (or a few, with replays): look the txids up once, then mark the
@@ -900,19 +949,26 @@ class LocalReplica(ShapeSchemas):
                         f"select txid from _pgferry_seen_txids where txid in ({marks})", list(txids)
                     )
                 }
-            sent: list[tuple[int | None, str]] = []
+            shapes = self._shapes_of(conn, results) if followed is not None or self._processed else {}
+            sent: list[tuple[int | None, int | None, str]] = []
             touched: dict[str, set[str]] = {}
             for result in results:
                 txid = int(result["txid"]) if result.get("txid") else None
-                if result.get("changed") is not False and txid not in seen:
-                    sent.append((txid, result["id"]))
+                lsn = lsn_number(result.get("lsn"))
+                shape = shapes.get(result["id"])
+                if (
+                    result.get("changed") is not False
+                    and txid not in seen
+                    and (shape is None or not self._settles_on_acknowledgement(shape, lsn, followed))
+                ):
+                    sent.append((txid, lsn, result["id"]))
                     continue
                 item = conn.execute(
                     "delete from _pgferry_outbox where mutation_id = ? returning shape, row_key", [result["id"]]
                 ).fetchone()
                 if item is not None:
                     touched.setdefault(item[0], set()).add(item[1])
-            conn.executemany("update _pgferry_outbox set state = 'sent', txid = ? where mutation_id = ?", sent)
+            conn.executemany("update _pgferry_outbox set state = 'sent', txid = ?, lsn = ? where mutation_id = ?", sent)
             for name, keys in touched.items():
                 self._rebuild(conn, name, keys)
 
@@ -960,11 +1016,25 @@ class LocalReplica(ShapeSchemas):
 
     # -- rebuilding visible rows --------------------------------------------------------------------------------------
 
-    def _drop_seen(self, conn: sqlite3.Connection, name: str) -> set[str]:
+    @staticmethod
+    def _shapes_of(conn: sqlite3.Connection, results: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """The shape of each acknowledged item, by mutation id."""
+        ids = [str(r["id"]) for r in results]
+        found: dict[str, str] = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start : start + 500]
+            marks = ", ".join("?" * len(part))
+            found.update(
+                conn.execute(f"select mutation_id, shape from _pgferry_outbox where mutation_id in ({marks})", part)
+            )
+        return found
+
+    def _drop_seen(self, conn: sqlite3.Connection, name: str, processed_lsn: int | None = None) -> set[str]:
+        """Drop the shape's sent items whose txid streamed in or whose commit the up-to-date being applied is past."""
         found = conn.execute(
             "select mutation_id, row_key from _pgferry_outbox where shape = ? and state = 'sent' "
-            "and txid in (select txid from _pgferry_seen_txids)",
-            [name],
+            "and (txid in (select txid from _pgferry_seen_txids) or lsn <= ?)",
+            [name, processed_lsn],
         ).fetchall()
         conn.executemany("delete from _pgferry_outbox where mutation_id = ?", [(r[0],) for r in found])
         return {r[1] for r in found}

@@ -13,7 +13,8 @@ its synced data) gets the replica there instead of in a SQLite file. Everything 
   text form (the session runs in UTC with ISO dates, as the server renders them), so reads through
   :mod:`pgferry.client.values` give the same Python values as the SQLite replica.
 - ``_pgferry_shapes`` (offset, handle, schema), ``_pgferry_outbox``, ``_pgferry_seen_txids`` and
-  ``_pgferry_rejected``: the same bookkeeping, durable in the database. Changes
+  ``_pgferry_rejected``: the same bookkeeping, durable in the database, and the same settling of acknowledged items
+  (by txid, or by commit position against ``global_last_seen_lsn``: see :mod:`pgferry.client.replica`). Changes
   and the new offset/handle commit in **one** PostgreSQL transaction at each up-to-date boundary; changes staged
   before it sit in a TEMP table, so a crash leaves neither staged rows nor a moved offset.
 
@@ -27,7 +28,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -36,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pgferry.client._shape_base import Change
+from pgferry.client._shape_base import Change, lsn_number
 from pgferry.client.replica import OutboxItem, Rejection, ShapeSchemas
 from pgferry.client.values import parse_value
 
@@ -58,8 +59,11 @@ create table if not exists _pgferry_outbox (
   base jsonb,
   written_at bigint not null,
   state text not null default 'pending',
-  txid bigint
+  txid bigint,
+  lsn bigint
 );
+-- a replica from before items carried their commit position
+alter table _pgferry_outbox add column if not exists lsn bigint;
 create index if not exists _pgferry_outbox_key on _pgferry_outbox (shape, row_key);
 create index if not exists _pgferry_outbox_state on _pgferry_outbox (state, txid);
 create table if not exists _pgferry_seen_txids (txid bigint primary key, seen_at double precision not null);
@@ -138,6 +142,7 @@ class PostgresReplica(ShapeSchemas):
         self._staged: set[str] = set()
         self._lost: set[str] = set()
         self._closed = False
+        self._processed: dict[str, int] = {}
         self._conn = self._connect()
         with self._lock:
             self._schemas: dict[str, dict[str, Any]] = {
@@ -365,10 +370,12 @@ class PostgresReplica(ShapeSchemas):
         handle: str | None,
         schema: Mapping[str, Any] | None,
         reset: bool = False,
+        processed_lsn: int | None = None,
     ) -> set[int]:
         """Apply the changes gathered up to an up-to-date boundary (staged ones first), with the new position, in
         one transaction; ``reset`` replaces the shape's rows (after a must-refetch). Returns the txids seen, and
-        settles the outbox items they acknowledge. Raises :class:`StagedChangesLost` when a lost connection took
+        settles the outbox items they acknowledge and those committed at or before ``processed_lsn`` (the
+        up-to-date's ``global_last_seen_lsn``). Raises :class:`StagedChangesLost` when a lost connection took
         this shape's staged changes along (the stream must restart from the stored position)."""
         with self._lock:
             self._connection()
@@ -410,7 +417,7 @@ class PostgresReplica(ShapeSchemas):
                     "(select seen_at from _pgferry_seen_txids order by seen_at desc offset %s limit 1)",
                     [_SEEN_TXIDS_KEPT],
                 )
-            settled = self._drop_seen(conn, name)
+            settled = self._drop_seen(conn, name, processed_lsn)
             if reset:  # every acknowledged write is in the new snapshot or its log so far (see replica.py)
                 conn.execute("delete from _pgferry_outbox where shape = %s and state = 'sent'", [name])
             if reset or count > _REBUILD_BY_KEY_UP_TO:
@@ -419,6 +426,7 @@ class PostgresReplica(ShapeSchemas):
                 self._rebuild(conn, name, touched | settled)
         self._staging.pop(name, None)  # committed: the typed staging table was dropped with it
         self._staged.discard(name)
+        self._record_processed(name, processed_lsn)
         return txids
 
     def _ensure_tables(self, conn: psycopg.Connection[Any], name: str, schema: dict[str, Any]) -> None:
@@ -545,10 +553,14 @@ class PostgresReplica(ShapeSchemas):
 
     # -- local writes and the outbox ------------------------------------------------------------------------------
 
+    def source_table(self, name: str) -> str | None:
+        """The ``schema.table`` shape ``name`` was synced from (``None``: never synced)."""
+        source = self._read("select source_table from _pgferry_shapes where name = %s", [name])
+        return str(source[0][0]) if source else None
+
     def key_of(self, name: str, row: Mapping[str, str | None]) -> str:
         """The shape log's key for a row (``"public"."tasks"/"<id>"``), from its primary key values (text)."""
-        source = self._read("select source_table from _pgferry_shapes where name = %s", [name])
-        return self._key_in(name, source[0][0] if source else None, row)
+        return self._key_in(name, self.source_table(name), row)
 
     def write(
         self,
@@ -624,13 +636,13 @@ class PostgresReplica(ShapeSchemas):
         """Outbox items in order (all, or those in ``state``), from sequence number ``after`` on (exclusive)."""
         where, params = ("where seq > %s and state = %s", [after, state]) if state else ("where seq > %s", [after])
         found = self._read(
-            "select seq, mutation_id, shape, op, row, base, written_at, state, txid "
+            "select seq, mutation_id, shape, op, row, base, written_at, state, txid, lsn "
             f"from _pgferry_outbox {where} order by seq limit %s",
             [*params, limit],
         )
         return [
-            OutboxItem(seq, mid, shape, op, row["json"], base, written, st, txid)
-            for seq, mid, shape, op, row, base, written, st, txid in found
+            OutboxItem(seq, mid, shape, op, row["json"], base, written, st, txid, lsn)
+            for seq, mid, shape, op, row, base, written, st, txid, lsn in found
         ]
 
     def count_outbox(self, *, state: str | None = None) -> int:
@@ -639,21 +651,36 @@ class PostgresReplica(ShapeSchemas):
         found = self._read(f"select count(*) from _pgferry_outbox {where}", params)
         return int(found[0][0]) if found else 0
 
-    def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None:
-        """Record the write API's results: items become ``sent`` with their txid, or are dropped at once when they
-        changed nothing or their txid already streamed in."""
+    def acknowledge(self, results: Iterable[Mapping[str, Any]], *, followed: Container[str] | None = None) -> None:
+        """Record the write API's results: items become ``sent`` with their txid and commit position, or are dropped
+        at once when they changed nothing, their txid already streamed in, their shape's last applied up-to-date was
+        past their commit, or their shape is not in ``followed`` (``None``: all), as in the SQLite replica."""
         results = list(results)
         with self._transaction() as conn:
             txids = sorted({int(r["txid"]) for r in results if r.get("txid")})
             seen = {
                 row[0] for row in conn.execute("select txid from _pgferry_seen_txids where txid = any(%s)", [txids])
             }
-            sent: list[tuple[int | None, str]] = []
+            shapes: dict[str, str] = {}
+            if followed is not None or self._processed:
+                shapes = dict(
+                    conn.execute(
+                        "select mutation_id, shape from _pgferry_outbox where mutation_id = any(%s)",
+                        [[str(r["id"]) for r in results]],
+                    ).fetchall()
+                )
+            sent: list[tuple[int | None, int | None, str]] = []
             touched: dict[str, set[str]] = {}
             for result in results:
                 txid = int(result["txid"]) if result.get("txid") else None
-                if result.get("changed") is not False and txid not in seen:
-                    sent.append((txid, result["id"]))
+                lsn = lsn_number(result.get("lsn"))
+                shape = shapes.get(str(result["id"]))
+                if (
+                    result.get("changed") is not False
+                    and txid not in seen
+                    and (shape is None or not self._settles_on_acknowledgement(shape, lsn, followed))
+                ):
+                    sent.append((txid, lsn, result["id"]))
                     continue
                 item = conn.execute(
                     "delete from _pgferry_outbox where mutation_id = %s returning shape, row_key", [result["id"]]
@@ -661,7 +688,9 @@ class PostgresReplica(ShapeSchemas):
                 if item is not None:
                     touched.setdefault(item[0], set()).add(item[1])
             with conn.cursor() as cursor:
-                cursor.executemany("update _pgferry_outbox set state = 'sent', txid = %s where mutation_id = %s", sent)
+                cursor.executemany(
+                    "update _pgferry_outbox set state = 'sent', txid = %s, lsn = %s where mutation_id = %s", sent
+                )
             for name, keys in touched.items():
                 self._rebuild(conn, name, keys)
 
@@ -716,11 +745,12 @@ class PostgresReplica(ShapeSchemas):
 
     # -- rebuilding visible rows --------------------------------------------------------------------------------------
 
-    def _drop_seen(self, conn: psycopg.Connection[Any], name: str) -> set[str]:
+    def _drop_seen(self, conn: psycopg.Connection[Any], name: str, processed_lsn: int | None = None) -> set[str]:
+        """Drop the shape's sent items whose txid streamed in or whose commit the up-to-date being applied is past."""
         found = conn.execute(
             "delete from _pgferry_outbox where shape = %s and state = 'sent' "
-            "and txid in (select txid from _pgferry_seen_txids) returning row_key",
-            [name],
+            "and (txid in (select txid from _pgferry_seen_txids) or lsn <= %s::bigint) returning row_key",
+            [name, processed_lsn],
         ).fetchall()
         return {r[0] for r in found}
 

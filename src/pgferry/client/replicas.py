@@ -11,7 +11,7 @@ Owns the choice of backend; must not do HTTP or hold data itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,6 +27,8 @@ class Replica(Protocol):
     def position(self, name: str) -> tuple[str, str | None] | None: ...
 
     def schema(self, name: str) -> dict[str, Any]: ...
+
+    def source_table(self, name: str) -> str | None: ...
 
     def stage(
         self,
@@ -49,6 +51,7 @@ class Replica(Protocol):
         handle: str | None,
         schema: Mapping[str, Any] | None,
         reset: bool = False,
+        processed_lsn: int | None = None,
     ) -> set[int]: ...
 
     def rows(self, name: str, *, typed: bool = True, synced: bool = False) -> list[dict[str, Any]]: ...
@@ -69,7 +72,7 @@ class Replica(Protocol):
 
     def count_outbox(self, *, state: str | None = None) -> int: ...
 
-    def acknowledge(self, results: Iterable[Mapping[str, Any]]) -> None: ...
+    def acknowledge(self, results: Iterable[Mapping[str, Any]], *, followed: Container[str] | None = None) -> None: ...
 
     def reject(self, problems: Iterable[Mapping[str, Any]]) -> list[Rejection]: ...
 

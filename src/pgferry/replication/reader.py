@@ -589,6 +589,15 @@ class ReplicationReader:
             return self._confirmed
 
     @property
+    def idle_position(self) -> Lsn:
+        """The WAL position of the latest keepalive that came between transactions (``0/0``: none yet).
+
+        The server sends it once it has decoded the WAL up to there, so every transaction committed before it was
+        sent first: a consumer that has handled every transaction the reader delivered has seen all of them (WAL of
+        other databases and of unpublished tables holds nothing for it)."""
+        return self._idle_lsn
+
+    @property
     def relations(self) -> Mapping[int, RelationInfo]:
         """Tables seen on the stream so far, by OID."""
         return self._assembler.relations

@@ -165,9 +165,11 @@ class ReplicationFeed(FollowedFeed):
             self._follower.mark_active()
             while not self._follower.stopping:
                 batch = reader.next_batch(_MAX_BATCH)
-                if not batch:
-                    continue
-                self._manager.apply_transactions(batch, evaluator)
-                reader.confirm(batch[-1])
+                if batch:
+                    self._manager.apply_transactions(batch, evaluator)
+                    reader.confirm(batch[-1])
+                # Every transaction the reader delivered is applied now, so a keepalive position it saw between them
+                # is processed WAL: global_last_seen_lsn moves past commits that touched no shape, and while idle.
+                self._manager.advance_processed(int(reader.idle_position))
         finally:
             evaluator.close()

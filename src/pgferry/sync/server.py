@@ -224,7 +224,8 @@ class SyncServer:
         state = await asyncio.to_thread(
             prepare_server_state, config.database_url, config.data_dir, self.tables, self.manager
         )
-        self.manager.processed_lsn = state.start_lsn
+        # The slot's confirmed position: everything before it was applied (and a commit may start right at it).
+        self.manager.processed_lsn = max(0, state.start_lsn - 1)
         loaded = await asyncio.to_thread(self.manager.load, lambda definition: definition.table in self.tables.names)
         self.manager.bind_loop(asyncio.get_running_loop())
         feed = ReplicationFeed(config.database_url, self.manager, state)

@@ -234,7 +234,9 @@ class ShapeManager:
         self._by_definition: dict[ShapeDefinition, Shape] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()  # set at shutdown: running snapshots stop at their next page
-        self.processed_lsn = 0  # commit LSN of the last transaction applied to every shape
+        #: ``global_last_seen_lsn``: every transaction whose commit record starts at or before it has been applied
+        #: to every shape (see :meth:`advance_processed`).
+        self.processed_lsn = 0
         self.transactions_applied = 0
         self.shapes_invalidated = 0
         self.last_commit_latency: float | None = None
@@ -606,10 +608,27 @@ class ShapeManager:
                 if shape.state != "gone":
                     shape.log.sync()
             if txns:
-                self.processed_lsn = max(self.processed_lsn, int(txns[-1].commit_lsn))
+                self._advance_processed(int(txns[-1].end_lsn))
             self.transactions_applied += len(txns)
         for shape in touched.values():
             shape.notify()
+
+    def advance_processed(self, position: int) -> None:
+        """Everything before WAL position ``position`` has been applied (the feed calls this with the position of a
+        keepalive that came between transactions, once every transaction received before it was applied)."""
+        with self._lock:
+            self._advance_processed(position)
+
+    def _advance_processed(self, position: int) -> None:
+        """Move :attr:`processed_lsn` to just below ``position``, the end of WAL processed so far: the end of the last
+        applied commit record, or a keepalive's position. Just below, not at it: a commit record may *start* exactly
+        there, and ``global_last_seen_lsn`` reads as a commit position — the official client resumes SSE from
+        ``<lsn>_0`` (all of that transaction) and pglite-sync takes changes at or below it for replays — so reporting
+        the position itself would drop such a transaction. Reporting more than the last commit LSN (which is what
+        Electric reports) is what lets a write outside every shape be settled on an idle server: its write API answer
+        carries a commit position (:func:`pgferry.sync.writer._commit_position`) that only a later WAL position
+        reaches."""
+        self.processed_lsn = max(self.processed_lsn, position - 1)
 
     def _apply_to_shapes(self, shapes: list[Shape], txn: Transaction, evaluator: WhereEvaluator) -> list[Shape]:
         """Apply ``txn`` to shapes of one table; returns the shapes whose logs changed (or that went away)."""

@@ -8,10 +8,13 @@ collection, any HTTP client) sends a batch of mutations with the user's Supabase
     {"mutations": [{"id": "<uuid>", "op": "update", "table": "public.tasks",
                     "row": {"id": "…", "status": "done"}, "written_at": 1796032800000}]}
 
-and gets ``{"txid": "<xid>", "results": [{"id": "…", "status": "applied", "op": "update", "key": {…},
-"changed": true, "txid": "<xid>", "conflicts": [...]?}]}``: the batch was applied in one transaction as that user
-(RLS decides), and the shape log shows its changes with ``headers.txids == [<xid>]``, so the client drops its
-optimistic state when that txid streams in.
+and gets ``{"txid": "<xid>", "lsn": "<X/Y>", "results": [{"id": "…", "status": "applied", "op": "update", "key": {…},
+"changed": true, "txid": "<xid>", "lsn": "<X/Y>", "conflicts": [...]?}]}``: the batch was applied in one transaction
+as that user (RLS decides), and the shape log shows its changes with ``headers.txids == [<xid>]``, so the client drops
+its optimistic state when that txid streams in. ``lsn`` is the batch's commit position (at or after the start of its
+commit record; :func:`pgferry.sync.writer._commit_position`): a change no shape of the client holds never streams
+in, so the client also drops its optimistic state once an ``up-to-date`` of the table's shape carries
+``global_last_seen_lsn >= lsn`` (the server has processed the commit by then).
 An update that meets a concurrent change is resolved by the table's conflict policy (:mod:`pgferry.sync.conflicts`:
 last-write-wins per column by default, per row on ``updated_at``, or a custom resolver); every resolved conflict is
 recorded and listed in the result, and ``"changed": false`` says the mutation wrote nothing (the server's row won,

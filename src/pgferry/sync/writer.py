@@ -113,9 +113,11 @@ class BatchResult:
 
     txid: str
     results: list[dict[str, Any]]
+    #: The batch's commit position (PostgreSQL's ``X/Y`` text), see :func:`_commit_position`.
+    lsn: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        return {"txid": self.txid, "results": self.results}
+        return {"txid": self.txid, "lsn": self.lsn, "results": self.results}
 
 
 def load_write_tables(conn: psycopg.Connection[Any], owners: Mapping[str, str | None]) -> dict[TableName, WriteTable]:
@@ -203,7 +205,28 @@ def _apply_batch(
         results[mutation_id] = {**stored, "status": "replayed"}
     if not txid:
         txid = str(results[mutations[0].id]["txid"])
-    return BatchResult(txid, [results[m.id] for m in mutations])
+    lsn = _commit_position(conn)
+    for result in results.values():
+        result["lsn"] = lsn  # after the records were stored: a replay's stored result never carries an old one
+    return BatchResult(txid, [results[m.id] for m in mutations], lsn)
+
+
+def _commit_position(conn: psycopg.Connection[Any]) -> str:
+    """A WAL position at or after the start of the commit record of the batch just committed on ``conn`` (and of
+    every earlier transaction a replayed id came from), as PostgreSQL prints an LSN.
+
+    PostgreSQL has no function for a transaction's own commit LSN, so this reads the insert position right after the
+    commit, on the same connection: the commit record ends at or before it, so it *starts* before it, at or before
+    that position minus one. The minus one makes it comparable with ``global_last_seen_lsn``, which is a commit
+    position too (Electric: the commit LSN of the last transaction it processed; the dev server: never past the start
+    of a commit it has not processed): a sync server reporting ``global_last_seen_lsn >= lsn`` has processed the
+    batch, so every change of it that belongs to a shape is in that shape's log before that up-to-date. Other
+    sessions' WAL may land between the commit and the read; that only makes the bound later (conservative)."""
+    row = conn.execute("select pg_catalog.pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    high, _, low = str(row[0]).partition("/")
+    position = max(0, ((int(high, 16) << 32) | int(low, 16)) - 1)
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 class _ConflictState:
