@@ -40,8 +40,10 @@ __all__ = ["DEFAULT_BATCH", "MAX_BATCH_BYTES", "OutboxSender", "SendOutcome"]
 log = structlog.get_logger("pgferry.client")
 
 #: Items per request: large batches, because the write API's cost is mostly per request (a transaction, its
-#: commit, the HTTP exchange) and the replica's per acknowledgement; the write API takes at most 5,000.
-DEFAULT_BATCH: Final = 2000
+#: commit, the HTTP exchange, the scheduling of four processes on a busy machine) and the replica's per
+#: acknowledgement; the write API takes at most 5,000. A 10,000-item drain ran about a third faster in batches of
+#: 4,000 than of 2,000 (medians of 9 drains each, alternating, load 2.5-3); 5,000 was no better than 4,000.
+DEFAULT_BATCH: Final = 4000
 #: A batch's body stays under this (the write API refuses more than 8 MiB with a 413).
 MAX_BATCH_BYTES: Final = 4 << 20
 _RETRIED: Final = frozenset({401, 408, 429, 500, 502, 503, 504})
