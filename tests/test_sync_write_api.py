@@ -8,6 +8,7 @@ Oracles: the database read back as its owner (``postgres``, not through the API)
 from __future__ import annotations
 
 import concurrent.futures
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,3 +414,158 @@ def test_a_run_of_inserts_round_trips_values_and_replays_from_its_records(stack:
     assert [r["status"] for r in replayed["results"]] == ["replayed"] * 6
     assert [{**r, "status": "applied"} for r in replayed["results"]] == body["results"]
     assert rows(stack.database_url, "select count(*) from tasks") == [(6,)]
+
+
+def test_a_batch_mixing_tables_and_column_sets_writes_every_row_by_column_name(stack: WriteStack) -> None:
+    """Runs of inserts (four or more in a row) are grouped by table and by the *set* of columns: rows naming the
+    same columns in another order share a run, and each value must still land in its own column (read back as the
+    owner). Between runs: another table, another column set, an update of a row of the first run."""
+    ids = [str(uuid.uuid4()) for _ in range(14)]
+    environment = str(uuid.uuid4())
+    # The same set in two orders (a value put in the wrong text column would still cast: nothing would fail).
+    first_run = [
+        mutation("insert", {"id": ids[n], "title": f"t{n}", "description": f"d{n}"})
+        if n % 2
+        else mutation("insert", {"id": ids[n], "description": f"d{n}", "title": f"t{n}"})
+        for n in range(5)
+    ]
+    # Another set (any failure in a run redoes the whole batch one statement at a time, which would hide a wrong
+    # column above: these rows keep one order).
+    second_run = [
+        mutation("insert", {"id": ids[n], "title": f"t{n}", "priority": n, "tags": [f"x{n}", "y"] if n % 2 else []})
+        for n in range(5, 10)
+    ]
+    batch = [
+        *first_run,
+        mutation("insert", {"id": environment, "name": "env"}, table="public.environments"),
+        *second_run,
+        mutation("insert", {"id": ids[10], "title": "t10", "environment_id": environment}),
+        mutation("update", {"id": ids[0], "description": "d0 edited"}),
+        # The owner sent in two rows, filled from the token in two: two runs of two (one statement each).
+        mutation("insert", {"id": ids[11], "user_id": str(ALICE), "title": "t11"}),
+        mutation("insert", {"user_id": str(ALICE), "id": ids[12], "title": "t12"}),
+        mutation("insert", {"title": "t13", "id": ids[13]}),
+    ]
+    response = stack.post(batch)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["id"] for r in results] == [m["id"] for m in batch]
+    assert [r["key"]["id"] for r in results] == [m["row"]["id"] for m in batch]
+    stored = {
+        r[0]: r[1:]
+        for r in rows(
+            stack.database_url,
+            "select id::text, title, description, priority, tags, environment_id::text, user_id from tasks",
+        )
+    }
+    expected = {ids[n]: (f"t{n}", f"d{n}", 0, [], None, ALICE) for n in range(5)}
+    expected[ids[0]] = ("t0", "d0 edited", 0, [], None, ALICE)
+    expected |= {ids[n]: (f"t{n}", None, n, [f"x{n}", "y"] if n % 2 else [], None, ALICE) for n in range(5, 10)}
+    expected[ids[10]] = ("t10", None, 0, [], environment, ALICE)
+    expected |= {ids[n]: (f"t{n}", None, 0, [], None, ALICE) for n in range(11, 14)}
+    assert stored == expected
+    assert rows(stack.database_url, "select id::text, name, user_id from environments") == [(environment, "env", ALICE)]
+    recorded = rows(stack.database_url, "select id::text, txid from pgferry.applied_mutations")
+    assert sorted(recorded) == sorted((m["id"], response.json()["txid"]) for m in batch)
+
+
+def test_a_partly_seen_batch_applies_only_its_new_mutations_and_replays_the_rest(stack: WriteStack) -> None:
+    """An outbox resends a batch of which the server applied some ids already (an earlier answer was lost): those
+    come back with their stored results, the others are applied once, in one new transaction."""
+    seen = [mutation("insert", {"id": str(uuid.uuid4()), "title": f"seen {n}"}) for n in range(6)]
+    first = stack.post(seen)
+    assert first.status_code == 200, first.text
+    fresh = [mutation("insert", {"id": str(uuid.uuid4()), "title": f"new {n}"}) for n in range(6)]
+    interleaved = [m for pair in zip(fresh, seen, strict=True) for m in pair]
+    # The id in upper case is the same id: a replay, not a new mutation.
+    interleaved[1] = {**interleaved[1], "id": interleaved[1]["id"].upper()}
+    again = stack.post(interleaved)
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["txid"] != first.json()["txid"]
+    by_id = {r["id"]: r for r in first.json()["results"]}
+    for sent, result in zip(interleaved, body["results"], strict=True):
+        ident = sent["id"].lower()
+        assert result["id"] == ident
+        if ident in by_id:
+            # The stored result, with the commit position read at this answer (later, still covering the original).
+            assert {**result, "status": "applied", "lsn": by_id[ident]["lsn"]} == by_id[ident]
+            assert result["status"] == "replayed" and Lsn.parse(result["lsn"]) >= Lsn.parse(by_id[ident]["lsn"])
+        else:
+            assert (result["status"], result["txid"]) == ("applied", body["txid"])
+    titles = sorted(r[0] for r in rows(stack.database_url, "select title from tasks"))
+    assert titles == sorted([f"seen {n}" for n in range(6)] + [f"new {n}" for n in range(6)])
+    recorded = rows(stack.database_url, "select txid, count(*) from pgferry.applied_mutations group by 1 order by 2")
+    assert sorted(recorded) == sorted([(first.json()["txid"], 6), (body["txid"], 6)])
+
+
+def test_one_id_in_two_spellings_in_a_batch_is_refused(stack: WriteStack) -> None:
+    first = mutation("insert", {"title": "once"})
+    response = stack.post([first, {**mutation("insert", {"title": "twice"}), "id": first["id"].upper()}])
+    assert response.status_code == 400, response.text
+    assert [e["field"] for e in response.json()["errors"]] == ["mutations[1].id"]
+    assert rows(stack.database_url, "select count(*) from tasks") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "field", "words"),
+    [
+        ({"title": 5}, "title", "string"),
+        ({"title": "nul \x00 inside"}, "title", "NUL"),
+        ({"user_id": "not-a-uuid"}, "user_id", "UUID"),
+        ({"id": "0000"}, "id", "UUID"),
+        ({"priority": "3"}, "priority", "integer"),
+    ],
+)
+def test_a_bad_value_deep_in_a_large_batch_is_named_and_nothing_is_written(
+    stack: WriteStack, bad_row: dict[str, Any], field: str, words: str
+) -> None:
+    """Thousands of rows naming the same columns are checked against one plan per column set; the plan must not
+    let a later row's bad value through: it is refused by name, and the batch writes nothing."""
+    columns = {"id": "", "user_id": str(ALICE), "title": "", "priority": 1}
+    batch = [
+        mutation("insert", {**columns, "id": str(uuid.uuid4()), "title": f"row {n}", "priority": n})
+        for n in range(3000)
+    ]
+    batch[1717]["row"].update(bad_row)
+    response = stack.post(batch)
+    assert response.status_code == 400, response.text
+    errors = response.json()["errors"]
+    assert [e["field"] for e in errors] == [f"mutations[1717].row.{field}"], errors
+    assert words in errors[0]["problem"], errors
+    assert errors[0]["id"] == batch[1717]["id"]
+    assert rows(stack.database_url, "select count(*) from tasks") == [(0,)]
+    assert rows(stack.database_url, "select count(*) from pgferry.applied_mutations") == [(0,)]
+
+
+def test_requests_racing_to_record_one_id_apply_it_once(stack: WriteStack) -> None:
+    """Requests with the same insert (the key chosen by the database, so the rows themselves never collide) all
+    reach the recording of the id before any commits — held there by a lock on the records' table. The first
+    to commit wins; each other one fails on the id, rolls back its row and answers with the winner's result."""
+    # A first request runs the write API's periodic purge of old ids (a delete, which the lock would hold too).
+    warm_up = stack.post([mutation("delete", {"id": str(uuid.uuid4())})])
+    assert warm_up.status_code == 200, warm_up.text
+    insert = mutation("insert", {"title": "raced"})
+    with psycopg.connect(stack.database_url) as blocker:
+        blocker.execute("lock table pgferry.applied_mutations in share row exclusive mode")
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(stack.post, [insert]) for _ in range(3)]
+            for _ in range(200):
+                waiting = rows(
+                    stack.database_url,
+                    "select count(*) from pg_locks where not granted "
+                    "and relation = 'pgferry.applied_mutations'::regclass",
+                )
+                if waiting == [(3,)]:
+                    break
+                time.sleep(0.05)
+            else:
+                raise AssertionError("the requests never all reached the recording of the id")
+            blocker.rollback()
+            responses = [f.result() for f in futures]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    statuses = sorted(r.json()["results"][0]["status"] for r in responses)
+    assert statuses == ["applied", "replayed", "replayed"]
+    assert len({r.json()["txid"] for r in responses}) == 1
+    assert len({r.json()["results"][0]["key"]["id"] for r in responses}) == 1
+    assert rows(stack.database_url, "select count(*) from tasks") == [(1,)]

@@ -61,7 +61,12 @@ _TIMES: Final = frozenset(
 )
 _VECTOR_RE: Final = re.compile(r"^(?:\w+\.)?vector(?:\((\d+)\))?$")
 _NUMERIC_RE: Final = re.compile(r"^(?:numeric|decimal)(?:\(.*\))?$")
+_LOWER_UUID_RE: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _CANONICAL_UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+#: A row's column plan (see ``_planned_values``): per column, its string kind and SQL type; cached per batch by the
+#: table and the column names in the row's order.
+_PlanKey = tuple[int, tuple[str, ...]]
+_Plan = tuple[tuple[str | None, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,14 +92,17 @@ class WriteTable:
     owner_column: str | None = "user_id"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mutation:
-    """One checked mutation. ``values`` are the row's columns in PostgreSQL text form (``None`` is SQL NULL,
-    a list is an array of text); ``key`` the primary key values (text); ``base`` the row as the client last saw
-    it (for conflict resolution), in the same form; ``written_at`` the client's write time in ms (or None)."""
+    """One checked mutation. ``ident`` is its id in canonical text form (lower case, hyphenated: how PostgreSQL
+    prints a uuid, so stored and sent ids compare as strings); ``values`` are the row's columns in PostgreSQL
+    text form (``None`` is SQL NULL, a list is an array of text); ``key`` the primary key values (text); ``base``
+    the row as the client last saw it (for conflict resolution), in the same form; ``written_at`` the client's
+    write time in ms (or None). Not changed once parsed; not a frozen dataclass only because a frozen one's
+    ``__init__`` costs five times as much, and a batch builds thousands."""
 
     index: int
-    id: uuid.UUID
+    ident: str
     op: MutationOp
     table: WriteTable
     values: Mapping[str, str | list[str | None] | None]
@@ -102,6 +110,12 @@ class Mutation:
     base: Mapping[str, str | list[str | None] | None] | None = None
     written_at: int | None = None
     raw_row: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def id(self) -> uuid.UUID:
+        """The id as a UUID (for the conflict policies). Built on demand: the batch's hot path works on ``ident``,
+        and constructing thousands of UUIDs (then printing them again) was a visible part of a batch's CPU."""
+        return uuid.UUID(self.ident)
 
     def where(self, name: str) -> str:
         """The field path of ``name`` in the request body, for error messages."""
@@ -124,37 +138,40 @@ def parse_mutations(
         return [], [MutationRejectedError(None, "mutations", problem, status=413)]
     mutations: list[Mutation] = []
     problems: list[MutationRejectedError] = []
-    seen: dict[uuid.UUID, int] = {}
+    seen: dict[str, int] = {}
     names: dict[str, WriteTable] = {}  # the batch's table names as sent, parsed once each
+    plans: dict[_PlanKey, _Plan | None] = {}  # see _row_plan
     for index, item in enumerate(raw):
         try:
-            mutation = _parse_one(index, item, tables, names)
+            mutation = _parse_one(index, item, tables, names, plans)
         except MutationRejectedError as exc:
             problems.append(exc)
             continue
-        if mutation.id in seen:
+        if mutation.ident in seen:
             problems.append(
                 MutationRejectedError(
-                    str(mutation.id), f"mutations[{index}].id", f"repeats the id of mutations[{seen[mutation.id]}]"
+                    mutation.ident, f"mutations[{index}].id", f"repeats the id of mutations[{seen[mutation.ident]}]"
                 )
             )
             continue
-        seen[mutation.id] = index
+        seen[mutation.ident] = index
         mutations.append(mutation)
     return mutations, problems
 
 
 def _parse_one(
-    index: int, item: Any, tables: Mapping[TableName, WriteTable], names: dict[str, WriteTable] | None = None
+    index: int,
+    item: Any,
+    tables: Mapping[TableName, WriteTable],
+    names: dict[str, WriteTable] | None = None,
+    plans: dict[_PlanKey, _Plan | None] | None = None,
 ) -> Mutation:
     at = f"mutations[{index}]"
     if not isinstance(item, dict):
         raise MutationRejectedError(None, at, "must be an object with id, op, table and row")
-    mutation_id = _mutation_id(item.get("id"), at)
-    ident = str(mutation_id)
-    extra = item.keys() - _FIELDS
-    if extra:
-        unknown = sorted(extra)
+    ident = _mutation_id(item.get("id"), at)
+    if not _FIELDS.issuperset(item):
+        unknown = sorted(item.keys() - _FIELDS)
         raise MutationRejectedError(ident, f"{at}.{unknown[0]}", "is not a mutation field")
     op = item.get("op")
     if op not in _OPS:
@@ -168,7 +185,9 @@ def _parse_one(
     row = item.get("row")
     if not isinstance(row, dict):
         raise MutationRejectedError(ident, f"{at}.row", "must be an object of column values")
-    values = _values(row, table, ident, f"{at}.row", op=op)
+    values = _planned_values(row, table, ident, at, plans)
+    if values is None:
+        values = _values(row, table, ident, f"{at}.row", op=op)
     key = _key(values, table, ident, at, op=op)
     base_raw = item.get("base")
     base = None
@@ -181,16 +200,62 @@ def _parse_one(
         isinstance(written_at, bool) or not isinstance(written_at, int) or not 0 <= written_at < 2**53
     ):
         raise MutationRejectedError(ident, f"{at}.written_at", "must be the client's write time in ms since 1970")
-    return Mutation(index, mutation_id, op, table, values, key, base, written_at, row)
+    return Mutation(index, ident, op, table, values, key, base, written_at, row)
 
 
-def _mutation_id(value: Any, at: str) -> uuid.UUID:
+def _mutation_id(value: Any, at: str) -> str:
+    """The id's canonical text: as sent when it already is (the usual case, checked by pattern), else as
+    :class:`uuid.UUID` prints it."""
     if isinstance(value, str):
+        if _LOWER_UUID_RE.match(value) is not None:
+            return value
         try:
-            return uuid.UUID(value)
+            return str(uuid.UUID(value))
         except ValueError:
             pass
     raise MutationRejectedError(None, f"{at}.id", "must be a UUID the client chose for this mutation")
+
+
+def _planned_values(
+    row: dict[str, Any], table: WriteTable, ident: str, at: str, plans: dict[_PlanKey, _Plan | None] | None
+) -> dict[str, Any] | None:
+    """A row's values as :func:`_values` converts them, with the columns looked up once per table and column set
+    (an outbox sends thousands of rows naming the same columns): a string valid as sent for its column (text
+    without NUL, a canonical UUID) is kept without a call, anything else goes through :func:`to_pg_text`, which
+    names the field at fault. The row dict itself is returned when nothing needed converting. ``None`` when a
+    name is not a writable column: :func:`_values` then reports it."""
+    if plans is None:
+        return None
+    names = tuple(row)
+    plan_key = (id(table), names)
+    try:
+        plan = plans[plan_key]
+    except KeyError:
+        plan = plans[plan_key] = _row_plan(table, names)
+    if plan is None:
+        return None
+    values = row
+    for (kind, sql_type), name, value in zip(plan, names, row.values(), strict=True):
+        if type(value) is str and (
+            (kind == _TEXT and "\x00" not in value) or (kind == _UUID and _CANONICAL_UUID_RE.match(value) is not None)
+        ):
+            continue
+        if values is row:
+            values = dict(row)
+        values[name] = to_pg_text(value, sql_type, ident, f"{at}.row.{name}")
+    return values
+
+
+def _row_plan(table: WriteTable, names: tuple[str, ...]) -> _Plan | None:
+    """Each named column's string kind (:func:`_string_kind`) and type, or ``None`` when a name is not a writable
+    column of ``table``."""
+    plan: list[tuple[str | None, str]] = []
+    for name in names:
+        column = table.columns.get(name)
+        if column is None or not column.writable:
+            return None
+        plan.append((_string_kind(column.sql_type), column.sql_type))
+    return tuple(plan)
 
 
 def _table(value: Any, tables: Mapping[TableName, WriteTable], ident: str, at: str) -> WriteTable:

@@ -209,7 +209,8 @@ class WriteApi:
         if isinstance(body, Response):
             return body
         try:
-            tables = await asyncio.to_thread(self.tables)
+            # Read from the catalog once, on a worker thread; after that no thread hop per request.
+            tables = self._tables if self._tables is not None else await asyncio.to_thread(self.tables)
             mutations, problems = parse_mutations(body, tables)
             if problems:
                 raise BatchRejectedError(problems)
