@@ -207,3 +207,41 @@ def test_pages_decoded_by_the_schema_read_exactly_as_plain_json_says() -> None:
     batch = state.on_response(200, {"electric-offset": "0_1"}, odd)
     assert batch is not None and dict(batch.changes[0].value) == {"id": 1, "title": "x"}
     assert not isinstance(batch.changes[0].value, RowValues)
+
+
+def test_deferred_pages_decode_later_to_the_same_changes() -> None:
+    """``defer_decoding``: a large page that does not end up to date is handed on undecoded and decodes, on
+    demand, to exactly what the eager decoding gives; an up-to-date answer (header) and a small one are decoded at
+    once; a must-refetch hidden in a deferred page is an error the consumer restarts on, never silently lost."""
+    import json
+
+    from pgferry.client._shape_base import DEFER_DECODING_FROM, RefetchInDeferredPageError, ShapeState
+
+    schema = {"id": {"type": "text", "pk_index": 0}, "title": {"type": "text"}}
+    page = [
+        {"headers": {"operation": "insert"}, "key": f'"public"."t"/"{n}"', "value": {"id": str(n), "title": "x" * 90}}
+        for n in range(1000)
+    ]
+    body = json.dumps(page).encode()
+    assert len(body) >= DEFER_DECODING_FROM
+    headers = {"electric-schema": json.dumps(schema), "electric-offset": "0_999", "electric-handle": "h"}
+    eager = ShapeState(ShapeOptions("t")).on_response(200, headers, body)
+    deferred = ShapeState(ShapeOptions("t"), defer_decoding=True).on_response(200, headers, body)
+    assert eager is not None and deferred is not None
+    assert deferred.changes == [] and deferred.undecoded == body and not deferred.up_to_date
+    assert deferred.offset == "0_999" and deferred.handle == "h" and deferred.size == len(body)
+    assert deferred.decoded() == eager.decoded() == eager.changes and len(eager.changes) == 1000
+
+    state = ShapeState(ShapeOptions("t"), defer_decoding=True)
+    ending = json.dumps([*page, {"headers": {"control": "up-to-date", "global_last_seen_lsn": "7"}}]).encode()
+    up_to_date = state.on_response(200, {**headers, "electric-up-to-date": ""}, ending)
+    assert up_to_date is not None and up_to_date.undecoded is None and len(up_to_date.changes) == 1000
+    assert up_to_date.up_to_date and up_to_date.global_lsn == 7
+    small = state.on_response(200, headers, json.dumps(page[:3]).encode())
+    assert small is not None and small.undecoded is None and len(small.changes) == 3
+
+    hidden = json.dumps([*page, {"headers": {"control": "must-refetch"}}]).encode()
+    odd = ShapeState(ShapeOptions("t"), defer_decoding=True).on_response(200, headers, hidden)
+    assert odd is not None
+    with pytest.raises(RefetchInDeferredPageError):
+        odd.decoded()

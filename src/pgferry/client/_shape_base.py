@@ -29,6 +29,8 @@ CURSOR: Final = "electric-cursor"
 SCHEMA: Final = "electric-schema"
 UP_TO_DATE: Final = "electric-up-to-date"
 _RETRIED: Final = frozenset({429, 500, 502, 503, 504})
+#: With ``defer_decoding``, answers at least this large that do not end up to date are handed on undecoded.
+DEFER_DECODING_FROM: Final = 64 << 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,28 @@ class ShapeBatch:
     #: large).
     size: int = 0
     global_lsn: int | None = None
+    #: A page handed on undecoded (``defer_decoding``): ``changes`` is empty, :meth:`decoded` reads it.
+    undecoded: bytes | None = None
+    decoder: _TypedMessages | None = None
+
+    def decoded(self) -> list[Change]:
+        """The batch's changes; a page handed on undecoded is decoded now, on the calling thread.
+
+        Why deferred: a client that stores a snapshot on a worker thread decodes there too, instead of one thread
+        decoding (a long C call holding the GIL) while the other waits for the GIL between the rows it writes —
+        that contention, not either job, was most of an initial sync's time. Such a page never ends up to date
+        (those are decoded at once); a ``must-refetch`` inside one (not what Electric sends: it answers 409)
+        raises :class:`RefetchInDeferredPageError`, for the consumer to start the stream again."""
+        if self.undecoded is None:
+            return self.changes
+        changes, _up_to_date, refetch, _seen = _read_messages(self.undecoded, self.decoder)
+        if refetch:
+            raise RefetchInDeferredPageError("a must-refetch inside a page of changes; the stream must start again")
+        return changes
+
+
+class RefetchInDeferredPageError(RuntimeError):
+    """A deferred page (:meth:`ShapeBatch.decoded`) turned out to carry a ``must-refetch``."""
 
 
 @dataclass(frozen=True)
@@ -143,9 +167,14 @@ class ShapeOptions:
 class ShapeState:
     """Where the stream stands: offset, handle, cursor, whether it is up to date, the last schema seen."""
 
-    def __init__(self, options: ShapeOptions, *, offset: str = "-1", handle: str | None = None) -> None:
+    def __init__(
+        self, options: ShapeOptions, *, offset: str = "-1", handle: str | None = None, defer_decoding: bool = False
+    ) -> None:
+        """``defer_decoding``: large answers that do not end up to date (the ``electric-up-to-date`` header says
+        so, as Electric's protocol defines) come as batches to decode with :meth:`ShapeBatch.decoded`."""
         if offset != "-1" and handle is None:
             raise ValueError("resuming from an offset needs the handle it belongs to")
+        self.defer_decoding = defer_decoding
         self.options = options
         self.offset = offset
         self.handle = handle
@@ -192,6 +221,12 @@ class ShapeState:
             self.schema = json.loads(headers[SCHEMA])
         if self.schema and (self._typed is None or self._typed.schema != self.schema):
             self._typed = _TypedMessages.for_schema(self.schema)
+        if self.defer_decoding and len(body) >= DEFER_DECODING_FROM and UP_TO_DATE not in headers:
+            # An up-to-date message in it without the header (a server off the protocol) is not seen: the stream
+            # then asks again, non-live, and the next (small, decoded) answer carries it.
+            return ShapeBatch(
+                [], self.offset, self.handle, schema=self.schema, size=len(body), undecoded=body, decoder=self._typed
+            )
         changes, up_to_date, refetch, global_lsn = _read_messages(body, self._typed)
         if refetch:
             return self._must_refetch(headers)

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import httpx
 import structlog
 
-from pgferry.client._shape_base import Change, ShapeOptions
+from pgferry.client._shape_base import Change, ShapeBatch, ShapeOptions
 from pgferry.client.errors import ClientClosedError, ShapeRequestError
 from pgferry.client.outbox import DEFAULT_BATCH, OutboxSender
 from pgferry.client.replica import Rejection
@@ -52,7 +52,45 @@ log = structlog.get_logger("pgferry.client")
 #: Changes held in memory before an up-to-date; beyond this many, or this many bytes of their JSON (rows with a
 #: 1536-d vector are ~19 KB each: 5,000 of them held ~250 MB), they are staged in the replica file.
 _STAGE_AFTER = 5_000
-_STAGE_AFTER_BYTES = 16 << 20
+_STAGE_AFTER_BYTES = 8 << 20
+
+
+def _changes_of(pages: Sequence[ShapeBatch]) -> list[Change]:
+    """The pages' changes in order, decoding those handed on undecoded (on the calling worker thread)."""
+    if len(pages) == 1:
+        return pages[0].decoded()
+    return [change for page in pages for change in page.decoded()]
+
+
+def _stage_pages(
+    replica: Replica, table: str, pages: Sequence[ShapeBatch], *, schema: Mapping[str, Any] | None, replace: bool
+) -> None:
+    replica.stage(table, _changes_of(pages), schema=schema, replace=replace)
+
+
+def _apply_pages(
+    replica: Replica,
+    table: str,
+    source_table: str,
+    pages: Sequence[ShapeBatch],
+    *,
+    offset: str,
+    handle: str | None,
+    schema: Mapping[str, Any] | None,
+    reset: bool,
+    processed_lsn: int | None,
+) -> set[int]:
+    return replica.apply(
+        table,
+        source_table,
+        _changes_of(pages),
+        offset=offset,
+        handle=handle,
+        schema=schema,
+        reset=reset,
+        processed_lsn=processed_lsn,
+    )
+
 
 ConnectionState = Literal["connecting", "connected", "disconnected"]
 
@@ -147,6 +185,7 @@ class ElectricSupabaseClient:
             offset=offset,
             handle=handle,
             client=self._http,
+            defer_decoding=True,  # pages of a snapshot are decoded on the thread that stores them
         )
         self._streams[table] = stream
         return stream
@@ -172,7 +211,9 @@ class ElectricSupabaseClient:
                     hook(exc)
                 log.warning("shape stream stopped", table=table, problem=str(exc))
                 return
-            except Exception as exc:  # the replica failed; the stream itself retries its own errors forever
+            # The replica failed, or a deferred page carried a must-refetch (RefetchInDeferredPageError); the stream
+            # itself retries its own errors forever.
+            except Exception as exc:
                 if self._stop.is_set():
                     return
                 failures += 1
@@ -180,7 +221,7 @@ class ElectricSupabaseClient:
                 for hook in self._error_hooks:
                     hook(exc)
                 log.warning(
-                    "replica failed; restarting the stream from its stored position", table=table, problem=str(exc)
+                    "applying the stream failed; restarting it from its stored position", table=table, problem=str(exc)
                 )
             await stream.aclose()
             while not self._stop.is_set():
@@ -199,40 +240,43 @@ class ElectricSupabaseClient:
     async def _follow_stream(self, table: str, stream: AsyncShapeStream) -> None:
         """Gather each response's changes; apply them with the position at every up-to-date (atomically)."""
         _, replica = self._ready()
-        gathered: list[Change] = []
-        gathered_bytes = 0
+        gathered: list[ShapeBatch] = []
+        gathered_rows = gathered_bytes = 0
         reset = False
-        # Staging runs on a worker thread while the next page is fetched and decoded; one at a time, in order, and
-        # finished before anything else touches the staged rows.
+        # Staging runs on a worker thread while the next page is fetched; one at a time, in order, and finished
+        # before anything else touches the staged rows. Large pages come undecoded and are decoded there too.
         staging: asyncio.Future[None] | None = None
         self._set_state("connecting")
         try:
             async for batch in stream:
                 if batch.must_refetch:
-                    gathered, gathered_bytes, reset = [], 0, True
+                    gathered, gathered_rows, gathered_bytes, reset = [], 0, 0, True
                     if staging is not None:
                         await staging
                         staging = None
                     await asyncio.to_thread(replica.discard_staged, table)
                     log.info("shape rotated; re-syncing, outbox kept", table=table)
                     continue
-                gathered.extend(batch.changes)
+                gathered.append(batch)
+                gathered_rows += len(batch.changes)
                 gathered_bytes += batch.size
                 if not batch.up_to_date:
                     # A large snapshot: park it on disk, not in memory.
-                    if len(gathered) >= _STAGE_AFTER or gathered_bytes >= _STAGE_AFTER_BYTES:
+                    if gathered_rows >= _STAGE_AFTER or gathered_bytes >= _STAGE_AFTER_BYTES:
                         if staging is not None:
                             await staging
-                        staging = asyncio.ensure_future(
-                            asyncio.to_thread(replica.stage, table, gathered, schema=batch.schema, replace=reset)
+                        stage = functools.partial(
+                            _stage_pages, replica, table, gathered, schema=batch.schema, replace=reset
                         )
-                        gathered, gathered_bytes = [], 0
+                        staging = asyncio.ensure_future(asyncio.to_thread(stage))
+                        gathered, gathered_rows, gathered_bytes = [], 0, 0
                     continue
                 if staging is not None:
                     await staging
                     staging = None
                 apply = functools.partial(
-                    replica.apply,
+                    _apply_pages,
+                    replica,
                     table,
                     stream.state.options.table,
                     gathered,
@@ -248,7 +292,7 @@ class ElectricSupabaseClient:
                         await asyncio.to_thread(apply)
                 else:
                     await asyncio.to_thread(apply)
-                gathered, gathered_bytes, reset = [], 0, False
+                gathered, gathered_rows, gathered_bytes, reset = [], 0, 0, False
                 self._synced[table].set()
                 back_online = self.state != "connected"
                 self._set_state("connected")

@@ -44,9 +44,10 @@ class AsyncShapeStream:
         client: httpx.AsyncClient | None = None,
         backoff: RetryPolicy = DEFAULT_BACKOFF,
         timeout: float = 60.0,
+        defer_decoding: bool = False,
     ) -> None:
         self.url = url if url.rstrip("/").endswith("/v1/shape") else url.rstrip("/") + "/v1/shape"
-        self.state = ShapeState(options, offset=offset, handle=handle)
+        self.state = ShapeState(options, offset=offset, handle=handle, defer_decoding=defer_decoding)
         self._headers = headers
         self._own_client = client is None
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0))
