@@ -161,10 +161,19 @@ def query_as_user_bound(
     with pool.connection() as conn:
         if conn.info.transaction_status != TransactionStatus.IDLE or not conn.autocommit:
             raise ClaimsError("an RLS-scoped query needs an autocommit connection that is not in a transaction")
-        with conn.pipeline():
-            conn.execute(setup, setup_params, prepare=False)
-            cursor = conn.cursor()
-            cursor.execute(statement, params, prepare=False)
+        try:
+            with conn.pipeline():
+                conn.execute(setup, setup_params, prepare=False)
+                cursor = conn.cursor()
+                cursor.execute(statement, params, prepare=False)
+        except BaseException:
+            # After an error inside a pipeline psycopg may send a Flush behind the Sync: a transaction-mode pooler
+            # (PgBouncer) then keeps its server connection linked to this client, waiting for a ReadyForQuery that
+            # never comes, and every other client of that pool queues until query_wait_timeout (seen in the
+            # PgBouncer test: the server idle after `select 1/0`, the next client waiting 120 s). Closing the
+            # connection makes the pooler drop the link; the pool discards it (broken) and opens a fresh one.
+            conn.pgconn.finish()
+            raise
         result = cursor.pgresult
         return cursor.fetchall() if result is not None and result.status == ExecStatus.TUPLES_OK else []
 
