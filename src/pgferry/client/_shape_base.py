@@ -13,7 +13,7 @@ Owns the client's protocol state (offset, handle, cursor, schema); must not do H
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, overload
 
@@ -305,29 +305,16 @@ class _TypedMessages:
         except msgspec.ValidationError:
             return None
         columns, names, unset, astuple = self.columns, self.columns.names, msgspec.UNSET, msgspec.structs.astuple
-        changes: list[Change] = []
-        append = changes.append
-        up_to_date = refetch = False
-        global_lsn: int | None = None
-        for message in messages:
-            headers = message.headers
-            if message.key is not None:
-                txids = headers.txids
-                values: tuple[Any, ...] = astuple(message.value) if message.value is not None else (unset,) * len(names)
-                operation = headers.operation
-                if operation == "insert":
-                    if unset in values:
-                        values = tuple(None if v is unset else v for v in values)
-                    value: Mapping[str, str | None] = RowValues(columns, values)
-                else:
-                    value = {c: v for c, v in zip(names, values, strict=True) if v is not unset}
-                append(Change(message.key, operation, value, tuple(map(int, txids)) if txids else ()))
-            elif headers.control == "up-to-date":
-                up_to_date = True
-                global_lsn = _later(global_lsn, lsn_number(headers.global_last_seen_lsn))
-            elif headers.control == "must-refetch":
-                refetch = True
-        return changes, up_to_date, refetch, global_lsn
+
+        def value_of(message: Any) -> Mapping[str, str | None]:
+            values: tuple[Any, ...] = astuple(message.value) if message.value is not None else (unset,) * len(names)
+            if message.headers.operation == "insert":
+                if unset in values:
+                    values = tuple(None if v is unset else v for v in values)
+                return RowValues(columns, values)
+            return {c: v for c, v in zip(names, values, strict=True) if v is not unset}
+
+        return _collect(messages, value_of)
 
 
 def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[list[Change], bool, bool, int | None]:
@@ -344,6 +331,17 @@ def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[li
         messages = _MESSAGES.decode(body)
     except msgspec.DecodeError as exc:
         raise ShapeRequestError(200, f"the shape answer is not a JSON array of messages: {exc}") from None
+    return _collect(messages, _plain_value)
+
+
+def _plain_value(message: Any) -> Mapping[str, Any]:
+    return message.value  # type: ignore[no-any-return]
+
+
+def _collect(
+    messages: list[Any], value_of: Callable[[Any], Mapping[str, Any]]
+) -> tuple[list[Change], bool, bool, int | None]:
+    """One page's changes and control messages, the values built by ``value_of`` (typed or as decoded)."""
     changes: list[Change] = []
     append = changes.append
     up_to_date = refetch = False
@@ -352,7 +350,7 @@ def _read_messages(body: bytes, typed: _TypedMessages | None = None) -> tuple[li
         headers = message.headers
         if message.key is not None:
             txids = headers.txids
-            append(Change(message.key, headers.operation, message.value, tuple(map(int, txids)) if txids else ()))
+            append(Change(message.key, headers.operation, value_of(message), tuple(map(int, txids)) if txids else ()))
         elif headers.control == "up-to-date":
             up_to_date = True
             global_lsn = _later(global_lsn, lsn_number(headers.global_last_seen_lsn))
