@@ -12,13 +12,15 @@ the live path's own functions (:func:`~pgferry.sync.protocol.row_key`, :func:`ch
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from pgferry.sync.copytext import MessageTemplate, decode_field
+from pgferry.sync import copytext
+from pgferry.sync.copytext import ACCELERATED, MessageTemplate, decode_field
 from pgferry.sync.protocol import (
     BEFORE_ALL,
     LogOffset,
@@ -127,7 +129,24 @@ def _snapshot(url: str, tmp_path: Path, definition: ShapeDefinition) -> list[byt
         manager.close()
 
 
-def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(table: str, tmp_path: Path) -> None:
+@pytest.fixture(params=["c", "python"])
+def converter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each snapshot test runs with the C converter (what the server uses where it is built) and without it."""
+    if request.param == "python":
+        monkeypatch.setattr(copytext, "_convert_block_c", None)
+    elif not ACCELERATED:
+        pytest.fail("pgferry.sync._copyjson is not built: `pip install -e .` needs a C compiler and Python's headers")
+    return str(request.param)
+
+
+def test_the_c_converter_is_built_on_this_install() -> None:
+    """The fresh-snapshot speed (issue 16) depends on it; an install that silently fell back must not pass."""
+    assert ACCELERATED
+
+
+def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(
+    table: str, tmp_path: Path, converter: str
+) -> None:
     columns = ["k", "n", "a", "j", "arr", "ts", ODD]
     messages = _snapshot(table, tmp_path, ShapeDefinition(TABLE))
     assert len(messages) == len(VALUES)
@@ -136,7 +155,7 @@ def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(table: 
         assert message == json.dumps(json.loads(message), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def test_selected_columns_and_where_keep_the_same_encoding(table: str, tmp_path: Path) -> None:
+def test_selected_columns_and_where_keep_the_same_encoding(table: str, tmp_path: Path, converter: str) -> None:
     columns = ["n", ODD, "k"]
     definition = ShapeDefinition(TABLE, where="n % 3 = 0", columns=tuple(columns))
     messages = _snapshot(table, tmp_path, definition)
@@ -164,3 +183,57 @@ def test_the_fast_and_exact_conversions_agree_line_by_line() -> None:
     assert template.convert(b"".join(line + b"\n" for line in lines)) == [template.exact(line) for line in lines]
     assert decode_field(b"\\N") is None
     assert decode_field(b"a\\\\b\\vc\\td") == "a\\b\vc\td"
+
+
+def _copy_text(value: str | None) -> bytes:
+    """A value as PostgreSQL's COPY TO writes it in text format (CopyAttributeOutText): the test's own encoder,
+    independent of :func:`decode_field`."""
+    if value is None:
+        return b"\\N"
+    escapes = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+    return "".join(escapes.get(ch, ch) for ch in value).encode()
+
+
+def test_c_converter_output_is_json_dumps_of_the_original_values() -> None:
+    """Random values of every byte class (raw control characters, COPY's escapes, quotes, backslashes, text that
+    reads like ``\\N``, unicode), COPY-encoded by the test: the C converter's messages are exactly ``json.dumps``
+    of the original values, and the Python path gives the same bytes."""
+    if not ACCELERATED:
+        pytest.fail("pgferry.sync._copyjson is not built")
+    alphabet = [chr(i) for i in range(1, 128)] + ["é", "☃", "𝄞", "\u2028", "\\N", "\\", '"', "%s"]
+    rng = random.Random(16)
+    columns = ["k", 'c"1', "c\\2", "ç3"]
+    headers = {"operation": "insert", "relation": ["s", "t"]}
+    template = MessageTemplate(columns, '"s"."t"/', [0], headers)
+    for _round in range(200):
+        rows = []
+        for _row in range(rng.randint(0, 12)):
+            values = [
+                None if rng.random() < 0.15 else "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+                for _ in columns
+            ]
+            key = '"s"."t"/' + ('"_"' if values[0] is None else '"' + values[0].replace("/", "//") + '"')
+            rows.append((key, values))
+        block = b"".join(b"\t".join([_copy_text(key), *map(_copy_text, values)]) + b"\n" for key, values in rows)
+        expected = [
+            json.dumps(
+                {"key": key, "value": dict(zip(columns, values, strict=True)), "headers": headers},
+                separators=(",", ":"),
+                ensure_ascii=False,
+            ).encode()
+            for key, values in rows
+        ]
+        plain, lengths = template.convert_joined(block)
+        assert plain == b",".join(expected)
+        assert list(lengths) == [len(m) for m in expected]
+        assert template.convert(block, accelerated=False) == expected
+
+
+def test_c_converter_refuses_a_line_with_another_number_of_fields() -> None:
+    template = MessageTemplate(["a", "b"], '"s"."t"/', [0], {"operation": "insert", "relation": ["s", "t"]})
+    with pytest.raises(ValueError, match="values, expected 2"):
+        template.convert_joined(b"k\ta\tb\nk\ta\n")
+    with pytest.raises(ValueError, match="values, expected 2"):
+        template.convert_joined(b"k\ta\tb\tc\n")
+    plain, lengths = template.convert_joined(b"")
+    assert (plain, len(lengths)) == (b"", 0)

@@ -24,6 +24,7 @@ import queue
 import shutil
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -508,23 +509,23 @@ class ShapeManager:
         (:class:`~pgferry.sync.copytext.MessageTemplate`), handing them through a small bounded queue to this
         thread, which compresses and writes segments (compression runs without the GIL): at most a few segments
         are in memory at once. Returns the number of rows."""
-        batches: queue.Queue[list[bytes] | BaseException | None] = queue.Queue(maxsize=4)
+        batches: queue.Queue[tuple[bytes, array[int]] | BaseException | None] = queue.Queue(maxsize=4)
         stop = threading.Event()
         progress = [time.monotonic()]
         # COPY text is about two thirds of the JSON made from it: cut blocks so segments hold ~segment_bytes.
         block_bytes = max(1, self.segment_bytes * 2 // 3)
 
-        def put(item: list[bytes] | BaseException | None) -> None:
+        def put(item: tuple[bytes, array[int]] | BaseException | None) -> None:
             while not stop.is_set():
                 with contextlib.suppress(queue.Full):
                     batches.put(item, timeout=0.1)
                     return
 
-        def convert(rows: list[bytes]) -> list[bytes]:
+        def convert(rows: list[bytes]) -> tuple[bytes, array[int]]:
             block = b"".join(rows)
             if not block.endswith(b"\n"):  # PostgreSQL sends one whole row per COPY message
                 raise ShapeUnavailableError("table", "the snapshot stream ended inside a row; retry", retry_after=2)
-            return template.convert(block)
+            return template.convert_joined(block)
 
         def produce() -> None:
             """Read and convert: the GIL-bound work stays in this one thread, so it never waits for the GIL
@@ -567,9 +568,10 @@ class ShapeManager:
                     if self._closing.is_set():
                         raise ShapeUnavailableError("table", "the sync server is shutting down; retry", retry_after=2)
                     raise item
-                if item:
-                    shape.log.append_run(0, count, item)
-                    count += len(item)
+                plain, lengths = item
+                if lengths:
+                    shape.log.append_joined(0, count, plain, lengths)
+                    count += len(lengths)
                     shape.first_rows.set()
                     shape.notify()
         finally:

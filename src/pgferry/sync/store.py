@@ -201,28 +201,32 @@ class ShapeLog:
         bodies = [body for _offset, body in entries]
         tx = array("q", (offset.tx for offset, _body in entries))
         op = array("q", (offset.op for offset, _body in entries))
-        self._append_segment(bodies, tx, op, deflated)
+        self._append_segment(b",".join(bodies), array("q", map(len, bodies)), tx, op, deflated)
 
     def append_run(self, tx: int, first_op: int, bodies: Sequence[bytes]) -> None:
         """Append ``bodies`` as one segment at offsets ``tx_first_op``, ``tx_first_op+1``, …: :meth:`append`
         for a snapshot slice of thousands of rows, without a Python object per row for its offset."""
-        if not bodies:
-            return
-        count = len(bodies)
-        self._append_segment(bodies, array("q", (tx,)) * count, array("q", range(first_op, first_op + count)))
+        if bodies:
+            self.append_joined(tx, first_op, b",".join(bodies), array("q", map(len, bodies)))
+
+    def append_joined(self, tx: int, first_op: int, plain: bytes, lengths: array[int]) -> None:
+        """:meth:`append_run` of messages already joined by commas, given with their lengths (what
+        :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes): no Python object per row at all."""
+        count = len(lengths)
+        if count:
+            offsets = array("q", range(first_op, first_op + count))
+            self._append_segment(plain, lengths, array("q", (tx,)) * count, offsets)
 
     def _append_segment(
-        self, bodies: Sequence[bytes], tx: array[int], op: array[int], deflated: bytes | None = None
+        self, plain: bytes, lengths: array[int], tx: array[int], op: array[int], deflated: bytes | None = None
     ) -> None:
-        plain = b",".join(bodies)
         gz = deflated if deflated is not None else compress_segment(plain)
         zstd = compress_zstd(plain)
         first = len(self._tx)
         plain_pos = self._size
         gz_pos = plain_pos + len(plain)
         zstd_pos = gz_pos + len(gz)
-        count = len(bodies)
-        lengths = array("q", map(len, bodies))
+        count = len(lengths)
         # Each body starts one comma after the end of the one before it.
         positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=plain_pos))
         records = array("q", bytes(_ENTRY_BYTES * count))
