@@ -74,6 +74,8 @@ DEFAULT_SNAPSHOT_TIMEOUT_MS = 15_000  # longest wait for the next row of a snaps
 #: Plain JSON per stored snapshot segment: small enough that the first page is served while PostgreSQL still
 #: produces the rest, large enough that framing and compression stay efficient (a page holds several).
 SNAPSHOT_SEGMENT_BYTES = 1 << 20
+#: Plain bytes of a snapshot appended between two background flushes of its log (see ``_copy_snapshot``).
+_SNAPSHOT_SYNC_BYTES = 16 << 20
 
 RowValues = Mapping[str, str | None]
 
@@ -552,6 +554,11 @@ class ShapeManager:
         timeout = self.snapshot_timeout_ms / 1000
         count = 0
         cancelled = False
+        # The log is flushed to disk while the snapshot is still being written, by a thread of its own, whenever
+        # another _SNAPSHOT_SYNC_BYTES were appended and no flush is running: the one fdatasync before the shape
+        # is ready (in _take_snapshot) then has only the tail left, instead of the whole snapshot at once.
+        flusher: threading.Thread | None = None
+        unsynced = 0
         try:
             while True:
                 try:
@@ -572,14 +579,21 @@ class ShapeManager:
                 if lengths:
                     shape.log.append_joined(0, count, plain, lengths)
                     count += len(lengths)
+                    unsynced += len(plain)
                     shape.first_rows.set()
                     shape.notify()
+                if unsynced >= _SNAPSHOT_SYNC_BYTES and (flusher is None or not flusher.is_alive()):
+                    flusher = threading.Thread(target=shape.log.sync, name="pgferry-snapshot-sync", daemon=True)
+                    flusher.start()
+                    unsynced = 0
         finally:
             stop.set()
             if reader.is_alive():
                 with contextlib.suppress(Exception):
                     conn.cancel()
             reader.join(30)
+            if flusher is not None:
+                flusher.join()
         return count
 
     # -- applying replicated transactions --------------------------------------------------------------------
