@@ -62,15 +62,19 @@ def _ident(name: str) -> str:
 def table(target_url: str) -> Iterator[str]:
     with psycopg.connect(target_url, autocommit=True) as conn:
         conn.execute("drop table if exists copytext_t")
+        conn.execute("drop domain if exists copytext_flag")
+        conn.execute("create domain copytext_flag as boolean")
         conn.execute(
             f"""create table copytext_t (k text, n int, a text, j jsonb, arr text[], ts timestamptz,
-                {_ident(ODD)} text, primary key (k, n))"""
+                {_ident(ODD)} text, b boolean, ip inet, ch char(5), fl float8, flags boolean[], flag copytext_flag,
+                primary key (k, n))"""
         )
         with conn.cursor() as cur:
             for i, value in enumerate(VALUES):
                 key = f'k/{i}/"q"\\{value if value is not None and len(value) < 50 else ""}'
                 cur.execute(
-                    "insert into copytext_t values (%s, %s, %s, %s, %s, now() - %s * interval '1 hour', %s)",
+                    "insert into copytext_t values (%s, %s, %s, %s, %s, now() - %s * interval '1 hour', %s,"
+                    " %s, %s::inet, %s, %s, %s, %s)",
                     [
                         key,
                         i,
@@ -79,10 +83,19 @@ def table(target_url: str) -> Iterator[str]:
                         None if value is None else [value, None, "b"],
                         i,
                         value if i % 2 else None,
+                        # Types whose ::text differs from what COPY prints (a function cast) and some that don't:
+                        # the snapshot casts the former and selects the latter as they are.
+                        None if i % 5 == 0 else i % 2 == 0,
+                        f"10.0.{i}.1",
+                        "ab" if i % 3 else None,
+                        i / 3,
+                        [True, None, False],
+                        i % 2 == 1,
                     ],
                 )
         yield target_url
         conn.execute("drop table copytext_t")
+        conn.execute("drop domain copytext_flag")
 
 
 def _oracle(url: str, columns: list[str]) -> list[bytes]:
@@ -147,7 +160,7 @@ def test_the_c_converter_is_built_on_this_install() -> None:
 def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(
     table: str, tmp_path: Path, converter: str
 ) -> None:
-    columns = ["k", "n", "a", "j", "arr", "ts", ODD]
+    columns = ["k", "n", "a", "j", "arr", "ts", ODD, "b", "ip", "ch", "fl", "flags", "flag"]
     messages = _snapshot(table, tmp_path, ShapeDefinition(TABLE))
     assert len(messages) == len(VALUES)
     assert sorted(messages) == _oracle(table, columns)

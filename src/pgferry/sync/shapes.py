@@ -430,7 +430,12 @@ class ShapeManager:
             for c in table.primary_key
         )
         key = sql.SQL("{} || {}").format(sql.Literal(table.name.qualified + "/"), key_parts)
-        values = sql.SQL(", ").join(sql.SQL("t.{}::text").format(sql.Identifier(c)) for c in shape.selected)
+        # As text, as the live path sends values; a column whose text is its output function's goes as it is
+        # (COPY prints it the same, without evaluating a cast per value).
+        as_is = {c.name for c in table.columns if c.text_is_output}
+        values = sql.SQL(", ").join(
+            sql.SQL("t.{}" if c in as_is else "t.{}::text").format(sql.Identifier(c)) for c in shape.selected
+        )
         query = sql.SQL("select {}, {} from {} as t").format(key, values, ident)
         if shape.clause is not None:
             where = shape.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
