@@ -1,9 +1,11 @@
-"""Electric insert messages built in Python from the text of a plain ``COPY (SELECT col::text, …) TO STDOUT``.
+"""Electric insert messages built by the server from the text of a plain ``COPY (SELECT col, …) TO STDOUT``.
 
 Why: building each message's JSON inside PostgreSQL (``row_to_json`` and text concatenation) made PostgreSQL
 spend about three times its plain ``COPY`` time on a snapshot, on one core, while the server's process waited.
 Plain COPY text is nearly JSON already, so the server can finish the job on the other core, in bulk, and
-the two run as a pipeline.
+the two run as a pipeline. The conversion runs in C where ``setup.py`` could build ``pgferry.sync._copyjson``
+(one pass over a block, without the GIL, output joined as a log segment wants it); the Python below is the
+fallback and the reference the C code is tested against (``ACCELERATED`` says which one runs).
 
 COPY's text format escapes a value as JSON does, with a few exceptions that this module handles:
 
