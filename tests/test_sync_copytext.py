@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from pgferry.sync import copytext
+from pgferry.sync.copyout import copy_functions
 from pgferry.sync.copytext import ACCELERATED, MessageTemplate, decode_field
 from pgferry.sync.protocol import (
     BEFORE_ALL,
@@ -119,9 +120,10 @@ def _oracle(url: str, columns: list[str]) -> list[bytes]:
     return sorted(out)
 
 
-def _snapshot(url: str, tmp_path: Path, definition: ShapeDefinition) -> list[bytes]:
+def _snapshot(url: str, tmp_path: Path, definition: ShapeDefinition, converter: str) -> list[bytes]:
     """Every message of a new shape's snapshot, as stored (tiny segments: many blocks, fast and exact mixed)."""
     manager = ShapeManager(url, tmp_path / "sync", segment_bytes=2048)
+    manager.read_copy_in_c = converter == "c-reader"
     try:
         table, clause = manager.validate(definition)
         shape, _created = manager.register(definition, table, clause)
@@ -142,9 +144,10 @@ def _snapshot(url: str, tmp_path: Path, definition: ShapeDefinition) -> list[byt
         manager.close()
 
 
-@pytest.fixture(params=["c", "python"])
+@pytest.fixture(params=["c-reader", "c", "python"])
 def converter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each snapshot test runs with the C converter (what the server uses where it is built) and without it."""
+    """Each snapshot test runs three ways: the COPY read with libpq and converted in C (what the server does
+    where the extension is built), read through psycopg and converted in C, and all in Python."""
     if request.param == "python":
         monkeypatch.setattr(copytext, "_convert_block_c", None)
     elif not ACCELERATED:
@@ -155,13 +158,14 @@ def converter(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 def test_the_c_converter_is_built_on_this_install() -> None:
     """The fresh-snapshot speed (issue 16) depends on it; an install that silently fell back must not pass."""
     assert ACCELERATED
+    assert copy_functions() is not None
 
 
 def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(
     table: str, tmp_path: Path, converter: str
 ) -> None:
     columns = ["k", "n", "a", "j", "arr", "ts", ODD, "b", "ip", "ch", "fl", "flags", "flag"]
-    messages = _snapshot(table, tmp_path, ShapeDefinition(TABLE))
+    messages = _snapshot(table, tmp_path, ShapeDefinition(TABLE), converter)
     assert len(messages) == len(VALUES)
     assert sorted(messages) == _oracle(table, columns)
     for message in messages:  # valid JSON, compact, as json.dumps writes it
@@ -171,7 +175,7 @@ def test_snapshot_messages_equal_the_live_encoding_of_every_tricky_value(
 def test_selected_columns_and_where_keep_the_same_encoding(table: str, tmp_path: Path, converter: str) -> None:
     columns = ["n", ODD, "k"]
     definition = ShapeDefinition(TABLE, where="n % 3 = 0", columns=tuple(columns))
-    messages = _snapshot(table, tmp_path, definition)
+    messages = _snapshot(table, tmp_path, definition, converter)
     expected = [m for m in _oracle(table, columns) if json.loads(m)["value"]["n"] is not None]
     expected = [m for m in expected if int(json.loads(m)["value"]["n"]) % 3 == 0]
     assert sorted(messages) == expected

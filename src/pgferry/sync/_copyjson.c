@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <time.h>
 #include <string.h>
 
 typedef struct {
@@ -128,62 +129,60 @@ static char *put_field(char *out, const unsigned char *field, Py_ssize_t length)
     return out;
 }
 
-static PyObject *convert_block(PyObject *module, PyObject *args) {
-    Py_buffer block;
-    PyObject *parts;
-    if (!PyArg_ParseTuple(args, "y*O!:convert_block", &block, &PyTuple_Type, &parts)) {
-        return NULL;
-    }
-    PyObject *result = NULL;
-    PyObject *lengths = NULL;
-    Buffer buffer = {NULL, 0, 0};
+/* The message template's fixed pieces, read from the parts tuple (borrowed: the tuple outlives every use). */
+typedef struct {
+    const char **data;
+    Py_ssize_t *size;
+    Py_ssize_t nfields;
+    Py_ssize_t fixed;
+} Template;
+
+static int template_init(Template *template, PyObject *parts) {
     Py_ssize_t nparts = PyTuple_GET_SIZE(parts);
-    Py_ssize_t nfields = nparts - 1;
-    const char **part_data = NULL;
-    Py_ssize_t *part_size = NULL;
-    Py_ssize_t fixed = 0;
-    if (nfields < 1) {
+    template->nfields = nparts - 1;
+    template->fixed = 0;
+    template->data = NULL;
+    template->size = NULL;
+    if (template->nfields < 1) {
         PyErr_SetString(PyExc_ValueError, "parts must hold at least two pieces");
-        goto done;
+        return -1;
     }
-    part_data = PyMem_Malloc(sizeof(char *) * (size_t)nparts);
-    part_size = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)nparts);
-    if (part_data == NULL || part_size == NULL) {
+    template->data = PyMem_Malloc(sizeof(char *) * (size_t)nparts);
+    template->size = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)nparts);
+    if (template->data == NULL || template->size == NULL) {
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
     for (Py_ssize_t i = 0; i < nparts; i++) {
         PyObject *part = PyTuple_GET_ITEM(parts, i);
         if (!PyBytes_Check(part)) {
             PyErr_SetString(PyExc_TypeError, "parts must be bytes");
-            goto done;
+            return -1;
         }
-        part_data[i] = PyBytes_AS_STRING(part);
-        part_size[i] = PyBytes_GET_SIZE(part);
-        fixed += part_size[i];
+        template->data[i] = PyBytes_AS_STRING(part);
+        template->size[i] = PyBytes_GET_SIZE(part);
+        template->fixed += template->size[i];
     }
+    return 0;
+}
 
-    const unsigned char *data = block.buf;
-    Py_ssize_t size = block.len;
-    Py_ssize_t lines = 0;
-    for (const unsigned char *p = data; (p = memchr(p, '\n', (size_t)(data + size - p))) != NULL; p++) {
-        lines++;
-    }
-    /* + a last line without its newline */
-    lengths = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)sizeof(int64_t) * (lines + 1));
-    if (lengths == NULL) {
-        goto done;
-    }
-    int64_t *message_lengths = (int64_t *)PyBytes_AS_STRING(lengths);
-    if (buffer_reserve(&buffer, size + size / 4 + lines * (fixed + 2 * nfields) + 64) < 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
+static void template_free(Template *template) {
+    PyMem_Free(template->data);
+    PyMem_Free(template->size);
+}
 
-    Py_ssize_t bad_line = -1, bad_count = 0;
-    int out_of_memory = 0;
-    Py_ssize_t line_index = 0;
-    Py_BEGIN_ALLOW_THREADS
+/* Converted messages: the plain segment (joined by commas) and each message's length as int64. */
+typedef struct {
+    Buffer plain;
+    Buffer lengths;
+    Py_ssize_t count;
+    Py_ssize_t bad_count; /* fields found on a line with the wrong number; -1 when every line was right */
+} Output;
+
+/* Convert whole COPY lines; runs without the GIL. 0, or -1 out of memory, or -2 a line with the wrong number of
+   fields (output->bad_count). */
+static int convert_lines(const Template *template, const unsigned char *data, Py_ssize_t size, Output *output) {
+    const Py_ssize_t nfields = template->nfields;
     const unsigned char *position = data;
     const unsigned char *end = data + size;
     while (position < end) {
@@ -193,12 +192,12 @@ static PyObject *convert_block(PyObject *module, PyObject *args) {
         }
         Py_ssize_t line_length = newline - position;
         /* Worst case: every byte becomes \u00XX, each field framed in quotes or written as null. */
-        if (buffer_reserve(&buffer, 6 * line_length + fixed + 4 * nfields + 1) < 0) {
-            out_of_memory = 1;
-            break;
+        if (buffer_reserve(&output->plain, 6 * line_length + template->fixed + 4 * nfields + 1) < 0 ||
+            buffer_reserve(&output->lengths, (Py_ssize_t)sizeof(int64_t)) < 0) {
+            return -1;
         }
-        char *out = buffer.data + buffer.size;
-        if (line_index) {
+        char *out = output->plain.data + output->plain.size;
+        if (output->count) {
             *out++ = ',';
         }
         char *message = out;
@@ -208,8 +207,8 @@ static PyObject *convert_block(PyObject *module, PyObject *args) {
             const unsigned char *tab = memchr(field, '\t', (size_t)(newline - field));
             const unsigned char *field_end = tab ? tab : newline;
             if (index < nfields) {
-                memcpy(out, part_data[index], (size_t)part_size[index]);
-                out += part_size[index];
+                memcpy(out, template->data[index], (size_t)template->size[index]);
+                out += template->size[index];
                 out = put_field(out, field, field_end - field);
             }
             index++;
@@ -219,47 +218,169 @@ static PyObject *convert_block(PyObject *module, PyObject *args) {
             field = tab + 1;
         }
         if (index != nfields) {
-            bad_line = line_index;
-            bad_count = index;
-            break;
+            output->bad_count = index;
+            return -2;
         }
-        memcpy(out, part_data[nfields], (size_t)part_size[nfields]);
-        out += part_size[nfields];
-        message_lengths[line_index] = out - message;
-        buffer.size = out - buffer.data;
-        line_index++;
+        memcpy(out, template->data[nfields], (size_t)template->size[nfields]);
+        out += template->size[nfields];
+        int64_t length = out - message;
+        memcpy(output->lengths.data + output->lengths.size, &length, sizeof length);
+        output->lengths.size += (Py_ssize_t)sizeof length;
+        output->plain.size = out - output->plain.data;
+        output->count++;
         position = newline + 1;
     }
-    Py_END_ALLOW_THREADS
+    return 0;
+}
 
-    if (out_of_memory) {
-        PyErr_NoMemory();
-        goto done;
+/* (plain, lengths) as bytes, or NULL with the error set for a failed conversion. */
+static PyObject *output_result(const Template *template, Output *output, int status) {
+    if (status == -1) {
+        return PyErr_NoMemory();
     }
-    if (bad_line >= 0) {
-        PyErr_Format(PyExc_ValueError, "a COPY line has %zd values, expected %zd", bad_count - 1, nfields - 1);
-        goto done;
+    if (status == -2) {
+        return PyErr_Format(PyExc_ValueError, "a COPY line has %zd values, expected %zd", output->bad_count - 1,
+                            template->nfields - 1);
     }
-    if (_PyBytes_Resize(&lengths, (Py_ssize_t)sizeof(int64_t) * line_index) < 0) {
-        goto done; /* lengths was freed and set to NULL */
+    PyObject *plain = PyBytes_FromStringAndSize(output->plain.data, output->plain.size);
+    PyObject *lengths = PyBytes_FromStringAndSize(output->lengths.data, output->lengths.size);
+    PyObject *result = NULL;
+    if (plain != NULL && lengths != NULL) {
+        result = PyTuple_Pack(2, plain, lengths);
     }
-    PyObject *plain = PyBytes_FromStringAndSize(buffer.data, buffer.size);
-    if (plain == NULL) {
-        goto done;
-    }
-    result = PyTuple_Pack(2, plain, lengths);
-    Py_DECREF(plain);
-
-done:
+    Py_XDECREF(plain);
     Py_XDECREF(lengths);
-    PyMem_RawFree(buffer.data);
-    PyMem_Free(part_data);
-    PyMem_Free(part_size);
+    return result;
+}
+
+static void output_free(Output *output) {
+    PyMem_RawFree(output->plain.data);
+    PyMem_RawFree(output->lengths.data);
+}
+
+static PyObject *convert_block(PyObject *module, PyObject *args) {
+    (void)module;
+    Py_buffer block;
+    PyObject *parts;
+    if (!PyArg_ParseTuple(args, "y*O!:convert_block", &block, &PyTuple_Type, &parts)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    Template template;
+    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
+    if (template_init(&template, parts) == 0) {
+        int status;
+        Py_BEGIN_ALLOW_THREADS
+        status = buffer_reserve(&output.plain, block.len + block.len / 2 + 64);
+        if (status == 0) {
+            status = convert_lines(&template, block.buf, block.len, &output);
+        }
+        Py_END_ALLOW_THREADS
+        result = output_result(&template, &output, status);
+    }
+    template_free(&template);
+    output_free(&output);
     PyBuffer_Release(&block);
     return result;
 }
 
+/* libpq's PQgetCopyData and PQfreemem, by address: the ones of the libpq psycopg loaded (this module does not
+   link libpq, so it can never mix two builds of it on one connection). */
+typedef int (*get_copy_data_fn)(void *conn, char **buffer, int async);
+typedef void (*freemem_fn)(void *pointer);
+
+static double monotonic_seconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+static PyObject *read_copy(PyObject *module, PyObject *args) {
+    (void)module;
+    unsigned long long get_copy_data_address, freemem_address, conn_address;
+    PyObject *parts;
+    Py_ssize_t min_bytes;
+    double max_seconds;
+    if (!PyArg_ParseTuple(args, "KKKO!nd:read_copy", &get_copy_data_address, &freemem_address, &conn_address,
+                          &PyTuple_Type, &parts, &min_bytes, &max_seconds)) {
+        return NULL;
+    }
+    if (!get_copy_data_address || !freemem_address || !conn_address) {
+        PyErr_SetString(PyExc_ValueError, "read_copy needs libpq's functions and an open connection");
+        return NULL;
+    }
+    get_copy_data_fn get_copy_data = (get_copy_data_fn)(uintptr_t)get_copy_data_address;
+    freemem_fn freemem = (freemem_fn)(uintptr_t)freemem_address;
+    void *conn = (void *)(uintptr_t)conn_address;
+    Template template;
+    if (template_init(&template, parts) < 0) {
+        template_free(&template);
+        return NULL;
+    }
+    Buffer block = {NULL, 0, 0};
+    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
+    int status = 0, copy_status = 0, torn = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double deadline = monotonic_seconds() + max_seconds;
+    if (buffer_reserve(&block, min_bytes + (64 << 10)) < 0) {
+        status = -1;
+    }
+    while (status == 0) {
+        char *row = NULL;
+        int length = get_copy_data(conn, &row, 0); /* blocks in libpq, without the GIL */
+        if (length < 0) {
+            copy_status = length; /* -1: the COPY ended; -2: an error, read by the caller from the connection */
+            break;
+        }
+        if (length > 0) {
+            if (row[length - 1] != '\n') {
+                torn = 1; /* COPY text sends one whole line per message */
+            }
+            if (buffer_reserve(&block, length) < 0) {
+                status = -1;
+            } else {
+                memcpy(block.data + block.size, row, (size_t)length);
+                block.size += length;
+            }
+        }
+        if (row != NULL) {
+            freemem(row);
+        }
+        /* Back to the caller with a whole block, or after max_seconds of rows (it watches for a stalled COPY). */
+        if (torn || block.size >= min_bytes || monotonic_seconds() >= deadline) {
+            break;
+        }
+    }
+    if (status == 0 && !torn) {
+        status = buffer_reserve(&output.plain, block.size + block.size / 2 + 64);
+        if (status == 0) {
+            status = convert_lines(&template, (const unsigned char *)block.data, block.size, &output);
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (torn) {
+        PyErr_SetString(PyExc_ValueError, "a COPY message did not hold one whole line");
+    } else {
+        PyObject *converted = output_result(&template, &output, status);
+        if (converted != NULL) {
+            result = Py_BuildValue("(OOi)", PyTuple_GET_ITEM(converted, 0), PyTuple_GET_ITEM(converted, 1),
+                                   copy_status);
+            Py_DECREF(converted);
+        }
+    }
+    PyMem_RawFree(block.data);
+    output_free(&output);
+    template_free(&template);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"read_copy", read_copy, METH_VARARGS,
+     "read_copy(get_copy_data, freemem, conn, parts, min_bytes, max_seconds) -> (plain, lengths, status): COPY\n"
+     "rows read with libpq (functions and PGconn by address) until min_bytes of them, max_seconds or the end,\n"
+     "converted as convert_block does;\n"
+     "status 0 (more follows), -1 (the COPY ended) or -2 (an error: see the connection)."},
     {"convert_block", convert_block, METH_VARARGS,
      "convert_block(block, parts) -> (plain, lengths): Electric insert messages from whole COPY text lines,\n"
      "joined by commas, and their lengths as native 64-bit integers."},
@@ -269,6 +390,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_definition = {
     PyModuleDef_HEAD_INIT, "pgferry.sync._copyjson",
     "Electric insert messages from PostgreSQL COPY text, in C (see pgferry.sync.copytext).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__copyjson(void) { return PyModule_Create(&module_definition); }

@@ -105,6 +105,11 @@ class MessageTemplate:
         self._template = b"%s".join(part.replace(b"%", b"%%") for part in self._parts)
         self._format = self._template.__mod__
 
+    @property
+    def parts(self) -> tuple[bytes, ...]:
+        """The fixed pieces around the key and each value, as the C converter takes them."""
+        return self._parts
+
     def convert(self, block: bytes, *, accelerated: bool = ACCELERATED) -> list[bytes]:
         """Messages for a block of whole COPY lines (each ending in ``\\n``); ``accelerated=False`` takes the
         Python path even where the C one is built (the tests compare the two)."""

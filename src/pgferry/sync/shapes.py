@@ -36,6 +36,7 @@ from psycopg import sql
 
 from pgferry.replication import RowChange, Transaction, TruncateChange
 from pgferry.sync.catalog import TableInfo, load_table_info
+from pgferry.sync.copyout import copy_functions, stream_copy_messages
 from pgferry.sync.copytext import MessageTemplate
 from pgferry.sync.errors import (
     ProtocolError,
@@ -232,6 +233,9 @@ class ShapeManager:
         self._dir = data_dir / "shapes"
         self._dir.mkdir(parents=True, exist_ok=True)
         self.snapshot_timeout_ms = snapshot_timeout_ms
+        #: Read snapshots with the C COPY reader where it is available (:mod:`pgferry.sync.copyout`); the tests
+        #: turn it off to run the psycopg path too.
+        self.read_copy_in_c = True
         self._lock = threading.RLock()
         self._by_handle: dict[str, Shape] = {}
         self._by_definition: dict[ShapeDefinition, Shape] = {}
@@ -534,11 +538,22 @@ class ShapeManager:
                 raise ShapeUnavailableError("table", "the snapshot stream ended inside a row; retry", retry_after=2)
             return template.convert_joined(block)
 
+        def rows_arrived() -> None:
+            progress[0] = time.monotonic()
+
         def produce() -> None:
-            """Read and convert: the GIL-bound work stays in this one thread, so it never waits for the GIL
-            between rows; the consumer compresses and writes (without the GIL) meanwhile."""
+            """Read and convert: in C where it is built (:mod:`pgferry.sync.copyout`: libpq read and converted
+            without the GIL, one Python call per block); else through psycopg, the GIL-bound work in this one
+            thread so it never waits for the GIL between rows. The consumer compresses and writes meanwhile."""
+            statement = sql.SQL("copy ({}) to stdout").format(query)
             try:
-                with conn.cursor() as cursor, cursor.copy(sql.SQL("copy ({}) to stdout").format(query), params) as copy:
+                if self.read_copy_in_c and copy_functions() is not None:
+                    text = psycopg.ClientCursor(conn).mogrify(statement, params or None)
+                    for item in stream_copy_messages(conn, text.encode(), template, block_bytes, rows_arrived):
+                        put(item)
+                    put(None)
+                    return
+                with conn.cursor() as cursor, cursor.copy(statement, params) as copy:
                     batch: list[bytes] = []
                     size = 0
                     for data in copy:
