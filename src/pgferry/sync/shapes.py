@@ -18,6 +18,7 @@ Must not know about HTTP (the server module) or how transactions arrive (the fee
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import queue
@@ -56,6 +57,7 @@ from pgferry.sync.protocol import (
 from pgferry.sync.session import SESSION_SETTINGS, connect_sql, session_options
 from pgferry.sync.store import LegacyLogError, ShapeLog, write_json_atomic
 from pgferry.sync.where import WhereClause, check_params, parse_where
+from pgferry.sync.wire import compress_segment, compress_zstd
 
 __all__ = [
     "SESSION_SETTINGS",
@@ -579,6 +581,9 @@ class ShapeManager:
         # is ready (in _take_snapshot) then has only the tail left, instead of the whole snapshot at once.
         flusher: threading.Thread | None = None
         unsynced = 0
+        # A segment's zstd frame is compressed on a thread of its own while this one deflates it (both without the
+        # GIL): the two codings of a snapshot's stored form take the time of the slower one, not of both.
+        zstd_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pgferry-snapshot-zstd")
         try:
             while True:
                 try:
@@ -597,7 +602,9 @@ class ShapeManager:
                     raise item
                 plain, lengths = item
                 if lengths:
-                    shape.log.append_joined(0, count, plain, lengths)
+                    zstd = zstd_worker.submit(compress_zstd, plain)
+                    deflated = compress_segment(plain)
+                    shape.log.append_joined(0, count, plain, lengths, deflated=deflated, zstd=zstd.result())
                     count += len(lengths)
                     unsynced += len(plain)
                     shape.first_rows.set()
@@ -614,6 +621,7 @@ class ShapeManager:
             reader.join(30)
             if flusher is not None:
                 flusher.join()
+            zstd_worker.shutdown(wait=True)
         return count
 
     # -- applying replicated transactions --------------------------------------------------------------------

@@ -209,19 +209,37 @@ class ShapeLog:
         if bodies:
             self.append_joined(tx, first_op, b",".join(bodies), array("q", map(len, bodies)))
 
-    def append_joined(self, tx: int, first_op: int, plain: bytes, lengths: array[int]) -> None:
+    def append_joined(
+        self,
+        tx: int,
+        first_op: int,
+        plain: bytes,
+        lengths: array[int],
+        *,
+        deflated: bytes | None = None,
+        zstd: bytes | None = None,
+    ) -> None:
         """:meth:`append_run` of messages already joined by commas, given with their lengths (what
-        :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes): no Python object per row at all."""
+        :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes): no Python object per row at all.
+        ``deflated`` and ``zstd``: :func:`~pgferry.sync.wire.compress_segment` and
+        :func:`~pgferry.sync.wire.compress_zstd` of ``plain``, when they were computed elsewhere."""
         count = len(lengths)
         if count:
             offsets = array("q", range(first_op, first_op + count))
-            self._append_segment(plain, lengths, array("q", (tx,)) * count, offsets)
+            self._append_segment(plain, lengths, array("q", (tx,)) * count, offsets, deflated, zstd)
 
     def _append_segment(
-        self, plain: bytes, lengths: array[int], tx: array[int], op: array[int], deflated: bytes | None = None
+        self,
+        plain: bytes,
+        lengths: array[int],
+        tx: array[int],
+        op: array[int],
+        deflated: bytes | None = None,
+        zstd: bytes | None = None,
     ) -> None:
         gz = deflated if deflated is not None else compress_segment(plain)
-        zstd = compress_zstd(plain)
+        if zstd is None:
+            zstd = compress_zstd(plain)
         first = len(self._tx)
         plain_pos = self._size
         gz_pos = plain_pos + len(plain)
