@@ -565,8 +565,9 @@ def shape_head(base_url: str, params: dict[str, str]) -> dict[str, Any]:
 class LivePoller:
     """One live client in a thread: long-polls and stamps the arrival of every row id it sees (first time)."""
 
-    def __init__(self, base_url: str, handle: str, offset: str) -> None:
+    def __init__(self, base_url: str, handle: str, offset: str, table: str = "tasks") -> None:
         self.base_url = base_url
+        self.table = table
         self.handle = handle
         self.offset = offset
         self.seen: dict[str, float] = {}
@@ -588,7 +589,7 @@ class LivePoller:
                     response = client.get(
                         "/v1/shape",
                         params={
-                            "table": "tasks",
+                            "table": self.table,
                             "offset": self.offset,
                             "handle": self.handle,
                             "live": "true",
@@ -620,8 +621,9 @@ class LivePoller:
         self._thread.join(30)
 
 
-def _touch(conn: psycopg.Connection[Any], row_id: str) -> None:
-    conn.execute("update public.tasks set priority = priority where id = %s", [row_id])
+def _touch(conn: psycopg.Connection[Any], row_id: str, table: str = "tasks") -> None:
+    column = "priority" if table == "tasks" else "name"
+    conn.execute(f"update public.{table} set {column} = {column} where id = %s", [row_id])
 
 
 def commit_latency(
@@ -632,16 +634,26 @@ def commit_latency(
     *,
     changes: int,
     spacing: tuple[float, float] | None,
+    table: str = "tasks",
 ) -> dict[str, Any]:
-    """``changes`` single-row commits, each timed from just after commit returned to its live arrival."""
-    poller = LivePoller(server.url, shape["handle"], shape["offset"]).start()
+    """``changes`` single-row commits, each timed from just after commit returned to its live arrival. On
+    ``tasks``: alternately an insert and an update; on ``environments`` (the probe of phase 3): inserts."""
+    poller = LivePoller(server.url, shape["handle"], shape["offset"], table).start()
     time.sleep(0.3)  # let the first live request reach the server
     commits: list[tuple[str, str, float]] = []  # (row id, operation, committed at)
     rng = random.Random(7)
     with psycopg.connect(db.url, autocommit=True) as conn:
         started = time.perf_counter()
         for i in range(changes):
-            if i % 2 == 0 or not update_ids:
+            if table == "environments":
+                row_id = str(uuid.uuid4())
+                conn.execute(
+                    "insert into public.environments (id, user_id, name) values"
+                    " (%s, '00000000-0000-4000-8000-000000000001', %s)",
+                    [row_id, f"latency probe {i}"],
+                )
+                operation = "insert"
+            elif i % 2 == 0 or not update_ids:
                 row_id = str(uuid.uuid4())
                 conn.execute(
                     "insert into public.tasks (id, user_id, title, tags, metadata) values"
@@ -664,7 +676,7 @@ def commit_latency(
             if poller.error:
                 break
             time.sleep(0.01)
-        poller.stop(lambda: _touch(conn, commits[0][0]))
+        poller.stop(lambda: _touch(conn, commits[0][0], table))
     latencies: list[float] = []
     by_op: dict[str, list[float]] = {"insert": [], "update": []}
     missing = 0
@@ -951,9 +963,13 @@ def fanout(
     live_timeout: float,
     processes: int,
     rounds: int,
+    probe_changes: int = 0,
 ) -> dict[str, Any]:
     """``clients`` live long-polls spread round robin over ``shapes`` (query, handle, offset), held by
-    ``processes`` client processes; ``rounds`` one-row commits (one second apart) each reach all of them."""
+    ``processes`` client processes; ``rounds`` one-row commits (one second apart) each reach all of them.
+    With ``probe_changes``, first, while all of them wait: the commit-to-client latency of one more live client
+    on another table (``environments``), whose commits none of the waiting clients' shapes select — the latency
+    a client sees while the server holds that many live requests, apart from the cost of answering them all."""
     # Long-polls whose clients went away (an earlier phase) stay in the gauge until live_timeout: wait them out,
     # or the gauge would report clients that are not ours.
     stale, stale_wait = _wait_for_gauge(server, 0, timeout=live_timeout + 10, below=True)
@@ -977,6 +993,13 @@ def fanout(
     }
     result_rounds: dict[str, Any] = {}
     try:
+        if probe_changes:
+            probe = commit_latency(
+                db, server, shape_head(server.url, {"table": "environments"}), [], changes=probe_changes,
+                spacing=(0.02, 0.05), table="environments",
+            )  # fmt: skip
+            probe["live_gauge_after"] = server.metrics().get("pgferry_sync_live_clients")
+            result["probe_latency_while_all_wait"] = probe
         if len(shapes) == 1:
             deliveries: list[float] = []
             for n in range(rounds):
@@ -1089,6 +1112,15 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "target": f"p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms",
                 "value": f"p50 {p50:,.1f} ms, p99 {p99:,.1f} ms",
                 "pass": p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS,
+            })  # fmt: skip
+        probe = same.get("probe_latency_while_all_wait", {})
+        if probe.get("count"):
+            p50, p99 = probe["p50_ms"], probe["p99_ms"]
+            out.append({
+                "name": f"commit-to-client while {same['clients']:,} live clients wait (a probe on another table)",
+                "target": f"p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms",
+                "value": f"p50 {p50:,.1f} ms, p99 {p99:,.1f} ms ({probe['count']} commits)",
+                "pass": p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS and probe.get("missing") == 0,
             })  # fmt: skip
     spaced = res.get("latency", {}).get("spaced", {})
     if spaced.get("count"):
@@ -1358,7 +1390,13 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
         fan["same_shape"] = fanout(
             db, server, rss, clients=args.clients, shapes=[("table=tasks", head["handle"], head["offset"])],
             live_timeout=args.live_timeout, processes=args.client_processes, rounds=args.fanout_rounds,
+            probe_changes=min(args.changes, 200),
         )  # fmt: skip
+        probe = fan["same_shape"].get("probe_latency_while_all_wait", {})
+        say(f"   probe on another table while all {args.clients} wait: "
+            f"{json.dumps({k: v for k, v in probe.items() if k.endswith('_ms')})}")  # fmt: skip
+        if probe.get("missing") or probe.get("poller_error"):
+            problems.append(f"probe latency: {probe.get('missing')} never arrived; {probe.get('poller_error')}")
         say(f"   {json.dumps(fan['same_shape']['rounds'])}; peak RSS {mb(fan['same_shape']['rss_peak_bytes'])}")
         if not args.no_where_shapes and args.where_shapes > 0:
             count = args.where_shapes
