@@ -214,6 +214,12 @@ class Shape:
             event.set()
 
 
+def _close_when_done(reader: threading.Thread, conn: psycopg.Connection[Any]) -> None:
+    reader.join()
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
 class ShapeManager:
     """Registry of shapes, on disk under ``data_dir/shapes/<handle>/``.
 
@@ -238,6 +244,8 @@ class ShapeManager:
         #: Read snapshots with the C COPY reader where it is available (:mod:`pgferry.sync.copyout`); the tests
         #: turn it off to run the psycopg path too.
         self.read_copy_in_c = True
+        #: Connections of snapshots whose reader thread outlived the wait for it, by id: closed after it ends.
+        self._close_after: dict[int, threading.Thread] = {}
         self._lock = threading.RLock()
         self._by_handle: dict[str, Shape] = {}
         self._by_definition: dict[ShapeDefinition, Shape] = {}
@@ -505,7 +513,13 @@ class ShapeManager:
             )
         finally:
             evaluator.close()
-            conn.close()
+            stuck = self._close_after.pop(id(conn), None)
+            if stuck is None:
+                conn.close()
+            else:
+                threading.Thread(
+                    target=_close_when_done, args=(stuck, conn), name="pgferry-snapshot-close", daemon=True
+                ).start()
 
     def _copy_snapshot(
         self,
@@ -622,6 +636,11 @@ class ShapeManager:
             if flusher is not None:
                 flusher.join()
             zstd_worker.shutdown(wait=True)
+            if reader.is_alive():
+                # Still inside libpq (PostgreSQL unreachable even for the cancel): closing the connection now would
+                # free what that thread is using. It is closed when the thread is done; _take_snapshot leaves it.
+                _log.warning("sync.snapshot_reader_stuck", handle=shape.handle)
+                self._close_after[id(conn)] = reader
         return count
 
     # -- applying replicated transactions --------------------------------------------------------------------
