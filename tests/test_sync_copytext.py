@@ -245,6 +245,27 @@ def test_c_converter_output_is_json_dumps_of_the_original_values() -> None:
         assert list(lengths) == [len(m) for m in expected]
         assert template.convert(block, accelerated=False) == expected
 
+        # The key built by the converter from a two-column primary key, the lines holding only the values.
+        built = MessageTemplate(columns, '"s"."t"/', [0, 2], headers, key_built=True)
+        values_only = b"".join(b"\t".join(map(_copy_text, values)) + b"\n" for _key, values in rows)
+        expected_built = [
+            json.dumps(
+                {
+                    "key": '"s"."t"/'
+                    + "/".join(
+                        '"_"' if values[i] is None else '"' + values[i].replace("/", "//") + '"' for i in (0, 2)
+                    ),
+                    "value": dict(zip(columns, values, strict=True)),
+                    "headers": headers,
+                },
+                separators=(",", ":"),
+                ensure_ascii=False,
+            ).encode()
+            for _key, values in rows
+        ]
+        assert built.convert_joined(values_only)[0] == b",".join(expected_built)
+        assert built.convert(values_only, accelerated=False) == expected_built
+
 
 def test_c_converter_refuses_a_line_with_another_number_of_fields() -> None:
     template = MessageTemplate(["a", "b"], '"s"."t"/', [0], {"operation": "insert", "relation": ["s", "t"]})
@@ -254,3 +275,7 @@ def test_c_converter_refuses_a_line_with_another_number_of_fields() -> None:
         template.convert_joined(b"k\ta\tb\tc\n")
     plain, lengths = template.convert_joined(b"")
     assert (plain, len(lengths)) == (b"", 0)
+    built = MessageTemplate(["a", "b"], '"s"."t"/', [1], {"operation": "insert"}, key_built=True)
+    with pytest.raises(ValueError, match="has 3 values, expected 2"):
+        built.convert_joined(b"a\tb\tc\n")
+    assert json.loads(built.convert_joined(b"a\tb/c\n")[0])["key"] == '"s"."t"/"b//c"'

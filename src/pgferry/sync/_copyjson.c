@@ -129,27 +129,39 @@ static char *put_field(char *out, const unsigned char *field, Py_ssize_t length)
     return out;
 }
 
-/* The message template's fixed pieces, read from the parts tuple (borrowed: the tuple outlives every use). */
+/* The message template's fixed pieces, read from the parts tuple (borrowed: the tuple outlives every use), and
+   where the row's key comes from: the first COPY field, or (key_head not empty) built here from the primary key's
+   fields, so PostgreSQL does not concatenate it for every row. */
 typedef struct {
     const char **data;
     Py_ssize_t *size;
-    Py_ssize_t nfields;
+    Py_ssize_t nfields; /* message fields: the key, then each value */
     Py_ssize_t fixed;
+    const char *key_head; /* '"' and the JSON-escaped '"schema"."table"/' */
+    Py_ssize_t key_head_size;
+    Py_ssize_t *pk; /* the primary key's fields among the values (1-based: field 0 is the key) */
+    Py_ssize_t npk;
 } Template;
 
-static int template_init(Template *template, PyObject *parts) {
+static int template_init(Template *template, PyObject *parts, PyObject *key_head, PyObject *pk) {
     Py_ssize_t nparts = PyTuple_GET_SIZE(parts);
     template->nfields = nparts - 1;
     template->fixed = 0;
     template->data = NULL;
     template->size = NULL;
+    template->pk = NULL;
+    template->npk = 0;
+    template->key_head = PyBytes_AS_STRING(key_head);
+    template->key_head_size = PyBytes_GET_SIZE(key_head);
     if (template->nfields < 1) {
         PyErr_SetString(PyExc_ValueError, "parts must hold at least two pieces");
         return -1;
     }
     template->data = PyMem_Malloc(sizeof(char *) * (size_t)nparts);
     template->size = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)nparts);
-    if (template->data == NULL || template->size == NULL) {
+    template->npk = PyTuple_GET_SIZE(pk);
+    template->pk = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(template->npk + 1));
+    if (template->data == NULL || template->size == NULL || template->pk == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -163,18 +175,81 @@ static int template_init(Template *template, PyObject *parts) {
         template->size[i] = PyBytes_GET_SIZE(part);
         template->fixed += template->size[i];
     }
+    if (template->key_head_size && template->npk < 1) {
+        PyErr_SetString(PyExc_ValueError, "a key built from columns needs the primary key's fields");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < template->npk; i++) {
+        Py_ssize_t index = PyLong_AsSsize_t(PyTuple_GET_ITEM(pk, i));
+        if (index == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (index < 0 || index >= template->nfields - 1) {
+            PyErr_SetString(PyExc_ValueError, "a primary key field is not among the values");
+            return -1;
+        }
+        template->pk[i] = index + 1;
+    }
+    template->fixed += template->key_head_size + template->npk * 6 + 1;
     return 0;
 }
 
 static void template_free(Template *template) {
     PyMem_Free(template->data);
     PyMem_Free(template->size);
+    PyMem_Free(template->pk);
+}
+
+/* Bytes a key part cannot copy as they are: those of SPECIAL, and the slash, which the key doubles. */
+static const unsigned char KEY_SPECIAL[256] = {
+    [0 ... 0x1f] = 1,
+    ['"'] = 1,
+    ['\\'] = 1,
+    ['/'] = 1,
+};
+
+/* One primary key value inside the key (pgferry.sync.protocol.row_key: "value" with "/" doubled, or "_" for
+   NULL), written as JSON string content: the key is a JSON string. */
+static char *put_key_part(char *out, const unsigned char *field, Py_ssize_t length) {
+    if (length == 2 && field[0] == '\\' && field[1] == 'N') {
+        memcpy(out, "\\\"_\\\"", 5); /* \"_\" */
+        return out + 5;
+    }
+    *out++ = '\\';
+    *out++ = '"';
+    const unsigned char *end = field + length;
+    while (field < end) {
+        const unsigned char *run = field;
+        while (run < end && !KEY_SPECIAL[*run]) {
+            run++;
+        }
+        memcpy(out, field, (size_t)(run - field));
+        out += run - field;
+        field = run;
+        if (field == end) {
+            break;
+        }
+        unsigned char byte = *field++;
+        if (byte == '\\' && field < end) {
+            byte = copy_unescape(*field++);
+        }
+        if (byte == '/') {
+            *out++ = '/';
+            *out++ = '/';
+        } else {
+            out = put_json_byte(out, byte);
+        }
+    }
+    *out++ = '\\';
+    *out++ = '"';
+    return out;
 }
 
 /* Converted messages: the plain segment (joined by commas) and each message's length as int64. */
 typedef struct {
     Buffer plain;
     Buffer lengths;
+    Buffer spans; /* the current line's fields: start, length */
     Py_ssize_t count;
     Py_ssize_t bad_count; /* fields found on a line with the wrong number; -1 when every line was right */
 } Output;
@@ -183,6 +258,12 @@ typedef struct {
    fields (output->bad_count). */
 static int convert_lines(const Template *template, const unsigned char *data, Py_ssize_t size, Output *output) {
     const Py_ssize_t nfields = template->nfields;
+    const int key_built = template->key_head_size > 0;
+    const Py_ssize_t first = key_built ? 1 : 0; /* the message field the first COPY field goes to */
+    if (buffer_reserve(&output->spans, (Py_ssize_t)sizeof(Py_ssize_t) * 2 * (nfields + 1)) < 0) {
+        return -1;
+    }
+    Py_ssize_t *spans = (Py_ssize_t *)output->spans.data;
     const unsigned char *position = data;
     const unsigned char *end = data + size;
     while (position < end) {
@@ -191,25 +272,21 @@ static int convert_lines(const Template *template, const unsigned char *data, Py
             newline = end; /* a last line without its newline: converted all the same */
         }
         Py_ssize_t line_length = newline - position;
-        /* Worst case: every byte becomes \u00XX, each field framed in quotes or written as null. */
-        if (buffer_reserve(&output->plain, 6 * line_length + template->fixed + 4 * nfields + 1) < 0 ||
+        /* Worst case: every byte becomes \u00XX (twice when it is also part of the key), each field framed in
+           quotes or written as null. */
+        if (buffer_reserve(&output->plain, 12 * line_length + template->fixed + 4 * nfields + 1) < 0 ||
             buffer_reserve(&output->lengths, (Py_ssize_t)sizeof(int64_t)) < 0) {
             return -1;
         }
-        char *out = output->plain.data + output->plain.size;
-        if (output->count) {
-            *out++ = ',';
-        }
-        char *message = out;
+        /* The line's fields, in message order. */
+        Py_ssize_t index = first;
         const unsigned char *field = position;
-        Py_ssize_t index = 0;
         for (;;) {
             const unsigned char *tab = memchr(field, '\t', (size_t)(newline - field));
             const unsigned char *field_end = tab ? tab : newline;
             if (index < nfields) {
-                memcpy(out, template->data[index], (size_t)template->size[index]);
-                out += template->size[index];
-                out = put_field(out, field, field_end - field);
+                spans[2 * index] = field - data;
+                spans[2 * index + 1] = field_end - field;
             }
             index++;
             if (tab == NULL) {
@@ -218,8 +295,31 @@ static int convert_lines(const Template *template, const unsigned char *data, Py
             field = tab + 1;
         }
         if (index != nfields) {
-            output->bad_count = index;
+            output->bad_count = index - first;
             return -2;
+        }
+        char *out = output->plain.data + output->plain.size;
+        if (output->count) {
+            *out++ = ',';
+        }
+        char *message = out;
+        for (Py_ssize_t i = 0; i < nfields; i++) {
+            memcpy(out, template->data[i], (size_t)template->size[i]);
+            out += template->size[i];
+            if (i == 0 && key_built) {
+                memcpy(out, template->key_head, (size_t)template->key_head_size);
+                out += template->key_head_size;
+                for (Py_ssize_t k = 0; k < template->npk; k++) {
+                    if (k) {
+                        *out++ = '/';
+                    }
+                    Py_ssize_t at = template->pk[k];
+                    out = put_key_part(out, data + spans[2 * at], spans[2 * at + 1]);
+                }
+                *out++ = '"';
+            } else {
+                out = put_field(out, data + spans[2 * i], spans[2 * i + 1]);
+            }
         }
         memcpy(out, template->data[nfields], (size_t)template->size[nfields]);
         out += template->size[nfields];
@@ -239,8 +339,9 @@ static PyObject *output_result(const Template *template, Output *output, int sta
         return PyErr_NoMemory();
     }
     if (status == -2) {
-        return PyErr_Format(PyExc_ValueError, "a COPY line has %zd values, expected %zd", output->bad_count - 1,
-                            template->nfields - 1);
+        /* bad_count counts COPY fields: the values, and the key first unless it is built here. */
+        Py_ssize_t found = output->bad_count - (template->key_head_size ? 0 : 1);
+        return PyErr_Format(PyExc_ValueError, "a COPY line has %zd values, expected %zd", found, template->nfields - 1);
     }
     PyObject *plain = PyBytes_FromStringAndSize(output->plain.data, output->plain.size);
     PyObject *lengths = PyBytes_FromStringAndSize(output->lengths.data, output->lengths.size);
@@ -256,19 +357,21 @@ static PyObject *output_result(const Template *template, Output *output, int sta
 static void output_free(Output *output) {
     PyMem_RawFree(output->plain.data);
     PyMem_RawFree(output->lengths.data);
+    PyMem_RawFree(output->spans.data);
 }
 
 static PyObject *convert_block(PyObject *module, PyObject *args) {
     (void)module;
     Py_buffer block;
-    PyObject *parts;
-    if (!PyArg_ParseTuple(args, "y*O!:convert_block", &block, &PyTuple_Type, &parts)) {
+    PyObject *parts, *key_head, *pk;
+    if (!PyArg_ParseTuple(args, "y*O!O!O!:convert_block", &block, &PyTuple_Type, &parts, &PyBytes_Type, &key_head,
+                          &PyTuple_Type, &pk)) {
         return NULL;
     }
     PyObject *result = NULL;
     Template template;
-    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
-    if (template_init(&template, parts) == 0) {
+    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
+    if (template_init(&template, parts, key_head, pk) == 0) {
         int status;
         Py_BEGIN_ALLOW_THREADS
         status = buffer_reserve(&output.plain, block.len + block.len / 2 + 64);
@@ -298,11 +401,12 @@ static double monotonic_seconds(void) {
 static PyObject *read_copy(PyObject *module, PyObject *args) {
     (void)module;
     unsigned long long get_copy_data_address, freemem_address, conn_address;
-    PyObject *parts;
+    PyObject *parts, *key_head, *pk;
     Py_ssize_t min_bytes;
     double max_seconds;
-    if (!PyArg_ParseTuple(args, "KKKO!nd:read_copy", &get_copy_data_address, &freemem_address, &conn_address,
-                          &PyTuple_Type, &parts, &min_bytes, &max_seconds)) {
+    if (!PyArg_ParseTuple(args, "KKKO!O!O!nd:read_copy", &get_copy_data_address, &freemem_address, &conn_address,
+                          &PyTuple_Type, &parts, &PyBytes_Type, &key_head, &PyTuple_Type, &pk, &min_bytes,
+                          &max_seconds)) {
         return NULL;
     }
     if (!get_copy_data_address || !freemem_address || !conn_address) {
@@ -313,12 +417,12 @@ static PyObject *read_copy(PyObject *module, PyObject *args) {
     freemem_fn freemem = (freemem_fn)(uintptr_t)freemem_address;
     void *conn = (void *)(uintptr_t)conn_address;
     Template template;
-    if (template_init(&template, parts) < 0) {
+    if (template_init(&template, parts, key_head, pk) < 0) {
         template_free(&template);
         return NULL;
     }
     Buffer block = {NULL, 0, 0};
-    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
+    Output output = {{NULL, 0, 0}, {NULL, 0, 0}, {NULL, 0, 0}, 0, -1};
     int status = 0, copy_status = 0, torn = 0;
     Py_BEGIN_ALLOW_THREADS
     double deadline = monotonic_seconds() + max_seconds;

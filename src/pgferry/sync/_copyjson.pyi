@@ -1,4 +1,14 @@
-def convert_block(block: bytes, parts: tuple[bytes, ...], /) -> tuple[bytes, bytes]: ...
+def convert_block(
+    block: bytes, parts: tuple[bytes, ...], key_head: bytes, pk_fields: tuple[int, ...], /
+) -> tuple[bytes, bytes]: ...
 def read_copy(
-    get_copy_data: int, freemem: int, conn: int, parts: tuple[bytes, ...], min_bytes: int, max_seconds: float, /
+    get_copy_data: int,
+    freemem: int,
+    conn: int,
+    parts: tuple[bytes, ...],
+    key_head: bytes,
+    pk_fields: tuple[int, ...],
+    min_bytes: int,
+    max_seconds: float,
+    /,
 ) -> tuple[bytes, bytes, int]: ...

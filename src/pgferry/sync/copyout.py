@@ -31,7 +31,8 @@ from psycopg.errors import error_from_result
 
 from pgferry.sync.copytext import MessageTemplate
 
-_read_copy: Callable[[int, int, int, tuple[bytes, ...], int, float], tuple[bytes, bytes, int]] | None
+_ReadCopy = Callable[[int, int, int, tuple[bytes, ...], bytes, tuple[int, ...], int, float], tuple[bytes, bytes, int]]
+_read_copy: _ReadCopy | None
 try:
     from pgferry.sync._copyjson import read_copy as _read_copy
 except ImportError:  # pragma: no cover - an install without a C compiler
@@ -100,21 +101,31 @@ def stream_copy_messages(
             raise psycopg.ProgrammingError("the snapshot statement did not start a COPY TO STDOUT")
         while True:
             plain, lengths, status = _read_copy(
-                get_copy_data, freemem, int(address), template.parts, block_bytes, _MAX_BLOCK_SECONDS
+                get_copy_data,
+                freemem,
+                int(address),
+                template.parts,
+                template.key_head,
+                template.pk_fields,
+                block_bytes,
+                _MAX_BLOCK_SECONDS,
             )
             on_rows()
+            if status == -2:
+                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
+            if status == -1:
+                # The statement's outcome before the last rows: a COPY that failed (a where clause that errs on
+                # some row, a cancel) hands on nothing of its last block, as psycopg's row loop did not.
+                ended = _next_result(pgconn)
+                _drain(pgconn)
+                if ended is not None and ended.status == pq.ExecStatus.FATAL_ERROR:
+                    raise error_from_result(ended, encoding=encoding)
             if lengths:
                 counts = array("q")
                 counts.frombytes(lengths)
                 yield plain, counts
             if status == -1:
                 break
-            if status == -2:
-                raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
-        ended = _next_result(pgconn)
-        _drain(pgconn)
-        if ended is not None and ended.status == pq.ExecStatus.FATAL_ERROR:
-            raise error_from_result(ended, encoding=encoding)
 
 
 def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:

@@ -33,9 +33,9 @@ from array import array
 from collections.abc import Callable, Sequence
 from operator import methodcaller
 
-__all__ = ["ACCELERATED", "MessageTemplate", "decode_field"]
+__all__ = ["ACCELERATED", "MessageTemplate", "accelerated", "decode_field"]
 
-_convert_block_c: Callable[[bytes, tuple[bytes, ...]], tuple[bytes, bytes]] | None
+_convert_block_c: Callable[[bytes, tuple[bytes, ...], bytes, tuple[int, ...]], tuple[bytes, bytes]] | None
 try:  # the same conversion in C (setup.py builds it when a compiler is there), one pass without the GIL
     from pgferry.sync._copyjson import convert_block as _convert_block_c
 except ImportError:  # pragma: no cover - an install without a C compiler
@@ -78,18 +78,35 @@ def decode_field(field: bytes) -> str | None:
     return out.decode()
 
 
+def accelerated() -> bool:
+    """Whether the C converter runs (read at call time: the tests turn it off)."""
+    return _convert_block_c is not None
+
+
 class MessageTemplate:
-    """Converts blocks of COPY text lines (``key, value1, …, valueN``) into encoded insert messages."""
+    """Converts blocks of COPY text lines (``key, value1, …, valueN``, or only the values with ``key_built``)
+    into encoded insert messages."""
 
     def __init__(
-        self, columns: Sequence[str], key_prefix: str, pk_indexes: Sequence[int], headers: dict[str, object]
+        self,
+        columns: Sequence[str],
+        key_prefix: str,
+        pk_indexes: Sequence[int],
+        headers: dict[str, object],
+        *,
+        key_built: bool = False,
     ) -> None:
         """``columns`` in the order the query selects them (after the key column); ``key_prefix`` is
-        ``"schema"."table"/``; ``pk_indexes`` locate the key columns among ``columns`` (for the exact path)."""
+        ``"schema"."table"/``; ``pk_indexes`` locate the key columns among ``columns``. ``key_built``: the lines
+        hold only the values and the key is built here from the primary key's (as
+        :func:`pgferry.sync.protocol.row_key` does), so that PostgreSQL does not concatenate it for every row."""
         self.columns = tuple(columns)
         self._key_prefix = key_prefix
         self._pk_indexes = tuple(pk_indexes)
         self._headers = headers
+        self.key_built = key_built
+        # The key as the C converter starts it: the JSON string's quote and the prefix's JSON-escaped text.
+        self._key_head = ('"' + json.dumps(key_prefix, ensure_ascii=False)[1:-1]).encode() if key_built else b""
 
         def encode(value: object) -> str:
             return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -110,6 +127,16 @@ class MessageTemplate:
         """The fixed pieces around the key and each value, as the C converter takes them."""
         return self._parts
 
+    @property
+    def key_head(self) -> bytes:
+        """How the C converter starts a key it builds (empty: the key is the lines' first field)."""
+        return self._key_head
+
+    @property
+    def pk_fields(self) -> tuple[int, ...]:
+        """The primary key's fields among the values, for a key the C converter builds."""
+        return self._pk_indexes if self.key_built else ()
+
     def convert(self, block: bytes, *, accelerated: bool = ACCELERATED) -> list[bytes]:
         """Messages for a block of whole COPY lines (each ending in ``\\n``); ``accelerated=False`` takes the
         Python path even where the C one is built (the tests compare the two)."""
@@ -122,6 +149,8 @@ class MessageTemplate:
                 messages.append(plain[start : start + length])
                 start += length + 1
             return messages
+        if self.key_built:  # the fast path frames the key field the query sends; without one, line by line
+            return [self.exact(line) for line in block.removesuffix(b"\n").split(b"\n")]
         if len(block.translate(None, _RAW_CONTROL)) == len(block) and b"\\v" not in block:
             return self._fast(block)
         out: list[bytes] = []
@@ -136,7 +165,7 @@ class MessageTemplate:
         """The messages for a block of whole COPY lines joined by commas (a shape log segment's plain form) and
         their lengths: in C, no Python object per row."""
         if _convert_block_c is not None:
-            plain, raw_lengths = _convert_block_c(block, self._parts)
+            plain, raw_lengths = _convert_block_c(block, self._parts, self._key_head, self.pk_fields)
             lengths = array("q")
             lengths.frombytes(raw_lengths)
             return plain, lengths
@@ -154,7 +183,7 @@ class MessageTemplate:
     def exact(self, line: bytes) -> bytes:
         """One line, decoded field by field and encoded as the live path encodes a message."""
         fields = line.split(b"\t")
-        values = [decode_field(f) for f in fields[1:]]
+        values = [decode_field(f) for f in (fields if self.key_built else fields[1:])]
         if len(values) != len(self.columns):
             raise ValueError(f"a COPY line has {len(values)} values, expected {len(self.columns)}")
         parts = [

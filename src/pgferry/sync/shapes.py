@@ -38,7 +38,7 @@ from psycopg import sql
 from pgferry.replication import RowChange, Transaction, TruncateChange
 from pgferry.sync.catalog import TableInfo, load_table_info
 from pgferry.sync.copyout import copy_functions, stream_copy_messages
-from pgferry.sync.copytext import MessageTemplate
+from pgferry.sync.copytext import MessageTemplate, accelerated
 from pgferry.sync.errors import (
     ProtocolError,
     ShapeUnavailableError,
@@ -450,7 +450,12 @@ class ShapeManager:
         values = sql.SQL(", ").join(
             sql.SQL("t.{}" if c in as_is else "t.{}::text").format(sql.Identifier(c)) for c in shape.selected
         )
-        query = sql.SQL("select {}, {} from {} as t").format(key, values, ident)
+        # The C converter builds the key from the primary key's values; the Python one reads it from PostgreSQL.
+        key_built = accelerated()
+        if key_built:
+            query = sql.SQL("select {} from {} as t").format(values, ident)
+        else:
+            query = sql.SQL("select {}, {} from {} as t").format(key, values, ident)
         if shape.clause is not None:
             where = shape.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)
             query = query + sql.SQL(" where {}").format(where)
@@ -460,6 +465,7 @@ class ShapeManager:
             table.name.qualified + "/",
             [selected.index(c) for c in table.primary_key],
             {"operation": "insert", "relation": [table.name.schema, table.name.name]},
+            key_built=key_built,
         )
         return query, template
 
