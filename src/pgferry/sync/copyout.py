@@ -72,12 +72,13 @@ def stream_copy_messages(
     conn: psycopg.Connection[Any],
     statement: bytes,
     template: MessageTemplate,
-    block_bytes: int,
+    segment_bytes: int,
     on_rows: Callable[[], None] = lambda: None,
 ) -> Iterator[tuple[bytes, array[int]]]:
     """Run ``statement`` (a ``COPY … TO STDOUT`` in text format, parameters already merged) on ``conn`` and yield
-    its rows as messages, about ``block_bytes`` of COPY text at a time: each block's messages joined by commas
-    and their lengths (:meth:`MessageTemplate.convert_joined`). ``on_rows`` is called whenever rows arrived.
+    its rows as messages in blocks of just under ``segment_bytes`` of JSON (the COPY text read per block follows
+    the JSON-to-text ratio seen so far): each block's messages joined by commas and their lengths
+    (:meth:`MessageTemplate.convert_joined`). ``on_rows`` is called whenever rows arrived.
     Only when :func:`copy_functions` is not ``None``. PostgreSQL's errors (a cancel, a timeout) are raised as
     psycopg raises them."""
     functions = copy_functions()
@@ -99,6 +100,8 @@ def stream_copy_messages(
             if started is not None and started.status == pq.ExecStatus.FATAL_ERROR:
                 raise error_from_result(started, encoding=encoding)
             raise psycopg.ProgrammingError("the snapshot statement did not start a COPY TO STDOUT")
+        block_bytes = max(1, segment_bytes * 2 // 3)  # COPY text is about two thirds of its JSON
+        read_bytes = json_bytes = 0
         while True:
             plain, lengths, status = _read_copy(
                 get_copy_data,
@@ -123,6 +126,10 @@ def stream_copy_messages(
             if lengths:
                 counts = array("q")
                 counts.frombytes(lengths)
+                # Segments just under segment_bytes: a page (whole segments up to a size) then holds as many as fit.
+                read_bytes += block_bytes
+                json_bytes += len(plain)
+                block_bytes = max(1, int(segment_bytes * 0.97 * read_bytes / json_bytes))
                 yield plain, counts
             if status == -1:
                 break

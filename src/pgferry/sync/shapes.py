@@ -571,7 +571,7 @@ class ShapeManager:
             try:
                 if self.read_copy_in_c and copy_functions() is not None:
                     text = psycopg.ClientCursor(conn).mogrify(statement, params or None)
-                    for item in stream_copy_messages(conn, text.encode(), template, block_bytes, rows_arrived):
+                    for item in stream_copy_messages(conn, text.encode(), template, self.segment_bytes, rows_arrived):
                         put(item)
                     put(None)
                     return
