@@ -28,7 +28,6 @@ import os
 import shutil
 import struct
 import threading
-import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pgferry.sync.protocol import LogOffset
-from pgferry.sync.wire import GzipPiece, compress_segment, compress_zstd
+from pgferry.sync.wire import GzipPiece, compress_segment, compress_zstd, segment_crc32
 
 __all__ = ["LegacyLogError", "LogChunk", "SegmentRun", "ShapeLog", "write_json_atomic"]
 
@@ -252,7 +251,7 @@ class ShapeLog:
         records[1::_ENTRY_FIELDS] = op
         records[2::_ENTRY_FIELDS] = positions
         records[3::_ENTRY_FIELDS] = lengths
-        crc = zlib.crc32(plain)
+        crc = segment_crc32(plain)
         header = _SEGMENT.pack(
             _SEGMENT_KIND, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
         )

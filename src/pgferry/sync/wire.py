@@ -50,6 +50,7 @@ __all__ = [
     "compress_zstd",
     "crc32_combine",
     "gzip_body",
+    "segment_crc32",
     "zstd_body",
 ]
 
@@ -58,6 +59,11 @@ __all__ = [
 COMPRESS_LEVEL = 1
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, no mtime, unknown OS
 _POLY = 0xEDB88320
+
+
+def segment_crc32(plain: bytes) -> int:
+    """CRC-32 of a stored segment (the gzip trailer's): ISA-L's, about three times zlib's speed, same value."""
+    return int(_deflate.crc32(plain))
 
 
 def compress_segment(plain: bytes, level: int = COMPRESS_LEVEL) -> bytes:
