@@ -111,6 +111,18 @@ WAL_SIZE_LIMIT = 64 << 20
 _DECODE_JSON: Final = msgspec.json.decode
 
 
+def _bind_null(_value: None) -> None:
+    return None
+
+
+# ``None`` parameters bound as NULL exactly as before, only cheaper: Python's sqlite3 binds str, int, float and bytes
+# directly but passes anything else, None included, through its adapter registry, whose miss looks up
+# ``PrepareProtocol.__adapt__`` and formats and discards an AttributeError each time (CPython 3.11: ~0.3 µs per NULL,
+# a snapshot row of the benchmark's tasks carries ~4). A registered adapter is found at once. Left alone if an
+# application registered its own for None.
+if (type(None), sqlite3.PrepareProtocol) not in sqlite3.adapters:
+    sqlite3.register_adapter(type(None), _bind_null)
+
 Op = Literal["insert", "update", "delete"]
 
 
