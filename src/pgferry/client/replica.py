@@ -443,31 +443,43 @@ class LocalReplica(ShapeSchemas):
     ) -> None:
         """:meth:`stage` for the changes of whole pages, in order. A page handed on undecoded that goes into a new
         snapshot's table is decoded straight into the rows inserted (:meth:`ShapeBatch.leading_inserts`: no
-        :class:`Change` per row); anything else goes through :meth:`stage` as it is."""
-        if not schema:
+        :class:`Change` per row); anything else goes through :meth:`stage` as it is. Pages are decoded outside the
+        replica's lock, as before (readers and local writes wait only for the insert)."""
+        columns = self._loading_next(name, schema, replace=replace) if schema else None
+        if columns is None:
             self.stage(name, [c for page in pages for c in page.decoded()], schema=schema, replace=replace)
             return
+        rows: list[tuple[str | None, ...]] = []
+        txids: set[int] = set()
+        changes: list[Change] = []
+        for page in pages:
+            read = None if changes else page.leading_inserts(columns)
+            if read is None:
+                changes.extend(page.decoded())
+                continue
+            page_rows, page_txids, rest = read
+            rows.extend(page_rows)
+            txids.update(page_txids)
+            changes.extend(rest)
         with self._lock:
-            columns = self._next_columns(name, schema, replace=replace)
-            if columns is None or self._stage_columns_if_any(self._conn, _stage_table(name)) is not None:
-                self.stage(name, [c for page in pages for c in page.decoded()], schema=schema, replace=replace)
-                return
-            rows: list[tuple[str | None, ...]] = []
-            txids: set[int] = set()
-            changes: list[Change] = []
-            for page in pages:
-                read = None if changes else page.leading_inserts(columns)
-                if read is None:
-                    changes.extend(page.decoded())
-                    continue
-                page_rows, page_txids, rest = read
-                rows.extend(page_rows)
-                txids.update(page_txids)
-                changes.extend(rest)
+            if rows and self._loading_next(name, schema, replace=replace) != columns:
+                # The snapshot was discarded meanwhile (a must-refetch, a failure): as if it had not been started.
+                rows, changes = [], [c for page in pages for c in page.decoded()]
             if rows:
                 self._load_next(lambda conn: self._insert_next(conn, name, columns, rows, txids))
             if changes:
                 self.stage(name, changes, schema=schema, replace=replace)
+
+    def _loading_next(self, name: str, schema: Mapping[str, Any] | None, *, replace: bool) -> list[str] | None:
+        """The columns of the snapshot table inserts of ``name`` go into now, started if this is a whole new snapshot;
+        ``None``: not a new snapshot, or it already ended (changes are staged the usual way)."""
+        if not schema:
+            return None
+        with self._lock:
+            columns = self._next_columns(name, schema, replace=replace)
+            if columns is None or self._stage_columns_if_any(self._conn, _stage_table(name)) is not None:
+                return None
+            return columns
 
     def _next_columns(self, name: str, schema: Mapping[str, Any], *, replace: bool) -> list[str] | None:
         """The columns of the shape's snapshot table, created when this is a whole new snapshot (see :meth:`stage`);
