@@ -316,3 +316,44 @@ def test_leading_inserts_of_a_deferred_page_are_its_decoded_inserts_as_rows() ->
     after_update = deferred([*page[:5], message(9999, "update"), {"headers": {"control": "must-refetch"}}, *page[5:]])
     with pytest.raises(RefetchInDeferredPageError):
         after_update.leading_inserts(columns)
+
+
+def test_a_fetched_page_is_held_by_its_batch_alone() -> None:
+    """The async stream hands each page's bytes on without the HTTP response keeping them too: httpx keeps a
+    response in a reference cycle, so a body stored on it (``aread()``) stayed alive, MBs per page, until a full
+    collection of the cyclic GC (which an initial sync now seldom triggers). With the GC off, the page's bytes
+    must have no owner left but the batch."""
+    import gc
+    import json
+    import sys
+
+    page = json.dumps(
+        [
+            {"headers": {"operation": "insert"}, "key": f"k{n}", "value": {"id": str(n), "t": "x" * 200}}
+            for n in range(400)
+        ]
+    ).encode()
+
+    async def chunks() -> Any:
+        for start in range(0, len(page), 10_000):
+            yield page[start : start + 10_000]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"electric-offset": "0_1", "electric-handle": "h"}, content=chunks())
+
+    async def fetch() -> Any:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            stream = AsyncShapeStream("http://sync.test", ShapeOptions("t"), client=client, defer_decoding=True)
+            return await stream.fetch()
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        batch = asyncio.run(fetch())
+        assert batch is not None and batch.undecoded == page
+        body = batch.undecoded
+        del batch
+        assert sys.getrefcount(body) == 2  # ``body`` here, and the call's argument: nothing else
+    finally:
+        if enabled:
+            gc.enable()
