@@ -509,13 +509,13 @@ def test_a_snapshot_of_wide_rows_is_staged_by_bytes_not_only_by_count(
 
     monkeypatch.setattr(electric, "_STAGE_AFTER_BYTES", 256 << 10)
     staged: list[int] = []
-    original = LocalReplica.stage
+    original = LocalReplica.stage_pages
 
-    def counting_stage(self: LocalReplica, name: str, changes: Any, **kwargs: Any) -> None:
-        staged.append(len(changes))
-        original(self, name, changes, **kwargs)
+    def counting_stage(self: LocalReplica, name: str, pages: Any, **kwargs: Any) -> None:
+        staged.append(sum(len(page.decoded()) for page in pages))
+        original(self, name, pages, **kwargs)
 
-    monkeypatch.setattr(LocalReplica, "stage", counting_stage)
+    monkeypatch.setattr(LocalReplica, "stage_pages", counting_stage)
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         conn.execute(
             "insert into tasks (user_id, title, description) "

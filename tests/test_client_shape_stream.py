@@ -245,3 +245,115 @@ def test_deferred_pages_decode_later_to_the_same_changes() -> None:
     assert odd is not None
     with pytest.raises(RefetchInDeferredPageError):
         odd.decoded()
+
+
+def test_leading_inserts_of_a_deferred_page_are_its_decoded_inserts_as_rows() -> None:
+    """``ShapeBatch.leading_inserts`` (a snapshot page straight into rows for the replica) against ``decoded()`` of
+    the same page: the leading inserts as ``(key, *values in the schema's order)`` (a column an insert leaves out is
+    NULL), the union of their txids, and everything from the first other message on as the same changes (an update
+    keeps only the columns it carries). Pages it cannot read that way say so (``None``) and a hidden must-refetch
+    is an error, as for ``decoded()``."""
+    import json
+    import random
+
+    from pgferry.client._shape_base import DEFER_DECODING_FROM, RefetchInDeferredPageError, ShapeState
+
+    rng = random.Random(11)
+    columns = ["id", "title", "due at ü", "note"]
+    schema = {c: {"type": "text", **({"pk_index": 0} if c == "id" else {})} for c in columns}
+    alphabet = ["a", "\\", '"', "\n", "\u2028", "✓", "🚀", "\x01", " ", "null", "{"]
+
+    def text() -> str | None:
+        return None if rng.random() < 0.3 else "".join(rng.choice(alphabet) for _ in range(rng.randrange(40)))
+
+    def message(n: int, op: str) -> dict[str, Any]:
+        present = [c for c in columns if c == "id" or rng.random() < (0.85 if op == "insert" else 0.4)]
+        headers: dict[str, Any] = {"operation": op}
+        if rng.random() < 0.3:
+            headers["txids"] = [rng.randrange(1, 10**9), str(rng.randrange(1, 10**9))]
+        return {"headers": headers, "key": f'"public"."t"/"{n}"', "value": {c: text() for c in present}}
+
+    headers = {"electric-schema": json.dumps(schema), "electric-offset": "0_9", "electric-handle": "h"}
+
+    def deferred(messages: list[dict[str, Any]]) -> Any:
+        body = json.dumps(messages).encode()
+        assert len(body) >= DEFER_DECODING_FROM
+        batch = ShapeState(ShapeOptions("t"), defer_decoding=True).on_response(200, headers, body)
+        assert batch is not None and batch.undecoded is not None
+        return batch
+
+    for ends_at in (None, 0, 700, 1499):  # all inserts; the first message an update; in the middle; the last one
+        inserts = [message(n, "insert") for n in range(1500)]
+        messages = [*inserts] if ends_at is None else [*inserts[:ends_at], message(9999, "update"), *inserts[ends_at:]]
+        if ends_at == 700:
+            messages.insert(702, message(9998, "delete"))
+        messages.insert(3, {"headers": {"control": "up-to-date"}})  # a control message among them is skipped
+        batch = deferred(messages)
+        decoded = batch.decoded()
+        split = len(decoded) if ends_at is None else ends_at
+        read = batch.leading_inserts(columns)
+        assert read is not None
+        rows, txids, rest = read
+        assert rows == [(c.key, *(c.value[x] for x in columns)) for c in decoded[:split]]
+        assert rows == [(m["key"], *(m["value"].get(x) for x in columns)) for m in inserts[:split]]
+        assert txids == {t for c in decoded[:split] for t in c.txids}
+        assert rest == decoded[split:]
+        assert [dict(c.value) for c in rest if c.operation != "insert"] == [
+            m["value"] for m in messages[split:] if m.get("headers", {}).get("operation") in ("update", "delete")
+        ]
+
+    page = [message(n, "insert") for n in range(1500)]
+    batch = deferred(page)
+    assert batch.leading_inserts(list(reversed(columns))) is None  # another column order: decoded() serves
+    eager = ShapeState(ShapeOptions("t")).on_response(200, headers, json.dumps(page).encode())
+    assert eager is not None and eager.leading_inserts(columns) is None  # decoded already
+    numbers = [*page, {"headers": {"operation": "insert"}, "key": "k", "value": {"id": 1}}]
+    assert deferred(numbers).leading_inserts(columns) is None  # a value that is not a string: decoded() serves
+    for at in (5, 1499):
+        hidden = deferred([*page[:at], {"headers": {"control": "must-refetch"}}, *page[at:]])
+        with pytest.raises(RefetchInDeferredPageError):
+            hidden.leading_inserts(columns)
+    after_update = deferred([*page[:5], message(9999, "update"), {"headers": {"control": "must-refetch"}}, *page[5:]])
+    with pytest.raises(RefetchInDeferredPageError):
+        after_update.leading_inserts(columns)
+
+
+def test_a_fetched_page_is_held_by_its_batch_alone() -> None:
+    """The async stream hands each page's bytes on without the HTTP response keeping them too: httpx keeps a
+    response in a reference cycle, so a body stored on it (``aread()``) stayed alive, MBs per page, until a full
+    collection of the cyclic GC (which an initial sync now seldom triggers). With the GC off, the page's bytes
+    must have no owner left but the batch."""
+    import gc
+    import json
+    import sys
+
+    page = json.dumps(
+        [
+            {"headers": {"operation": "insert"}, "key": f"k{n}", "value": {"id": str(n), "t": "x" * 200}}
+            for n in range(400)
+        ]
+    ).encode()
+
+    async def chunks() -> Any:
+        for start in range(0, len(page), 10_000):
+            yield page[start : start + 10_000]
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"electric-offset": "0_1", "electric-handle": "h"}, content=chunks())
+
+    async def fetch() -> Any:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            stream = AsyncShapeStream("http://sync.test", ShapeOptions("t"), client=client, defer_decoding=True)
+            return await stream.fetch()
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        batch = asyncio.run(fetch())
+        assert batch is not None and batch.undecoded == page
+        body = batch.undecoded
+        del batch
+        assert sys.getrefcount(body) == 2  # ``body`` here, and the call's argument: nothing else
+    finally:
+        if enabled:
+            gc.enable()

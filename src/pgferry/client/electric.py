@@ -65,7 +65,7 @@ def _changes_of(pages: Sequence[ShapeBatch]) -> list[Change]:
 def _stage_pages(
     replica: Replica, table: str, pages: Sequence[ShapeBatch], *, schema: Mapping[str, Any] | None, replace: bool
 ) -> None:
-    replica.stage(table, _changes_of(pages), schema=schema, replace=replace)
+    replica.stage_pages(table, pages, schema=schema, replace=replace)
 
 
 def _apply_pages(

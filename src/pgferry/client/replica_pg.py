@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pgferry.client._shape_base import Change, lsn_number
+from pgferry.client._shape_base import Change, ShapeBatch, lsn_number
 from pgferry.client.replica import OutboxItem, Rejection, ShapeSchemas
 from pgferry.client.values import parse_value
 
@@ -350,6 +350,12 @@ class PostgresReplica(ShapeSchemas):
                 self._apply_changes(conn, name, from_disk, touched, txids, already=already)
         conn.execute(sql.SQL("drop table pg_temp.{}").format(table))
         return count
+
+    def stage_pages(
+        self, name: str, pages: Sequence[ShapeBatch], *, schema: Mapping[str, Any] | None = None, replace: bool = False
+    ) -> None:
+        """:meth:`stage` for the changes of whole pages, in order (decoded here: on the caller's thread)."""
+        self.stage(name, [change for page in pages for change in page.decoded()], schema=schema, replace=replace)
 
     def discard_staged(self, name: str) -> None:
         """Forget staged changes (the shape must be refetched)."""

@@ -15,7 +15,7 @@ from collections.abc import Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pgferry.client._shape_base import Change
+from pgferry.client._shape_base import Change, ShapeBatch
 from pgferry.client.replica import LocalReplica, OutboxItem, Rejection
 
 __all__ = ["Replica", "open_replica"]
@@ -39,6 +39,14 @@ class Replica(Protocol):
         replace: bool = False,
     ) -> None: ...
 
+    def stage_pages(
+        self,
+        name: str,
+        pages: Sequence[ShapeBatch],
+        *,
+        schema: Mapping[str, Any] | None = None,
+        replace: bool = False,
+    ) -> None: ...
     def discard_staged(self, name: str) -> None: ...
 
     def apply(

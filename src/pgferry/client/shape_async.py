@@ -73,17 +73,25 @@ class AsyncShapeStream:
             if self._closed:
                 raise ClientClosedError("the shape stream is closed")
             try:
-                response = await self._client.get(
-                    self.url, params=self.state.request_params(), headers=self._current_headers()
-                )
+                async with self._client.stream(
+                    "GET", self.url, params=self.state.request_params(), headers=self._current_headers()
+                ) as response:
+                    status, headers = response.status_code, response.headers
+                    # Read here, not with ``response.aread()``, which also keeps the body on the response: httpx
+                    # holds a response in a reference cycle (with its stream), so each page's bytes (MBs) stayed
+                    # alive until the next full collection of Python's cyclic GC, which a snapshot now rarely
+                    # triggers (a 1M-row initial sync peaked ~40 MiB higher).
+                    body = (
+                        b"" if self.state.should_retry(status) else b"".join([b async for b in response.aiter_bytes()])
+                    )
             except httpx.TransportError:
                 await self._sleep(self._backoff.delay(self.state.on_failure()))
                 continue
-            if self.state.should_retry(response.status_code):
-                wait = retry_after(response.headers)
+            if self.state.should_retry(status):
+                wait = retry_after(headers)
                 await self._sleep(wait if wait is not None else self._backoff.delay(self.state.on_failure()))
                 continue
-            return self.state.on_response(response.status_code, response.headers, response.content)
+            return self.state.on_response(status, headers, body)
 
     async def batches(self) -> AsyncIterator[ShapeBatch]:
         """Every batch until the stream is closed (or up to date, when not live)."""
