@@ -8,6 +8,7 @@ The oracle for the rows is psycopg's own COPY of the same statement, converted b
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -105,3 +106,26 @@ def test_a_statement_that_is_no_copy_is_refused(conn: psycopg.Connection[Any]) -
         list(stream_copy_messages(conn, b"select 1", _template(), 1 << 20))
     with pytest.raises(psycopg.errors.UndefinedTable):
         list(stream_copy_messages(conn, b"copy (select * from no_such_table) to stdout", _template(), 1 << 20))
+
+
+def test_a_connection_past_descriptor_1024_is_read(target_url: str) -> None:
+    """A sync server holding thousands of live requests has sockets past select()'s limit: the reader's waits must
+    not use select (found by bench/sync.py: a new shape failed once 10,000 clients were connected)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with psycopg.connect(target_url) as connection:
+            assert connection.pgconn.socket > 1024
+            connection.execute("begin")
+            statement = b"copy (select i, i::text from generate_series(1, 10) i) to stdout"
+            blocks = list(stream_copy_messages(connection, statement, _template(), 1 << 20))
+            assert sum(len(lengths) for _plain, lengths in blocks) == 10
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -93,7 +93,7 @@ def stream_copy_messages(
     with conn.lock:
         pgconn.send_query(statement)
         while pgconn.flush() == 1:
-            select.select([], [pgconn.socket], [], 1.0)
+            _wait(pgconn.socket, select.POLLOUT)
         started = _next_result(pgconn)
         if started is None or started.status != pq.ExecStatus.COPY_OUT:
             _drain(pgconn)
@@ -118,7 +118,7 @@ def stream_copy_messages(
                 raise psycopg.OperationalError(pgconn.error_message.decode(errors="replace"))
             if status == -1:
                 # The statement's outcome before the last rows: a COPY that failed (a where clause that errs on
-                # some row, a cancel) hands on nothing of its last block, as psycopg's row loop did not.
+                # some row, a cancel) hands on nothing of its last block, as the psycopg row loop before it.
                 ended = _next_result(pgconn)
                 _drain(pgconn)
                 if ended is not None and ended.status == pq.ExecStatus.FATAL_ERROR:
@@ -141,7 +141,15 @@ def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
         pgconn.consume_input()
         if not pgconn.is_busy():
             return pgconn.get_result()
-        select.select([pgconn.socket], [], [], 1.0)
+        _wait(pgconn.socket, select.POLLIN)
+
+
+def _wait(fd: int, events: int) -> None:
+    """Up to a second for ``fd`` to be ready. poll, not select: a server holding thousands of live requests has
+    descriptors past select's limit of 1024."""
+    poller = select.poll()
+    poller.register(fd, events)
+    poller.poll(1000)
 
 
 def _drain(pgconn: pq.abc.PGconn) -> None:
