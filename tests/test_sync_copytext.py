@@ -279,3 +279,33 @@ def test_c_converter_refuses_a_line_with_another_number_of_fields() -> None:
     with pytest.raises(ValueError, match="has 3 values, expected 2"):
         built.convert_joined(b"a\tb\tc\n")
     assert json.loads(built.convert_joined(b"a\tb/c\n")[0])["key"] == '"s"."t"/"b//c"'
+
+
+def test_c_converter_buffers_of_a_thread_are_freed_when_it_ends() -> None:
+    """The converter keeps its working buffers per thread between calls (a snapshot's reader converts a block a
+    hundred times per 100k rows); each snapshot has a reader thread of its own, so they must go with the thread."""
+    if not ACCELERATED:
+        pytest.fail("pgferry.sync._copyjson is not built")
+    import threading
+
+    template = MessageTemplate(["a", "b"], '"s"."t"/', [0], {"operation": "insert"}, key_built=True)
+    block = b"".join(b"%d\t%s\n" % (i, b"x" * 2000) for i in range(2000))  # ~4 MB in, ~4 MB of JSON out
+
+    def rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    def convert() -> None:
+        template.convert_joined(block)
+
+    for _ in range(3):  # the allocator's own high-water mark first
+        worker = threading.Thread(target=convert)
+        worker.start()
+        worker.join()
+    before = rss()
+    for _ in range(40):
+        worker = threading.Thread(target=convert)
+        worker.start()
+        worker.join()
+    grown = rss() - before
+    assert grown < 60 << 20, f"RSS grew by {grown >> 20} MiB over 40 threads (~12 MiB of buffers each)"
