@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import select
 import struct
 import threading
 import time
@@ -77,6 +76,7 @@ from pgferry.db.retry import (
     call_with_retry,
     classify_error,
 )
+from pgferry.db.sockets import wait_readable, wait_writable
 from pgferry.replication import decoder as d
 from pgferry.replication._conn import (
     ReplicationError,
@@ -845,7 +845,7 @@ class ReplicationReader:
     @staticmethod
     def _flush_output(pgconn: pq.abc.PGconn) -> None:
         while pgconn.flush() == 1:  # only in non-blocking mode: wait until the socket takes the rest
-            select.select([], [pgconn.socket], [], 1.0)
+            wait_writable(pgconn.socket, 1.0)
 
     def _read(self) -> bytes | None:
         """One CopyData payload, or ``None`` when nothing is buffered; raises when the stream ended."""
@@ -869,7 +869,7 @@ class ReplicationReader:
         fds = [self._conn.pgconn.socket]
         if self._wake_r >= 0:
             fds.append(self._wake_r)
-        readable, _, _ = select.select(fds, [], [], timeout)
+        readable = wait_readable(fds, timeout)
         if self._wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 while os.read(self._wake_r, 512):
@@ -1030,7 +1030,7 @@ class ReplicationReader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise psycopg.OperationalError("timed out waiting for the server to start the replication stream")
-            select.select([pgconn.socket], [], [], remaining)
+            wait_readable([pgconn.socket], remaining)
             pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import select
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ import psycopg
 from psycopg import pq
 from psycopg.errors import error_from_result
 
+from pgferry.db.sockets import wait_readable, wait_writable
 from pgferry.sync.copytext import MessageTemplate
 
 _ReadCopy = Callable[[int, int, int, tuple[bytes, ...], bytes, tuple[int, ...], int, float], tuple[bytes, bytes, int]]
@@ -93,7 +93,7 @@ def stream_copy_messages(
     with conn.lock:
         pgconn.send_query(statement)
         while pgconn.flush() == 1:
-            _wait(pgconn.socket, select.POLLOUT)
+            wait_writable(pgconn.socket, 1.0)
         started = _next_result(pgconn)
         if started is None or started.status != pq.ExecStatus.COPY_OUT:
             _drain(pgconn)
@@ -141,15 +141,7 @@ def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
         pgconn.consume_input()
         if not pgconn.is_busy():
             return pgconn.get_result()
-        _wait(pgconn.socket, select.POLLIN)
-
-
-def _wait(fd: int, events: int) -> None:
-    """Up to a second for ``fd`` to be ready. poll, not select: a server holding thousands of live requests has
-    descriptors past select's limit of 1024."""
-    poller = select.poll()
-    poller.register(fd, events)
-    poller.poll(1000)
+        wait_readable([pgconn.socket], 1.0)
 
 
 def _drain(pgconn: pq.abc.PGconn) -> None:
