@@ -519,20 +519,21 @@ def test_a_snapshot_of_wide_rows_is_staged_by_bytes_not_only_by_count(
     with psycopg.connect(stack.database_url, autocommit=True) as conn:
         conn.execute(
             "insert into tasks (user_id, title, description) "
-            "select %s, 'wide ' || n, repeat(md5(n::text), 600) from generate_series(1, 400) n",
+            "select %s, 'wide ' || n, repeat(md5(n::text), 600) from generate_series(1, 800) n",
             [ALICE],
         )
 
     async def scenario() -> None:
         client = await start(stack.proxy_url, ALICE)
         try:
-            # 400 rows are far below the count limit; by bytes they are staged a page or so at a time.
-            assert len(staged) >= 2 and max(staged) < 400
+            # 800 rows (~15 MB, four pages of ~4 MB) are far below the count limit; by bytes they are staged a page
+            # or so at a time (the last page, with the up-to-date, is applied at once).
+            assert len(staged) >= 2 and max(staged) < 800
             await converge(client, stack.database_url)
             descriptions = {str(r["id"]): r["description"] for r in client.query("tasks")}
             with psycopg.connect(stack.database_url) as conn:
                 expected = dict(conn.execute("select id::text, description from tasks where user_id = %s", [ALICE]))
-            assert descriptions == expected and len(expected) == 400
+            assert descriptions == expected and len(expected) == 800
         finally:
             await client.close()
 
