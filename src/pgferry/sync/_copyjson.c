@@ -94,18 +94,14 @@ static inline unsigned char copy_unescape(unsigned char code) {
     }
 }
 
-/* Append one COPY field as a JSON value; the caller reserved 6 bytes per input byte plus 4. */
-static char *put_field(char *out, const unsigned char *field, Py_ssize_t length) {
-    if (length == 2 && field[0] == '\\' && field[1] == 'N') {
-        memcpy(out, "null", 4);
-        return out + 4;
-    }
-    *out++ = '"';
-    const unsigned char *end = field + length;
+/* The JSON string content of one COPY field: COPY's escapes decoded, JSON's applied (json.dumps with
+   ensure_ascii=False); with double_slash a "/" is written twice (a primary key value inside a row key). The runs of
+   bytes that stay as they are, most of a value, are copied in one go. */
+static char *put_content(char *out, const unsigned char *field, const unsigned char *end,
+                         const unsigned char *special, int double_slash) {
     while (field < end) {
-        /* Copy the run of bytes that stay as they are in one go: most of a value. */
         const unsigned char *run = field;
-        while (run < end && !SPECIAL[*run]) {
+        while (run < end && !special[*run]) {
             run++;
         }
         memcpy(out, field, (size_t)(run - field));
@@ -115,18 +111,27 @@ static char *put_field(char *out, const unsigned char *field, Py_ssize_t length)
             break;
         }
         unsigned char byte = *field++;
-        if (byte == '\\') {
-            if (field == end) { /* a lone backslash at the end stands for itself */
-                out = put_json_byte(out, '\\');
-                continue;
-            }
-            out = put_json_byte(out, copy_unescape(*field++));
-        } else if (byte == '"' || byte < 0x20) {
-            out = put_json_byte(out, byte);
+        if (byte == '\\' && field < end) { /* a lone backslash at the end stands for itself */
+            byte = copy_unescape(*field++);
+        }
+        if (double_slash && byte == '/') {
+            *out++ = '/';
+            *out++ = '/';
         } else {
-            *out++ = (char)byte;
+            out = put_json_byte(out, byte);
         }
     }
+    return out;
+}
+
+/* Append one COPY field as a JSON value; the caller reserved 6 bytes per input byte plus 4. */
+static char *put_field(char *out, const unsigned char *field, Py_ssize_t length) {
+    if (length == 2 && field[0] == '\\' && field[1] == 'N') {
+        memcpy(out, "null", 4);
+        return out + 4;
+    }
+    *out++ = '"';
+    out = put_content(out, field, field + length, SPECIAL, 0);
     *out++ = '"';
     return out;
 }
@@ -219,29 +224,7 @@ static char *put_key_part(char *out, const unsigned char *field, Py_ssize_t leng
     }
     *out++ = '\\';
     *out++ = '"';
-    const unsigned char *end = field + length;
-    while (field < end) {
-        const unsigned char *run = field;
-        while (run < end && !KEY_SPECIAL[*run]) {
-            run++;
-        }
-        memcpy(out, field, (size_t)(run - field));
-        out += run - field;
-        field = run;
-        if (field == end) {
-            break;
-        }
-        unsigned char byte = *field++;
-        if (byte == '\\' && field < end) {
-            byte = copy_unescape(*field++);
-        }
-        if (byte == '/') {
-            *out++ = '/';
-            *out++ = '/';
-        } else {
-            out = put_json_byte(out, byte);
-        }
-    }
+    out = put_content(out, field, field + length, KEY_SPECIAL, 1);
     *out++ = '\\';
     *out++ = '"';
     return out;
