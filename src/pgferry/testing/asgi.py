@@ -6,6 +6,7 @@ see in production, including streaming, compression and long-polls.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from types import TracebackType
@@ -23,14 +24,30 @@ class ServedApp:
     shutdown) on exit."""
 
     def __init__(self, app: ASGIApp, port: int | None = None, *, startup_timeout: float = 60.0) -> None:
-        self.port = port or free_port()
+        # Without a port, the socket is bound here to port 0 and handed to uvicorn: a port found free and bound later
+        # can be taken in between by another process (seen in the suite: "address already in use" at startup).
+        self._sockets: list[socket.socket] | None = None
+        if port is None:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            port = int(listener.getsockname()[1])
+            self._sockets = [listener]
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on", timeout_graceful_shutdown=3
         )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self._startup_timeout = startup_timeout
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=self._sockets)
+        finally:
+            for listener in self._sockets or []:
+                listener.close()
 
     def start(self) -> ServedApp:
         self._thread.start()
