@@ -291,6 +291,23 @@ class _Message(msgspec.Struct, gc=False):
 _MESSAGES: Final = msgspec.json.Decoder(list[_Message])
 
 
+def _messages_decoder(names: tuple[str, ...], field_type: Any, default: Any) -> msgspec.json.Decoder[list[Any]]:
+    """A decoder of a page into messages whose ``value`` is a struct with a field per column of ``names`` (each of
+    ``field_type``, ``default`` when a message leaves it out); untracked by the cyclic GC (they hold only strings)."""
+    fields = [(f"c{i}", field_type, default) for i in range(len(names))]
+    value = msgspec.defstruct("Value", fields, rename={f"c{i}": name for i, name in enumerate(names)}, gc=False)
+    message = msgspec.defstruct(
+        "Message",
+        [
+            ("headers", _Headers, msgspec.field(default_factory=_Headers)),
+            ("key", str | None, None),
+            ("value", value | None, None),
+        ],
+        gc=False,
+    )
+    return msgspec.json.Decoder(list[message])  # type: ignore[valid-type]
+
+
 class _TypedMessages:
     """A decoder for one schema: each message's ``value`` straight into a struct with a field per column (no dict,
     no key strings per row), turned into :class:`RowValues` for inserts and a dict of the columns present for
@@ -299,20 +316,7 @@ class _TypedMessages:
     def __init__(self, schema: Mapping[str, Any]) -> None:
         self.schema = dict(schema)
         self.columns = ColumnOrder(tuple(schema))
-        fields = [(f"c{i}", str | None | msgspec.UnsetType, msgspec.UNSET) for i in range(len(self.columns.names))]
-        value = msgspec.defstruct(
-            "Value", fields, rename={f"c{i}": name for i, name in enumerate(self.columns.names)}, gc=False
-        )
-        message = msgspec.defstruct(
-            "Message",
-            [
-                ("headers", _Headers, msgspec.field(default_factory=_Headers)),
-                ("key", str | None, None),
-                ("value", value | None, None),
-            ],
-            gc=False,
-        )
-        self.decoder: msgspec.json.Decoder[list[Any]] = msgspec.json.Decoder(list[message])  # type: ignore[valid-type]
+        self.decoder = _messages_decoder(self.columns.names, str | None | msgspec.UnsetType, msgspec.UNSET)
         self._inserts_decoder: msgspec.json.Decoder[list[Any]] | None = None
 
     @classmethod
@@ -359,19 +363,7 @@ class _TypedMessages:
         """Like :attr:`decoder`, but a column a message leaves out is ``None`` (what it means for an insert), so an
         insert's values are a struct's fields as they are."""
         if self._inserts_decoder is None:
-            fields = [(f"c{i}", str | None, None) for i in range(len(self.columns.names))]
-            rename = {f"c{i}": name for i, name in enumerate(self.columns.names)}
-            value = msgspec.defstruct("InsertValue", fields, rename=rename, gc=False)
-            message = msgspec.defstruct(
-                "InsertMessage",
-                [
-                    ("headers", _Headers, msgspec.field(default_factory=_Headers)),
-                    ("key", str | None, None),
-                    ("value", value | None, None),
-                ],
-                gc=False,
-            )
-            self._inserts_decoder = msgspec.json.Decoder(list[message])  # type: ignore[valid-type]
+            self._inserts_decoder = _messages_decoder(self.columns.names, str | None, None)
         return self._inserts_decoder
 
     def read(self, body: bytes, *, start: int = 0) -> tuple[list[Change], bool, bool, int | None] | None:

@@ -112,6 +112,28 @@ WAL_SIZE_LIMIT = 64 << 20
 _DECODE_JSON: Final = msgspec.json.decode
 
 
+def _insert_rows(columns: list[str], inserts: Sequence[Change]) -> tuple[list[tuple[Any, ...]], set[int]]:
+    """Inserts as rows ``(key, *values in columns' order)`` for the snapshot table, and their txids."""
+    take = itemgetter(*columns)
+    order = tuple(columns)
+    rows: list[tuple[Any, ...]] = []
+    txids: set[int] = set()
+    for change in inserts:
+        value = change.value
+        if type(value) is RowValues and value.columns.names == order:  # decoded in this order: as it is
+            rows.append((change.key, *value.row))
+        elif len(columns) == 1:
+            rows.append((change.key, value.get(columns[0])))
+        else:
+            try:
+                rows.append((change.key, *take(value)))
+            except KeyError:  # a row without some column (Electric's ``columns``): NULL, as the apply would
+                rows.append((change.key, *(value.get(c) for c in columns)))
+        if change.txids:
+            txids.update(change.txids)
+    return rows, txids
+
+
 def _bind_null(_value: None) -> None:
     return None
 
@@ -513,8 +535,8 @@ class LocalReplica(ShapeSchemas):
             else:
                 tail = next((i for i, c in enumerate(changes) if c.operation != "insert"), len(changes))
             if tail:
-                inserts = changes[:tail]
-                self._load_next(lambda conn: self._append_next(conn, name, columns, inserts, txids))
+                rows, txids = _insert_rows(columns, changes[:tail])
+                self._load_next(lambda conn: self._insert_next(conn, name, columns, rows, txids))
         if tail < len(changes):
             self._stage_changes(name, changes[tail:], schema)
         return True
@@ -573,30 +595,6 @@ class LocalReplica(ShapeSchemas):
         marks = ", ".join(["?"] * (len(columns) + 1))
         conn.executemany(f"insert into {_ident(_next_table(name))} ({names}) values ({marks})", rows)
         self._next[name][1].update(txids)
-
-    @staticmethod
-    def _append_next(
-        conn: sqlite3.Connection, name: str, columns: list[str], inserts: Sequence[Change], txids: set[int]
-    ) -> None:
-        take = itemgetter(*columns)
-        order = tuple(columns)
-        rows: list[tuple[Any, ...]] = []
-        for change in inserts:
-            value = change.value
-            if type(value) is RowValues and value.columns.names == order:  # decoded in this order: as it is
-                rows.append((change.key, *value.row))
-            elif len(columns) == 1:
-                rows.append((change.key, value.get(columns[0])))
-            else:
-                try:
-                    rows.append((change.key, *take(value)))
-                except KeyError:  # a row without some column (Electric's ``columns``): NULL, as the apply would
-                    rows.append((change.key, *(value.get(c) for c in columns)))
-            if change.txids:
-                txids.update(change.txids)
-        names = ", ".join(["_key", *(_ident(c) for c in columns)])
-        marks = ", ".join(["?"] * (len(columns) + 1))
-        conn.executemany(f"insert into {_ident(_next_table(name))} ({names}) values ({marks})", rows)
 
     def _stage_columns(self, conn: sqlite3.Connection, table: str, wanted: list[str]) -> list[str]:
         """The typed staging table's columns, created with ``wanted`` when it does not exist yet."""
@@ -657,7 +655,8 @@ class LocalReplica(ShapeSchemas):
                 if self._stage_columns_if_any(conn, _stage_table(name)) is None:
                     # The inserts gathered since the last stage still belong to the snapshot: append them too.
                     tail = next((i for i, c in enumerate(changes) if c.operation != "insert"), len(changes))
-                    self._append_next(conn, name, list(next_schema), changes[:tail], next_txids)
+                    rows, tail_txids = _insert_rows(list(next_schema), changes[:tail])
+                    self._insert_next(conn, name, list(next_schema), rows, tail_txids)  # into next_txids too
                     changes = changes[tail:]
                 self._take_snapshot(conn, name, dict(schema) if schema is not None else next_schema, list(next_schema))
                 txids.update(next_txids)
