@@ -438,12 +438,6 @@ class ShapeManager:
         the server builds the JSON on its own core, in bulk."""
         table = shape.table
         ident = sql.Identifier(table.name.schema, table.name.name)
-        # The key as row_key() writes it: "schema"."table"/"pk1"/"pk2", a slash in a value doubled.
-        key_parts = sql.SQL(" || '/' || ").join(
-            sql.SQL("""coalesce('"' || replace(t.{}::text, '/', '//') || '"', '"_"')""").format(sql.Identifier(c))
-            for c in table.primary_key
-        )
-        key = sql.SQL("{} || {}").format(sql.Literal(table.name.qualified + "/"), key_parts)
         # As text, as the live path sends values; a column whose text is its output function's goes as it is
         # (COPY prints it the same, without evaluating a cast per value).
         as_is = {c.name for c in table.columns if c.text_is_output}
@@ -455,6 +449,12 @@ class ShapeManager:
         if key_built:
             query = sql.SQL("select {} from {} as t").format(values, ident)
         else:
+            # The key as row_key() writes it: "schema"."table"/"pk1"/"pk2", a slash in a value doubled.
+            key_parts = sql.SQL(" || '/' || ").join(
+                sql.SQL("""coalesce('"' || replace(t.{}::text, '/', '//') || '"', '"_"')""").format(sql.Identifier(c))
+                for c in table.primary_key
+            )
+            key = sql.SQL("{} || {}").format(sql.Literal(table.name.qualified + "/"), key_parts)
             query = sql.SQL("select {}, {} from {} as t").format(key, values, ident)
         if shape.clause is not None:
             where = shape.render_where(lambda name: sql.SQL("t.") + sql.Identifier(name), params)

@@ -202,12 +202,6 @@ class ShapeLog:
         op = array("q", (offset.op for offset, _body in entries))
         self._append_segment(b",".join(bodies), array("q", map(len, bodies)), tx, op, deflated)
 
-    def append_run(self, tx: int, first_op: int, bodies: Sequence[bytes]) -> None:
-        """Append ``bodies`` as one segment at offsets ``tx_first_op``, ``tx_first_op+1``, …: :meth:`append`
-        for a snapshot slice of thousands of rows, without a Python object per row for its offset."""
-        if bodies:
-            self.append_joined(tx, first_op, b",".join(bodies), array("q", map(len, bodies)))
-
     def append_joined(
         self,
         tx: int,
@@ -218,8 +212,9 @@ class ShapeLog:
         deflated: bytes | None = None,
         zstd: bytes | None = None,
     ) -> None:
-        """:meth:`append_run` of messages already joined by commas, given with their lengths (what
-        :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes): no Python object per row at all.
+        """Append a snapshot slice as one segment at offsets ``tx_first_op``, ``tx_first_op+1``, …: messages already
+        joined by commas, given with their lengths (what
+        :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes), so no Python object per row at all.
         ``deflated`` and ``zstd``: :func:`~pgferry.sync.wire.compress_segment` and
         :func:`~pgferry.sync.wire.compress_zstd` of ``plain``, when they were computed elsewhere."""
         count = len(lengths)
