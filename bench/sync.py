@@ -86,6 +86,7 @@ from pgferry.localstack.binaries import find_install
 from pgferry.localstack.cluster import ClusterSettings, PostgresCluster, free_port, runnable_install, service_user
 from pgferry.localstack.databases import create_database
 from pgferry.localstack.stack import prepare_target_database
+from pgferry.sync.tables import default_served_tables
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -204,6 +205,7 @@ class SyncServer:
     data_dir: Path
     log_path: Path
     live_timeout: float
+    extra_tables: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -226,6 +228,9 @@ class SyncServer:
             "--live-timeout", str(self.live_timeout),
             "--insecure",  # loopback only, for the length of the run: the benchmark measures sync, not auth
         ]  # fmt: skip
+        if self.extra_tables:  # --table replaces the default list (the platform's tables): name them too
+            for table in (*(str(t) for t in default_served_tables()), *self.extra_tables):
+                command += ["--table", table]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -306,6 +311,27 @@ from generate_series(1, {rows}) as g
 
 EMBEDDING_SQL = "(select array_agg(random()::real)::extensions.vector from generate_series(1, 1536) where g > 0)"
 
+# Data shapes the server was not tuned on (the seed's tasks are ~1 KB rows): millions of small rows and wide vector
+# rows, both with random UUID keys. Each gets a fresh shape read against its own COPY floor.
+OTHER_SHAPES_SQL = {
+    "small_rows": (
+        "create table public.bench_small_rows (id uuid primary key default gen_random_uuid(),"
+        " account_id integer not null, amount numeric(12, 2) not null, paid boolean not null,"
+        " created_at timestamptz not null);"
+        " insert into public.bench_small_rows (account_id, amount, paid, created_at)"
+        " select g % 5000, (g % 100000) / 100.0, g % 3 = 0, now() - g * interval '1 second'"
+        " from generate_series(1, {rows}) as g"
+    ),
+    "vector_rows": (
+        "create table public.bench_vector_rows (id uuid primary key default gen_random_uuid(),"
+        " content text not null, embedding extensions.vector(1536) not null);"
+        " insert into public.bench_vector_rows (content, embedding)"
+        " select 'memory ' || g || ': ' || md5(g::text),"
+        " (select array_agg(random()::real)::extensions.vector from generate_series(1, 1536) where g > 0)"
+        " from generate_series(1, {rows}) as g"
+    ),
+}
+
 
 @dataclass
 class Database:
@@ -360,14 +386,33 @@ class Database:
             "seed_seconds": round(time.perf_counter() - started, 3),
         }
 
-    def copy_floor(self) -> dict[str, Any]:
-        """``COPY (select * from tasks) TO STDOUT`` as text: the rows out of PostgreSQL and nothing else."""
+    def seed_other_shape(self, name: str, rows: int) -> dict[str, Any]:
+        """One of ``OTHER_SHAPES_SQL``'s tables with ``rows`` rows (its name is ``bench_<name>``)."""
+        started = time.perf_counter()
+        table = f"public.bench_{name}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(OTHER_SHAPES_SQL[name].replace("{rows}", str(rows)).encode())  # constants and an int
+            conn.execute(f"vacuum analyze {table}".encode())
+            count, size, avg_width = conn.execute(
+                f"select count(*), pg_total_relation_size('{table}'),"
+                f" (select avg(pg_column_size(t.*))::int from {table} t) from {table}".encode()
+            ).fetchone() or (0, 0, 0)
+        return {
+            "table": table,
+            "rows": int(count),
+            "table_bytes": int(size),
+            "avg_row_bytes": int(avg_width or 0),
+            "seed_seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def copy_floor(self, table: str = "public.tasks") -> dict[str, Any]:
+        """``COPY (select * from <table>) TO STDOUT`` as text: the rows out of PostgreSQL and nothing else."""
         started = time.perf_counter()
         size = 0
         with (
             psycopg.connect(self.url, autocommit=True) as conn,
             conn.cursor() as cur,
-            cur.copy("copy (select * from public.tasks) to stdout") as copy,
+            cur.copy(f"copy (select * from {table}) to stdout".encode()) as copy,
         ):
             for data in copy:
                 size += len(data)
@@ -1098,6 +1143,18 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "value": f"{rate} MB/s, server CPU {cpu:.0%} of a core",
             "pass": rate >= TARGET_MATERIALISED_MB_S and cpu <= TARGET_MATERIALISED_CPU,
         })  # fmt: skip
+    for name, entry in res.get("other_data_shapes", {}).items():
+        floor, fresh = entry["copy_floor"], entry["fresh"]
+        if not fresh.get("rows_per_second"):
+            continue
+        ratio = fresh["rows_per_second"] / floor["rows_per_second"]
+        out.append({
+            "name": f"fresh-shape initial sync vs COPY, {entry['data']['rows']:,} {name.replace('_', ' ')} "
+            f"(~{entry['data']['avg_row_bytes']} B)",
+            "target": f">= {TARGET_FRESH_COPY_RATIO}x COPY's rows/s",
+            "value": f"{ratio:.2f}x ({fresh['rows_per_second']:,} vs {floor['rows_per_second']:,} rows/s)",
+            "pass": ratio >= TARGET_FRESH_COPY_RATIO and not fresh.get("problem"),
+        })  # fmt: skip
     same = res.get("fanout", {}).get("same_shape")
     if same is not None:
         rounds = same["rounds"].values()
@@ -1301,6 +1358,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-burst", action="store_true", help="skip the back-to-back latency variant")
     parser.add_argument("--no-where-shapes", action="store_true", help="skip the clients/10 distinct shapes variant")
     parser.add_argument("--embeddings", action="store_true", help="fill tasks.embedding (1536 floats) too")
+    parser.add_argument(
+        "--small-rows",
+        type=int,
+        default=2_000_000,
+        help="rows of a ~60-byte-row table read as a fresh shape against its COPY (2000000; 0: skip)",
+    )
+    parser.add_argument(
+        "--vector-rows",
+        type=int,
+        default=20_000,
+        help="rows of a 1536-d vector table read as a fresh shape against its COPY (20000; 0: skip)",
+    )
+    parser.add_argument("--initial-only", action="store_true", help="only phase 1 (initial sync); no live phases")
     parser.add_argument("--live-timeout", type=float, default=20.0, help="the server's long-poll timeout (s)")
     parser.add_argument("--pg-bindir", default=None, help="PostgreSQL bin directory (default: embedded or env)")
     parser.add_argument("--pg-fsync-off", action="store_true", help="fsync = off on PostgreSQL (not the default)")
@@ -1329,10 +1399,20 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
         say(f"seeding {args.rows:,} tasks ...")
         report["data"] = db.seed(args.rows, embeddings=args.embeddings)
         say(f"seeded: {report['data']}")
+        other_data: dict[str, dict[str, Any]] = {}
+        for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows)):
+            if count > 0:  # before the server starts: --table needs the tables to exist
+                say(f"seeding {count:,} {name.replace('_', ' ')} ...")
+                other_data[name] = db.seed_other_shape(name, count)
         update_ids = db.sample_ids(args.changes * (1 if args.no_burst else 2))
 
         report["machine"]["nofile_limit"] = raise_fd_limit(args.clients)  # inherited by the server and clients
-        server = SyncServer(db.url, root / "sync-data", root / "sync-server.log", args.live_timeout)
+        extra_tables = [
+            f"public.bench_{name}"
+            for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows))
+            if count > 0
+        ]
+        server = SyncServer(db.url, root / "sync-data", root / "sync-server.log", args.live_timeout, extra_tables)
         say(f"starting the sync server on {server.url} ...")
         server.start()
         rss = RssSampler(server.pid).start()
@@ -1371,6 +1451,24 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
         say(f"   COPY {floor['seconds']:.2f}s; fresh {fresh['seconds']:.2f}s ({fresh['rows_per_second']:,} rows/s); "
             f"second {second['seconds']:.2f}s ({second['json_mb_per_second']} MB/s JSON, server CPU "
             f"{second['server_cpu_share_of_one_core']} of a core)")  # fmt: skip
+        other: dict[str, Any] = {}
+        results["other_data_shapes"] = other
+        for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows)):
+            if count <= 0:
+                continue
+            data = other_data[name]
+            entry_floor = db.copy_floor(data["table"])
+            entry_floor["rows_per_second"] = round(data["rows"] / entry_floor["seconds"])
+            entry_floor["bytes_per_row"] = round(entry_floor["bytes"] / data["rows"])
+            entry_fresh = run_readers(server, f"table=bench_{name}", args.fresh_encoding, 1, data["rows"])
+            other[name] = {"data": data, "copy_floor": entry_floor, "fresh": entry_fresh}
+            if entry_fresh.get("problem"):
+                problems.append(f"initial sync {name}: {entry_fresh['problem']}")
+            say(f"   {name}: COPY {entry_floor['seconds']:.2f}s ({entry_floor['rows_per_second']:,} rows/s); fresh "
+                f"{entry_fresh['seconds']:.2f}s ({entry_fresh['rows_per_second']:,} rows/s, "
+                f"{entry_fresh['json_mb_per_second']} MB/s JSON)")  # fmt: skip
+        if args.initial_only:
+            return
         shape = shape_head(server.url, {"table": "tasks"})
 
         latency: dict[str, Any] = {}
@@ -1492,6 +1590,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "spacing_ms": [round(s * 1000) for s in args.spacing],
             "live_timeout_seconds": args.live_timeout,
             "embeddings": args.embeddings,
+            "small_rows": args.small_rows,
+            "vector_rows": args.vector_rows,
             "pg_fsync": not args.pg_fsync_off,
             "client_processes": args.client_processes,
             "readers": args.readers,
