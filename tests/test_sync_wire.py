@@ -14,6 +14,8 @@ import io
 import json
 import os
 import re
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,6 +320,171 @@ def test_store_segments_round_trip(tmp_path: Path) -> None:
     assert len(reopened) == 100 and reopened.segments == 2
     assert reopened.read_after(LogOffset(0, 58), max_bytes=1 << 30).messages == messages[59:]
     reopened.close()
+
+
+def test_compressed_only_segments_serve_every_form_and_reload(tmp_path: Path) -> None:
+    """Snapshot segments are stored without their plain bytes: identity pages, offsets inside them and reads that
+    cross into plain-stored segments must all give the same messages, also after a reload."""
+    from array import array
+
+    from pgferry.sync.protocol import LogOffset
+    from pgferry.sync.wire import compress_segment, gzip_body
+
+    log = ShapeLog(tmp_path / "shape")
+    messages = [json.dumps({"n": i, "s": TRICKY[i % len(TRICKY)]}).encode() for i in range(300)]
+
+    def snapshot_slice(first: int, last: int) -> None:
+        plain = b",".join(messages[first:last])
+        lengths = array("q", map(len, messages[first:last]))
+        log.append_joined(0, first, plain, lengths, deflated=compress_segment(plain), store_plain=False)
+
+    snapshot_slice(0, 100)
+    snapshot_slice(100, 200)
+    log.append([(LogOffset(7, i), messages[200 + i]) for i in range(100)])  # a replicated transaction: plain
+    data_size = (tmp_path / "shape" / "data").stat().st_size
+    assert data_size < len(b",".join(messages[:200])) + len(b",".join(messages[200:]))  # no plain for the snapshot
+    offsets = [LogOffset(0, i) for i in range(200)] + [LogOffset(7, i) for i in range(100)]
+    everything = b"[" + b",".join(messages) + b"]"
+
+    def check(current: ShapeLog) -> None:
+        whole = current.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, encoding="identity")
+        assert whole is not None and whole.at_end
+        assert b"[" + b",".join(whole.plain) + b"]" == everything
+        gz = current.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, encoding="gzip")
+        assert gz is not None and gzip.decompress(gzip_body(gz.deflated, b"]")) == everything
+        small = current.read_segments(LogOffset(0, 99), max_bytes=1, encoding="gzip", plain_below=1 << 30)
+        assert small is not None and small.plain == [b",".join(messages[100:200])]
+        for after in (LogOffset(0, 0), LogOffset(0, 98), LogOffset(0, 99), LogOffset(0, 150), LogOffset(7, 3)):
+            index = offsets.index(after)
+            assert current.read_after(after, max_bytes=1 << 30).messages == messages[index + 1 :]
+        partial = current.read_after(LogOffset(0, 150), max_bytes=4000)
+        assert partial.messages == messages[151 : 151 + len(partial.messages)] and not partial.at_end
+
+    check(log)
+    log.close()
+    reopened = ShapeLog(tmp_path / "shape")
+    assert len(reopened) == 300 and reopened.segments == 3
+    check(reopened)
+    reopened.close()
+
+
+def test_a_damaged_compressed_only_segment_is_refused_not_served(tmp_path: Path) -> None:
+    from array import array
+
+    from pgferry.sync.protocol import LogOffset
+    from pgferry.sync.store import CorruptSegmentError
+    from pgferry.sync.wire import compress_segment
+
+    log = ShapeLog(tmp_path / "shape")
+    messages = [json.dumps({"n": i, "pad": "p" * (i % 50)}).encode() for i in range(200)]
+    plain = b",".join(messages)
+    log.append_joined(0, 0, plain, array("q", map(len, messages)), deflated=compress_segment(plain), store_plain=False)
+    log.close()
+    data = bytearray((tmp_path / "shape" / "data").read_bytes())
+    data[len(data) // 3] ^= 0x20  # inside the deflate piece (the zstd frame follows it)
+    (tmp_path / "shape" / "data").write_bytes(bytes(data))
+    reopened = ShapeLog(tmp_path / "shape")
+    with pytest.raises(CorruptSegmentError):
+        reopened.read_segments(LogOffset(-1, 0), max_bytes=1 << 30, encoding="identity")
+    with pytest.raises(CorruptSegmentError):
+        reopened.read_after(LogOffset(0, 5), max_bytes=1 << 30)
+    reopened.close()
+
+
+def test_zstd_frames_are_made_after_the_segment_and_survive_a_reload(tmp_path: Path) -> None:
+    """Snapshot segments get their zstd frames later (frame records in the index): until then a zstd read falls
+    back to gzip or identity, after it the frames are served, and a reload keeps them; a torn frame record is cut
+    off like any torn tail."""
+    from array import array
+
+    from pgferry.sync.protocol import LogOffset
+    from pgferry.sync.wire import compress_segment, gzip_body, zstd_body
+
+    log = ShapeLog(tmp_path / "shape")
+    messages = [json.dumps({"n": i, "s": TRICKY[i % len(TRICKY)]}).encode() for i in range(300)]
+    for first in (0, 100):
+        plain = b",".join(messages[first : first + 100])
+        lengths = array("q", map(len, messages[first : first + 100]))
+        log.append_joined(0, first, plain, lengths, deflated=compress_segment(plain), zstd=b"", store_plain=False)
+    log.append([(LogOffset(7, i), messages[200 + i]) for i in range(100)])  # a transaction: its frame made at once
+    everything = b"[" + b",".join(messages) + b"]"
+    start = LogOffset(-1, 0)
+    assert log.segments_without_zstd() == [0, 1]
+    as_gzip = log.read_segments(start, max_bytes=1 << 30, encoding="zstd", fallback="gzip")
+    assert as_gzip is not None and as_gzip.encoding == "gzip" and not as_gzip.zstd
+    assert gzip.decompress(gzip_body(as_gzip.deflated, b"]")) == everything
+    as_plain = log.read_segments(start, max_bytes=1 << 30, encoding="zstd", fallback="identity")
+    assert as_plain is not None and as_plain.encoding == "identity"
+    assert b"[" + b",".join(as_plain.plain) + b"]" == everything
+    last = log.read_segments(LogOffset(0, 199), max_bytes=1 << 30, encoding="zstd", fallback="gzip")
+    assert last is not None and last.encoding == "zstd"  # the transaction's segment has its frame
+    assert log.make_zstd_frame(0) and log.make_zstd_frame(1)
+    assert log.segments_without_zstd() == []
+
+    def zstd_everything(current: ShapeLog) -> bytes:
+        run = current.read_segments(start, max_bytes=1 << 30, encoding="zstd", fallback="gzip")
+        assert run is not None and run.encoding == "zstd"
+        return _unzstd(zstd_body(run.zstd, b"]"))
+
+    assert zstd_everything(log) == everything
+    log.close()
+    assert not log.make_zstd_frame(0)  # closed (deleted shape): nothing is written
+    reopened = ShapeLog(tmp_path / "shape")
+    assert reopened.segments_without_zstd() == [] and zstd_everything(reopened) == everything
+    assert reopened.read_after(LogOffset(0, 42), max_bytes=1 << 30).messages == messages[43:]
+    reopened.close()
+
+    # A frame record whose frame never reached the data file (a crash between the two writes) is cut off, and
+    # its segment is back to "no frame yet"; the data before it is untouched.
+    index = tmp_path / "shape" / "index"
+    data_size = (tmp_path / "shape" / "data").stat().st_size
+    with open(index, "ab") as handle:
+        handle.write(struct.pack("<10q", 4, 0, 0, 0, 0, 0, 0, 0, data_size, 1000))
+    again = ShapeLog(tmp_path / "shape")
+    assert again.segments_without_zstd() == [] and zstd_everything(again) == everything
+    assert len(again) == 300
+    again.close()
+
+
+def test_a_zstd_client_gets_gzip_until_the_frames_are_made_then_zstd(
+    served: ServedApp, db: psycopg.Connection[Any]
+) -> None:
+    """Right after a snapshot a zstd client is served gzip (or identity when it refuses gzip), never a broken or
+    empty zstd body; once the background filler is done, the same pages come as zstd, byte for byte the same
+    JSON."""
+    _seed(db, 1500)
+    identity = _page_through(served, "identity")
+    early = _page_through(served, "zstd")  # gzip not accepted: zstd or identity only
+    assert moving_lsn_masked(early) == moving_lsn_masked(identity)
+    deadline = time.monotonic() + 30
+    while True:
+        codings = set()
+        query: dict[str, str] = {"offset": "-1"}
+        pages: list[bytes] = []
+        while True:
+            response, raw = _raw_get(served, query, "zstd, gzip")
+            codings.add(response.headers.get("content-encoding", "identity"))
+            pages.append(_decoded(response, raw))
+            if "electric-up-to-date" in response.headers:
+                break
+            query = {"offset": response.headers["electric-offset"], "handle": response.headers["electric-handle"]}
+        assert moving_lsn_masked(pages) == moving_lsn_masked(identity)
+        assert codings <= {"zstd", "gzip", "identity"}
+        if "gzip" not in codings:
+            break
+        assert time.monotonic() < deadline, "the zstd frames were never made"
+        time.sleep(0.2)
+    assert "zstd" in codings
+
+
+def test_a_snapshot_is_stored_compressed_only(served: ServedApp, db: psycopg.Connection[Any], tmp_path: Path) -> None:
+    """The snapshot's plain JSON is not written to the data file (it is most of the bytes a fresh shape would put
+    into the page cache), yet identity clients get it byte for byte."""
+    _seed(db, 1500)
+    identity = b"".join(_page_through(served, "identity"))
+    handle = _raw_get(served, {"offset": "now"}, "gzip")[0].headers["electric-handle"]
+    data_size = sum(f.stat().st_size for f in tmp_path.glob(f"sync/shapes/{handle}/data"))
+    assert 0 < data_size < len(identity) // 2
 
 
 def test_crc32_combine_and_negotiation_helpers() -> None:

@@ -383,16 +383,17 @@ class SyncServer:
             if not shape.snapshotting:
                 break
             if isinstance(offset, p.LogOffset):
-                encoding = choose_encoding(request.headers.get("accept-encoding"))
+                encoding, fallback = _encodings(request)
                 run = shape.log.read_segments(
                     offset,
                     max_bytes=self.config.max_chunk_bytes,
                     encoding=encoding,
                     plain_below=GZIP_MINIMUM_SIZE,
+                    fallback=fallback,
                 )
                 if run is not None and not run.at_end:  # a full page: more of the snapshot follows it
                     return self._respond_page(
-                        shape, _page(run, encoding, None), request=request, live=shape_request.live,
+                        shape, _page(run, None), request=request, live=shape_request.live,
                         requested=str(offset),
                     )  # fmt: skip
             with contextlib.suppress(asyncio.TimeoutError):
@@ -473,7 +474,7 @@ class SyncServer:
     ) -> Response | None:
         """The page after ``position`` from stored segments, when ``position`` is a segment boundary (every offset
         this server hands out is) and something follows it; ``None`` otherwise."""
-        encoding = choose_encoding(request.headers.get("accept-encoding"))
+        encoding, fallback = _encodings(request)
         # Every long-poll on a shape wakes for the same change and asks for the same page: the first builds it,
         # the others reuse its bytes (keyed by everything the body depends on).
         key = (position, len(shape.log), encoding, global_lsn)
@@ -486,10 +487,11 @@ class SyncServer:
                 max_bytes=self.config.max_chunk_bytes,
                 encoding=encoding,
                 plain_below=GZIP_MINIMUM_SIZE,
+                fallback=fallback,
             )
             if run is None:
                 return None
-            page = _page(run, encoding, self._up_to_date(run.last_offset, global_lsn) if run.at_end else None)
+            page = _page(run, self._up_to_date(run.last_offset, global_lsn) if run.at_end else None)
             if shape_request.live:
                 shape.live_page = (key, page)
         return self._respond_page(
@@ -633,10 +635,18 @@ class _Page:
     at_end: bool
 
 
-def _page(run: SegmentRun, encoding: str, up_to_date: bytes | None) -> _Page:
-    """The body of ``run`` (ended by ``up_to_date`` when given): gzip is the stored deflate pieces framed as one
-    gzip member, zstd the stored frames one after another; bodies under the middleware's threshold go out
-    uncompressed, as they always did."""
+def _encodings(request: Request) -> tuple[str, str]:
+    """The coding to answer ``request`` with, and the one to use instead while a run's zstd frames are not made
+    yet (gzip when the client accepts it, else identity)."""
+    accept = request.headers.get("accept-encoding")
+    return choose_encoding(accept), choose_encoding(accept, ("gzip",))
+
+
+def _page(run: SegmentRun, up_to_date: bytes | None) -> _Page:
+    """The body of ``run`` (ended by ``up_to_date`` when given) in the coding it was read in (``run.encoding``):
+    gzip is the stored deflate pieces framed as one gzip member, zstd the stored frames one after another; bodies
+    under the middleware's threshold go out uncompressed, as they always did."""
+    encoding = run.encoding
     tail = b"," + up_to_date + b"]" if up_to_date is not None else b"]"
     at_end = up_to_date is not None
     if run.plain_bytes + len(tail) + 1 >= GZIP_MINIMUM_SIZE:

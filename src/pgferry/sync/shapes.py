@@ -18,7 +18,6 @@ Must not know about HTTP (the server module) or how transactions arrive (the fee
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import queue
@@ -55,9 +54,9 @@ from pgferry.sync.protocol import (
     row_key,
 )
 from pgferry.sync.session import SESSION_SETTINGS, connect_sql, session_options
-from pgferry.sync.store import LegacyLogError, ShapeLog, write_json_atomic
+from pgferry.sync.store import LegacyLogError, ShapeLog, ZstdFrameFiller, write_json_atomic
 from pgferry.sync.where import WhereClause, check_params, parse_where
-from pgferry.sync.wire import compress_segment, compress_zstd
+from pgferry.sync.wire import compress_segment
 
 __all__ = [
     "SESSION_SETTINGS",
@@ -251,6 +250,7 @@ class ShapeManager:
         self._by_definition: dict[ShapeDefinition, Shape] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = threading.Event()  # set at shutdown: running snapshots stop at their next page
+        self._zstd_frames = ZstdFrameFiller()
         #: ``global_last_seen_lsn``: every transaction whose commit record starts at or before it has been applied
         #: to every shape (see :meth:`advance_processed`).
         self.processed_lsn = 0
@@ -307,6 +307,7 @@ class ShapeManager:
                     created_at=float(meta["created_at"]),
                 )
                 self._register(shape)
+                self._zstd_frames.submit(log)  # frames a crash lost, or a snapshot's not made before a stop
         finally:
             conn.close()
         return len(self._by_handle)
@@ -321,6 +322,7 @@ class ShapeManager:
 
     def close(self) -> None:
         self._closing.set()
+        self._zstd_frames.close()
         with self._lock:
             for shape in self._by_handle.values():
                 shape.log.close()
@@ -510,6 +512,7 @@ class ShapeManager:
                 )
                 shape.state = "ready"
             shape.notify()
+            self._zstd_frames.submit(shape.log)
             _log.info(
                 "sync.shape_created",
                 handle=shape.handle,
@@ -601,9 +604,8 @@ class ShapeManager:
         # is ready (in _take_snapshot) then has only the tail left, instead of the whole snapshot at once.
         flusher: threading.Thread | None = None
         unsynced = 0
-        # A segment's zstd frame is compressed on a thread of its own while this one deflates it (both without the
-        # GIL): the two codings of a snapshot's stored form take the time of the slower one, not of both.
-        zstd_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pgferry-snapshot-zstd")
+        # Segments are stored deflated only: their plain bytes are not written, and their zstd frames are made
+        # after the snapshot by the ZstdFrameFiller (see pgferry.sync.store), off the first client's path.
         try:
             while True:
                 try:
@@ -622,9 +624,8 @@ class ShapeManager:
                     raise item
                 plain, lengths = item
                 if lengths:
-                    zstd = zstd_worker.submit(compress_zstd, plain)
                     deflated = compress_segment(plain)
-                    shape.log.append_joined(0, count, plain, lengths, deflated=deflated, zstd=zstd.result())
+                    shape.log.append_joined(0, count, plain, lengths, deflated=deflated, zstd=b"", store_plain=False)
                     count += len(lengths)
                     unsynced += len(plain)
                     shape.first_rows.set()
@@ -641,7 +642,6 @@ class ShapeManager:
             reader.join(30)
             if flusher is not None:
                 flusher.join()
-            zstd_worker.shutdown(wait=True)
             if reader.is_alive():
                 # Still inside libpq (PostgreSQL unreachable even for the cancel): closing the connection now would
                 # free what that thread is using. It is closed when the thread is done; _take_snapshot leaves it.

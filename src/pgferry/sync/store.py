@@ -9,10 +9,18 @@ slice of the snapshot, or one replicated transaction) is stored once as the plai
 messages joined by commas) and once compressed (a raw deflate piece, see :mod:`pgferry.sync.wire`); a page of the
 log that starts at a segment boundary is those stored bytes laid end to end, never encoded again.
 
-Files: ``data`` holds each segment's plain bytes followed by its deflate bytes and its zstd frame; ``index`` holds,
-per segment, a header (first entry, entry count, plain, deflate and zstd positions and lengths, CRC-32 of the
-plain bytes) followed by
-one record per entry (tx, op, position and length of its JSON in ``data``). A segment exists once its index
+Snapshot segments are stored deflated only (no plain bytes, no zstd frame yet): a fresh snapshot is written on
+its way to its first client, and on this machine kind the plain JSON (3-5x the deflate bytes) cost more to put
+into the page cache than to produce, and the zstd frames cost as much CPU as the deflate pieces. Every client
+accepts gzip (browsers, Node's fetch, httpx); a request for identity, or an offset inside such a segment,
+inflates the stored piece (ISA-L, ~1 GB/s) and checks it against the stored CRC-32. The zstd frames are made
+after the snapshot, at low priority (:class:`ZstdFrameFiller`), and recorded by frame records appended to the
+index; until a run's frames exist, a client asking for zstd gets gzip (or identity when it refuses gzip).
+
+Files: ``data`` holds each segment's plain bytes (unless compressed only) followed by its deflate bytes and its
+zstd frame; ``index`` holds, per segment, a header (kind, first entry, entry count, plain, deflate and zstd
+positions and lengths, CRC-32 of the plain bytes) followed by one record per entry (tx, op, position and length of
+its JSON: in ``data``, or inside the inflated segment when compressed only). A segment exists once its index
 record is complete: at load, a torn index tail and data beyond the last complete segment are cut off.
 ``meta.json`` (written atomically, last) marks a shape whose snapshot completed: a directory without it is an
 interrupted snapshot and is deleted at load.
@@ -23,8 +31,10 @@ This module knows nothing about PostgreSQL or HTTP.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import os
+import queue
 import shutil
 import struct
 import threading
@@ -36,14 +46,36 @@ from operator import add
 from pathlib import Path
 from typing import Any
 
-from pgferry.sync.protocol import LogOffset
-from pgferry.sync.wire import GzipPiece, compress_segment, compress_zstd, segment_crc32
+import structlog
 
-__all__ = ["LegacyLogError", "LogChunk", "SegmentRun", "ShapeLog", "write_json_atomic"]
+from pgferry.sync.protocol import LogOffset
+from pgferry.sync.wire import (
+    AVAILABLE_ENCODINGS,
+    CorruptSegmentError,
+    GzipPiece,
+    compress_segment,
+    compress_zstd,
+    inflate_segment,
+    segment_crc32,
+)
+
+__all__ = [
+    "CorruptSegmentError",
+    "LegacyLogError",
+    "LogChunk",
+    "SegmentRun",
+    "ShapeLog",
+    "ZstdFrameFiller",
+    "write_json_atomic",
+]
 
 # kind, first entry, count, plain pos, plain len, deflate pos, deflate len, crc, zstd pos, zstd len
+_log = structlog.get_logger("pgferry.sync.store")
+
 _SEGMENT = struct.Struct("<10q")
-_SEGMENT_KIND = 2
+_SEGMENT_KIND = 2  # plain, deflate and zstd stored
+_COMPRESSED_SEGMENT_KIND = 3  # deflate and zstd only; plain position -1, entry positions relative to the segment
+_ZSTD_FRAME_KIND = 4  # a zstd frame made after its segment: (kind, segment, 0 ... 0, zstd pos, zstd len), no entries
 _ENTRY_FIELDS = 4  # tx, op, pos, len (int64 each)
 _ENTRY_BYTES = 8 * _ENTRY_FIELDS
 
@@ -75,6 +107,8 @@ class SegmentRun:
     plain_bytes: int
     last_offset: LogOffset
     at_end: bool
+    #: The coding read: the one asked for, or the fallback when the run's zstd frames are not all made yet.
+    encoding: str = "identity"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -103,6 +137,9 @@ class ShapeLog:
         self._data_path = directory / "data"
         self._index_path = directory / "index"
         self._lock = threading.Lock()
+        # Appends come from the shape's writer and from the zstd frame filler: one at a time, in file order.
+        self._append_lock = threading.Lock()
+        self._closed = False
         self._tx: array[int] = array("q")
         self._op: array[int] = array("q")
         self._pos: array[int] = array("q")  # byte position of each entry's JSON in data
@@ -136,7 +173,22 @@ class ShapeLog:
                 raw, position
             )
             end = position + _SEGMENT.size + count * _ENTRY_BYTES
-            if kind != _SEGMENT_KIND or end > len(raw) or zstd_pos + zstd_len > data_size or first != len(self._tx):
+            if kind == _ZSTD_FRAME_KIND:
+                segment = first
+                if (
+                    segment >= len(self._seg_first)
+                    or count != 0
+                    or zstd_pos < data_end
+                    or zstd_pos + zstd_len > data_size
+                ):
+                    break
+                self._seg_zstd[segment] = zstd_pos
+                self._seg_zstd_len[segment] = zstd_len
+                data_end = zstd_pos + zstd_len
+                position = end
+                continue
+            known = kind in (_SEGMENT_KIND, _COMPRESSED_SEGMENT_KIND)
+            if not known or end > len(raw) or zstd_pos + zstd_len > data_size or first != len(self._tx):
                 break
             entries = array("q")
             entries.frombytes(raw[position + _SEGMENT.size : end])
@@ -163,8 +215,9 @@ class ShapeLog:
         return data_end, position
 
     def close(self) -> None:
-        with self._lock:
-            if not self._data.closed:
+        with self._append_lock, self._lock:
+            if not self._closed:
+                self._closed = True
                 self._data.close()
                 self._index.close()
                 os.close(self._reader_fd)
@@ -211,16 +264,20 @@ class ShapeLog:
         *,
         deflated: bytes | None = None,
         zstd: bytes | None = None,
+        store_plain: bool = True,
     ) -> None:
         """Append a snapshot slice as one segment at offsets ``tx_first_op``, ``tx_first_op+1``, …: messages already
         joined by commas, given with their lengths (what
         :meth:`pgferry.sync.copytext.MessageTemplate.convert_joined` makes), so no Python object per row at all.
         ``deflated`` and ``zstd``: :func:`~pgferry.sync.wire.compress_segment` and
-        :func:`~pgferry.sync.wire.compress_zstd` of ``plain``, when they were computed elsewhere."""
+        :func:`~pgferry.sync.wire.compress_zstd` of ``plain``, when they were computed elsewhere. ``store_plain``
+        false stores the segment compressed only (see the module's docstring)."""
         count = len(lengths)
         if count:
             offsets = array("q", range(first_op, first_op + count))
-            self._append_segment(plain, lengths, array("q", (tx,)) * count, offsets, deflated, zstd)
+            self._append_segment(
+                plain, lengths, array("q", (tx,)) * count, offsets, deflated, zstd, store_plain=store_plain
+            )
 
     def _append_segment(
         self,
@@ -230,27 +287,43 @@ class ShapeLog:
         op: array[int],
         deflated: bytes | None = None,
         zstd: bytes | None = None,
+        *,
+        store_plain: bool = True,
     ) -> None:
         gz = deflated if deflated is not None else compress_segment(plain)
         if zstd is None:
             zstd = compress_zstd(plain)
+        with self._append_lock:
+            self._append_segment_locked(plain, lengths, tx, op, gz, zstd, store_plain)
+
+    def _append_segment_locked(
+        self,
+        plain: bytes,
+        lengths: array[int],
+        tx: array[int],
+        op: array[int],
+        gz: bytes,
+        zstd: bytes,
+        store_plain: bool,
+    ) -> None:
         first = len(self._tx)
-        plain_pos = self._size
-        gz_pos = plain_pos + len(plain)
+        if store_plain:
+            kind, plain_pos, gz_pos = _SEGMENT_KIND, self._size, self._size + len(plain)
+        else:
+            kind, plain_pos, gz_pos = _COMPRESSED_SEGMENT_KIND, -1, self._size
         zstd_pos = gz_pos + len(gz)
         count = len(lengths)
-        # Each body starts one comma after the end of the one before it.
-        positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=plain_pos))
+        # Each body starts one comma after the end of the one before it (in the file, or in the inflated segment).
+        positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=max(plain_pos, 0)))
         records = array("q", bytes(_ENTRY_BYTES * count))
         records[0::_ENTRY_FIELDS] = tx
         records[1::_ENTRY_FIELDS] = op
         records[2::_ENTRY_FIELDS] = positions
         records[3::_ENTRY_FIELDS] = lengths
         crc = segment_crc32(plain)
-        header = _SEGMENT.pack(
-            _SEGMENT_KIND, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd)
-        )
-        self._data.write(plain)
+        header = _SEGMENT.pack(kind, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd))
+        if store_plain:
+            self._data.write(plain)
         self._data.write(gz)
         self._data.write(zstd)
         self._data.flush()
@@ -275,6 +348,37 @@ class ShapeLog:
         os.fdatasync(self._data.fileno())
         os.fdatasync(self._index.fileno())
 
+    def segments_without_zstd(self) -> list[int]:
+        """Segments whose zstd frame is still to be made (none when zstandard is not installed)."""
+        if not AVAILABLE_ENCODINGS or "zstd" not in AVAILABLE_ENCODINGS:
+            return []
+        with self._lock:
+            return [seg for seg, length in enumerate(self._seg_zstd_len) if length == 0]
+
+    def make_zstd_frame(self, segment: int) -> bool:
+        """Make segment ``segment``'s zstd frame from its stored bytes and append it with a frame record.
+        Not made durable here: a frame lost in a crash is made again. False when the log was closed meanwhile."""
+        with self._lock:
+            if self._closed:
+                return False
+            stored_at, size, crc = self._segment_source(segment)
+            stored = os.pread(self._reader_fd, size, stored_at if stored_at >= 0 else -stored_at - 1)
+        plain = stored if stored_at >= 0 else inflate_segment(stored, crc, self.directory)
+        frame = compress_zstd(plain)
+        with self._append_lock:
+            if self._closed:
+                return False
+            position = self._size
+            self._data.write(frame)
+            self._data.flush()
+            self._index.write(_SEGMENT.pack(_ZSTD_FRAME_KIND, segment, 0, 0, 0, 0, 0, 0, position, len(frame)))
+            self._index.flush()
+            with self._lock:
+                self._seg_zstd[segment] = position
+                self._seg_zstd_len[segment] = len(frame)
+                self._size = position + len(frame)
+        return True
+
     def _start(self, offset: LogOffset) -> int:
         count = len(self._tx)
         return bisect.bisect_right(range(count), (offset.tx, offset.op), key=lambda i: (self._tx[i], self._op[i]))
@@ -297,23 +401,49 @@ class ShapeLog:
                 end += 1  # never end a chunk on op 0 of a transaction with more: see normalise_offset
             if start == end:
                 return LogChunk([], None, True)
-            first_pos = self._pos[start]
-            last_pos = self._pos[end - 1] + self._len[end - 1]
-            positions = [(self._pos[i] - first_pos, self._len[i]) for i in range(start, end)]
             last = LogOffset(self._tx[end - 1], self._op[end - 1])
             at_end = end == count
-            blob = os.pread(self._reader_fd, last_pos - first_pos, first_pos)
-        return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
+            first_seg = bisect.bisect_right(self._seg_first, start) - 1
+            last_seg = bisect.bisect_right(self._seg_first, end - 1) - 1
+            if all(self._seg_plain[seg] >= 0 for seg in range(first_seg, last_seg + 1)):
+                first_pos = self._pos[start]
+                last_pos = self._pos[end - 1] + self._len[end - 1]
+                positions = [(self._pos[i] - first_pos, self._len[i]) for i in range(start, end)]
+                blob = os.pread(self._reader_fd, last_pos - first_pos, first_pos)
+                return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
+            pieces = []  # per segment: its entries' (position, length), and where its bytes are
+            for seg in range(first_seg, last_seg + 1):
+                seg_end = self._seg_first[seg + 1] if seg + 1 < len(self._seg_first) else count
+                lo, hi = max(start, self._seg_first[seg]), min(end, seg_end)
+                pieces.append(([(self._pos[i], self._len[i]) for i in range(lo, hi)], self._segment_source(seg)))
+        messages: list[bytes] = []
+        for positions, (stored_at, size, crc) in pieces:
+            if stored_at >= 0:  # plain in the file: entry positions are the file's
+                base = positions[0][0]
+                blob = os.pread(self._reader_fd, positions[-1][0] + positions[-1][1] - base, base)
+            else:  # compressed only: entry positions are the inflated segment's
+                base = 0
+                blob = inflate_segment(os.pread(self._reader_fd, size, -stored_at - 1), crc, self.directory)
+            messages.extend(blob[p - base : p - base + n] for p, n in positions)
+        return LogChunk(messages, last, at_end)
+
+    def _segment_source(self, seg: int) -> tuple[int, int, int]:
+        """Where segment ``seg``'s plain bytes come from: ``(plain position, plain length, crc)`` when stored, else
+        ``(-1 - deflate position, deflate length, crc)`` (the caller holds the lock)."""
+        if self._seg_plain[seg] >= 0:
+            return self._seg_plain[seg], self._seg_plain_len[seg], self._seg_crc[seg]
+        return -1 - self._seg_gz[seg], self._seg_gz_len[seg], self._seg_crc[seg]
 
     def read_segments(
-        self, offset: LogOffset, *, max_bytes: int, encoding: str, plain_below: int = 0
+        self, offset: LogOffset, *, max_bytes: int, encoding: str, plain_below: int = 0, fallback: str = "identity"
     ) -> SegmentRun | None:
         """Whole segments strictly after ``offset`` up to about ``max_bytes`` of plain JSON (at least one), in
         their stored form; ``None`` when ``offset`` is not a segment boundary (the caller reads entries with
         :meth:`read_after` instead) or nothing follows it. Segments hold whole transactions, so a run never ends
         inside one (see :func:`normalise_offset`). ``encoding`` (``identity``, ``gzip`` or ``zstd``) picks the
         stored form; a compressed run smaller than ``plain_below`` bytes is read plain as well (too small to be
-        worth sending compressed)."""
+        worth sending compressed). A zstd run whose frames are not all made yet is read as ``fallback`` (``gzip``
+        or ``identity``) instead: see :attr:`SegmentRun.encoding`."""
         with self._lock:
             start = self._start(offset)
             if start == len(self._tx):
@@ -326,21 +456,73 @@ class ShapeLog:
             while last + 1 < len(self._seg_first) and total + 1 + self._seg_plain_len[last + 1] <= max_bytes:
                 last += 1
                 total += 1 + self._seg_plain_len[last]
-            plain: list[bytes] = []
             deflated: list[GzipPiece] = []
             zstd: list[bytes] = []
+            if encoding == "zstd" and not all(self._seg_zstd_len[seg] for seg in range(first, last + 1)):
+                encoding = fallback
             for seg in range(first, last + 1):
                 if encoding == "gzip":
                     body = os.pread(self._reader_fd, self._seg_gz_len[seg], self._seg_gz[seg])
                     deflated.append(GzipPiece(body, self._seg_crc[seg], self._seg_plain_len[seg]))
                 elif encoding == "zstd":
                     zstd.append(os.pread(self._reader_fd, self._seg_zstd_len[seg], self._seg_zstd[seg]))
-                if encoding == "identity" or total < plain_below:
-                    plain.append(os.pread(self._reader_fd, self._seg_plain_len[seg], self._seg_plain[seg]))
+            sources = (
+                [self._segment_source(seg) for seg in range(first, last + 1)]
+                if encoding == "identity" or total < plain_below
+                else []
+            )
             end_entry = self._seg_first[last + 1] - 1 if last + 1 < len(self._seg_first) else len(self._tx) - 1
             at_end = last + 1 == len(self._seg_first)
             last_offset = LogOffset(self._tx[end_entry], self._op[end_entry])
-        return SegmentRun(plain, deflated, zstd, total, last_offset, at_end)
+        plain = [
+            os.pread(self._reader_fd, size, stored_at)
+            if stored_at >= 0
+            else inflate_segment(os.pread(self._reader_fd, size, -stored_at - 1), crc, self.directory)
+            for stored_at, size, crc in sources
+        ]
+        return SegmentRun(plain, deflated, zstd, total, last_offset, at_end, encoding)
+
+
+class ZstdFrameFiller:
+    """Makes the zstd frames of logs stored without them (snapshots), one log after another, on one thread of
+    lowered priority (nice 10 on Linux): the CPU goes to PostgreSQL, the replication feed and the clients first.
+    A zstd client that arrives before its frames exist is served gzip meanwhile, so nothing waits for this."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[ShapeLog | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, log: ShapeLog) -> None:
+        """Queue ``log`` if some of its segments lack a zstd frame."""
+        if self._stop.is_set() or not log.segments_without_zstd():
+            return
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pgferry-zstd-frames", daemon=True)
+                self._thread.start()
+        self._queue.put(log)
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # per thread on Linux: a thread id is a process id there
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while not self._stop.is_set():
+            log = self._queue.get()
+            if log is None:
+                return
+            try:
+                for segment in log.segments_without_zstd():
+                    if self._stop.is_set() or not log.make_zstd_frame(segment):
+                        break
+            except Exception:  # a damaged or deleted log: its zstd clients keep getting gzip
+                _log.warning("sync.zstd_frames_failed", directory=str(log.directory), exc_info=True)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 def normalise_offset(offset: LogOffset) -> LogOffset:

@@ -44,12 +44,14 @@ except ImportError:  # pragma: no cover - isal is a dependency of the sync extra
 __all__ = [
     "AVAILABLE_ENCODINGS",
     "COMPRESS_LEVEL",
+    "CorruptSegmentError",
     "GzipPiece",
     "choose_encoding",
     "compress_segment",
     "compress_zstd",
     "crc32_combine",
     "gzip_body",
+    "inflate_segment",
     "segment_crc32",
     "zstd_body",
 ]
@@ -71,6 +73,26 @@ def compress_segment(plain: bytes, level: int = COMPRESS_LEVEL) -> bytes:
     anywhere inside a deflate stream."""
     compressor = _deflate.compressobj(level, _deflate.DEFLATED, -15)
     return bytes(compressor.compress(plain) + compressor.flush(_deflate.Z_SYNC_FLUSH))
+
+
+class CorruptSegmentError(Exception):
+    """A compressed-only segment did not inflate to the bytes its CRC-32 was taken of: the data file was damaged
+    underneath the server. Nothing is served from it."""
+
+
+def inflate_segment(piece: bytes, crc: int, where: object) -> bytes:
+    """The plain bytes of a stored deflate piece (:func:`compress_segment`'s output), checked against the CRC-32
+    stored with it: a damaged file raises :class:`CorruptSegmentError` instead of serving
+    wrong rows. ``where`` names the log in the error."""
+    try:
+        plain = bytes(_deflate.decompressobj(-15).decompress(piece))
+    except Exception as exc:  # isal and zlib raise their own error classes
+        plain, problem = b"", f"{type(exc).__name__}: {exc}"
+    else:
+        problem = ""
+    if problem or segment_crc32(plain) != crc:
+        raise CorruptSegmentError(f"a stored segment of {where} does not inflate to its CRC-32 {problem}".rstrip())
+    return plain
 
 
 ZSTD_LEVEL = 1  # like gzip's level 1: fast enough for a fresh snapshot on its way to the first client
