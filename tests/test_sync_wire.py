@@ -286,6 +286,26 @@ def test_restart_reloads_segments_and_cuts_a_torn_tail(target_url: str, tmp_path
     assert (directory / "data").read_bytes()[-7:] != b"garbage"
 
 
+def test_meta_names_its_columns_so_older_versions_drop_the_shape_and_older_metas_still_load(
+    target_url: str, tmp_path: Path, db: Any
+) -> None:
+    """An older pgferry reads meta.json's "columns" and drops the shape when they are missing, which is what it must
+    do with deflated-only segments it cannot read; this version writes "table_columns" and still loads a meta with
+    "columns" (written before the rename)."""
+    _seed(db, 200)
+    with make_server(target_url, tmp_path / "s") as app:
+        before = _page_through(app, "gzip")
+        handle = _raw_get(app, {"offset": "now"}, "gzip")[0].headers["electric-handle"]
+    meta_path = tmp_path / "s" / "shapes" / handle / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert "columns" not in meta and meta["table_columns"][0] == "id"
+    meta["columns"] = meta.pop("table_columns")
+    meta_path.write_text(json.dumps(meta))
+    with make_server(target_url, tmp_path / "s") as app:
+        assert _raw_get(app, {"offset": "now"}, "gzip")[0].headers["electric-handle"] == handle
+        assert moving_lsn_masked(_page_through(app, "gzip")) == moving_lsn_masked(before)
+
+
 def test_a_log_of_an_older_version_is_dropped_and_its_clients_refetch(target_url: str, tmp_path: Path, db: Any) -> None:
     insert_task(db, "old")
     with make_server(target_url, tmp_path / "s") as app:

@@ -71,6 +71,12 @@ __all__ = [
 
 _log = structlog.get_logger("pgferry.sync.shapes")
 
+# The table's columns in meta.json, under a name older pgferry versions do not read: they drop a shape whose
+# "columns" differ from the table's (missing counts), which is what they must do with a log holding deflated-only
+# segments (pgferry.sync.store) they cannot read: otherwise they would cut the log at the first such segment and
+# serve the shape short. Metas written before the rename (with "columns") still load.
+_META_COLUMNS = "table_columns"
+
 _VALIDATE_TIMEOUT_MS = 5_000  # type-checking a where clause plans it; constant folding must not run away
 DEFAULT_SNAPSHOT_TIMEOUT_MS = 15_000  # longest wait for the next row of a snapshot
 #: Plain JSON per stored snapshot segment: small enough that the first page is served while PostgreSQL still
@@ -286,7 +292,7 @@ class ShapeManager:
                 except ProtocolError:
                     shutil.rmtree(directory, ignore_errors=True)  # the table is gone: so is the shape
                     continue
-                if list(table.column_names) != meta.get("columns"):
+                if list(table.column_names) != meta.get(_META_COLUMNS, meta.get("columns")):
                     shutil.rmtree(directory, ignore_errors=True)  # altered while we were down
                     continue
                 clause = parse_where(definition.where) if definition.where else None
@@ -505,7 +511,7 @@ class ShapeManager:
                     {
                         "handle": shape.handle,
                         "definition": shape.definition.to_json(),
-                        "columns": list(shape.table.column_names),
+                        _META_COLUMNS: list(shape.table.column_names),
                         "snapshot": snapshot.to_json(),
                         "created_at": shape.created_at,
                     },
