@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import tempfile
 import time
@@ -29,6 +30,7 @@ def stack_env(server_pair: ServerPair) -> Iterator[dict[str, str]]:
     env = {"PGFERRY_HOME": str(home), "PGFERRY_PG_BINDIR": str(server_pair.install.bindir)}
     yield env
     run_pgferry("dev", "down", "--destroy", env=env)
+    shutil.rmtree(home, ignore_errors=True)  # down --destroy keeps the home itself (its config and logs)
 
 
 def test_dev_up_status_down(stack_env: dict[str, str], server_pair: ServerPair) -> None:
