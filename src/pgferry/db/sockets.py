@@ -17,14 +17,16 @@ __all__ = ["wait_readable", "wait_writable"]
 
 def wait_readable(fds: Iterable[int], timeout: float) -> set[int]:
     """The descriptors among ``fds`` that are readable (or closed, or in error) within ``timeout`` seconds."""
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return {fd for fd, _events in poller.poll(max(0, int(timeout * 1000)))}
+    return _ready(fds, select.POLLIN, timeout)
 
 
 def wait_writable(fd: int, timeout: float) -> bool:
     """Whether ``fd`` can take more data (or is closed, or in error) within ``timeout`` seconds."""
+    return bool(_ready([fd], select.POLLOUT, timeout))
+
+
+def _ready(fds: Iterable[int], events: int, timeout: float) -> set[int]:
     poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(max(0, int(timeout * 1000))))
+    for fd in fds:
+        poller.register(fd, events)
+    return {fd for fd, _events in poller.poll(max(0, int(timeout * 1000)))}

@@ -637,9 +637,10 @@ class _Page:
 
 def _encodings(request: Request) -> tuple[str, str]:
     """The coding to answer ``request`` with, and the one to use instead while a run's zstd frames are not made
-    yet (gzip when the client accepts it, else identity)."""
+    yet (gzip when the client accepts it, else identity; the header is parsed again only for a zstd client)."""
     accept = request.headers.get("accept-encoding")
-    return choose_encoding(accept), choose_encoding(accept, ("gzip",))
+    encoding = choose_encoding(accept)
+    return encoding, choose_encoding(accept, ("gzip",)) if encoding == "zstd" else encoding
 
 
 def _page(run: SegmentRun, up_to_date: bytes | None) -> _Page:

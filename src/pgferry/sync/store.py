@@ -111,6 +111,18 @@ class SegmentRun:
     encoding: str = "identity"
 
 
+@dataclass(frozen=True, slots=True)
+class _StoredSegment:
+    """A segment's bytes as read from ``data``: its plain JSON, or (``plain_pos`` -1) its deflate piece."""
+
+    body: bytes
+    plain_pos: int
+    crc: int
+
+    def plain(self, where: Path) -> bytes:
+        return self.body if self.plain_pos >= 0 else inflate_segment(self.body, self.crc, where)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write, fsync, rename: a reader (or a restarted server) sees the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -293,56 +305,44 @@ class ShapeLog:
         gz = deflated if deflated is not None else compress_segment(plain)
         if zstd is None:
             zstd = compress_zstd(plain)
-        with self._append_lock:
-            self._append_segment_locked(plain, lengths, tx, op, gz, zstd, store_plain)
-
-    def _append_segment_locked(
-        self,
-        plain: bytes,
-        lengths: array[int],
-        tx: array[int],
-        op: array[int],
-        gz: bytes,
-        zstd: bytes,
-        store_plain: bool,
-    ) -> None:
-        first = len(self._tx)
-        if store_plain:
-            kind, plain_pos, gz_pos = _SEGMENT_KIND, self._size, self._size + len(plain)
-        else:
-            kind, plain_pos, gz_pos = _COMPRESSED_SEGMENT_KIND, -1, self._size
-        zstd_pos = gz_pos + len(gz)
-        count = len(lengths)
-        # Each body starts one comma after the end of the one before it (in the file, or in the inflated segment).
-        positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=max(plain_pos, 0)))
-        records = array("q", bytes(_ENTRY_BYTES * count))
-        records[0::_ENTRY_FIELDS] = tx
-        records[1::_ENTRY_FIELDS] = op
-        records[2::_ENTRY_FIELDS] = positions
-        records[3::_ENTRY_FIELDS] = lengths
         crc = segment_crc32(plain)
-        header = _SEGMENT.pack(kind, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd))
-        if store_plain:
-            self._data.write(plain)
-        self._data.write(gz)
-        self._data.write(zstd)
-        self._data.flush()
-        self._index.write(header + records.tobytes())
-        self._index.flush()
-        with self._lock:
-            self._tx.extend(tx)
-            self._op.extend(op)
-            self._pos.extend(positions)
-            self._len.extend(lengths)
-            self._seg_first.append(first)
-            self._seg_plain.append(plain_pos)
-            self._seg_plain_len.append(len(plain))
-            self._seg_gz.append(gz_pos)
-            self._seg_gz_len.append(len(gz))
-            self._seg_crc.append(crc)
-            self._seg_zstd.append(zstd_pos)
-            self._seg_zstd_len.append(len(zstd))
-            self._size = zstd_pos + len(zstd)
+        with self._append_lock:  # the zstd frame filler appends too
+            first = len(self._tx)
+            if store_plain:
+                kind, plain_pos, gz_pos = _SEGMENT_KIND, self._size, self._size + len(plain)
+            else:
+                kind, plain_pos, gz_pos = _COMPRESSED_SEGMENT_KIND, -1, self._size
+            zstd_pos = gz_pos + len(gz)
+            count = len(lengths)
+            # Each body starts one comma after the end of the one before it (in the file, or in the inflated segment).
+            positions = array("q", accumulate(map(add, lengths, repeat(1, count - 1)), initial=max(plain_pos, 0)))
+            records = array("q", bytes(_ENTRY_BYTES * count))
+            records[0::_ENTRY_FIELDS] = tx
+            records[1::_ENTRY_FIELDS] = op
+            records[2::_ENTRY_FIELDS] = positions
+            records[3::_ENTRY_FIELDS] = lengths
+            header = _SEGMENT.pack(kind, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd))
+            if store_plain:
+                self._data.write(plain)
+            self._data.write(gz)
+            self._data.write(zstd)
+            self._data.flush()
+            self._index.write(header + records.tobytes())
+            self._index.flush()
+            with self._lock:
+                self._tx.extend(tx)
+                self._op.extend(op)
+                self._pos.extend(positions)
+                self._len.extend(lengths)
+                self._seg_first.append(first)
+                self._seg_plain.append(plain_pos)
+                self._seg_plain_len.append(len(plain))
+                self._seg_gz.append(gz_pos)
+                self._seg_gz_len.append(len(gz))
+                self._seg_crc.append(crc)
+                self._seg_zstd.append(zstd_pos)
+                self._seg_zstd_len.append(len(zstd))
+                self._size = zstd_pos + len(zstd)
 
     def sync(self) -> None:
         os.fdatasync(self._data.fileno())
@@ -350,7 +350,7 @@ class ShapeLog:
 
     def segments_without_zstd(self) -> list[int]:
         """Segments whose zstd frame is still to be made (none when zstandard is not installed)."""
-        if not AVAILABLE_ENCODINGS or "zstd" not in AVAILABLE_ENCODINGS:
+        if "zstd" not in AVAILABLE_ENCODINGS:
             return []
         with self._lock:
             return [seg for seg, length in enumerate(self._seg_zstd_len) if length == 0]
@@ -361,10 +361,8 @@ class ShapeLog:
         with self._lock:
             if self._closed:
                 return False
-            stored_at, size, crc = self._segment_source(segment)
-            stored = os.pread(self._reader_fd, size, stored_at if stored_at >= 0 else -stored_at - 1)
-        plain = stored if stored_at >= 0 else inflate_segment(stored, crc, self.directory)
-        frame = compress_zstd(plain)
+            stored = self._read_stored(segment)
+        frame = compress_zstd(stored.plain(self.directory))
         with self._append_lock:
             if self._closed:
                 return False
@@ -411,28 +409,27 @@ class ShapeLog:
                 positions = [(self._pos[i] - first_pos, self._len[i]) for i in range(start, end)]
                 blob = os.pread(self._reader_fd, last_pos - first_pos, first_pos)
                 return LogChunk([blob[p : p + n] for p, n in positions], last, at_end)
-            pieces = []  # per segment: its entries' (position, length), and where its bytes are
+            # A run with deflated-only segments: each segment whole, its entries sliced from its plain bytes.
+            pieces = []
             for seg in range(first_seg, last_seg + 1):
                 seg_end = self._seg_first[seg + 1] if seg + 1 < len(self._seg_first) else count
                 lo, hi = max(start, self._seg_first[seg]), min(end, seg_end)
-                pieces.append(([(self._pos[i], self._len[i]) for i in range(lo, hi)], self._segment_source(seg)))
+                pieces.append(([(self._pos[i], self._len[i]) for i in range(lo, hi)], self._read_stored(seg)))
         messages: list[bytes] = []
-        for positions, (stored_at, size, crc) in pieces:
-            if stored_at >= 0:  # plain in the file: entry positions are the file's
-                base = positions[0][0]
-                blob = os.pread(self._reader_fd, positions[-1][0] + positions[-1][1] - base, base)
-            else:  # compressed only: entry positions are the inflated segment's
-                base = 0
-                blob = inflate_segment(os.pread(self._reader_fd, size, -stored_at - 1), crc, self.directory)
+        for positions, stored in pieces:  # inflated outside the lock
+            blob, base = stored.plain(self.directory), max(stored.plain_pos, 0)
             messages.extend(blob[p - base : p - base + n] for p, n in positions)
         return LogChunk(messages, last, at_end)
 
-    def _segment_source(self, seg: int) -> tuple[int, int, int]:
-        """Where segment ``seg``'s plain bytes come from: ``(plain position, plain length, crc)`` when stored, else
-        ``(-1 - deflate position, deflate length, crc)`` (the caller holds the lock)."""
+    def _read_stored(self, seg: int) -> _StoredSegment:
+        """Segment ``seg``'s plain bytes as stored, or its deflate piece when it is deflated-only. Read under the
+        lock (the caller holds it): a shape deleted meanwhile closes the descriptor, and a later read could hit
+        another file reusing its number."""
         if self._seg_plain[seg] >= 0:
-            return self._seg_plain[seg], self._seg_plain_len[seg], self._seg_crc[seg]
-        return -1 - self._seg_gz[seg], self._seg_gz_len[seg], self._seg_crc[seg]
+            body = os.pread(self._reader_fd, self._seg_plain_len[seg], self._seg_plain[seg])
+        else:
+            body = os.pread(self._reader_fd, self._seg_gz_len[seg], self._seg_gz[seg])
+        return _StoredSegment(body, self._seg_plain[seg], self._seg_crc[seg])
 
     def read_segments(
         self, offset: LogOffset, *, max_bytes: int, encoding: str, plain_below: int = 0, fallback: str = "identity"
@@ -466,20 +463,15 @@ class ShapeLog:
                     deflated.append(GzipPiece(body, self._seg_crc[seg], self._seg_plain_len[seg]))
                 elif encoding == "zstd":
                     zstd.append(os.pread(self._reader_fd, self._seg_zstd_len[seg], self._seg_zstd[seg]))
-            sources = (
-                [self._segment_source(seg) for seg in range(first, last + 1)]
+            stored = (
+                [self._read_stored(seg) for seg in range(first, last + 1)]
                 if encoding == "identity" or total < plain_below
                 else []
             )
             end_entry = self._seg_first[last + 1] - 1 if last + 1 < len(self._seg_first) else len(self._tx) - 1
             at_end = last + 1 == len(self._seg_first)
             last_offset = LogOffset(self._tx[end_entry], self._op[end_entry])
-        plain = [
-            os.pread(self._reader_fd, size, stored_at)
-            if stored_at >= 0
-            else inflate_segment(os.pread(self._reader_fd, size, -stored_at - 1), crc, self.directory)
-            for stored_at, size, crc in sources
-        ]
+        plain = [segment.plain(self.directory) for segment in stored]  # inflated outside the lock
         return SegmentRun(plain, deflated, zstd, total, last_offset, at_end, encoding)
 
 

@@ -87,11 +87,9 @@ def inflate_segment(piece: bytes, crc: int, where: object) -> bytes:
     try:
         plain = bytes(_deflate.decompressobj(-15).decompress(piece))
     except Exception as exc:  # isal and zlib raise their own error classes
-        plain, problem = b"", f"{type(exc).__name__}: {exc}"
-    else:
-        problem = ""
-    if problem or segment_crc32(plain) != crc:
-        raise CorruptSegmentError(f"a stored segment of {where} does not inflate to its CRC-32 {problem}".rstrip())
+        raise CorruptSegmentError(f"a stored segment of {where} does not inflate: {type(exc).__name__}: {exc}") from exc
+    if segment_crc32(plain) != crc:
+        raise CorruptSegmentError(f"a stored segment of {where} does not inflate to its CRC-32")
     return plain
 
 
