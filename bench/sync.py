@@ -338,6 +338,17 @@ OTHER_SHAPES_SQL = {
 }
 
 
+def _analyzed_table_stats(conn: psycopg.Connection[Any], table: str) -> dict[str, int]:
+    """``vacuum analyze`` a freshly seeded table (``table`` is one of this file's names), then its row count, total
+    size and average row size."""
+    conn.execute(f"vacuum analyze {table}".encode())
+    count, size, avg_width = conn.execute(
+        f"select count(*), pg_total_relation_size('{table}'),"
+        f" (select avg(pg_column_size(t.*))::int from {table} t) from {table}".encode()
+    ).fetchone() or (0, 0, 0)
+    return {"rows": int(count), "table_bytes": int(size), "avg_row_bytes": int(avg_width or 0)}
+
+
 @dataclass
 class Database:
     """One throwaway PostgreSQL server with one database holding the platform schema and the seeded tasks."""
@@ -377,19 +388,8 @@ class Database:
         query = SEED_SQL.replace("{embedding}", EMBEDDING_SQL if embeddings else "null").replace("{rows}", str(rows))
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(query.encode())  # built from the constants above and an int: no parameters
-            conn.execute("vacuum analyze public.tasks")
-            count, size, avg_width = conn.execute(
-                "select count(*), pg_total_relation_size('public.tasks'),"
-                " (select avg(pg_column_size(t.*))::int from public.tasks t)"
-                " from public.tasks"
-            ).fetchone() or (0, 0, 0)
-        return {
-            "rows": int(count),
-            "table_bytes": int(size),
-            "avg_row_bytes": int(avg_width or 0),
-            "embeddings": embeddings,
-            "seed_seconds": round(time.perf_counter() - started, 3),
-        }
+            stats = _analyzed_table_stats(conn, "public.tasks")
+        return {**stats, "embeddings": embeddings, "seed_seconds": round(time.perf_counter() - started, 3)}
 
     def seed_other_shape(self, name: str, rows: int) -> dict[str, Any]:
         """One of ``OTHER_SHAPES_SQL``'s tables with ``rows`` rows (its name is ``bench_<name>``)."""
@@ -397,20 +397,10 @@ class Database:
         table = f"public.bench_{name}"
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(OTHER_SHAPES_SQL[name].replace("{rows}", str(rows)).encode())  # constants and an int
-            conn.execute(f"vacuum analyze {table}".encode())
-            count, size, avg_width = conn.execute(
-                f"select count(*), pg_total_relation_size('{table}'),"
-                f" (select avg(pg_column_size(t.*))::int from {table} t) from {table}".encode()
-            ).fetchone() or (0, 0, 0)
-        return {
-            "table": table,
-            "rows": int(count),
-            "table_bytes": int(size),
-            "avg_row_bytes": int(avg_width or 0),
-            "seed_seconds": round(time.perf_counter() - started, 3),
-        }
+            stats = _analyzed_table_stats(conn, table)
+        return {"table": table, **stats, "seed_seconds": round(time.perf_counter() - started, 3)}
 
-    def copy_floor(self, table: str = "public.tasks", runs: int = 3) -> dict[str, Any]:
+    def copy_floor(self, table: str, rows: int, runs: int = 3) -> dict[str, Any]:
         """``COPY (select * from <table>) TO STDOUT`` as text: the rows out of PostgreSQL and nothing else. The
         fastest of ``runs`` (one run varied from 0.26 to 0.49 s on the same 100k rows): the peer at its best."""
         times = []
@@ -426,7 +416,14 @@ class Database:
                 for data in copy:
                     size += len(data)
             times.append(time.perf_counter() - started)
-        return {"seconds": round(min(times), 4), "bytes": size, "runs_seconds": [round(t, 4) for t in times]}
+        seconds = min(times)
+        return {
+            "seconds": round(seconds, 4),
+            "bytes": size,
+            "runs_seconds": [round(t, 4) for t in times],
+            "rows_per_second": round(rows / seconds),
+            "bytes_per_row": round(size / rows),
+        }
 
     def sample_ids(self, count: int) -> list[str]:
         with psycopg.connect(self.url, autocommit=True) as conn:
@@ -1144,6 +1141,17 @@ def verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("PASS" if ok else "FAIL")
 
 
+def _fresh_target(name: str, floor: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any]:
+    """A fresh shape's rows/s against its COPY floor's; a read that got the wrong row count fails it."""
+    ratio = fresh["rows_per_second"] / floor["rows_per_second"]
+    return {
+        "name": name,
+        "target": f">= {TARGET_FRESH_COPY_RATIO}x COPY's rows/s",
+        "value": f"{ratio:.2f}x ({fresh['rows_per_second']:,} vs {floor['rows_per_second']:,} rows/s)",
+        "pass": ratio >= TARGET_FRESH_COPY_RATIO and not fresh.get("problem"),
+    }
+
+
 def _latency_target(name: str, summary: dict[str, Any], detail: str, missing: int | None = 0) -> dict[str, Any]:
     p50, p99 = summary["p50_ms"], summary["p99_ms"]
     return {
@@ -1160,13 +1168,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     init = res.get("initial_sync", {})
     floor, fresh = init.get("copy_floor"), init.get("fresh")
     if floor and fresh and fresh.get("rows_per_second"):
-        ratio = fresh["rows_per_second"] / floor["rows_per_second"]
-        out.append({
-            "name": "fresh-shape initial sync vs COPY TO STDOUT",
-            "target": f">= {TARGET_FRESH_COPY_RATIO}x COPY's rows/s",
-            "value": f"{ratio:.2f}x ({fresh['rows_per_second']:,} vs {floor['rows_per_second']:,} rows/s)",
-            "pass": ratio >= TARGET_FRESH_COPY_RATIO,
-        })  # fmt: skip
+        out.append(_fresh_target("fresh-shape initial sync vs COPY TO STDOUT", floor, fresh))
     for key, coding in (("materialised_zstd", "zstd"), ("materialised", "gzip")):
         second = init.get(key)
         if not second:
@@ -1179,17 +1181,11 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "pass": rate >= TARGET_MATERIALISED_MB_S and cpu <= TARGET_MATERIALISED_CPU,
         })  # fmt: skip
     for name, entry in res.get("other_data_shapes", {}).items():
-        floor, fresh = entry["copy_floor"], entry["fresh"]
-        if not fresh.get("rows_per_second"):
-            continue
-        ratio = fresh["rows_per_second"] / floor["rows_per_second"]
-        out.append({
-            "name": f"fresh-shape initial sync vs COPY, {entry['data']['rows']:,} {name.replace('_', ' ')} "
-            f"(~{entry['data']['avg_row_bytes']} B)",
-            "target": f">= {TARGET_FRESH_COPY_RATIO}x COPY's rows/s",
-            "value": f"{ratio:.2f}x ({fresh['rows_per_second']:,} vs {floor['rows_per_second']:,} rows/s)",
-            "pass": ratio >= TARGET_FRESH_COPY_RATIO and not fresh.get("problem"),
-        })  # fmt: skip
+        if entry["fresh"].get("rows_per_second"):
+            data = entry["data"]
+            rows, what = f"{data['rows']:,}", name.replace("_", " ")
+            label = f"fresh-shape initial sync vs COPY, {rows} {what} (~{data['avg_row_bytes']} B)"
+            out.append(_fresh_target(label, entry["copy_floor"], entry["fresh"]))
     same = res.get("fanout", {}).get("same_shape")
     if same is not None:
         rounds = same["rounds"].values()
@@ -1424,6 +1420,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def other_shapes(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The ``OTHER_SHAPES_SQL`` tables this run seeds, with their row counts (0 skips one)."""
+    wanted = (("small_rows", args.small_rows), ("vector_rows", args.vector_rows))
+    return [(name, count) for name, count in wanted if count > 0]
+
+
 def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
     results: dict[str, Any] = report["results"]
     problems: list[str] = report["problems"]
@@ -1439,18 +1441,13 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
         report["data"] = db.seed(args.rows, embeddings=args.embeddings)
         say(f"seeded: {report['data']}")
         other_data: dict[str, dict[str, Any]] = {}
-        for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows)):
-            if count > 0:  # before the server starts: --table needs the tables to exist
-                say(f"seeding {count:,} {name.replace('_', ' ')} ...")
-                other_data[name] = db.seed_other_shape(name, count)
+        for name, count in other_shapes(args):  # before the server starts: --table needs the tables to exist
+            say(f"seeding {count:,} {name.replace('_', ' ')} ...")
+            other_data[name] = db.seed_other_shape(name, count)
         update_ids = db.sample_ids(args.changes * (1 if args.no_burst else 2))
 
         report["machine"]["nofile_limit"] = raise_fd_limit(args.clients)  # inherited by the server and clients
-        extra_tables = [
-            f"public.bench_{name}"
-            for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows))
-            if count > 0
-        ]
+        extra_tables = [data["table"] for data in other_data.values()]
         server = SyncServer(db.url, root / "sync-data", root / "sync-server.log", args.live_timeout, extra_tables)
         say(f"starting the sync server on {server.url} ...")
         server.start()
@@ -1459,9 +1456,7 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
 
         rows_total = report["data"]["rows"]
         say("1. initial sync: COPY floor, fresh shape, second client (raw reader processes) ...")
-        floor = db.copy_floor()
-        floor["rows_per_second"] = round(rows_total / floor["seconds"])
-        floor["bytes_per_row"] = round(floor["bytes"] / rows_total)
+        floor = db.copy_floor("public.tasks", rows_total)
         query = "table=tasks"
         initial: dict[str, Any] = {"copy_floor": floor}
         results["initial_sync"] = initial
@@ -1493,14 +1488,9 @@ def run(args: argparse.Namespace, root: Path, report: dict[str, Any]) -> None:
             f"{second['server_cpu_share_of_one_core']} of a core)")  # fmt: skip
         other: dict[str, Any] = {}
         results["other_data_shapes"] = other
-        for name, count in (("small_rows", args.small_rows), ("vector_rows", args.vector_rows)):
-            if count <= 0:
-                continue
-            data = other_data[name]
+        for name, data in other_data.items():
             wait_server_idle(server)
-            entry_floor = db.copy_floor(data["table"])
-            entry_floor["rows_per_second"] = round(data["rows"] / entry_floor["seconds"])
-            entry_floor["bytes_per_row"] = round(entry_floor["bytes"] / data["rows"])
+            entry_floor = db.copy_floor(data["table"], data["rows"])
             entry_fresh = run_readers(server, f"table=bench_{name}", args.fresh_encoding, 1, data["rows"])
             other[name] = {"data": data, "copy_floor": entry_floor, "fresh": entry_fresh}
             if entry_fresh.get("problem"):
