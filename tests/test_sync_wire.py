@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import pytest
 import zstandard
 
 from pgferry.sync.store import ShapeLog
-from pgferry.sync.wire import choose_encoding, crc32_combine
+from pgferry.sync.wire import choose_encoding, compress_segment, crc32_combine
 from pgferry.testing.asgi import ServedApp
 from tests.sync_helpers import SECRET, USER, insert_task, make_server
 
@@ -342,24 +343,28 @@ def test_store_segments_round_trip(tmp_path: Path) -> None:
     reopened.close()
 
 
+def _append_snapshot_slice(
+    log: ShapeLog, messages: list[bytes], first: int, last: int, *, zstd: bytes | None = b""
+) -> None:
+    """``messages[first:last]`` appended as the server appends a snapshot slice: deflated only, no zstd frame yet
+    (``zstd=None``: one made now)."""
+    plain = b",".join(messages[first:last])
+    lengths = array("q", map(len, messages[first:last]))
+    log.append_joined(0, first, plain, lengths, deflated=compress_segment(plain), zstd=zstd, store_plain=False)
+
+
 def test_compressed_only_segments_serve_every_form_and_reload(tmp_path: Path) -> None:
     """Snapshot segments are stored without their plain bytes: identity pages, offsets inside them and reads that
     cross into plain-stored segments must all give the same messages, also after a reload."""
-    from array import array
 
     from pgferry.sync.protocol import LogOffset
-    from pgferry.sync.wire import compress_segment, gzip_body
+    from pgferry.sync.wire import gzip_body
 
     log = ShapeLog(tmp_path / "shape")
     messages = [json.dumps({"n": i, "s": TRICKY[i % len(TRICKY)]}).encode() for i in range(300)]
 
-    def snapshot_slice(first: int, last: int) -> None:
-        plain = b",".join(messages[first:last])
-        lengths = array("q", map(len, messages[first:last]))
-        log.append_joined(0, first, plain, lengths, deflated=compress_segment(plain), store_plain=False)
-
-    snapshot_slice(0, 100)
-    snapshot_slice(100, 200)
+    _append_snapshot_slice(log, messages, 0, 100, zstd=None)
+    _append_snapshot_slice(log, messages, 100, 200, zstd=None)
     log.append([(LogOffset(7, i), messages[200 + i]) for i in range(100)])  # a replicated transaction: plain
     data_size = (tmp_path / "shape" / "data").stat().st_size
     assert data_size < len(b",".join(messages[:200])) + len(b",".join(messages[200:]))  # no plain for the snapshot
@@ -389,16 +394,13 @@ def test_compressed_only_segments_serve_every_form_and_reload(tmp_path: Path) ->
 
 
 def test_a_damaged_compressed_only_segment_is_refused_not_served(tmp_path: Path) -> None:
-    from array import array
 
     from pgferry.sync.protocol import LogOffset
     from pgferry.sync.store import CorruptSegmentError
-    from pgferry.sync.wire import compress_segment
 
     log = ShapeLog(tmp_path / "shape")
     messages = [json.dumps({"n": i, "pad": "p" * (i % 50)}).encode() for i in range(200)]
-    plain = b",".join(messages)
-    log.append_joined(0, 0, plain, array("q", map(len, messages)), deflated=compress_segment(plain), store_plain=False)
+    _append_snapshot_slice(log, messages, 0, len(messages), zstd=None)  # its zstd frame after the deflate piece
     log.close()
     data = bytearray((tmp_path / "shape" / "data").read_bytes())
     data[len(data) // 3] ^= 0x20  # inside the deflate piece (the zstd frame follows it)
@@ -415,17 +417,14 @@ def test_zstd_frames_are_made_after_the_segment_and_survive_a_reload(tmp_path: P
     """Snapshot segments get their zstd frames later (frame records in the index): until then a zstd read falls
     back to gzip or identity, after it the frames are served, and a reload keeps them; a torn frame record is cut
     off like any torn tail."""
-    from array import array
 
     from pgferry.sync.protocol import LogOffset
-    from pgferry.sync.wire import compress_segment, gzip_body, zstd_body
+    from pgferry.sync.wire import gzip_body, zstd_body
 
     log = ShapeLog(tmp_path / "shape")
     messages = [json.dumps({"n": i, "s": TRICKY[i % len(TRICKY)]}).encode() for i in range(300)]
     for first in (0, 100):
-        plain = b",".join(messages[first : first + 100])
-        lengths = array("q", map(len, messages[first : first + 100]))
-        log.append_joined(0, first, plain, lengths, deflated=compress_segment(plain), zstd=b"", store_plain=False)
+        _append_snapshot_slice(log, messages, first, first + 100)
     log.append([(LogOffset(7, i), messages[200 + i]) for i in range(100)])  # a transaction: its frame made at once
     everything = b"[" + b",".join(messages) + b"]"
     start = LogOffset(-1, 0)
