@@ -181,9 +181,8 @@ class ShapeLog:
         position = 0
         data_end = 0
         while position + _SEGMENT.size <= len(raw):
-            kind, first, count, plain_pos, plain_len, gz_pos, gz_len, crc, zstd_pos, zstd_len = _SEGMENT.unpack_from(
-                raw, position
-            )
+            fields: tuple[int, ...] = _SEGMENT.unpack_from(raw, position)
+            kind, first, count, _plain_pos, _plain_len, _gz_pos, _gz_len, _crc, zstd_pos, zstd_len = fields
             end = position + _SEGMENT.size + count * _ENTRY_BYTES
             if kind == _ZSTD_FRAME_KIND:
                 segment = first
@@ -202,20 +201,9 @@ class ShapeLog:
             known = kind in (_SEGMENT_KIND, _COMPRESSED_SEGMENT_KIND)
             if not known or end > len(raw) or zstd_pos + zstd_len > data_size or first != len(self._tx):
                 break
-            entries = array("q")
-            entries.frombytes(raw[position + _SEGMENT.size : end])
-            self._tx.extend(entries[0::_ENTRY_FIELDS])
-            self._op.extend(entries[1::_ENTRY_FIELDS])
-            self._pos.extend(entries[2::_ENTRY_FIELDS])
-            self._len.extend(entries[3::_ENTRY_FIELDS])
-            self._seg_first.append(first)
-            self._seg_plain.append(plain_pos)
-            self._seg_plain_len.append(plain_len)
-            self._seg_gz.append(gz_pos)
-            self._seg_gz_len.append(gz_len)
-            self._seg_crc.append(crc)
-            self._seg_zstd.append(zstd_pos)
-            self._seg_zstd_len.append(zstd_len)
+            records = array("q")
+            records.frombytes(raw[position + _SEGMENT.size : end])
+            self._remember_segment(fields, records)
             data_end = zstd_pos + zstd_len
             position = end
         if position != len(raw):
@@ -321,28 +309,34 @@ class ShapeLog:
             records[1::_ENTRY_FIELDS] = op
             records[2::_ENTRY_FIELDS] = positions
             records[3::_ENTRY_FIELDS] = lengths
-            header = _SEGMENT.pack(kind, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd))
+            fields = (kind, first, count, plain_pos, len(plain), gz_pos, len(gz), crc, zstd_pos, len(zstd))
             if store_plain:
                 self._data.write(plain)
             self._data.write(gz)
             self._data.write(zstd)
             self._data.flush()
-            self._index.write(header + records.tobytes())
+            self._index.write(_SEGMENT.pack(*fields) + records.tobytes())
             self._index.flush()
             with self._lock:
-                self._tx.extend(tx)
-                self._op.extend(op)
-                self._pos.extend(positions)
-                self._len.extend(lengths)
-                self._seg_first.append(first)
-                self._seg_plain.append(plain_pos)
-                self._seg_plain_len.append(len(plain))
-                self._seg_gz.append(gz_pos)
-                self._seg_gz_len.append(len(gz))
-                self._seg_crc.append(crc)
-                self._seg_zstd.append(zstd_pos)
-                self._seg_zstd_len.append(len(zstd))
+                self._remember_segment(fields, records)
                 self._size = zstd_pos + len(zstd)
+
+    def _remember_segment(self, fields: tuple[int, ...], records: array[int]) -> None:
+        """Index a segment in memory from its header's fields and its entries' records, as ``index`` holds them
+        (at load, and after an append)."""
+        _kind, first, _count, plain_pos, plain_len, gz_pos, gz_len, crc, zstd_pos, zstd_len = fields
+        self._tx.extend(records[0::_ENTRY_FIELDS])
+        self._op.extend(records[1::_ENTRY_FIELDS])
+        self._pos.extend(records[2::_ENTRY_FIELDS])
+        self._len.extend(records[3::_ENTRY_FIELDS])
+        self._seg_first.append(first)
+        self._seg_plain.append(plain_pos)
+        self._seg_plain_len.append(plain_len)
+        self._seg_gz.append(gz_pos)
+        self._seg_gz_len.append(gz_len)
+        self._seg_crc.append(crc)
+        self._seg_zstd.append(zstd_pos)
+        self._seg_zstd_len.append(zstd_len)
 
     def sync(self) -> None:
         os.fdatasync(self._data.fileno())
